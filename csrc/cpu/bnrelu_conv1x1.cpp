@@ -1,0 +1,175 @@
+// bnrelu_conv1x1 on the CPU: out = relu(x*scale + shift) @ W^T and its one-pass backward.
+// Rows are processed in tiles of kTile: BN-ReLU is applied into a small per-thread tile
+// (rounded to the feature dtype, as the GPU kernels feed the MMA) and multiplied by the
+// weight with ATen's GEMM; the normalized (M, C) input never exists.  Reductions (dweight,
+// per-channel sums) go through fixed chunks reduced in order: deterministic results.
+#include <ATen/Parallel.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <vector>
+
+#include "../common.h"
+#include "cpu_kernels.h"
+
+namespace densenet_fused {
+namespace cpu {
+namespace {
+
+constexpr int64_t kTile = 128;       // rows per BN-ReLU tile
+constexpr int64_t kMaxChunks = 16;   // dweight partials in the backward
+
+void check_args(const char* op, const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift,
+                const at::Tensor& weight) {
+  check_matrix(x, op, "x");
+  const int64_t C = x.size(1);
+  const auto acc = acc_type(x.scalar_type());
+  check_vector(scale, C, acc, x, op, "scale");
+  check_vector(shift, C, acc, x, op, "shift");
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == C, op, ": expected weight of shape (out_channels, ", C,
+              ") for x with ", C, " channels, got ", weight.sizes());
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), op, ": expected weight of dtype ", x.scalar_type(),
+              " (the dtype of x), got ", weight.scalar_type());
+  check_same_device(weight, x, op, "weight");
+}
+
+// a[r, c] = relu(x[r, c] * scale[c] + shift[c]) rounded to scalar_t, stored as tile_t.
+template <typename scalar_t, typename acc_t, typename tile_t>
+inline void bnrelu_rows(const scalar_t* x, int64_t ld, int64_t rows, int64_t C, const acc_t* scale,
+                        const acc_t* shift, tile_t* a) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const scalar_t* xr = x + r * ld;
+    tile_t* ar = a + r * C;
+    for (int64_t c = 0; c < C; ++c) {
+      const acc_t y = static_cast<acc_t>(xr[c]) * scale[c] + shift[c];
+      ar[c] = static_cast<tile_t>(static_cast<scalar_t>(y > acc_t(0) ? y : acc_t(0)));
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd(const at::Tensor& x, const at::Tensor& scale,
+                                                   const at::Tensor& shift, const at::Tensor& weight,
+                                                   bool stats) {
+  check_args("bnrelu_conv1x1_fwd", x, scale, shift, weight);
+  const int64_t M = x.size(0), C = x.size(1), Cout = weight.size(0);
+  const auto acc = acc_type(x.scalar_type());
+  at::Tensor out = at::empty({M, Cout}, x.options());
+  const at::Tensor wt = weight.t();
+  if (C == 0) out.zero_();
+  if (M > 0 && C > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bnrelu_conv1x1_fwd_cpu", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      const scalar_t* xp = x.const_data_ptr<scalar_t>();
+      const acc_t* sp = scale.const_data_ptr<acc_t>();
+      const acc_t* hp = shift.const_data_ptr<acc_t>();
+      at::parallel_for(0, ceil_div(M, kTile), 1, [&](int64_t begin, int64_t end) {
+        at::Tensor a = at::empty({kTile, C}, x.options());
+        for (int64_t t = begin; t < end; ++t) {
+          const int64_t r0 = t * kTile, rows = std::min(kTile, M - r0);
+          bnrelu_rows<scalar_t, acc_t, scalar_t>(xp + r0 * x.stride(0), x.stride(0), rows, C, sp, hp,
+                                                 a.data_ptr<scalar_t>());
+          at::Tensor o = out.narrow(0, r0, rows);
+          at::mm_out(o, a.narrow(0, 0, rows), wt);
+        }
+      });
+    });
+  }
+  if (!stats || M == 0) {
+    return {out, at::empty({0}, x.options().dtype(acc)), at::empty({0}, x.options().dtype(acc))};
+  }
+  auto [mean, var] = column_mean_var(out);
+  return {out, mean, var};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(const at::Tensor& dout, const at::Tensor& x,
+                                                   const at::Tensor& scale, const at::Tensor& shift,
+                                                   const at::Tensor& weight, const at::Tensor& mean,
+                                                   const at::Tensor& rstd, const at::Tensor& G) {
+  const char* op = "bnrelu_conv1x1_bwd";
+  check_args(op, x, scale, shift, weight);
+  const int64_t M = x.size(0), C = x.size(1), Cout = weight.size(0);
+  const auto acc = acc_type(x.scalar_type());
+  check_matrix(dout, op, "dout");
+  TORCH_CHECK(dout.size(0) == M && dout.size(1) == Cout, op, ": expected dout of shape (", M, ", ", Cout,
+              "), got ", dout.sizes());
+  TORCH_CHECK(dout.scalar_type() == x.scalar_type(), op, ": expected dout of dtype ", x.scalar_type(), ", got ",
+              dout.scalar_type());
+  check_same_device(dout, x, op, "dout");
+  check_vector(mean, C, acc, x, op, "mean");
+  check_vector(rstd, C, acc, x, op, "rstd");
+  check_matrix(G, op, "G");
+  TORCH_CHECK(G.size(0) == M && G.size(1) == C, op, ": expected G of shape (", M, ", ", C, "), got ", G.sizes());
+  TORCH_CHECK(G.scalar_type() == acc, op, ": expected G of dtype ", acc, ", got ", G.scalar_type());
+  check_same_device(G, x, op, "G");
+
+  const int64_t ntiles = ceil_div(M, kTile);
+  const int64_t nchunks = std::max<int64_t>(1, std::min(kMaxChunks, ntiles));
+  const int64_t tiles_per_chunk = std::max<int64_t>(1, ceil_div(ntiles, nchunks));
+  at::Tensor dw_part = at::zeros({nchunks, Cout, C}, x.options().dtype(acc));
+  std::vector<double> sg(nchunks * C, 0.0), sgx(nchunks * C, 0.0);
+  const at::Tensor w_acc = weight.to(acc);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bnrelu_conv1x1_bwd_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const acc_t* sp = scale.const_data_ptr<acc_t>();
+    const acc_t* hp = shift.const_data_ptr<acc_t>();
+    const acc_t* mp = mean.const_data_ptr<acc_t>();
+    const acc_t* rp = rstd.const_data_ptr<acc_t>();
+    acc_t* gp = G.data_ptr<acc_t>();
+    const int64_t ldx = x.stride(0), ldg = G.stride(0);
+    at::parallel_for(0, nchunks, 1, [&](int64_t begin, int64_t end) {
+      at::Tensor a = at::empty({kTile, C}, x.options().dtype(acc));
+      for (int64_t chunk = begin; chunk < end; ++chunk) {
+        at::Tensor dw = dw_part[chunk];
+        double* s1 = sg.data() + chunk * C;
+        double* s2 = sgx.data() + chunk * C;
+        const int64_t t_end = std::min(ntiles, (chunk + 1) * tiles_per_chunk);
+        for (int64_t t = chunk * tiles_per_chunk; t < t_end; ++t) {
+          const int64_t r0 = t * kTile, rows = std::min(kTile, M - r0);
+          const at::Tensor db = dout.narrow(0, r0, rows).to(acc);
+          const at::Tensor da = at::mm(db, w_acc).contiguous();  // (rows, C): dA = dout @ W
+          const acc_t* dap = da.const_data_ptr<acc_t>();
+          acc_t* ap = a.data_ptr<acc_t>();
+          for (int64_t r = 0; r < rows; ++r) {
+            const scalar_t* xr = xp + (r0 + r) * ldx;
+            acc_t* gr = gp + (r0 + r) * ldg;
+            const acc_t* dar = dap + r * C;
+            acc_t* ar = ap + r * C;
+            for (int64_t c = 0; c < C; ++c) {
+              const acc_t xv = static_cast<acc_t>(xr[c]);
+              const acc_t y = xv * sp[c] + hp[c];
+              const bool on = y > acc_t(0);
+              const acc_t g = on ? dar[c] : acc_t(0);
+              ar[c] = on ? static_cast<acc_t>(static_cast<scalar_t>(y)) : acc_t(0);
+              gr[c] += sp[c] * g;
+              s1[c] += static_cast<double>(g);
+              s2[c] += static_cast<double>(g) * static_cast<double>((xv - mp[c]) * rp[c]);
+            }
+          }
+          dw.addmm_(db.t(), a.narrow(0, 0, rows));  // dW += dout^T @ relu(bn(x))
+        }
+      }
+    });
+  });
+  at::Tensor dweight = dw_part.sum(0);  // fixed order over chunks
+  at::Tensor dgamma = at::zeros({C}, x.options().dtype(at::kDouble));
+  at::Tensor dbeta = at::zeros({C}, x.options().dtype(at::kDouble));
+  double* dg = dgamma.data_ptr<double>();
+  double* db = dbeta.data_ptr<double>();
+  for (int64_t chunk = 0; chunk < nchunks; ++chunk)
+    for (int64_t c = 0; c < C; ++c) {
+      db[c] += sg[chunk * C + c];
+      dg[c] += sgx[chunk * C + c];
+    }
+  return {dweight, dgamma.to(acc), dbeta.to(acc)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(densenet_fused, CPU, m) {
+  m.impl("bnrelu_conv1x1_fwd", &fwd);
+  m.impl("bnrelu_conv1x1_bwd", &bwd);
+}
+
+}  // namespace cpu
+}  // namespace densenet_fused

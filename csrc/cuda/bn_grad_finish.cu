@@ -1,0 +1,74 @@
+// bn_grad_finish on CUDA: dx = G - P - (x - mean) * Q, elementwise over a channel slice,
+// written as NHWC (M, C) or NCHW (N, C, HW) in the requested dtype.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include "../common.h"
+
+namespace densenet_fused {
+namespace cuda {
+namespace {
+
+template <typename x_t, typename out_t, typename acc_t>
+__global__ void finish_kernel(const acc_t* __restrict__ G, int64_t ldg, const x_t* __restrict__ x, int64_t ldx,
+                              const acc_t* __restrict__ mean, const acc_t* __restrict__ P,
+                              const acc_t* __restrict__ Q, int64_t M, int64_t C, int64_t hw,
+                              out_t* __restrict__ out) {
+  const int64_t total = M * C;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t r = i / C, c = i % C;
+    const acc_t v = G[r * ldg + c] - P[c] - (static_cast<acc_t>(x[r * ldx + c]) - mean[c]) * Q[c];
+    const int64_t o = hw == 0 ? i : ((r / hw) * C + c) * hw + (r % hw);
+    out[o] = static_cast<out_t>(v);
+  }
+}
+
+at::Tensor bn_grad_finish(const at::Tensor& G, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& P,
+                          const at::Tensor& Q, at::ScalarType dtype, int64_t nchw_hw) {
+  const char* op = "bn_grad_finish";
+  check_matrix(G, op, "G");
+  check_matrix(x, op, "x");
+  const int64_t M = x.size(0), C = x.size(1);
+  TORCH_CHECK(G.size(0) == M && G.size(1) == C, op, ": expected G of shape ", x.sizes(),
+              " (the shape of x), got ", G.sizes());
+  const auto acc = acc_type(x.scalar_type());
+  TORCH_CHECK(G.scalar_type() == acc, op, ": expected G of dtype ", acc, " for x of dtype ", x.scalar_type(),
+              ", got ", G.scalar_type());
+  check_same_device(G, x, op, "G");
+  check_vector(mean, C, acc, x, op, "mean");
+  check_vector(P, C, acc, x, op, "P");
+  check_vector(Q, C, acc, x, op, "Q");
+  TORCH_CHECK(at::isFloatingType(dtype), op, ": expected a floating output dtype, got ", dtype);
+  TORCH_CHECK(nchw_hw >= 0 && (nchw_hw == 0 || M % nchw_hw == 0), op,
+              ": expected nchw_hw = 0 (NHWC output) or a divisor of the ", M, " rows, got ", nchw_hw);
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor out = nchw_hw > 0 ? at::empty({M / nchw_hw, C, nchw_hw}, x.options().dtype(dtype))
+                               : at::empty({M, C}, x.options().dtype(dtype));
+  if (M == 0 || C == 0) return out;
+  const int threads = 256;
+  const int64_t blocks = std::min<int64_t>(ceil_div(M * C, threads), 65535LL * 8);
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bn_grad_finish_x", [&] {
+    using x_t = scalar_t;
+    using acc_t = at::opmath_type<x_t>;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "bn_grad_finish_out", [&] {
+      finish_kernel<x_t, scalar_t, acc_t><<<blocks, threads, 0, stream>>>(
+          G.const_data_ptr<acc_t>(), G.stride(0), x.const_data_ptr<x_t>(), x.stride(0), mean.const_data_ptr<acc_t>(),
+          P.const_data_ptr<acc_t>(), Q.const_data_ptr<acc_t>(), M, C, nchw_hw, out.data_ptr<scalar_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(densenet_fused, CUDA, m) { m.impl("bn_grad_finish", &bn_grad_finish); }
+
+}  // namespace cuda
+}  // namespace densenet_fused

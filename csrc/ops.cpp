@@ -1,0 +1,54 @@
+// Op schemas of the densenet_fused library.  CPU kernels live in cpu/, CUDA kernels in
+// cuda/ (CUDA builds only); bnrelu_conv1x1 on CUDA is registered from Python (Triton).
+// Fake (meta) implementations are registered in densenet_fused/ops/*.py.
+#include <Python.h>
+#include <torch/library.h>
+
+#ifndef TORCH_VERSION_BUILT
+#define TORCH_VERSION_BUILT "unknown"
+#endif
+
+TORCH_LIBRARY(densenet_fused, m) {
+  // Per-channel batch statistics of a channel slice x (M, C) of an NHWC buffer:
+  // mean, biased variance and rstd = 1/sqrt(var + eps).  float32 results (float64 for
+  // float64 input), computed with a shifted two-pass / Chan merge (no cancellation).
+  m.def("channel_stats(Tensor x, float eps) -> (Tensor mean, Tensor var, Tensor rstd)");
+  // Finish the BatchNorm input gradient of a channel slice: dx = G - P - (x - mean) * Q.
+  // Q already carries the rstd factor (Q = sum_l gamma_l*rstd_l^2*sum(g_l*xhat_l)/M), which
+  // keeps the identity exact when BN layers reading the channel have different eps.
+  // Output (M, C) contiguous in `dtype`, or (M/nchw_hw, C, nchw_hw) (NCHW) when nchw_hw > 0.
+  m.def("bn_grad_finish(Tensor G, Tensor x, Tensor mean, Tensor P, Tensor Q, ScalarType dtype, "
+        "int nchw_hw=0) -> Tensor");
+  // Running mean/var/num_batches_tracked update of many BatchNorm layers in one call,
+  // as nn.BatchNorm2d does in training (momentum < 0 means momentum=None: cumulative average;
+  // running_var gets the unbiased variance var * count / (count - 1)).
+  m.def("running_stats_update(Tensor(a!)[] running_mean, Tensor(b!)[] running_var, "
+        "Tensor(c!)[] num_batches_tracked, Tensor[] mean, Tensor[] var, float[] momentum, "
+        "int count) -> ()");
+  // out = relu(x * scale + shift) @ weight^T with x (M, C) strided, weight (Cout, C).
+  // With stats=True also the per-channel mean and biased variance of out as stored.
+  m.def("bnrelu_conv1x1_fwd(Tensor x, Tensor scale, Tensor shift, Tensor weight, bool stats) "
+        "-> (Tensor out, Tensor mean, Tensor var)");
+  // One-pass backward of bnrelu_conv1x1 with g = (dout @ weight) * (x*scale+shift > 0):
+  // G += scale * g (in place), returns dweight = dout^T @ relu(x*scale+shift) (fp32/fp64),
+  // dgamma = sum(g * (x - mean) * rstd), dbeta = sum(g) per channel.
+  m.def("bnrelu_conv1x1_bwd(Tensor dout, Tensor x, Tensor scale, Tensor shift, Tensor weight, "
+        "Tensor mean, Tensor rstd, Tensor(a!) G) -> (Tensor dweight, Tensor dgamma, Tensor dbeta)");
+}
+
+extern "C" {
+// Importing densenet_fused._C loads this library and with it the registrations above.
+static PyModuleDef densenet_fused_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+
+PyMODINIT_FUNC PyInit__C(void) {
+  PyObject* mod = PyModule_Create(&densenet_fused_module);
+  if (mod == nullptr) return nullptr;
+  PyModule_AddStringConstant(mod, "TORCH_VERSION_BUILT", TORCH_VERSION_BUILT);
+#ifdef DENSENET_FUSED_WITH_CUDA
+  PyModule_AddIntConstant(mod, "WITH_CUDA", 1);
+#else
+  PyModule_AddIntConstant(mod, "WITH_CUDA", 0);
+#endif
+  return mod;
+}
+}

@@ -1,0 +1,16 @@
+"""densenet_fused: DenseNet dense blocks in memory linear in depth.
+
+A drop-in replacement for torchvision's ``_DenseBlock`` (``FusedDenseBlock``) built on a
+shared NHWC feature buffer, BatchNorm-ReLU fused into the 1x1 convolution, batch
+statistics computed once per channel and a one-pass backward.
+"""
+from ._loader import WITH_CUDA, TORCH_VERSION_BUILT  # noqa: F401  (loads the ops first)
+from . import ops  # noqa: F401  (fake implementations, CUDA kernels from Python)
+from .convert import convert
+from .models import DenseNet, densenet121, densenet161, densenet169, densenet201, densenet264, densenet_bc
+from .modules import FusedDenseBlock, FusedDenseLayer
+
+__version__ = "0.1.0"
+
+__all__ = ["FusedDenseBlock", "FusedDenseLayer", "convert", "DenseNet", "densenet121", "densenet161",
+           "densenet169", "densenet201", "densenet264", "densenet_bc"]

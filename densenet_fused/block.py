@@ -1,0 +1,242 @@
+"""The dense block as one autograd node over a shared NHWC feature buffer (DESIGN sections 2-3).
+
+Forward writes every layer's k new channels into one preallocated (N*H*W, C_total) buffer
+and computes each channel's batch statistics once, when it is written.  Backward sweeps
+the layers in reverse with one fp32 gradient buffer G and per-channel scalars P, Q:
+the input gradient of every channel c is ``G_c - P_c - (x_c - mean_c) * Q_c`` once all
+layers reading it are done.  Saved for backward: the buffer (which is the output), the
+per-channel statistics, per-layer BN2 statistics, dropout seeds and the parameters.
+"""
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .ops import bn_grad_finish, bnrelu_conv1x1_bwd, bnrelu_conv1x1_fwd, channel_stats, running_stats_update
+from .ops._common import acc_dtype
+
+PARAMS_PER_LAYER = 6  # norm1.weight, norm1.bias, conv1.weight, norm2.weight, norm2.bias, conv2.weight
+
+
+@dataclass
+class BlockSpec:
+    """What the autograd node needs besides tensors: the layer modules and the mode."""
+    layers: Sequence[torch.nn.Module]  # FusedDenseLayer-like: norm1, conv1, norm2, conv2, drop_rate
+    num_input_features: int
+    growth_rate: int
+    training: bool       # batch statistics (True) or running statistics (False)
+    dtype: torch.dtype   # buffer / compute dtype
+
+
+def _layer_params(params, l):
+    return params[PARAMS_PER_LAYER * l:PARAMS_PER_LAYER * (l + 1)]
+
+
+def _scale_shift(gamma, beta, mean, rstd):
+    scale = gamma.to(mean.dtype) * rstd
+    return scale, beta.to(mean.dtype) - mean * scale
+
+
+def _running(bn, acc):
+    mean = bn.running_mean.to(acc)
+    return mean, torch.rsqrt(bn.running_var.to(acc) + bn.eps)
+
+
+def _dropout_mask(seed, shape, p, device, dtype):
+    """Keep-mask scaled by 1/(1-p), regenerated bit for bit from its seed."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    keep = torch.empty(shape, device=device, dtype=dtype).bernoulli_(1.0 - p, generator=gen)
+    return keep.mul_(0.0 if p >= 1.0 else 1.0 / (1.0 - p))
+
+
+def _conv3x3(a2, w2, n, h, w):
+    """3x3 convolution (pad 1) of the activated bottleneck a2 (M, Cb), NHWC result (M, k)."""
+    x4 = a2.view(n, h, w, -1).permute(0, 3, 1, 2)
+    y = F.conv2d(x4, w2, padding=1)
+    return y.permute(0, 2, 3, 1).reshape(n * h * w, -1)
+
+
+def block_forward(spec: BlockSpec, x: torch.Tensor, params: Sequence[torch.Tensor], save: bool):
+    """Run the block.  Returns (output, saved) where saved holds what backward needs (None
+    when ``save`` is False)."""
+    n, c0, h, w = x.shape
+    m = n * h * w
+    k = spec.growth_rate
+    num_layers = len(spec.layers)
+    c_total = c0 + num_layers * k
+    dtype, acc = spec.dtype, acc_dtype(spec.dtype)
+    dev = x.device
+
+    buf = torch.empty((n, h, w, c_total), dtype=dtype, device=dev)
+    buf[..., :c0].copy_(x.permute(0, 2, 3, 1))
+    buf2 = buf.view(m, c_total)
+    cb = spec.layers[0].conv1.out_channels if num_layers else 0
+    if spec.training:
+        mean = torch.empty(c_total, dtype=acc, device=dev)
+        var = torch.empty(c_total, dtype=acc, device=dev)
+        mean2 = torch.empty((num_layers, cb), dtype=acc, device=dev)
+        var2 = torch.empty((num_layers, cb), dtype=acc, device=dev)
+        eps0 = spec.layers[0].norm1.eps if num_layers else 1e-5
+        mu, v, _ = channel_stats(buf2[:, :c0], eps0)
+        mean[:c0], var[:c0] = mu, v
+    seeds: List[Optional[int]] = []
+    for l, layer in enumerate(spec.layers):
+        c_l = c0 + l * k
+        g1, b1, w1, g2, b2, w2 = _layer_params(params, l)
+        if spec.training:
+            m1, r1 = mean[:c_l], torch.rsqrt(var[:c_l] + layer.norm1.eps)
+        else:
+            m1, r1 = _running(layer.norm1, acc)
+        scale1, shift1 = _scale_shift(g1, b1, m1, r1)
+        bott, bm, bv = bnrelu_conv1x1_fwd(buf2[:, :c_l], scale1, shift1, w1.view(cb, c_l).to(dtype),
+                                          spec.training)
+        if spec.training:
+            mean2[l], var2[l] = bm, bv
+            m2, r2 = bm, torch.rsqrt(bv + layer.norm2.eps)
+        else:
+            m2, r2 = _running(layer.norm2, acc)
+        scale2, shift2 = _scale_shift(g2, b2, m2, r2)
+        a2 = torch.relu(torch.addcmul(shift2, bott.to(acc), scale2)).to(dtype)
+        new = _conv3x3(a2, w2.to(dtype), n, h, w)
+        p = float(layer.drop_rate)
+        if p > 0 and layer.training:
+            seed = int(torch.randint(0, 2 ** 62, (1,)).item())
+            new = new * _dropout_mask(seed, new.shape, p, dev, dtype)
+            seeds.append(seed)
+        else:
+            seeds.append(None)
+        buf2[:, c_l:c_l + k] = new
+        if spec.training:
+            mu, v, _ = channel_stats(buf2[:, c_l:c_l + k], layer.norm1.eps)
+            mean[c_l:c_l + k], var[c_l:c_l + k] = mu, v
+
+    if spec.training:
+        bn1s = [layer.norm1 for layer in spec.layers]
+        bn2s = [layer.norm2 for layer in spec.layers]
+        running_stats_update(
+            bn1s + bn2s,
+            [mean[:c0 + l * k] for l in range(num_layers)] + list(mean2.unbind(0)),
+            [var[:c0 + l * k] for l in range(num_layers)] + list(var2.unbind(0)),
+            count=m)
+    out = buf.permute(0, 3, 1, 2)  # (N, C_total, H, W), channels-last strides
+    if not save:
+        return out, None
+    if spec.training:
+        stats = (mean, var, mean2, var2)
+    else:
+        stats = ()
+    return out, (stats, seeds)
+
+
+def block_backward(spec: BlockSpec, out, grad_out, params, stats, seeds, x_meta, needs_input_grad):
+    """Reverse sweep; returns (dx or None, [grad per param])."""
+    n, c_total, h, w = out.shape
+    m = n * h * w
+    k = spec.growth_rate
+    c0 = spec.num_input_features
+    dtype, acc = spec.dtype, acc_dtype(spec.dtype)
+    dev = out.device
+    buf2 = out.permute(0, 2, 3, 1).reshape(m, c_total)  # a view: the buffer is NHWC
+    if spec.training:
+        mean, var, mean2, var2 = stats
+    else:
+        mean = torch.zeros(c_total, dtype=acc, device=dev)
+    G = torch.empty((n, h, w, c_total), dtype=acc, device=dev)
+    G.copy_(grad_out.permute(0, 2, 3, 1))
+    G = G.view(m, c_total)
+    P = torch.zeros(c_total, dtype=acc, device=dev)
+    Q = torch.zeros(c_total, dtype=acc, device=dev)
+    grads: List[Optional[torch.Tensor]] = [None] * len(params)
+    cb = spec.layers[0].conv1.out_channels if spec.layers else 0
+    for l in reversed(range(len(spec.layers))):
+        layer = spec.layers[l]
+        c_l = c0 + l * k
+        g1, b1, w1, g2, b2, w2 = _layer_params(params, l)
+        if spec.training:
+            m1, r1 = mean[:c_l], torch.rsqrt(var[:c_l] + layer.norm1.eps)
+            m2, r2 = mean2[l], torch.rsqrt(var2[l] + layer.norm2.eps)
+        else:
+            m1, r1 = _running(layer.norm1, acc)
+            m2, r2 = _running(layer.norm2, acc)
+        scale1, shift1 = _scale_shift(g1, b1, m1, r1)
+        scale2, shift2 = _scale_shift(g2, b2, m2, r2)
+        w1c = w1.view(cb, c_l).to(dtype)
+        w2c = w2.to(dtype)
+
+        # 1. the gradient of this layer's k output channels is complete: finish it.
+        sl = slice(c_l, c_l + k)
+        dnew = bn_grad_finish(G[:, sl], buf2[:, sl], mean[sl], P[sl], Q[sl], dtype)
+        if seeds[l] is not None:
+            dnew = dnew * _dropout_mask(seeds[l], dnew.shape, float(layer.drop_rate), dev, dtype)
+        # 2. recompute the bottleneck and its activation.
+        bott = bnrelu_conv1x1_fwd(buf2[:, :c_l], scale1, shift1, w1c, False)[0].to(acc)
+        y2 = torch.addcmul(shift2, bott, scale2)
+        on2 = y2 > 0
+        a2 = torch.where(on2, y2, 0).to(dtype)
+        # 3. conv3x3 backward, then BN2-ReLU backward.
+        da2, dw2, _ = torch.ops.aten.convolution_backward(
+            dnew.view(n, h, w, k).permute(0, 3, 1, 2), a2.view(n, h, w, cb).permute(0, 3, 1, 2), w2c,
+            None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [True, True, False])
+        g2v = torch.where(on2, da2.permute(0, 2, 3, 1).reshape(m, cb).to(acc), 0)
+        xhat2 = (bott - m2) * r2
+        dbeta2 = g2v.sum(0)
+        dgamma2 = (g2v * xhat2).sum(0)
+        if spec.training:
+            db = scale2 * (g2v - dbeta2 / m - xhat2 * (dgamma2 / m))
+        else:
+            db = scale2 * g2v
+        # 4. one pass over the buffer: G += scale1*g, per-channel sums, dW1.
+        dw1, dgamma1, dbeta1 = bnrelu_conv1x1_bwd(db.to(dtype), buf2[:, :c_l], scale1, shift1, w1c, m1, r1,
+                                                  G[:, :c_l])
+        if spec.training:
+            P[:c_l] += scale1 * dbeta1 / m
+            Q[:c_l] += scale1 * r1 * dgamma1 / m
+        base = PARAMS_PER_LAYER * l
+        grads[base + 0] = dgamma1.to(g1.dtype)
+        grads[base + 1] = dbeta1.to(b1.dtype)
+        grads[base + 2] = dw1.view_as(w1).to(w1.dtype)
+        grads[base + 3] = dgamma2.to(g2.dtype)
+        grads[base + 4] = dbeta2.to(b2.dtype)
+        grads[base + 5] = dw2.to(w2.dtype)
+
+    dx = None
+    if needs_input_grad:
+        x_dtype, x_channels_last = x_meta
+        if x_channels_last:
+            dx = bn_grad_finish(G[:, :c0], buf2[:, :c0], mean[:c0], P[:c0], Q[:c0], x_dtype)
+            dx = dx.view(n, h, w, c0).permute(0, 3, 1, 2)
+        else:
+            dx = bn_grad_finish(G[:, :c0], buf2[:, :c0], mean[:c0], P[:c0], Q[:c0], x_dtype, h * w)
+            dx = dx.view(n, c0, h, w)
+    return dx, grads
+
+
+class FusedDenseBlockFunction(torch.autograd.Function):
+    """One autograd node for a whole dense block."""
+
+    @staticmethod
+    def forward(ctx, spec: BlockSpec, x: torch.Tensor, *params: torch.Tensor):
+        with torch.autocast(x.device.type, enabled=False):
+            out, saved = block_forward(spec, x, params, save=True)
+        stats, seeds = saved
+        ctx.spec = spec
+        ctx.seeds = seeds
+        ctx.n_stats = len(stats)
+        ctx.x_meta = (x.dtype, x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+                      and not x.is_contiguous())
+        ctx.save_for_backward(out, *stats, *params)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        saved = ctx.saved_tensors
+        out = saved[0]
+        stats = saved[1:1 + ctx.n_stats]
+        params = saved[1 + ctx.n_stats:]
+        with torch.autocast(out.device.type, enabled=False):
+            dx, grads = block_backward(ctx.spec, out, grad_out, params, stats, ctx.seeds, ctx.x_meta,
+                                       ctx.needs_input_grad[1])
+        grads = [g if need else None for g, need in zip(grads, ctx.needs_input_grad[2:])]
+        return (None, dx, *grads)

@@ -1,0 +1,89 @@
+"""convert(model): swap torchvision ``_DenseBlock`` and timm ``DenseBlock`` for FusedDenseBlock.
+
+The new block holds the very same BatchNorm and Conv2d modules (so the same parameters
+and buffers: optimizers built before the conversion keep working), the same eps and
+momentum, and the same train/eval mode.
+"""
+import sys
+
+import torch
+from torch import nn
+
+from .modules import FusedDenseBlock
+
+
+def _source_block_types():
+    """Dense block classes of the libraries already imported (never imports them)."""
+    types = []
+    if "torchvision.models.densenet" in sys.modules or "torchvision" in sys.modules:
+        from torchvision.models.densenet import _DenseBlock
+        types.append(_DenseBlock)
+    if "timm" in sys.modules:
+        from timm.models.densenet import DenseBlock
+        types.append(DenseBlock)
+    return tuple(types)
+
+
+def _check_bn(bn, where):
+    if not isinstance(bn, nn.BatchNorm2d):
+        raise ValueError(f"convert: {where} must be a BatchNorm2d, got {type(bn).__name__}")
+    if not bn.affine or not bn.track_running_stats:
+        raise ValueError(f"convert: {where} must have affine=True and track_running_stats=True, got "
+                         f"affine={bn.affine}, track_running_stats={bn.track_running_stats}")
+    act = getattr(bn, "act", None)  # timm BatchNormAct2d
+    if act is not None and not isinstance(act, nn.ReLU):
+        raise ValueError(f"convert: {where} applies {type(act).__name__}; the fused block implements ReLU only")
+    drop = getattr(bn, "drop", None)
+    if drop is not None and not isinstance(drop, nn.Identity):
+        raise ValueError(f"convert: {where} has dropout inside its norm layer ({type(drop).__name__}), "
+                         f"which the fused block does not implement")
+
+
+def convert_block(block: nn.Module) -> FusedDenseBlock:
+    """A FusedDenseBlock sharing ``block``'s modules (torchvision or timm dense block)."""
+    layers = list(block.children())
+    if not layers:
+        raise ValueError("convert: the dense block has no layers")
+    first = layers[0]
+    c0 = first.norm1.num_features
+    k = first.conv2.out_channels
+    cb = first.conv1.out_channels
+    if cb % k:
+        raise ValueError(f"convert: bottleneck width {cb} is not a multiple of the growth rate {k}")
+    drop_rates = {float(getattr(layer, "drop_rate", 0.0)) for layer in layers}
+    if len(drop_rates) != 1:
+        raise ValueError(f"convert: expected one drop_rate for the whole block, got {sorted(drop_rates)}")
+    for i, layer in enumerate(layers):
+        for name in ("norm1", "norm2"):
+            _check_bn(getattr(layer, name), f"layer {i + 1} {name}")
+        for name in ("conv1", "conv2"):
+            if getattr(layer, name).bias is not None:
+                raise ValueError(f"convert: layer {i + 1} {name} has a bias; DenseNet convolutions have none")
+    with torch.device("meta"):
+        fused = FusedDenseBlock(len(layers), c0, cb // k, k, drop_rates.pop(),
+                                memory_efficient=bool(getattr(first, "memory_efficient", False)))
+    for src, dst in zip(layers, fused.children()):
+        for name in ("norm1", "conv1", "norm2", "conv2"):
+            setattr(dst, name, getattr(src, name))
+        dst.train(src.training)
+        for name in ("norm1", "conv1", "norm2", "conv2"):
+            getattr(dst, name).train(getattr(src, name).training)
+    fused.training = block.training
+    return fused
+
+
+def convert(model: nn.Module) -> nn.Module:
+    """Replace, in place, every torchvision ``_DenseBlock`` / timm ``DenseBlock`` inside
+    ``model`` by a :class:`FusedDenseBlock` holding the same modules; returns ``model``
+    (or the new block, when ``model`` itself is a dense block)."""
+    types = _source_block_types()
+    if not types:
+        return model
+    if isinstance(model, types):
+        return convert_block(model)
+    for name, child in list(model.named_children()):
+        if isinstance(child, types):
+            setattr(model, name, convert_block(child))
+        else:
+            convert(child)
+    return model

@@ -1,0 +1,103 @@
+"""DenseNet models on FusedDenseBlock, state_dict-compatible with torchvision's.
+
+``DenseNet``, ``densenet121/161/169/201/264`` mirror ``torchvision.models.densenet``
+(module names, initialization, forward), so torchvision checkpoints load with
+``strict=True``.  ``densenet_bc(depth, growth_rate, num_classes)`` is DenseNet-BC for
+32x32 inputs (Huang et al., CIFAR setting).
+"""
+from collections import OrderedDict
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .modules import FusedDenseBlock
+
+
+class _Transition(nn.Sequential):
+    def __init__(self, num_input_features: int, num_output_features: int) -> None:
+        super().__init__()
+        self.norm = nn.BatchNorm2d(num_input_features)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv = nn.Conv2d(num_input_features, num_output_features, kernel_size=1, stride=1, bias=False)
+        self.pool = nn.AvgPool2d(kernel_size=2, stride=2)
+
+
+class DenseNet(nn.Module):
+    """DenseNet-BC (Huang et al. 2017) with fused dense blocks.
+
+    Args are torchvision's; ``small_inputs=True`` uses the CIFAR stem (one 3x3 convolution,
+    no BN/pooling before the first block) for 32x32 inputs.
+    """
+
+    def __init__(self, growth_rate: int = 32, block_config: Sequence[int] = (6, 12, 24, 16),
+                 num_init_features: int = 64, bn_size: int = 4, drop_rate: float = 0.0, num_classes: int = 1000,
+                 memory_efficient: bool = False, small_inputs: bool = False) -> None:
+        super().__init__()
+        if small_inputs:
+            stem = [("conv0", nn.Conv2d(3, num_init_features, kernel_size=3, stride=1, padding=1, bias=False))]
+        else:
+            stem = [
+                ("conv0", nn.Conv2d(3, num_init_features, kernel_size=7, stride=2, padding=3, bias=False)),
+                ("norm0", nn.BatchNorm2d(num_init_features)),
+                ("relu0", nn.ReLU(inplace=True)),
+                ("pool0", nn.MaxPool2d(kernel_size=3, stride=2, padding=1)),
+            ]
+        self.features = nn.Sequential(OrderedDict(stem))
+        num_features = num_init_features
+        for i, num_layers in enumerate(block_config):
+            block = FusedDenseBlock(num_layers=num_layers, num_input_features=num_features, bn_size=bn_size,
+                                    growth_rate=growth_rate, drop_rate=drop_rate, memory_efficient=memory_efficient)
+            self.features.add_module("denseblock%d" % (i + 1), block)
+            num_features = num_features + num_layers * growth_rate
+            if i != len(block_config) - 1:
+                trans = _Transition(num_input_features=num_features, num_output_features=num_features // 2)
+                self.features.add_module("transition%d" % (i + 1), trans)
+                num_features = num_features // 2
+        self.features.add_module("norm5", nn.BatchNorm2d(num_features))
+        self.classifier = nn.Linear(num_features, num_classes)
+
+        for m in self.modules():  # torchvision's initialization
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.constant_(m.weight, 1)
+                nn.init.constant_(m.bias, 0)
+            elif isinstance(m, nn.Linear):
+                nn.init.constant_(m.bias, 0)
+
+    def forward(self, x: Tensor) -> Tensor:
+        features = self.features(x)
+        out = F.relu(features, inplace=True)
+        out = F.adaptive_avg_pool2d(out, (1, 1))
+        out = torch.flatten(out, 1)
+        return self.classifier(out)
+
+
+def densenet121(**kwargs) -> DenseNet:
+    return DenseNet(32, (6, 12, 24, 16), 64, **kwargs)
+
+
+def densenet161(**kwargs) -> DenseNet:
+    return DenseNet(48, (6, 12, 36, 24), 96, **kwargs)
+
+
+def densenet169(**kwargs) -> DenseNet:
+    return DenseNet(32, (6, 12, 32, 32), 64, **kwargs)
+
+
+def densenet201(**kwargs) -> DenseNet:
+    return DenseNet(32, (6, 12, 48, 32), 64, **kwargs)
+
+
+def densenet264(**kwargs) -> DenseNet:
+    return DenseNet(32, (6, 12, 64, 48), 64, **kwargs)
+
+
+def densenet_bc(depth: int = 100, growth_rate: int = 12, num_classes: int = 10, **kwargs) -> DenseNet:
+    """DenseNet-BC for 32x32 inputs: 3 blocks of (depth - 4) / 6 layers, 2k stem features."""
+    if depth < 10 or (depth - 4) % 6 != 0:
+        raise ValueError(f"densenet_bc: expected depth = 6n + 4 with n >= 1 (e.g. 100, 190, 250), got {depth}")
+    n = (depth - 4) // 6
+    return DenseNet(growth_rate, (n, n, n), 2 * growth_rate, num_classes=num_classes, small_inputs=True, **kwargs)

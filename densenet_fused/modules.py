@@ -1,0 +1,142 @@
+"""FusedDenseLayer and FusedDenseBlock: torchvision-compatible modules on the fused block.
+
+Same constructor signatures, child names (``denselayer1..L`` with ``norm1, relu1, conv1,
+norm2, relu2, conv2``) and state_dict keys as ``torchvision.models.densenet._DenseLayer``
+and ``_DenseBlock``; the parameters are real ``nn.BatchNorm2d`` / ``nn.Conv2d`` modules.
+"""
+from typing import List, Union
+
+import torch
+from torch import Tensor, nn
+
+from .block import BlockSpec, FusedDenseBlockFunction, block_forward
+
+
+class FusedDenseLayer(nn.Module):
+    """One DenseNet-BC layer: BN-ReLU-conv1x1 (bn_size*k) then BN-ReLU-conv3x3 (k), dropout.
+
+    Called on its own it takes a tensor or a list of tensors (concatenated, as torchvision's
+    ``_DenseLayer``) and returns the k new features; inside a ``FusedDenseBlock`` it is
+    only a holder of parameters and the block runs all layers as one fused node.
+    """
+
+    def __init__(self, num_input_features: int, growth_rate: int, bn_size: int, drop_rate: float = 0.0,
+                 memory_efficient: bool = False) -> None:
+        super().__init__()
+        self.norm1 = nn.BatchNorm2d(num_input_features)
+        self.relu1 = nn.ReLU(inplace=True)
+        self.conv1 = nn.Conv2d(num_input_features, bn_size * growth_rate, kernel_size=1, stride=1, bias=False)
+        self.norm2 = nn.BatchNorm2d(bn_size * growth_rate)
+        self.relu2 = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(bn_size * growth_rate, growth_rate, kernel_size=3, stride=1, padding=1, bias=False)
+        self.drop_rate = float(drop_rate)
+        self.memory_efficient = memory_efficient  # accepted for compatibility: always linear memory
+
+    def forward(self, input: Union[Tensor, List[Tensor]]) -> Tensor:  # noqa: A002 (torchvision's name)
+        x = torch.cat(input, 1) if isinstance(input, (list, tuple)) else input
+        c_in = self.norm1.num_features
+        out = run_block([self], x, c_in, self.conv2.out_channels, "FusedDenseLayer")
+        return out[:, c_in:]
+
+
+class FusedDenseBlock(nn.ModuleDict):
+    """Drop-in replacement for ``torchvision.models.densenet._DenseBlock``.
+
+    Input (N, num_input_features, H, W), NCHW or channels-last; output
+    (N, num_input_features + num_layers*growth_rate, H, W) with channels-last strides.
+    ``memory_efficient`` is accepted for signature compatibility: memory is always linear in
+    depth, with no checkpointing and running statistics updated once per step.
+    """
+
+    _version = 2
+
+    def __init__(self, num_layers: int, num_input_features: int, bn_size: int, growth_rate: int,
+                 drop_rate: float = 0.0, memory_efficient: bool = False) -> None:
+        super().__init__()
+        for name, value in (("num_layers", num_layers), ("num_input_features", num_input_features),
+                            ("bn_size", bn_size), ("growth_rate", growth_rate)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"FusedDenseBlock: expected {name} to be a positive int, got {value!r}")
+        if not 0.0 <= float(drop_rate) <= 1.0:
+            raise ValueError(f"FusedDenseBlock: expected drop_rate in [0, 1], got {drop_rate!r}")
+        self.num_input_features = num_input_features
+        self.growth_rate = growth_rate
+        self.bn_size = bn_size
+        self.drop_rate = float(drop_rate)
+        self.memory_efficient = memory_efficient
+        for i in range(num_layers):
+            layer = FusedDenseLayer(num_input_features + i * growth_rate, growth_rate=growth_rate, bn_size=bn_size,
+                                    drop_rate=drop_rate, memory_efficient=memory_efficient)
+            self.add_module("denselayer%d" % (i + 1), layer)
+
+    def forward(self, init_features: Tensor) -> Tensor:
+        return run_block(list(self.values()), init_features, self.num_input_features, self.growth_rate,
+                         "FusedDenseBlock")
+
+    def extra_repr(self) -> str:
+        return (f"num_layers={len(self)}, num_input_features={self.num_input_features}, "
+                f"bn_size={self.bn_size}, growth_rate={self.growth_rate}, drop_rate={self.drop_rate}")
+
+
+def _validate(layers, x, c_in: int, growth: int, who: str) -> bool:
+    """Check everything before any state changes; returns whether batch statistics are used."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{who}: expected a torch.Tensor input, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"{who}: expected a 4-D input (N, C, H, W), got a {x.dim()}-D tensor of shape "
+                         f"{tuple(x.shape)}")
+    if x.shape[1] != c_in:
+        raise ValueError(f"{who}: expected input with {c_in} channels (num_input_features), got {x.shape[1]} "
+                         f"(input shape {tuple(x.shape)})")
+    if not x.is_floating_point():
+        raise TypeError(f"{who}: expected a floating-point input, got {x.dtype}")
+    modes = set()
+    for i, layer in enumerate(layers):
+        c_l = c_in + i * growth
+        for bn_name, channels in (("norm1", c_l), ("norm2", layer.conv1.out_channels)):
+            bn = getattr(layer, bn_name)
+            if not bn.affine or not bn.track_running_stats:
+                raise ValueError(f"{who}: layer {i + 1} {bn_name} must have affine=True and "
+                                 f"track_running_stats=True, got affine={bn.affine}, "
+                                 f"track_running_stats={bn.track_running_stats}")
+            if bn.num_features != channels:
+                raise ValueError(f"{who}: layer {i + 1} {bn_name} expected {channels} features, has "
+                                 f"{bn.num_features}")
+            modes.add(bn.training)
+        for p in (layer.norm1.weight, layer.conv1.weight, layer.norm2.weight, layer.conv2.weight):
+            if p.device != x.device:
+                raise ValueError(f"{who}: expected the input on {p.device} (where the parameters are), "
+                                 f"got {x.device}")
+        if layer.conv1.weight.shape[1:] != (c_l, 1, 1) or layer.conv2.weight.shape != (
+                growth, layer.conv1.out_channels, 3, 3):
+            raise ValueError(f"{who}: layer {i + 1} convolutions do not match a dense layer with {c_l} inputs "
+                             f"and growth rate {growth}")
+    if len(modes) > 1:
+        raise ValueError(f"{who}: expected all BatchNorm layers in the same mode (all train or all eval)")
+    training = modes.pop() if modes else False
+    n, _, h, w = x.shape
+    if training and n * h * w == 1:
+        # the error nn.BatchNorm2d raises
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.size()}")
+    return training
+
+
+def run_block(layers, x: Tensor, c_in: int, growth: int, who: str) -> Tensor:
+    training = _validate(layers, x, c_in, growth, who)
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        dtype = torch.get_autocast_dtype(dev)
+    else:
+        dtype = layers[0].conv1.weight.dtype
+        if dtype != x.dtype:
+            raise TypeError(f"{who}: expected input of dtype {dtype} (the parameters' dtype), got {x.dtype}; "
+                            f"use torch.autocast for mixed precision")
+    spec = BlockSpec(layers=layers, num_input_features=c_in, growth_rate=growth, training=training, dtype=dtype)
+    params = []
+    for layer in layers:
+        params += [layer.norm1.weight, layer.norm1.bias, layer.conv1.weight, layer.norm2.weight,
+                   layer.norm2.bias, layer.conv2.weight]
+    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
+        return FusedDenseBlockFunction.apply(spec, x, *params)
+    with torch.autocast(dev, enabled=False):
+        return block_forward(spec, x, params, save=False)[0]

@@ -1,0 +1,8 @@
+"""The densenet_fused ops: one file per op (launcher, fake implementation, CUDA kernel
+registration where it lives in Python).  Schemas and C++ kernels are in csrc/."""
+from .bn_grad_finish import bn_grad_finish
+from .bnrelu_conv1x1 import bnrelu_conv1x1_bwd, bnrelu_conv1x1_fwd
+from .channel_stats import channel_stats
+from .running_stats_update import running_stats_update
+
+__all__ = ["bn_grad_finish", "bnrelu_conv1x1_bwd", "bnrelu_conv1x1_fwd", "channel_stats", "running_stats_update"]

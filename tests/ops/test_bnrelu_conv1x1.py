@@ -1,0 +1,114 @@
+import pytest
+import torch
+
+import oracle
+from densenet_fused.ops import bnrelu_conv1x1 as op
+
+TOL = {torch.float64: 1e-10, torch.float32: 1e-4}
+SHAPES = [(1, 5, 0, 5, 3), (37, 20, 0, 13, 9), (300, 41, 0, 29, 12), (517, 64, 0, 50, 17)]
+
+
+def _args(m, c_total, c_begin, c, cout, dtype, device):
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    x = oracle.strided_slice(m, c_total, c_begin, c, dtype, offset=0.3).to(device)
+    scale = (torch.rand(c, dtype=acc) + 0.5).to(device)
+    shift = torch.randn(c, dtype=acc).to(device) * 0.5
+    weight = (torch.randn(cout, c, dtype=torch.float64) / c ** 0.5).to(dtype).to(device)
+    mean = torch.randn(c, dtype=acc).to(device) * 0.1
+    rstd = (torch.rand(c, dtype=acc) + 0.5).to(device)
+    return x, scale, shift, weight, mean, rstd
+
+
+def _close(got, want, dtype):
+    tol = TOL[dtype]
+    torch.testing.assert_close(got.cpu().double(), want.cpu(), rtol=tol, atol=tol * max(1.0, want.abs().max().item()))
+
+
+IMPLS = {"op": (op.bnrelu_conv1x1_fwd, op.bnrelu_conv1x1_bwd), "chunked_aten": (op.fwd_chunked, op.bwd_chunked)}
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("m,c_total,c_begin,c,cout", SHAPES)
+def test_forward(device, impl, dtype, m, c_total, c_begin, c, cout, monkeypatch):
+    monkeypatch.setattr(op, "_CHUNK_ROWS", 128)  # several chunks for the chunked kernel
+    fwd, _ = IMPLS[impl]
+    x, scale, shift, weight, _, _ = _args(m, c_total, c_begin, c, cout, dtype, device)
+    out, mean, var = fwd(x, scale, shift, weight, True)
+    ref = oracle.bnrelu_conv1x1_fwd(x, scale, shift, weight)
+    assert out.shape == (m, cout) and out.dtype == dtype
+    _close(out, ref, dtype)
+    _close(mean, ref.mean(0), dtype)
+    _close(var, ref.var(0, unbiased=False), dtype)
+    out2, mean2, _ = fwd(x, scale, shift, weight, False)
+    assert torch.equal(out, out2) and mean2.numel() == 0
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("m,c_total,c_begin,c,cout", SHAPES)
+def test_backward(device, impl, dtype, m, c_total, c_begin, c, cout, monkeypatch):
+    monkeypatch.setattr(op, "_CHUNK_ROWS", 128)
+    _, bwd = IMPLS[impl]
+    x, scale, shift, weight, mean, rstd = _args(m, c_total, c_begin, c, cout, dtype, device)
+    dout = torch.randn(m, cout, dtype=dtype, device=device)
+    acc = scale.dtype
+    gbuf = torch.randn(m, c_total + 2, dtype=acc, device=device)
+    G = gbuf[:, 1:1 + c]
+    G0 = G.clone()
+    dweight, dgamma, dbeta = bwd(dout, x, scale, shift, weight, mean, rstd, G)
+    dG, dw_ref, dgamma_ref, dbeta_ref = oracle.bnrelu_conv1x1_bwd(dout, x, scale, shift, weight, mean, rstd)
+    _close(G - G0, dG, dtype)
+    _close(dweight, dw_ref, dtype)
+    _close(dgamma, dgamma_ref, dtype)
+    _close(dbeta, dbeta_ref, dtype)
+    assert torch.equal(gbuf[:, 0], gbuf[:, 0]) and dweight.dtype == acc
+
+
+def test_backward_matches_autograd_of_unfused_chain():
+    # The op's outputs are the gradients of BN(train)->ReLU->conv1x1 pieces: check against autograd.
+    x, scale, shift, weight, mean, rstd = _args(40, 7, 0, 7, 5, torch.float64, "cpu")
+    xr = x.clone().requires_grad_()
+    w = weight.clone().requires_grad_()
+    out = torch.relu(xr * scale + shift) @ w.t()
+    dout = torch.randn_like(out)
+    out.backward(dout)
+    G = torch.zeros_like(x)
+    dweight, _, _ = op.bnrelu_conv1x1_bwd(dout, x, scale, shift, weight, mean, rstd, G)
+    torch.testing.assert_close(G, xr.grad, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(dweight, w.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_deterministic(device):
+    x, scale, shift, weight, mean, rstd = _args(3000, 40, 0, 40, 16, torch.float32, device)
+    dout = torch.randn(3000, 16, device=device)
+    runs = []
+    for _ in range(2):
+        G = torch.zeros(3000, 40, device=device)
+        runs.append((G,) + op.bnrelu_conv1x1_bwd(dout, x, scale, shift, weight, mean, rstd, G))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_opcheck(device):
+    x, scale, shift, weight, mean, rstd = _args(45, 20, 0, 11, 6, torch.float32, device)
+    torch.library.opcheck(torch.ops.densenet_fused.bnrelu_conv1x1_fwd.default, (x, scale, shift, weight, True))
+    dout = torch.randn(45, 6, device=device)
+    G = torch.zeros(45, 11, device=device)
+    torch.library.opcheck(torch.ops.densenet_fused.bnrelu_conv1x1_bwd.default,
+                          (dout, x, scale, shift, weight, mean, rstd, G))
+
+
+def test_bad_input():
+    x, scale, shift, weight, mean, rstd = _args(10, 8, 0, 8, 4, torch.float32, "cpu")
+    with pytest.raises(RuntimeError, match=r"weight of shape \(out_channels, 8\)"):
+        op.bnrelu_conv1x1_fwd(x, scale, shift, weight[:, :5], False)
+    with pytest.raises(RuntimeError, match="expected weight of dtype Float"):
+        op.bnrelu_conv1x1_fwd(x, scale, shift, weight.double(), False)
+    with pytest.raises(RuntimeError, match="scale to be a 1-D tensor of 8 channels"):
+        op.bnrelu_conv1x1_fwd(x, scale[:3], shift, weight, False)
+    with pytest.raises(RuntimeError, match="2-D"):
+        op.bnrelu_conv1x1_fwd(x[None], scale, shift, weight, False)
+    G = torch.zeros(10, 8)
+    with pytest.raises(RuntimeError, match=r"dout of shape \(10, 4\)"):
+        op.bnrelu_conv1x1_bwd(torch.zeros(10, 3), x, scale, shift, weight, mean, rstd, G)
