@@ -1,0 +1,74 @@
+"""convert(): torchvision and timm dense blocks become FusedDenseBlocks sharing their modules."""
+import copy
+
+import pytest
+import torch
+import torchvision
+from torchvision.models.densenet import _DenseBlock
+
+from blockutil import assert_close, randomize_bn
+from densenet_fused import FusedDenseBlock, convert
+
+
+def _step(model, x):
+    xi = x.clone().requires_grad_()
+    y = model(xi)
+    y.backward(torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y))
+    return y.detach(), xi.grad
+
+
+def test_convert_torchvision_densenet121():
+    torch.manual_seed(0)
+    tv = randomize_bn(torchvision.models.densenet121(num_classes=7)).double().train()
+    original = copy.deepcopy(tv)
+    params_before = {id(p) for p in tv.parameters()}
+    model = convert(tv)
+    assert model is tv
+    blocks = [m for m in model.modules() if isinstance(m, FusedDenseBlock)]
+    assert len(blocks) == 4 and not any(isinstance(m, _DenseBlock) for m in model.modules())
+    assert {id(p) for p in model.parameters()} == params_before  # the same Parameters: optimizers keep working
+    assert list(model.state_dict()) == list(original.state_dict())
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    y_o, dx_o = _step(original, x)
+    y_c, dx_c = _step(model, x)
+    assert_close(y_c, y_o, 1e-9, "logits")
+    assert_close(dx_c, dx_o, 1e-9, "input grad")
+    for (name, p_o), p_c in zip(original.named_parameters(), model.parameters()):
+        assert_close(p_c.grad, p_o.grad, 1e-9, name)
+    for (name, b_o), b_c in zip(original.named_buffers(), model.buffers()):
+        assert_close(b_c.double(), b_o.double(), 1e-9, name)
+
+
+def test_convert_keeps_eval_mode_and_block_alone():
+    block = _DenseBlock(3, 8, 2, 4, 0.0).eval()
+    fused = convert(block)
+    assert isinstance(fused, FusedDenseBlock) and not fused.training
+    assert not fused.denselayer2.norm1.training
+    x = torch.randn(2, 8, 5, 5)
+    with torch.no_grad():
+        assert_close(fused(x), block(x), 1e-5, "eval output")
+
+
+@pytest.mark.parametrize("attr,value,msg", [("affine", False, "affine=True"),
+                                            ("track_running_stats", False, "track_running_stats=True")])
+def test_convert_refuses_unsupported_batchnorm(attr, value, msg):
+    model = torch.nn.Sequential(_DenseBlock(2, 8, 2, 4, 0.0))
+    setattr(model[0].denselayer2.norm1, attr, value)
+    with pytest.raises(ValueError, match=msg):
+        convert(model)
+    assert isinstance(model[0], _DenseBlock)  # nothing replaced
+
+
+def test_convert_timm_densenet121():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = randomize_bn(timm.create_model("densenet121", pretrained=False, num_classes=5)).double().train()
+    original = copy.deepcopy(model)
+    convert(model)
+    blocks = [m for m in model.modules() if isinstance(m, FusedDenseBlock)]
+    assert len(blocks) == 4
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    y_o, dx_o = _step(original, x)
+    y_c, dx_c = _step(model, x)
+    assert_close(y_c, y_o, 1e-9, "timm logits")
+    assert_close(dx_c, dx_o, 1e-9, "timm input grad")
