@@ -1,19 +1,33 @@
 """bnrelu_conv1x1: ``out = relu(x*scale + shift) @ W^T`` straight from the shared buffer,
-and its one-pass backward (DESIGN section 3, steps 2 and 4).
+and its one-pass backward (DESIGN section 2 facts 1-3, section 3 steps 2 and 4).
 
-Kernels: ``csrc/cpu/bnrelu_conv1x1.cpp`` (CPU).  CUDA: row-chunked ATen kernels below
-(registered for the CUDA dispatch key), which never hold more than one chunk of the
-normalized input; the Triton kernels of the 1x1 issue replace them.
+- CPU kernel: ``csrc/cpu/bnrelu_conv1x1.cpp``.
+- CUDA kernel: the Triton kernels below (float32, float16, bfloat16).  The BN-ReLU
+  prologue is applied to every A tile as it is loaded, so the normalized input never
+  exists in memory; the forward epilogue emits per-tile (mean, M2) partials of the output
+  that ``_stats_merge_kernel`` merges (Chan) in a fixed order; the backward reads x once,
+  accumulates ``scale*g`` into G, and writes per-split partials of dW and of the two
+  per-channel sums that are reduced in a fixed order.  No atomics, no host
+  synchronization, workspace sizes depend on shapes only (CUDA-graph capturable).
+  float64 on CUDA runs ``fwd_chunked`` / ``bwd_chunked`` (ATen GEMMs over row chunks):
+  an accuracy dtype, not a speed one.
+Under ``TRITON_INTERPRET=1`` the Triton launchers run on CPU tensors (the CI tests).
 """
+import os
+
 import torch
+import triton
+import triton.language as tl
 
 from ._common import acc_dtype
 from .channel_stats import channel_stats
 
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _CHUNK_ROWS = 16384
 _lib = torch.library.Library("densenet_fused", "IMPL")
 
 
+# ----------------------------------------------------------------------------- fakes
 @torch.library.register_fake("densenet_fused::bnrelu_conv1x1_fwd")
 def _(x, scale, shift, weight, stats):
     m = x.shape[0]
@@ -49,15 +63,32 @@ def _check(x, scale, shift, weight, op):
     acc = acc_dtype(x.dtype)
     for name, t in (("scale", scale), ("shift", shift)):
         if t.shape != (c,) or t.dtype != acc or t.device != x.device:
-            raise RuntimeError(f"{op}: expected {name} of shape ({c},), dtype {acc} on {x.device}, "
-                               f"got {tuple(t.shape)} {t.dtype} on {t.device}")
+            raise RuntimeError(f"{op}: expected {name} to be a 1-D tensor of {c} channels, dtype {acc} on "
+                               f"{x.device}, got {tuple(t.shape)} {t.dtype} on {t.device}")
     if weight.dim() != 2 or weight.shape[1] != c or weight.dtype != x.dtype or weight.device != x.device:
         raise RuntimeError(f"{op}: expected weight of shape (out_channels, {c}) and dtype {x.dtype} on "
                            f"{x.device}, got {tuple(weight.shape)} {weight.dtype} on {weight.device}")
 
 
+def _check_bwd(dout, x, weight, mean, rstd, G):
+    op = "bnrelu_conv1x1_bwd"
+    m, c = x.shape
+    acc = acc_dtype(x.dtype)
+    if dout.shape != (m, weight.shape[0]) or dout.dtype != x.dtype or (dout.shape[1] > 1 and dout.stride(1) != 1):
+        raise RuntimeError(f"{op}: expected dout of shape ({m}, {weight.shape[0]}) and dtype {x.dtype} with unit "
+                           f"channel stride, got {tuple(dout.shape)} {dout.dtype} strides {dout.stride()}")
+    for name, t in (("mean", mean), ("rstd", rstd)):
+        if t.shape != (c,) or t.dtype != acc:
+            raise RuntimeError(f"{op}: expected {name} to be a 1-D tensor of {c} channels and dtype {acc}, "
+                               f"got {tuple(t.shape)} {t.dtype}")
+    if G.shape != (m, c) or G.dtype != acc or (c > 1 and G.stride(1) != 1):
+        raise RuntimeError(f"{op}: expected G of shape ({m}, {c}) and dtype {acc} with unit channel stride, "
+                           f"got {tuple(G.shape)} {G.dtype} strides {G.stride()}")
+
+
+# ----------------------------------------------------------------------------- ATen (float64 on CUDA)
 def fwd_chunked(x, scale, shift, weight, stats):
-    """Row-chunked ATen forward (the CUDA kernel until the Triton kernels land)."""
+    """Row-chunked ATen forward: the float64 CUDA path."""
     _check(x, scale, shift, weight, "bnrelu_conv1x1_fwd")
     m = x.shape[0]
     out = x.new_empty((m, weight.shape[0]))
@@ -74,13 +105,11 @@ def fwd_chunked(x, scale, shift, weight, stats):
 
 
 def bwd_chunked(dout, x, scale, shift, weight, mean, rstd, G):
-    """Row-chunked ATen backward (the CUDA kernel until the Triton kernels land)."""
+    """Row-chunked ATen backward: the float64 CUDA path."""
     _check(x, scale, shift, weight, "bnrelu_conv1x1_bwd")
+    _check_bwd(dout, x, weight, mean, rstd, G)
     acc = scale.dtype
     c = x.shape[1]
-    if G.shape != x.shape or G.dtype != acc:
-        raise RuntimeError(f"bnrelu_conv1x1_bwd: expected G of shape {tuple(x.shape)} and dtype {acc}, "
-                           f"got {tuple(G.shape)} {G.dtype}")
     dweight = torch.zeros((weight.shape[0], c), dtype=acc, device=x.device)
     dgamma = torch.zeros(c, dtype=acc, device=x.device)
     dbeta = torch.zeros(c, dtype=acc, device=x.device)
@@ -99,5 +128,203 @@ def bwd_chunked(dout, x, scale, shift, weight, mean, rstd, G):
     return dweight, dgamma, dbeta
 
 
-_lib.impl("bnrelu_conv1x1_fwd", fwd_chunked, "CUDA")
-_lib.impl("bnrelu_conv1x1_bwd", bwd_chunked, "CUDA")
+# ----------------------------------------------------------------------------- Triton kernels
+@triton.jit
+def _fwd_kernel(X, ldx, SCALE, SHIFT, W, ldw, OUT, PMEAN, PM2, M, C, COUT,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                STATS: tl.constexpr, PRECISION: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rm < M
+    col_ok = rn < COUT
+    rm64 = rm.to(tl.int64)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, C, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        k_ok = rk < C
+        x = tl.load(X + rm64[:, None] * ldx + rk[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        s = tl.load(SCALE + rk, mask=k_ok, other=0.0)
+        h = tl.load(SHIFT + rk, mask=k_ok, other=0.0)
+        a = tl.maximum(x.to(tl.float32) * s[None, :] + h[None, :], 0.0).to(X.dtype.element_ty)
+        w = tl.load(W + rn[None, :] * ldw + rk[:, None], mask=col_ok[None, :] & k_ok[:, None], other=0.0)
+        acc = tl.dot(a, w, acc, input_precision=PRECISION)
+    out = acc.to(OUT.dtype.element_ty)
+    tl.store(OUT + rm64[:, None] * COUT + rn[None, :], out, mask=row_ok[:, None] & col_ok[None, :])
+    if STATS:
+        # statistics of the values as stored, per tile: (mean, M2) with the tile's row count
+        v = tl.where(row_ok[:, None], out.to(tl.float32), 0.0)
+        cnt = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
+        mean = tl.sum(v, axis=0) / cnt
+        d = tl.where(row_ok[:, None], v - mean[None, :], 0.0)
+        m2 = tl.sum(d * d, axis=0)
+        tl.store(PMEAN + pid_m * COUT + rn, mean, mask=col_ok)
+        tl.store(PM2 + pid_m * COUT + rn, m2, mask=col_ok)
+
+
+@triton.jit
+def _stats_merge_kernel(PMEAN, PM2, MEAN, VAR, M, COUT, TILES, TILE_ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Chan merge of per-tile (mean, M2) partials, tile by tile in order: deterministic."""
+    rc = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    ok = rc < COUT
+    n = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    mean = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    m2 = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for t in range(0, TILES):
+        nb = tl.minimum(M - t * TILE_ROWS, TILE_ROWS).to(tl.float32)
+        mb = tl.load(PMEAN + t * COUT + rc, mask=ok, other=0.0)
+        m2b = tl.load(PM2 + t * COUT + rc, mask=ok, other=0.0)
+        nt = n + nb
+        delta = mb - mean
+        wb = nb / nt
+        mean = mean + delta * wb
+        m2 = m2 + m2b + delta * delta * n * wb
+        n = nt
+    tl.store(MEAN + rc, mean, mask=ok)
+    tl.store(VAR + rc, m2 / n, mask=ok)
+
+
+@triton.jit
+def _bwd_kernel(DOUT, lddo, X, ldx, SCALE, SHIFT, W, ldw, MEAN, RSTD, G, ldg,
+                PDW, PSG, PSGX, M, C, COUT, TILES_PER_SPLIT,
+                BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, COUT_PAD: tl.constexpr,
+                PRECISION: tl.constexpr):
+    pid_c = tl.program_id(0)
+    split = tl.program_id(1)
+    rc = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    rn = tl.arange(0, COUT_PAD)
+    c_ok = rc < C
+    n_ok = rn < COUT
+    s = tl.load(SCALE + rc, mask=c_ok, other=0.0)
+    h = tl.load(SHIFT + rc, mask=c_ok, other=0.0)
+    mu = tl.load(MEAN + rc, mask=c_ok, other=0.0)
+    rs = tl.load(RSTD + rc, mask=c_ok, other=0.0)
+    # W[:, c-tile]: (COUT_PAD, BLOCK_C), resident for the whole split
+    w = tl.load(W + rn[:, None] * ldw + rc[None, :], mask=n_ok[:, None] & c_ok[None, :], other=0.0)
+    dw = tl.zeros((COUT_PAD, BLOCK_C), dtype=tl.float32)
+    sg = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    sgx = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    t0 = split * TILES_PER_SPLIT
+    for t in range(t0, t0 + TILES_PER_SPLIT):
+        rm = t * BLOCK_M + tl.arange(0, BLOCK_M)
+        r_ok = rm < M
+        rm64 = rm.to(tl.int64)
+        db = tl.load(DOUT + rm64[:, None] * lddo + rn[None, :], mask=r_ok[:, None] & n_ok[None, :], other=0.0)
+        xm = r_ok[:, None] & c_ok[None, :]
+        x = tl.load(X + rm64[:, None] * ldx + rc[None, :], mask=xm, other=0.0).to(tl.float32)
+        y = x * s[None, :] + h[None, :]
+        on = (y > 0.0) & xm
+        da = tl.dot(db, w, input_precision=PRECISION)                      # dA = dout @ W
+        g = tl.where(on, da, 0.0)
+        gp = G + rm64[:, None] * ldg + rc[None, :]
+        tl.store(gp, tl.load(gp, mask=xm, other=0.0) + s[None, :] * g, mask=xm)
+        sg += tl.sum(g, axis=0)
+        sgx += tl.sum(g * ((x - mu[None, :]) * rs[None, :]), axis=0)
+        a = tl.where(on, y, 0.0).to(X.dtype.element_ty)
+        dw = tl.dot(tl.trans(db), a, dw, input_precision=PRECISION)     # dW += dout^T @ relu(bn(x))
+    tl.store(PDW + split * COUT * C + rn[:, None] * C + rc[None, :], dw, mask=n_ok[:, None] & c_ok[None, :])
+    tl.store(PSG + split * C + rc, sg, mask=c_ok)
+    tl.store(PSGX + split * C + rc, sgx, mask=c_ok)
+
+
+# ----------------------------------------------------------------------------- launchers
+def _precision(dtype):
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"  # ignored for 16-bit inputs (full-precision products, fp32 accumulation)
+
+
+def _fwd_config(c, cout):
+    if _INTERPRET:
+        return dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=16, num_warps=4)
+    block_n = min(128, max(16, triton.next_power_of_2(cout)))
+    return dict(BLOCK_M=128, BLOCK_N=block_n, BLOCK_K=64, num_warps=8 if block_n >= 128 else 4, num_stages=3)
+
+
+def triton_fwd(x, scale, shift, weight, stats):
+    """Triton forward launcher (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1)."""
+    _check(x, scale, shift, weight, "bnrelu_conv1x1_fwd")
+    if x.dtype == torch.float64:
+        raise RuntimeError("bnrelu_conv1x1_fwd: the Triton kernel takes float32/float16/bfloat16; "
+                           "float64 runs fwd_chunked")
+    m, c = x.shape
+    cout = weight.shape[0]
+    out = x.new_empty((m, cout))
+    cfg = _fwd_config(c, cout)
+    tiles = triton.cdiv(m, cfg["BLOCK_M"])
+    if stats:
+        part = torch.empty((2, tiles, cout), dtype=torch.float32, device=x.device)
+        pmean, pm2 = part[0], part[1]
+    else:
+        pmean = pm2 = out  # unused
+    if m > 0:
+        grid = (tiles, triton.cdiv(cout, cfg["BLOCK_N"]))
+        _fwd_kernel[grid](x, x.stride(0), scale, shift, weight, weight.stride(0), out, pmean, pm2, m, c, cout,
+                          STATS=stats, PRECISION=_precision(x.dtype), **cfg)
+    if not stats:
+        empty = x.new_empty(0, dtype=torch.float32)
+        return out, empty, empty
+    mean = torch.empty(cout, dtype=torch.float32, device=x.device)
+    var = torch.empty(cout, dtype=torch.float32, device=x.device)
+    block_c = 64
+    _stats_merge_kernel[(triton.cdiv(cout, block_c),)](pmean, pm2, mean, var, m, cout, tiles,
+                                                       TILE_ROWS=cfg["BLOCK_M"], BLOCK_C=block_c)
+    return out, mean, var
+
+
+def _bwd_config(m, c, cout):
+    cout_pad = max(16, triton.next_power_of_2(cout))
+    if _INTERPRET:
+        return dict(BLOCK_M=32, BLOCK_C=16, COUT_PAD=cout_pad, num_warps=4)
+    block_c = 64 if cout_pad <= 128 else 32
+    return dict(BLOCK_M=64, BLOCK_C=block_c, COUT_PAD=cout_pad, num_warps=8, num_stages=2)
+
+
+def _splits(m, c, cfg):
+    tiles = triton.cdiv(m, cfg["BLOCK_M"])
+    c_blocks = triton.cdiv(c, cfg["BLOCK_C"])
+    target = 4 if _INTERPRET else 1024  # programs in flight; a function of the shape only
+    splits = max(1, min(tiles, target // c_blocks))
+    return splits, triton.cdiv(tiles, splits)
+
+
+def triton_bwd(dout, x, scale, shift, weight, mean, rstd, G):
+    """Triton one-pass backward launcher (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1)."""
+    _check(x, scale, shift, weight, "bnrelu_conv1x1_bwd")
+    _check_bwd(dout, x, weight, mean, rstd, G)
+    if x.dtype == torch.float64:
+        raise RuntimeError("bnrelu_conv1x1_bwd: the Triton kernel takes float32/float16/bfloat16; "
+                           "float64 runs bwd_chunked")
+    m, c = x.shape
+    cout = weight.shape[0]
+    cfg = _bwd_config(m, c, cout)
+    splits, tiles_per_split = _splits(m, c, cfg)
+    pdw = torch.empty((splits, cout, c), dtype=torch.float32, device=x.device)
+    psum = torch.empty((2, splits, c), dtype=torch.float32, device=x.device)
+    if m > 0 and c > 0:
+        grid = (triton.cdiv(c, cfg["BLOCK_C"]), splits)
+        _bwd_kernel[grid](dout, dout.stride(0), x, x.stride(0), scale, shift, weight, weight.stride(0), mean, rstd,
+                          G, G.stride(0), pdw, psum[0], psum[1], m, c, cout, tiles_per_split,
+                          PRECISION=_precision(x.dtype), **cfg)
+    else:
+        pdw.zero_()
+        psum.zero_()
+    # fixed-order reductions over the splits (torch reductions are deterministic)
+    return pdw.sum(0), psum[1].sum(0), psum[0].sum(0)
+
+
+def _cuda_fwd(x, scale, shift, weight, stats):
+    if x.dtype == torch.float64:
+        return fwd_chunked(x, scale, shift, weight, stats)
+    return triton_fwd(x, scale, shift, weight, stats)
+
+
+def _cuda_bwd(dout, x, scale, shift, weight, mean, rstd, G):
+    if x.dtype == torch.float64:
+        return bwd_chunked(dout, x, scale, shift, weight, mean, rstd, G)
+    return triton_bwd(dout, x, scale, shift, weight, mean, rstd, G)
+
+
+_lib.impl("bnrelu_conv1x1_fwd", _cuda_fwd, "CUDA")
+_lib.impl("bnrelu_conv1x1_bwd", _cuda_bwd, "CUDA")

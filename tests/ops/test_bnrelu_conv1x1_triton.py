@@ -1,0 +1,125 @@
+"""The Triton kernels of bnrelu_conv1x1, on CPU tensors under TRITON_INTERPRET=1 (CI) or on
+CUDA tensors where a GPU is present; float64 oracle."""
+import os
+
+import pytest
+import torch
+
+import oracle
+from densenet_fused.ops import bnrelu_conv1x1 as op
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+if INTERPRET:
+    DEVICE = "cpu"
+elif torch.cuda.is_available():
+    DEVICE = "cuda"
+else:
+    pytest.skip("Triton kernels need TRITON_INTERPRET=1 or a CUDA device", allow_module_level=True)
+
+# (M, C_total, C, COUT): odd sizes, several row tiles / K blocks / N blocks, strided slices
+SHAPES = [(1, 5, 5, 3), (37, 20, 13, 9), (100, 41, 29, 20), (130, 64, 50, 48)]
+
+
+def _args(m, c_total, c, cout, dtype, gen_offset=0.3):
+    x = oracle.strided_slice(m, c_total, 0, c, dtype, offset=gen_offset).to(DEVICE)
+    scale = (torch.rand(c) + 0.5).to(DEVICE)
+    shift = (torch.randn(c) * 0.5).to(DEVICE)
+    weight = (torch.randn(cout, c, dtype=torch.float64) / c ** 0.5).to(dtype).to(DEVICE)
+    mean = (torch.randn(c) * 0.1).to(DEVICE)
+    rstd = (torch.rand(c) + 0.5).to(DEVICE)
+    return x, scale, shift, weight, mean, rstd
+
+
+def _err(got, want):
+    return (got.double().cpu() - want.cpu()).abs().max().item() / max(want.abs().max().item(), 1e-30)
+
+
+def _tol(dtype):
+    # float32: full fp32 products (ieee); 16-bit: inputs rounded, fp32 accumulation
+    return {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}[dtype]
+
+
+# The interpreter stores bfloat16 as uint16 and its tl.dot multiplies the bit patterns
+# (triton-lang/triton#11584): bfloat16 is checked on the GPU only.
+DTYPES = [torch.float32, torch.float16] if INTERPRET else [torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32(monkeypatch):
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,c_total,c,cout", SHAPES)
+def test_forward_and_stats(dtype, m, c_total, c, cout):
+    x, scale, shift, weight, _, _ = _args(m, c_total, c, cout, dtype)
+    assert x.stride(0) == c_total
+    out, mean, var = op.triton_fwd(x, scale, shift, weight, True)
+    ref = oracle.bnrelu_conv1x1_fwd(x, scale, shift, weight)
+    assert out.dtype == dtype and out.shape == (m, cout)
+    assert _err(out, ref) <= _tol(dtype)
+    stored = out.double().cpu()  # statistics are of the values as stored
+    assert _err(mean, stored.mean(0)) <= 1e-5
+    assert _err(var, stored.var(0, unbiased=False)) <= 1e-5
+    out2, m2, _ = op.triton_fwd(x, scale, shift, weight, False)
+    assert torch.equal(out, out2) and m2.numel() == 0
+
+
+def test_stats_large_mean_small_spread():
+    # output channels with |mean| >> std: the per-tile (mean, M2) merge keeps the variance
+    m, c, cout = 257, 6, 5
+    x = (torch.rand(m, c, dtype=torch.float64) * 1e-2 + 1.0).float().to(DEVICE)
+    scale, shift = torch.ones(c, device=DEVICE), torch.zeros(c, device=DEVICE)
+    weight = torch.full((cout, c), 100.0, device=DEVICE)
+    out, mean, var = op.triton_fwd(x, scale, shift, weight, True)
+    stored = out.double().cpu()
+    torch.testing.assert_close(var.double().cpu(), stored.var(0, unbiased=False), rtol=1e-3, atol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,c_total,c,cout", SHAPES)
+def test_backward(dtype, m, c_total, c, cout):
+    x, scale, shift, weight, mean, rstd = _args(m, c_total, c, cout, dtype)
+    dout = torch.randn(m, cout, dtype=torch.float64).to(dtype).to(DEVICE)
+    gbuf = torch.randn(m, c_total, device=DEVICE)
+    G = gbuf[:, :c]
+    G0 = G.clone()
+    untouched = gbuf[:, c:].clone()
+    dweight, dgamma, dbeta = op.triton_bwd(dout, x, scale, shift, weight, mean, rstd, G)
+    dG, dw_ref, dgamma_ref, dbeta_ref = oracle.bnrelu_conv1x1_bwd(dout, x, scale, shift, weight, mean, rstd)
+    tol = _tol(dtype)
+    assert _err(G - G0, dG) <= tol
+    assert _err(dweight, dw_ref) <= tol
+    assert _err(dgamma, dgamma_ref) <= tol
+    assert _err(dbeta, dbeta_ref) <= tol
+    assert torch.equal(gbuf[:, c:], untouched)  # only the slice is written
+
+
+def test_backward_deterministic():
+    x, scale, shift, weight, mean, rstd = _args(100, 30, 30, 20, torch.float32)
+    dout = torch.randn(100, 20, device=DEVICE)
+    runs = []
+    for _ in range(2):
+        G = torch.zeros(100, 30, device=DEVICE)
+        runs.append((G,) + op.triton_bwd(dout, x, scale, shift, weight, mean, rstd, G))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_cuda_registration_routes_to_triton():
+    # the functions registered for the CUDA dispatch key: Triton for 32/16-bit, ATen for float64
+    x, scale, shift, weight, _, _ = _args(37, 20, 13, 9, torch.float32)
+    out, _, _ = op._cuda_fwd(x, scale, shift, weight, False)
+    assert torch.equal(out, op.triton_fwd(x, scale, shift, weight, False)[0])
+    x64, s64, h64 = x.double(), scale.double(), shift.double()
+    out64, _, _ = op._cuda_fwd(x64, s64, h64, weight.double(), False)
+    assert _err(out64, oracle.bnrelu_conv1x1_fwd(x64, s64, h64, weight.double())) <= 1e-12
+
+
+def test_bad_input():
+    x, scale, shift, weight, mean, rstd = _args(10, 8, 8, 4, torch.float32)
+    with pytest.raises(RuntimeError, match=r"weight of shape \(out_channels, 8\)"):
+        op.triton_fwd(x, scale, shift, weight[:, :5], False)
+    with pytest.raises(RuntimeError, match=r"G of shape \(10, 8\)"):
+        op.triton_bwd(torch.zeros(10, 4, device=DEVICE), x, scale, shift, weight, mean, rstd,
+                      torch.zeros(10, 7, device=DEVICE))
