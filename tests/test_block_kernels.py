@@ -1,0 +1,93 @@
+"""The block running on the CUDA kernels' code paths.
+
+- Without a GPU: the Triton bnrelu_conv1x1 kernels run under TRITON_INTERPRET=1 on CPU
+  tensors, substituted for the CPU kernels, so CI checks the block as it runs on CUDA.
+- With a GPU: the block on CUDA against torchvision, float32 and bf16 autocast, by the
+  tolerance rule of DESIGN section 6 (error against float64 at most 2x torchvision's own
+  error in that dtype, plus a small floor).
+"""
+import os
+
+import pytest
+import torch
+
+import densenet_fused.block as block_mod
+from blockutil import assert_close, make_pair, run_step
+from densenet_fused.ops import bnrelu_conv1x1 as op
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@pytest.mark.skipif(not INTERPRET, reason="substitutes interpreted Triton kernels on CPU tensors")
+@pytest.mark.parametrize("drop_rate", [0.0, 0.25])
+def test_block_on_triton_kernels_matches_torchvision(monkeypatch, drop_rate):
+    monkeypatch.setattr(block_mod, "bnrelu_conv1x1_fwd", op._cuda_fwd)
+    monkeypatch.setattr(block_mod, "bnrelu_conv1x1_bwd", op._cuda_bwd)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    ref, fused = make_pair(torch.float32, drop_rate=drop_rate)
+    ref.train(), fused.train()
+    init = {k: v.clone() for k, v in fused.state_dict().items()}
+    x = torch.randn(3, 13, 9, 7).to(memory_format=torch.channels_last)
+    grad = torch.randn(3, 13 + 5 * 7, 9, 7)
+    torch.manual_seed(5)
+    y_r, dx_r, g_r = run_step(ref, x, grad)
+    torch.manual_seed(5)
+    y_f, dx_f, g_f = run_step(fused, x, grad)
+    if drop_rate == 0:
+        assert_close(y_f, y_r, 1e-4, "output")
+        assert_close(dx_f, dx_r, 1e-4, "input grad")
+        for name, g in g_r.items():
+            assert_close(g_f[name], g, 1e-4, name)
+        for (name, b_r), b_f in zip(ref.named_buffers(), fused.buffers()):
+            assert_close(b_f.double(), b_r.double(), 1e-4, name)
+    else:  # the fused block's own masks: its CPU-kernel run with the same seed is the reference
+        monkeypatch.undo()
+        _, fused2 = make_pair(torch.float32, drop_rate=drop_rate)
+        fused2.load_state_dict(init)
+        torch.manual_seed(5)
+        y_c, dx_c, g_c = run_step(fused2.train(), x, grad)
+        assert_close(y_f, y_c, 1e-4, "output")
+        assert_close(dx_f, dx_c, 1e-4, "input grad")
+        for name, g in g_c.items():
+            assert_close(g_f[name], g, 1e-4, name)
+
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _errors_vs_fp64(dtype_ctx, ref64, block, x, grad):
+    """Max relative errors (output, input grad, worst parameter grad) against float64."""
+    y64, dx64, g64 = run_step(ref64, x.double(), grad.double())
+    with dtype_ctx():
+        y, dx, g = run_step(block, x, grad)
+
+    def rel(a, b):
+        return (a.double() - b).abs().max().item() / max(b.abs().max().item(), 1e-30)
+
+    return rel(y, y64), rel(dx, dx64), max(rel(g[n], g64[n]) for n in g64)
+
+
+@gpu
+@pytest.mark.parametrize("mode", ["float32", "bf16_autocast"])
+def test_block_on_cuda_by_tolerance_rule(mode):
+    torch.manual_seed(0)
+    kw = dict(num_layers=6, num_input_features=29, growth_rate=12, bn_size=4, device="cuda")
+    ref, fused = make_pair(torch.float32, **kw)
+    ref64, _ = make_pair(torch.float64, **kw)
+    ref64.load_state_dict(ref.state_dict())
+    x = torch.randn(8, 29, 15, 13, device="cuda").to(memory_format=torch.channels_last)
+    grad = torch.randn(8, 29 + 6 * 12, 15, 13, device="cuda")
+    if mode == "float32":
+        def ctx():
+            return torch.autocast("cuda", enabled=False)
+    else:
+        def ctx():
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    e_ref = _errors_vs_fp64(ctx, ref64, ref.train(), x, grad)
+    ref64.load_state_dict(fused.state_dict())
+    e_fused = _errors_vs_fp64(ctx, ref64, fused.train(), x, grad)
+    floor = 1e-5 if mode == "float32" else 1e-3
+    for what, f, r in zip(("output", "input grad", "param grads"), e_fused, e_ref):
+        assert f <= 2 * r + floor, f"{mode} {what}: fused error {f:.2e} > 2 x torchvision error {r:.2e} + {floor}"
