@@ -19,6 +19,7 @@ test: install
 
 demo: install
 	$(PYTHON) -m densenet_fused.cli demo
+	$(PYTHON) -m densenet_fused.cli bench --quick --out bench_out
 
 # On a GPU machine: build, GPU tests and benchmark, logs and JSON into OUTDIR.
 gpu-check:

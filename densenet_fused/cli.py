@@ -1,6 +1,9 @@
 """``densenet-fused``: command-line entry point.
 
-  densenet-fused demo [--device cpu|cuda]   side-by-side of a fused block and the reference
+  densenet-fused demo  [--device cpu|cuda]       accuracy side-by-side of a fused block and the reference
+  densenet-fused bench [--quick] [--device cpu|cuda] [--out DIR]
+                                                 fused vs torchvision (plain, memory_efficient, compile):
+                                                 table on stdout, JSON + PNG plots in DIR
 """
 import argparse
 import sys
@@ -75,15 +78,69 @@ def demo(device: str) -> int:
     return 0 if ok else 1
 
 
+def bench(args) -> int:
+    import os
+
+    from tqdm import tqdm
+
+    from . import bench as B
+
+    dev = args.device
+    cuda = dev == "cuda"
+    if args.quick:
+        cases = ([B.CASES[n] for n in ("densenet121_block3_n128", "densenet121_block1_n128",
+                                       "densenet_bc100_k12_block1_n64", "densenet121_n64")]
+                 if cuda else list(B.CPU_CASES.values()))
+        dtypes = ["bf16"] if cuda else ["fp32"]
+        warmup, steps, rounds = (3, 5, 2) if cuda else (1, 1, 2)
+    else:
+        cases = list(B.CASES.values()) if cuda else list(B.CPU_CASES.values())
+        dtypes = ["fp32", "bf16"] if cuda else ["fp32"]
+        warmup, steps, rounds = (5, 10, 2) if cuda else (1, 2, 2)
+    providers = args.providers.split(",") if args.providers else (
+        list(B.PROVIDERS) if cuda else ["fused", "torchvision", "torchvision_me"])
+    env = B.environment(dev)
+    rows = []
+    for case, dtype in tqdm([(c, d) for c in cases for d in dtypes], desc="bench", unit="case"):
+        rows += B.run_case(case, providers, dev, dtype, warmup, steps, rounds)
+    budget = []
+    if cuda and not args.quick and not args.no_budget:
+        depths = {12: [100, 190, 250, 400, 700, 1000, 1204, 1600], 40: [100, 190, 250, 400, 502, 700]}
+        todo = sum(len(v) for v in depths.values()) * 2
+        with tqdm(total=todo, desc="depth at 8 GB", unit="model") as bar:
+            for growth, ds in depths.items():
+                budget += B.depth_at_budget(dev, 8.0, growth, ["fused", "torchvision", "torchvision_me"], ds,
+                                            progress=bar)
+    print(f"{env['device_name']} | torch {env['torch']} | triton {env['triton']} | {env['date']}")
+    for mode in ("step", "forward", "backward"):
+        print(B.format_table(rows, mode))
+    os.makedirs(args.out, exist_ok=True)
+    name = "quick_" + dev if args.quick else dev
+    path = os.path.join(args.out, name + ".json")
+    B.write_json(path, env, rows, budget)
+    written = B.plot(rows, budget, os.path.join(args.out, name))
+    print("wrote", path, *written)
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="densenet-fused", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
     p_demo = sub.add_parser("demo", help="side-by-side of a fused block against the reference")
     p_demo.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    p_bench = sub.add_parser("bench", help="fused vs torchvision: time and memory, JSON + plots")
+    p_bench.add_argument("--quick", action="store_true", help="a few representative cases")
+    p_bench.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                         choices=["cpu", "cuda"])
+    p_bench.add_argument("--out", default="bench_out", help="folder for JSON and PNG files")
+    p_bench.add_argument("--providers", default="", help="comma list (default: all on CUDA, no compile on CPU)")
+    p_bench.add_argument("--no-budget", action="store_true", help="skip the depth-at-a-memory-budget search")
     args = parser.parse_args(argv)
     if args.cmd == "demo":
         return demo(args.device)
+    if args.cmd == "bench":
+        return bench(args)
     return 2
 
 

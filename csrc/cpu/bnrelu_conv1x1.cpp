@@ -46,6 +46,29 @@ inline void bnrelu_rows(const scalar_t* x, int64_t ld, int64_t rows, int64_t C, 
   }
 }
 
+// One row of the backward's elementwise part: g = dA * (y > 0), G += scale*g, the two
+// per-channel sums, and a = relu(y) rounded to the feature dtype (the dW operand).
+template <typename scalar_t, typename acc_t>
+__attribute__((noinline)) void bwd_row(const scalar_t* __restrict__ x, const acc_t* __restrict__ da, const acc_t* __restrict__ scale,
+                    const acc_t* __restrict__ shift, const acc_t* __restrict__ mean, const acc_t* __restrict__ rstd,
+                    int64_t C, acc_t* __restrict__ G, acc_t* __restrict__ a, acc_t* __restrict__ sum_g,
+                    acc_t* __restrict__ sum_gx) {
+#pragma GCC ivdep
+  for (int64_t c = 0; c < C; ++c) {
+    // unconditional loads and selects only, so the loop vectorizes
+    const acc_t xv = static_cast<acc_t>(x[c]);
+    const acc_t y = xv * scale[c] + shift[c];
+    const acc_t d = da[c];
+    const acc_t yr = static_cast<acc_t>(static_cast<scalar_t>(y));
+    const bool on = y > acc_t(0);
+    const acc_t g = on ? d : acc_t(0);
+    a[c] = on ? yr : acc_t(0);
+    G[c] += scale[c] * g;
+    sum_g[c] += g;
+    sum_gx[c] += g * ((xv - mean[c]) * rstd[c]);
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd(const at::Tensor& x, const at::Tensor& scale,
                                                    const at::Tensor& shift, const at::Tensor& weight,
                                                    bool stats) {
@@ -119,6 +142,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(const at::Tensor& dout, const
     const int64_t ldx = x.stride(0), ldg = G.stride(0);
     at::parallel_for(0, nchunks, 1, [&](int64_t begin, int64_t end) {
       at::Tensor a = at::empty({kTile, C}, x.options().dtype(acc));
+      std::vector<acc_t> tsg(C), tsgx(C);  // per-tile sums in acc_t, chunk sums in double
       for (int64_t chunk = begin; chunk < end; ++chunk) {
         at::Tensor dw = dw_part[chunk];
         double* s1 = sg.data() + chunk * C;
@@ -128,23 +152,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(const at::Tensor& dout, const
           const int64_t r0 = t * kTile, rows = std::min(kTile, M - r0);
           const at::Tensor db = dout.narrow(0, r0, rows).to(acc);
           const at::Tensor da = at::mm(db, w_acc).contiguous();  // (rows, C): dA = dout @ W
-          const acc_t* dap = da.const_data_ptr<acc_t>();
-          acc_t* ap = a.data_ptr<acc_t>();
+          std::fill(tsg.begin(), tsg.end(), acc_t(0));
+          std::fill(tsgx.begin(), tsgx.end(), acc_t(0));
           for (int64_t r = 0; r < rows; ++r) {
-            const scalar_t* xr = xp + (r0 + r) * ldx;
-            acc_t* gr = gp + (r0 + r) * ldg;
-            const acc_t* dar = dap + r * C;
-            acc_t* ar = ap + r * C;
-            for (int64_t c = 0; c < C; ++c) {
-              const acc_t xv = static_cast<acc_t>(xr[c]);
-              const acc_t y = xv * sp[c] + hp[c];
-              const bool on = y > acc_t(0);
-              const acc_t g = on ? dar[c] : acc_t(0);
-              ar[c] = on ? static_cast<acc_t>(static_cast<scalar_t>(y)) : acc_t(0);
-              gr[c] += sp[c] * g;
-              s1[c] += static_cast<double>(g);
-              s2[c] += static_cast<double>(g) * static_cast<double>((xv - mp[c]) * rp[c]);
-            }
+            bwd_row<scalar_t, acc_t>(xp + (r0 + r) * ldx, da.const_data_ptr<acc_t>() + r * C, sp, hp, mp, rp, C,
+                                     gp + (r0 + r) * ldg, a.data_ptr<acc_t>() + r * C, tsg.data(), tsgx.data());
+          }
+          for (int64_t c = 0; c < C; ++c) {
+            s1[c] += static_cast<double>(tsg[c]);
+            s2[c] += static_cast<double>(tsgx[c]);
           }
           dw.addmm_(db.t(), a.narrow(0, 0, rows));  // dW += dout^T @ relu(bn(x))
         }

@@ -1,0 +1,74 @@
+"""Regenerate the README's results table from benchmarks/results/*.json.
+
+    python benchmarks/make_table.py            # rewrites the block between the markers in README.md
+    python benchmarks/make_table.py --print    # prints it instead
+"""
+import glob
+import json
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+PROVIDERS = ("torchvision", "torchvision_me", "torchvision_compile")
+
+
+def _fmt(v, spec):
+    return format(v, spec) if v is not None else "-"
+
+
+def table(path):
+    data = json.load(open(path))
+    env = data["environment"]
+    rows = [r for r in data["results"] if r["mode"] == "step"]
+    present = [p for p in PROVIDERS if any(r["provider"] == p for r in rows)]
+    mem_key = "peak_mb" if any(r.get("peak_mb") for r in rows) else "saved_mb"
+    mem_name = "peak MB" if mem_key == "peak_mb" else "saved-for-backward MB"
+    out = [f"**{env['device_name']}** ({env['device']}), torch {env['torch']}, triton {env['triton']}, "
+           f"measured {env['date']} (`{os.path.relpath(path, ROOT)}`). Training step (forward + backward), "
+           f"median ms; {mem_name}; in brackets fused/provider (below 1 favours fused).", ""]
+    head = "| case | dtype | fused ms | fused " + mem_name + " | " + " | ".join(
+        f"{p} ms [ratio] | {p} {mem_name} [ratio]" for p in present) + " |"
+    out += [head, "|" + "---|" * (4 + 2 * len(present))]
+    for case, dtype in sorted({(r["case"], r["dtype"]) for r in rows}):
+        get = {r["provider"]: r for r in rows if (r["case"], r["dtype"]) == (case, dtype)}
+        f = get.get("fused", {})
+        cells = [case, dtype, _fmt(f.get("time_ms"), ".2f") if f.get("status") == "ok" else f.get("status", "-"),
+                 _fmt(f.get(mem_key), ".1f")]
+        for p in present:
+            r = get.get(p)
+            if r is None or r["status"] != "ok":
+                cells += [(r or {}).get("status", "-"), "-"]
+                continue
+            mem_ratio = r.get("peak_ratio_fused" if mem_key == "peak_mb" else "saved_ratio_fused")
+            cells += [f"{r['time_ms']:.2f} [{_fmt(r.get('time_ratio_fused'), '.2f')}]",
+                      f"{_fmt(r.get(mem_key), '.1f')} [{_fmt(mem_ratio, '.2f')}]"]
+        out.append("| " + " | ".join(cells) + " |")
+    budget = data.get("depth_at_budget") or []
+    if budget:
+        out += ["", "Deepest DenseNet-BC trained under the memory cap:", "",
+                "| provider | growth | deepest OK | first failing |", "|---|---|---|---|"]
+        for p, g in sorted({(b["provider"], b["growth"]) for b in budget}):
+            ok = [b["depth"] for b in budget if (b["provider"], b["growth"]) == (p, g) and b["status"] == "ok"]
+            bad = [b["depth"] for b in budget if (b["provider"], b["growth"]) == (p, g) and b["status"] != "ok"]
+            out.append(f"| {p} | {g} | {max(ok) if ok else '-'} | {min(bad) if bad else '-'} |")
+    return "\n".join(out)
+
+
+def main():
+    files = sorted(glob.glob(os.path.join(ROOT, "benchmarks", "results", "*.json")))
+    text = "\n\n".join(table(f) for f in files) if files else "No results yet."
+    if "--print" in sys.argv:
+        print(text)
+        return
+    readme = os.path.join(ROOT, "README.md")
+    s = open(readme).read()
+    if START not in s or END not in s:
+        raise SystemExit(f"README.md has no {START} ... {END} block")
+    s = s[:s.index(START) + len(START)] + "\n" + text + "\n" + s[s.index(END):]
+    open(readme, "w").write(s)
+    print("README.md results table regenerated from", ", ".join(os.path.relpath(f, ROOT) for f in files))
+
+
+if __name__ == "__main__":
+    main()

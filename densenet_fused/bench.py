@@ -1,0 +1,389 @@
+"""Benchmark harness: fused block/model against torchvision (plain, memory_efficient=True,
+torch.compile), side by side in one run.
+
+Time: median of per-step timings (CUDA events on a GPU, perf_counter on the CPU) after
+warm-up, providers interleaved (A B A B ...) over several rounds, so ratios come from one
+run.  Memory (CUDA): peak allocated during one training step minus the allocation before
+it, with a preallocated grad_output (no loss transients).  Saved bytes: the distinct
+storages autograd keeps for backward (``saved_tensors_hooks``), parameters included.
+Out-of-memory is a result ("oom"), not a crash.
+"""
+import datetime
+import json
+import platform
+import statistics
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+PROVIDERS = ("fused", "torchvision", "torchvision_me", "torchvision_compile")
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    kind: str                 # "block" or "model"
+    batch: int
+    hw: int                   # input height = width
+    layers: int = 0           # block: number of layers
+    c0: int = 0               # block: input channels
+    growth: int = 32
+    bn_size: int = 4
+    arch: str = ""            # model: densenet121 / densenet201 / densenet264
+
+
+def _dn121(i, n):
+    layers, c0, hw = [(6, 64, 56), (12, 128, 28), (24, 256, 14), (16, 512, 7)][i - 1]
+    return Case(f"densenet121_block{i}_n{n}", "block", n, hw, layers, c0)
+
+
+CASES: Dict[str, Case] = {c.name: c for c in (
+    [_dn121(i, n) for i in (1, 2, 3, 4) for n in (64, 128)]
+    + [Case("densenet_bc100_k12_block1_n64", "block", 64, 32, 16, 24, 12),
+       Case("densenet_bc190_k40_block1_n64", "block", 64, 32, 31, 80, 40),
+       Case("densenet121_n64", "model", 64, 224, arch="densenet121"),
+       Case("densenet201_n64", "model", 64, 224, arch="densenet201"),
+       Case("densenet264_n64", "model", 64, 224, arch="densenet264")])}
+
+# A few seconds on a CPU: what `bench --quick --device cpu` and the CI harness tests run.
+CPU_CASES: Dict[str, Case] = {c.name: c for c in (
+    Case("densenet_bc100_k12_block1_n4", "block", 4, 32, 16, 24, 12),
+    Case("densenet121_block3_n2", "block", 2, 14, 24, 256),
+)}
+
+_TV_ARCH = {"densenet121": (32, (6, 12, 24, 16), 64), "densenet201": (32, (6, 12, 48, 32), 64),
+            "densenet264": (32, (6, 12, 64, 48), 64)}
+
+
+def build(case: Case, provider: str, device) -> torch.nn.Module:
+    """The module a provider trains for a case (fresh weights, training mode)."""
+    import torchvision
+    from torchvision.models.densenet import _DenseBlock
+
+    from . import models
+    from .modules import FusedDenseBlock
+
+    if provider not in PROVIDERS:
+        raise ValueError(f"unknown provider {provider!r}; expected one of {PROVIDERS}")
+    fused = provider == "fused"
+    me = provider == "torchvision_me"
+    if case.kind == "block":
+        cls = FusedDenseBlock if fused else _DenseBlock
+        m = cls(case.layers, case.c0, case.bn_size, case.growth, 0.0, memory_efficient=me)
+    else:
+        growth, blocks, init = _TV_ARCH[case.arch]
+        if fused:
+            m = models.DenseNet(growth, blocks, init)
+        else:
+            m = torchvision.models.DenseNet(growth, blocks, init, memory_efficient=me)
+    m = m.to(device).to(memory_format=torch.channels_last).train()
+    if provider == "torchvision_compile":
+        m = torch.compile(m)
+    return m
+
+
+def _inputs(case: Case, device, dtype):
+    c_in = case.c0 if case.kind == "block" else 3
+    x = torch.randn(case.batch, c_in, case.hw, case.hw, device=device).to(memory_format=torch.channels_last)
+    return x
+
+
+def _autocast(device, dtype):
+    if dtype == "bf16":
+        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+class _Saved:
+    def __init__(self):
+        self.storages = {}
+
+    def pack(self, t):
+        s = t.untyped_storage()
+        self.storages[s.data_ptr()] = s.nbytes()
+        return t
+
+
+def _is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+class Runner:
+    """One provider on one case: warm-up, timed steps, memory, saved bytes."""
+
+    def __init__(self, case: Case, provider: str, device: str, dtype: str, builder: Callable = build):
+        self.case, self.provider, self.device, self.dtype = case, provider, device, dtype
+        self.cuda = torch.device(device).type == "cuda"
+        self.status = "ok"
+        self.error = ""
+        self.times = {"forward": [], "backward": [], "step": []}
+        self.peak_bytes: Optional[int] = None
+        self.saved_bytes: Optional[int] = None
+        try:
+            self.module = builder(case, provider, device)
+            self.x = _inputs(case, device, dtype).requires_grad_()
+            with _autocast(device, dtype):
+                y = self.module(self.x)
+            self.grad = torch.randn_like(y)  # preallocated grad_output
+            y.backward(self.grad)
+            del y
+        except Exception as exc:  # noqa: BLE001 - recorded as a result
+            self._fail(exc)
+
+    def _fail(self, exc):
+        self.status = "oom" if _is_oom(exc) else "error"
+        self.error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
+        self.module = self.x = self.grad = None
+        if self.cuda:
+            torch.cuda.empty_cache()
+
+    def _sync(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def step(self, record=True):
+        """One training step: forward + backward with the preallocated grad_output."""
+        if self.status != "ok":
+            return
+        try:
+            self.x.grad = None
+            for p in self.module.parameters():
+                p.grad = None
+            if self.cuda:
+                ev = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
+                ev[0].record()
+                with _autocast(self.device, self.dtype):
+                    y = self.module(self.x)
+                ev[1].record()
+                y.backward(self.grad)
+                ev[2].record()
+                ev[2].synchronize()
+                t_f, t_b = ev[0].elapsed_time(ev[1]), ev[1].elapsed_time(ev[2])
+            else:
+                t0 = time.perf_counter()
+                with _autocast(self.device, self.dtype):
+                    y = self.module(self.x)
+                t1 = time.perf_counter()
+                y.backward(self.grad)
+                t2 = time.perf_counter()
+                t_f, t_b = (t1 - t0) * 1e3, (t2 - t1) * 1e3
+            del y
+            if record:
+                self.times["forward"].append(t_f)
+                self.times["backward"].append(t_b)
+                self.times["step"].append(t_f + t_b)
+        except Exception as exc:  # noqa: BLE001
+            self._fail(exc)
+
+    def measure_memory(self):
+        if self.status != "ok":
+            return
+        try:
+            saved = _Saved()
+            with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t), \
+                    _autocast(self.device, self.dtype):
+                y = self.module(self.x)
+            self.saved_bytes = sum(saved.storages.values())
+            del y, saved
+            if self.cuda:
+                self._sync()
+                before = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+                self.step(record=False)
+                self._sync()
+                self.peak_bytes = torch.cuda.max_memory_allocated() - before
+        except Exception as exc:  # noqa: BLE001
+            self._fail(exc)
+
+    def release(self):
+        self.module = self.x = self.grad = None
+        if self.cuda:
+            torch.cuda.empty_cache()
+
+
+def _cpu_name() -> str:
+    import os
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        model = platform.processor() or platform.machine()
+    return f"{model}, {os.cpu_count()} cores"
+
+
+def environment(device: str) -> dict:
+    import triton
+
+    from . import __version__
+    dev = torch.device(device)
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_name()
+    return {"device": dev.type, "device_name": name, "torch": torch.__version__, "triton": triton.__version__,
+            "densenet_fused": __version__, "date": datetime.date.today().isoformat(),
+            "python": platform.python_version()}
+
+
+def run_case(case: Case, providers, device: str, dtype: str, warmup: int, steps: int, rounds: int,
+             builder: Callable = build) -> List[dict]:
+    """Rows for every (provider, mode) of one case, providers interleaved round by round."""
+    runners = {}
+    for p in providers:  # build one at a time: an OOM of one provider frees its memory
+        runners[p] = Runner(case, p, device, dtype, builder)
+        for _ in range(warmup):
+            runners[p].step(record=False)
+    for _ in range(rounds):
+        for p in providers:
+            for _ in range(steps):
+                runners[p].step()
+    for p in providers:
+        runners[p].measure_memory()
+    rows = []
+    for p in providers:
+        r = runners[p]
+        for mode in ("forward", "backward", "step"):
+            ts = r.times[mode]
+            rows.append({
+                "case": case.name, "kind": case.kind, "batch": case.batch, "provider": p, "mode": mode,
+                "dtype": dtype, "status": r.status, "error": r.error,
+                "time_ms": statistics.median(ts) if ts and r.status == "ok" else None,
+                "time_samples": len(ts),
+                "peak_mb": r.peak_bytes / 2 ** 20 if r.peak_bytes is not None else None,
+                "saved_mb": r.saved_bytes / 2 ** 20 if r.saved_bytes is not None else None,
+                "config": asdict(case)})
+        r.release()
+    add_ratios(rows)
+    return rows
+
+
+def add_ratios(rows: List[dict]) -> None:
+    """fused/provider time and memory ratios, for rows of the same case, mode and dtype."""
+    fused = {(r["case"], r["mode"], r["dtype"]): r for r in rows if r["provider"] == "fused"}
+    for r in rows:
+        f = fused.get((r["case"], r["mode"], r["dtype"]))
+        for key, out in (("time_ms", "time_ratio_fused"), ("peak_mb", "peak_ratio_fused"),
+                         ("saved_mb", "saved_ratio_fused")):
+            ok = f is not None and f.get(key) and r.get(key) and f["status"] == r["status"] == "ok"
+            r[out] = f[key] / r[key] if ok else None
+
+
+def depth_at_budget(device: str, budget_gb: float, growth: int, providers, depths, batch=64, dtype="bf16",
+                    progress=None) -> List[dict]:
+    """Deepest DenseNet-BC (3 blocks, 32x32) each provider trains one step of under a memory cap."""
+    from . import models
+    import torchvision
+
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        raise RuntimeError("depth_at_budget needs a CUDA device (a per-process memory cap)")
+    total = torch.cuda.get_device_properties(dev).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, budget_gb * 2 ** 30 / total), dev)
+    rows = []
+    try:
+        for p in providers:
+            for depth in depths:
+                n = (depth - 4) // 6
+
+                def builder(case, provider, device, n=n):
+                    if provider == "fused":
+                        m = models.densenet_bc(depth, growth, 10)
+                    else:
+                        m = torchvision.models.DenseNet(growth, (n, n, n), 2 * growth, num_classes=10,
+                                                        memory_efficient=provider == "torchvision_me")
+                        m.features.conv0 = torch.nn.Conv2d(3, 2 * growth, 3, 1, 1, bias=False)
+                        m.features.norm0 = torch.nn.Identity()
+                        m.features.pool0 = torch.nn.Identity()
+                    return m.to(device).to(memory_format=torch.channels_last).train()
+
+                case = Case(f"densenet_bc{depth}_k{growth}", "model", batch, 32, c0=3)
+                r = Runner(case, p, device, dtype, builder)
+                r.step(record=False)
+                r.measure_memory()
+                params = sum(q.numel() for q in r.module.parameters()) if r.module is not None else None
+                rows.append({"provider": p, "depth": depth, "growth": growth, "batch": batch, "dtype": dtype,
+                             "budget_gb": budget_gb, "status": r.status, "params": params,
+                             "peak_mb": r.peak_bytes / 2 ** 20 if r.peak_bytes is not None else None})
+                r.release()
+                if progress is not None:
+                    progress.update(1)
+                if rows[-1]["status"] != "ok":
+                    break
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, dev)
+    return rows
+
+
+def write_json(path, env: dict, rows: List[dict], budget_rows: Optional[List[dict]] = None) -> None:
+    with open(path, "w") as f:
+        json.dump({"environment": env, "results": rows, "depth_at_budget": budget_rows or []}, f, indent=1)
+
+
+def format_table(rows: List[dict], mode: str = "step") -> str:
+    """A text table: one line per (case, dtype), one column per provider, ratios fused/provider."""
+    keys = sorted({(r["case"], r["dtype"]) for r in rows if r["mode"] == mode})
+    providers = [p for p in PROVIDERS if any(r["provider"] == p for r in rows)]
+    head = f"{'case':<34} {'dtype':<5} " + " ".join(f"{p:>22}" for p in providers)
+    lines = [f"{mode}: time ms / peak MB (CUDA) or saved MB (CPU); [fused/provider time ratio]", head]
+    for case, dtype in keys:
+        cells = []
+        for p in providers:
+            r = next((r for r in rows if (r["case"], r["dtype"], r["mode"], r["provider"]) ==
+                      (case, dtype, mode, p)), None)
+            if r is None or r["status"] != "ok":
+                cells.append(f"{(r or {}).get('status', '-'):>22}")
+                continue
+            mem = r["peak_mb"] if r["peak_mb"] is not None else r["saved_mb"]
+            ratio = f"[{r['time_ratio_fused']:.2f}]" if r["time_ratio_fused"] and p != "fused" else ""
+            cells.append(f"{r['time_ms']:7.2f}/{mem:7.1f} {ratio:>6}")
+        lines.append(f"{case:<34} {dtype:<5} " + " ".join(cells))
+    return "\n".join(lines)
+
+
+def plot(rows: List[dict], budget_rows: List[dict], path_prefix: str) -> List[str]:
+    """PNG plots: step time and memory per case and provider; memory vs depth at a budget."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    steps = [r for r in rows if r["mode"] == "step"]
+    cases = sorted({(r["case"], r["dtype"]) for r in steps})
+    providers = [p for p in PROVIDERS if any(r["provider"] == p for r in steps)]
+    if cases:
+        fig, axes = plt.subplots(1, 2, figsize=(14, 0.45 * len(cases) + 2.5))
+        for ax, key, label in ((axes[0], "time_ms", "step time (ms)"),
+                               (axes[1], "peak_mb" if any(r["peak_mb"] for r in steps) else "saved_mb",
+                                "peak memory (MB)" if any(r["peak_mb"] for r in steps) else "saved for backward (MB)")):
+            h = 0.8 / max(1, len(providers))
+            for j, p in enumerate(providers):
+                vals = []
+                for case, dtype in cases:
+                    r = next((r for r in steps if (r["case"], r["dtype"], r["provider"]) == (case, dtype, p)), None)
+                    vals.append(r[key] if r and r["status"] == "ok" and r[key] else 0.0)
+                ax.barh([i + j * h for i in range(len(cases))], vals, height=h, label=p)
+            ax.set_yticks([i + 0.4 - h / 2 for i in range(len(cases))])
+            ax.set_yticklabels([f"{c} {d}" for c, d in cases], fontsize=7)
+            ax.set_xscale("log")
+            ax.set_xlabel(label)
+            ax.invert_yaxis()
+        axes[0].legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(path_prefix + "_steps.png", dpi=110)
+        plt.close(fig)
+        written.append(path_prefix + "_steps.png")
+    if budget_rows:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for (p, growth) in sorted({(r["provider"], r["growth"]) for r in budget_rows}):
+            pts = [(r["depth"], r["peak_mb"]) for r in budget_rows
+                   if r["provider"] == p and r["growth"] == growth and r["status"] == "ok"]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=f"{p} k={growth}")
+        ax.set_xlabel("DenseNet-BC depth")
+        ax.set_ylabel("peak memory of one step (MB)")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(path_prefix + "_depth.png", dpi=110)
+        plt.close(fig)
+        written.append(path_prefix + "_depth.png")
+    return written

@@ -1,0 +1,62 @@
+"""The benchmark harness itself, on the CPU at tiny sizes."""
+import json
+
+import pytest
+import torch
+
+from densenet_fused import bench as B
+
+TINY = B.Case("tiny_block", "block", 2, 6, layers=3, c0=5, growth=4, bn_size=2)
+
+
+def test_run_case_rows_and_ratios():
+    rows = B.run_case(TINY, ["fused", "torchvision", "torchvision_me"], "cpu", "fp32", warmup=1, steps=2, rounds=2)
+    assert len(rows) == 9
+    for r in rows:
+        assert r["status"] == "ok", r["error"]
+        assert r["time_ms"] > 0 and r["time_samples"] == 4
+        assert r["saved_mb"] > 0 and r["peak_mb"] is None  # no CUDA allocator on the CPU
+    fused = next(r for r in rows if r["provider"] == "fused" and r["mode"] == "step")
+    tv = next(r for r in rows if r["provider"] == "torchvision" and r["mode"] == "step")
+    assert tv["time_ratio_fused"] == pytest.approx(fused["time_ms"] / tv["time_ms"])
+    assert tv["saved_ratio_fused"] == pytest.approx(fused["saved_mb"] / tv["saved_mb"])
+    assert fused["saved_mb"] < tv["saved_mb"]
+
+
+def test_out_of_memory_is_a_result(tmp_path):
+    def builder(case, provider, device):
+        if provider == "torchvision":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return B.build(case, provider, device)
+
+    rows = B.run_case(TINY, ["fused", "torchvision"], "cpu", "fp32", 0, 1, 1, builder=builder)
+    status = {(r["provider"], r["mode"]): r["status"] for r in rows}
+    assert status[("torchvision", "step")] == "oom" and status[("fused", "step")] == "ok"
+    assert all(r["time_ms"] is None for r in rows if r["provider"] == "torchvision")
+    path = tmp_path / "r.json"
+    B.write_json(path, B.environment("cpu"), rows)
+    data = json.loads(path.read_text())
+    assert data["environment"]["device"] == "cpu" and len(data["results"]) == 6
+    assert "oom" in B.format_table(rows)
+
+
+def test_error_is_recorded_not_raised():
+    def builder(case, provider, device):
+        raise RuntimeError("broken provider")
+
+    rows = B.run_case(TINY, ["torchvision"], "cpu", "fp32", 0, 1, 1, builder=builder)
+    assert {r["status"] for r in rows} == {"error"} and "broken provider" in rows[0]["error"]
+
+
+def test_cli_bench_quick_writes_json_and_plot(tmp_path, monkeypatch):
+    monkeypatch.setattr(B, "CPU_CASES", {TINY.name: TINY})
+    from densenet_fused.cli import main
+    assert main(["bench", "--quick", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "quick_cpu.json").read_text())
+    assert {r["provider"] for r in data["results"]} == {"fused", "torchvision", "torchvision_me"}
+    assert (tmp_path / "quick_cpu_steps.png").stat().st_size > 1000
+
+
+def test_unknown_provider():
+    with pytest.raises(ValueError, match="expected one of"):
+        B.build(TINY, "nope", "cpu")
