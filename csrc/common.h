@@ -48,4 +48,10 @@ constexpr int64_t kCpuRowsPerChunk = 256;
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+inline void check_channel_stats_args(const at::Tensor& x, double eps) {
+  check_matrix(x, "channel_stats", "x");
+  TORCH_CHECK(x.size(0) > 0, "channel_stats: expected at least one row in x, got shape ", x.sizes());
+  TORCH_CHECK(eps >= 0, "channel_stats: expected eps >= 0, got ", eps);
+}
+
 }  // namespace densenet_fused

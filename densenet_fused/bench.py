@@ -97,7 +97,9 @@ def _autocast(device, dtype):
     return nullcontext()
 
 
-class _Saved:
+class SavedBytes:
+    """Context manager: bytes of the distinct storages autograd saves for backward."""
+
     def __init__(self):
         self.storages = {}
 
@@ -105,6 +107,18 @@ class _Saved:
         s = t.untyped_storage()
         self.storages[s.data_ptr()] = s.nbytes()
         return t
+
+    def __enter__(self):
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._hooks.__exit__(*exc)
+
+    @property
+    def total(self) -> int:
+        return sum(self.storages.values())
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -182,11 +196,9 @@ class Runner:
         if self.status != "ok":
             return
         try:
-            saved = _Saved()
-            with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda t: t), \
-                    _autocast(self.device, self.dtype):
+            with SavedBytes() as saved, _autocast(self.device, self.dtype):
                 y = self.module(self.x)
-            self.saved_bytes = sum(saved.storages.values())
+            self.saved_bytes = saved.total
             del y, saved
             if self.cuda:
                 self._sync()

@@ -5,17 +5,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .modules import FusedDenseLayer
 
-class ReferenceDenseLayer(nn.Module):
-    def __init__(self, num_input_features: int, growth_rate: int, bn_size: int, drop_rate: float = 0.0) -> None:
-        super().__init__()
-        self.norm1 = nn.BatchNorm2d(num_input_features)
-        self.relu1 = nn.ReLU(inplace=True)
-        self.conv1 = nn.Conv2d(num_input_features, bn_size * growth_rate, kernel_size=1, stride=1, bias=False)
-        self.norm2 = nn.BatchNorm2d(bn_size * growth_rate)
-        self.relu2 = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(bn_size * growth_rate, growth_rate, kernel_size=3, stride=1, padding=1, bias=False)
-        self.drop_rate = float(drop_rate)
+
+class ReferenceDenseLayer(FusedDenseLayer):
+    """The same modules as FusedDenseLayer, run as separate torch ops on a concatenation."""
 
     def forward(self, features) -> Tensor:
         x = torch.cat(features, 1)

@@ -4,6 +4,7 @@ from torch import nn
 from torchvision.models.densenet import _DenseBlock
 
 from densenet_fused import FusedDenseBlock
+from densenet_fused.bench import SavedBytes  # noqa: F401  (re-exported for the tests)
 
 ODD = dict(num_layers=5, num_input_features=13, growth_rate=7, bn_size=3)  # DESIGN section 6 sizes
 
@@ -43,27 +44,3 @@ def assert_close(a, b, tol, what=""):
     scale = max(b.abs().max().item(), 1e-30)
     err = (a.double() - b.double()).abs().max().item() / scale
     assert err <= tol, f"{what}: max error {err:.3e} (relative to max |ref| {scale:.3e}) > {tol:.1e}"
-
-
-class SavedBytes:
-    """Bytes of the tensors autograd saves for backward (distinct storages)."""
-
-    def __init__(self):
-        self.storages = {}
-
-    def pack(self, t):
-        s = t.untyped_storage()
-        self.storages[s.data_ptr()] = s.nbytes()
-        return t
-
-    def __enter__(self):
-        self.ctx = torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t)
-        self.ctx.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self.ctx.__exit__(*exc)
-
-    @property
-    def total(self):
-        return sum(self.storages.values())

@@ -73,9 +73,7 @@ std::tuple<at::Tensor, at::Tensor> column_mean_var(const at::Tensor& x) {
 namespace {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_stats(const at::Tensor& x, double eps) {
-  check_matrix(x, "channel_stats", "x");
-  TORCH_CHECK(x.size(0) > 0, "channel_stats: expected at least one row in x, got shape ", x.sizes());
-  TORCH_CHECK(eps >= 0, "channel_stats: expected eps >= 0, got ", eps);
+  check_channel_stats_args(x, eps);
   auto [mean, var] = column_mean_var(x);
   at::Tensor rstd = (var + eps).rsqrt_();
   return {mean, var, rstd};

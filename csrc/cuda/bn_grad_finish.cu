@@ -7,7 +7,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 
-#include "../common.h"
+#include "../bn_grad_finish.h"
 
 namespace densenet_fused {
 namespace cuda {
@@ -30,22 +30,8 @@ __global__ void finish_kernel(const acc_t* __restrict__ G, int64_t ldg, const x_
 
 at::Tensor bn_grad_finish(const at::Tensor& G, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& P,
                           const at::Tensor& Q, at::ScalarType dtype, int64_t nchw_hw) {
-  const char* op = "bn_grad_finish";
-  check_matrix(G, op, "G");
-  check_matrix(x, op, "x");
+  check_bn_grad_finish_args(G, x, mean, P, Q, dtype, nchw_hw);
   const int64_t M = x.size(0), C = x.size(1);
-  TORCH_CHECK(G.size(0) == M && G.size(1) == C, op, ": expected G of shape ", x.sizes(),
-              " (the shape of x), got ", G.sizes());
-  const auto acc = acc_type(x.scalar_type());
-  TORCH_CHECK(G.scalar_type() == acc, op, ": expected G of dtype ", acc, " for x of dtype ", x.scalar_type(),
-              ", got ", G.scalar_type());
-  check_same_device(G, x, op, "G");
-  check_vector(mean, C, acc, x, op, "mean");
-  check_vector(P, C, acc, x, op, "P");
-  check_vector(Q, C, acc, x, op, "Q");
-  TORCH_CHECK(at::isFloatingType(dtype), op, ": expected a floating output dtype, got ", dtype);
-  TORCH_CHECK(nchw_hw >= 0 && (nchw_hw == 0 || M % nchw_hw == 0), op,
-              ": expected nchw_hw = 0 (NHWC output) or a divisor of the ", M, " rows, got ", nchw_hw);
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor out = nchw_hw > 0 ? at::empty({M / nchw_hw, C, nchw_hw}, x.options().dtype(dtype))
                                : at::empty({M, C}, x.options().dtype(dtype));

@@ -80,9 +80,7 @@ __global__ void finish_kernel(const acc_t* __restrict__ part_n, const acc_t* __r
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_stats(const at::Tensor& x, double eps) {
-  check_matrix(x, "channel_stats", "x");
-  TORCH_CHECK(x.size(0) > 0, "channel_stats: expected at least one row in x, got shape ", x.sizes());
-  TORCH_CHECK(eps >= 0, "channel_stats: expected eps >= 0, got ", eps);
+  check_channel_stats_args(x, eps);
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t M = x.size(0), C = x.size(1);
   const auto acc = acc_type(x.scalar_type());

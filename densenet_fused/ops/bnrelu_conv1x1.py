@@ -130,7 +130,7 @@ def bwd_chunked(dout, x, scale, shift, weight, mean, rstd, G):
 
 # ----------------------------------------------------------------------------- Triton kernels
 @triton.jit
-def _fwd_kernel(X, ldx, SCALE, SHIFT, W, ldw, OUT, PMEAN, PM2, M, C, COUT,
+def _fwd_kernel(X, ldx, SCALE, SHIFT, W, ldw, OUT, PMEAN, PM2, M, C, COUT, C_BUCKET,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                 STATS: tl.constexpr, PRECISION: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -187,11 +187,12 @@ def _stats_merge_kernel(PMEAN, PM2, MEAN, VAR, M, COUT, TILES, TILE_ROWS: tl.con
 
 @triton.jit
 def _bwd_kernel(DOUT, lddo, X, ldx, SCALE, SHIFT, W, ldw, MEAN, RSTD, G, ldg,
-                PDW, PSG, PSGX, M, C, COUT, TILES_PER_SPLIT,
+                PDW, PSG, PSGX, M, C, COUT, C_BUCKET, SPLITS,
                 BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, COUT_PAD: tl.constexpr,
                 PRECISION: tl.constexpr):
     pid_c = tl.program_id(0)
     split = tl.program_id(1)
+    TILES_PER_SPLIT = tl.cdiv(tl.cdiv(M, BLOCK_M), SPLITS)
     rc = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     rn = tl.arange(0, COUT_PAD)
     c_ok = rc < C
@@ -235,11 +236,24 @@ def _precision(dtype):
     return "tf32"  # ignored for 16-bit inputs (full-precision products, fp32 accumulation)
 
 
-def _fwd_config(c, cout):
+# Autotuned on CUDA (Hopper and Ampere candidates), keyed by the power-of-two bucket of the
+# input channels so a block's layers share a few tunings; fixed small tiles under the
+# interpreter.  BLOCK_M of the forward is chosen from the shape (it sets the statistics
+# workspace), and the backward's split count is a function of the shape only.
+_FWD_CONFIGS = [triton.Config(dict(BLOCK_N=bn, BLOCK_K=bk), num_warps=w, num_stages=st)
+                for bn, bk, w, st in [(128, 64, 8, 3), (128, 64, 4, 4), (128, 32, 4, 4), (64, 64, 4, 4),
+                                      (128, 128, 8, 3), (64, 128, 4, 3), (256, 64, 8, 3)]]
+_BWD_CONFIGS = [triton.Config(dict(BLOCK_M=bm, BLOCK_C=bc), num_warps=w, num_stages=st)
+                for bm, bc, w, st in [(64, 64, 8, 2), (64, 32, 4, 3), (32, 64, 4, 3), (128, 32, 8, 2),
+                                      (32, 128, 8, 2), (64, 64, 4, 3)]]
+_fwd_tuned = triton.autotune(_FWD_CONFIGS, key=["C_BUCKET", "COUT", "STATS"])(_fwd_kernel)
+_bwd_tuned = triton.autotune(_BWD_CONFIGS, key=["C_BUCKET", "COUT"], restore_value=["G"])(_bwd_kernel)
+
+
+def _fwd_block_m(m, cout):
     if _INTERPRET:
-        return dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=16, num_warps=4)
-    block_n = min(128, max(16, triton.next_power_of_2(cout)))
-    return dict(BLOCK_M=128, BLOCK_N=block_n, BLOCK_K=64, num_warps=8 if block_n >= 128 else 4, num_stages=3)
+        return 32
+    return 128 if triton.cdiv(m, 128) * triton.cdiv(cout, 128) >= 264 else 64  # >= 2 waves of 132 SMs
 
 
 def triton_fwd(x, scale, shift, weight, stats):
@@ -251,17 +265,22 @@ def triton_fwd(x, scale, shift, weight, stats):
     m, c = x.shape
     cout = weight.shape[0]
     out = x.new_empty((m, cout))
-    cfg = _fwd_config(c, cout)
-    tiles = triton.cdiv(m, cfg["BLOCK_M"])
+    block_m = _fwd_block_m(m, cout)
+    tiles = triton.cdiv(m, block_m)
     if stats:
         part = torch.empty((2, tiles, cout), dtype=torch.float32, device=x.device)
         pmean, pm2 = part[0], part[1]
     else:
         pmean = pm2 = out  # unused
     if m > 0:
-        grid = (tiles, triton.cdiv(cout, cfg["BLOCK_N"]))
-        _fwd_kernel[grid](x, x.stride(0), scale, shift, weight, weight.stride(0), out, pmean, pm2, m, c, cout,
-                          STATS=stats, PRECISION=_precision(x.dtype), **cfg)
+        args = (x, x.stride(0), scale, shift, weight, weight.stride(0), out, pmean, pm2, m, c, cout,
+                triton.next_power_of_2(max(c, 1)))
+        if _INTERPRET:
+            _fwd_kernel[(tiles, triton.cdiv(cout, 16))](*args, BLOCK_M=block_m, BLOCK_N=16, BLOCK_K=16,
+                                                        STATS=stats, PRECISION=_precision(x.dtype))
+        else:
+            grid = lambda meta: (tiles, triton.cdiv(cout, meta["BLOCK_N"]))  # noqa: E731
+            _fwd_tuned[grid](*args, BLOCK_M=block_m, STATS=stats, PRECISION=_precision(x.dtype))
     if not stats:
         empty = x.new_empty(0, dtype=torch.float32)
         return out, empty, empty
@@ -269,24 +288,15 @@ def triton_fwd(x, scale, shift, weight, stats):
     var = torch.empty(cout, dtype=torch.float32, device=x.device)
     block_c = 64
     _stats_merge_kernel[(triton.cdiv(cout, block_c),)](pmean, pm2, mean, var, m, cout, tiles,
-                                                       TILE_ROWS=cfg["BLOCK_M"], BLOCK_C=block_c)
+                                                       TILE_ROWS=block_m, BLOCK_C=block_c)
     return out, mean, var
 
 
-def _bwd_config(m, c, cout):
-    cout_pad = max(16, triton.next_power_of_2(cout))
+def _splits(m, c):
+    """Row splits of the backward: shape-only, about 1024 programs for 64-channel column blocks."""
     if _INTERPRET:
-        return dict(BLOCK_M=32, BLOCK_C=16, COUT_PAD=cout_pad, num_warps=4)
-    block_c = 64 if cout_pad <= 128 else 32
-    return dict(BLOCK_M=64, BLOCK_C=block_c, COUT_PAD=cout_pad, num_warps=8, num_stages=2)
-
-
-def _splits(m, c, cfg):
-    tiles = triton.cdiv(m, cfg["BLOCK_M"])
-    c_blocks = triton.cdiv(c, cfg["BLOCK_C"])
-    target = 4 if _INTERPRET else 1024  # programs in flight; a function of the shape only
-    splits = max(1, min(tiles, target // c_blocks))
-    return splits, triton.cdiv(tiles, splits)
+        return max(1, min(4, triton.cdiv(m, 32)))
+    return max(1, min(triton.cdiv(m, 128), 1024 // triton.cdiv(c, 64)))
 
 
 def triton_bwd(dout, x, scale, shift, weight, mean, rstd, G):
@@ -298,15 +308,19 @@ def triton_bwd(dout, x, scale, shift, weight, mean, rstd, G):
                            "float64 runs bwd_chunked")
     m, c = x.shape
     cout = weight.shape[0]
-    cfg = _bwd_config(m, c, cout)
-    splits, tiles_per_split = _splits(m, c, cfg)
+    cout_pad = max(16, triton.next_power_of_2(cout))
+    splits = _splits(m, c)
     pdw = torch.empty((splits, cout, c), dtype=torch.float32, device=x.device)
     psum = torch.empty((2, splits, c), dtype=torch.float32, device=x.device)
     if m > 0 and c > 0:
-        grid = (triton.cdiv(c, cfg["BLOCK_C"]), splits)
-        _bwd_kernel[grid](dout, dout.stride(0), x, x.stride(0), scale, shift, weight, weight.stride(0), mean, rstd,
-                          G, G.stride(0), pdw, psum[0], psum[1], m, c, cout, tiles_per_split,
-                          PRECISION=_precision(x.dtype), **cfg)
+        args = (dout, dout.stride(0), x, x.stride(0), scale, shift, weight, weight.stride(0), mean, rstd,
+                G, G.stride(0), pdw, psum[0], psum[1], m, c, cout, triton.next_power_of_2(c), splits)
+        if _INTERPRET:
+            _bwd_kernel[(triton.cdiv(c, 16), splits)](*args, BLOCK_M=32, BLOCK_C=16, COUT_PAD=cout_pad,
+                                                      PRECISION=_precision(x.dtype))
+        else:
+            grid = lambda meta: (triton.cdiv(c, meta["BLOCK_C"]), splits)  # noqa: E731
+            _bwd_tuned[grid](*args, COUT_PAD=cout_pad, PRECISION=_precision(x.dtype))
     else:
         pdw.zero_()
         psum.zero_()
