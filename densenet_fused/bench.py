@@ -19,7 +19,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-PROVIDERS = ("fused", "torchvision", "torchvision_me", "torchvision_compile")
+PROVIDERS = ("fused", "fused_keep_b", "torchvision", "torchvision_me", "torchvision_compile")
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,7 @@ def build(case: Case, provider: str, device) -> torch.nn.Module:
 
     if provider not in PROVIDERS:
         raise ValueError(f"unknown provider {provider!r}; expected one of {PROVIDERS}")
-    fused = provider == "fused"
+    fused = provider in ("fused", "fused_keep_b")
     me = provider == "torchvision_me"
     if case.kind == "block":
         cls = FusedDenseBlock if fused else _DenseBlock
@@ -79,6 +79,10 @@ def build(case: Case, provider: str, device) -> torch.nn.Module:
             m = models.DenseNet(growth, blocks, init)
         else:
             m = torchvision.models.DenseNet(growth, blocks, init, memory_efficient=me)
+    if provider == "fused_keep_b":  # the memory mode that keeps each layer's bottleneck output
+        for block in m.modules():
+            if isinstance(block, FusedDenseBlock):
+                block.keep_bottleneck = True
     m = m.to(device).to(memory_format=torch.channels_last).train()
     if provider == "torchvision_compile":
         m = torch.compile(m)

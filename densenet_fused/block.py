@@ -27,6 +27,7 @@ class BlockSpec:
     growth_rate: int
     training: bool       # batch statistics (True) or running statistics (False)
     dtype: torch.dtype   # buffer / compute dtype
+    keep_bottleneck: bool = False  # save each layer's B (M x bn_size*k) instead of recomputing it
 
 
 def _layer_params(params, l):
@@ -82,6 +83,7 @@ def block_forward(spec: BlockSpec, x: torch.Tensor, params: Sequence[torch.Tenso
         mu, v, _ = channel_stats(buf2[:, :c0], eps0)
         mean[:c0], var[:c0] = mu, v
     seeds: List[Optional[int]] = []
+    kept: List[torch.Tensor] = []
     for l, layer in enumerate(spec.layers):
         c_l = c0 + l * k
         g1, b1, w1, g2, b2, w2 = _layer_params(params, l)
@@ -92,6 +94,8 @@ def block_forward(spec: BlockSpec, x: torch.Tensor, params: Sequence[torch.Tenso
         scale1, shift1 = _scale_shift(g1, b1, m1, r1)
         bott, bm, bv = bnrelu_conv1x1_fwd(buf2[:, :c_l], scale1, shift1, w1.view(cb, c_l).to(dtype),
                                           spec.training)
+        if save and spec.keep_bottleneck:
+            kept.append(bott)
         if spec.training:
             mean2[l], var2[l] = bm, bv
             m2, r2 = bm, torch.rsqrt(bv + layer.norm2.eps)
@@ -123,14 +127,11 @@ def block_forward(spec: BlockSpec, x: torch.Tensor, params: Sequence[torch.Tenso
     out = buf.permute(0, 3, 1, 2)  # (N, C_total, H, W), channels-last strides
     if not save:
         return out, None
-    if spec.training:
-        stats = (mean, var, mean2, var2)
-    else:
-        stats = ()
-    return out, (stats, seeds)
+    stats = (mean, var, mean2, var2) if spec.training else ()
+    return out, (stats, seeds, kept)
 
 
-def block_backward(spec: BlockSpec, out, grad_out, params, stats, seeds, x_meta, needs_input_grad):
+def block_backward(spec: BlockSpec, out, grad_out, params, stats, seeds, kept, x_meta, needs_input_grad):
     """Reverse sweep; returns (dx or None, [grad per param])."""
     n, c_total, h, w = out.shape
     m = n * h * w
@@ -170,8 +171,11 @@ def block_backward(spec: BlockSpec, out, grad_out, params, stats, seeds, x_meta,
         dnew = bn_grad_finish(G[:, sl], buf2[:, sl], mean[sl], P[sl], Q[sl], dtype)
         if seeds[l] is not None:
             dnew = dnew * _dropout_mask(seeds[l], dnew.shape, float(layer.drop_rate), dev, dtype)
-        # 2. recompute the bottleneck and its activation.
-        bott = bnrelu_conv1x1_fwd(buf2[:, :c_l], scale1, shift1, w1c, False)[0].to(acc)
+        # 2. the bottleneck (recomputed, or kept from the forward) and its activation.
+        if kept:
+            bott = kept[l].to(acc)
+        else:
+            bott = bnrelu_conv1x1_fwd(buf2[:, :c_l], scale1, shift1, w1c, False)[0].to(acc)
         y2 = torch.addcmul(shift2, bott, scale2)
         on2 = y2 > 0
         a2 = torch.where(on2, y2, 0).to(dtype)
@@ -220,13 +224,14 @@ class FusedDenseBlockFunction(torch.autograd.Function):
     def forward(ctx, spec: BlockSpec, x: torch.Tensor, *params: torch.Tensor):
         with torch.autocast(x.device.type, enabled=False):
             out, saved = block_forward(spec, x, params, save=True)
-        stats, seeds = saved
+        stats, seeds, kept = saved
         ctx.spec = spec
         ctx.seeds = seeds
         ctx.n_stats = len(stats)
+        ctx.n_kept = len(kept)
         ctx.x_meta = (x.dtype, x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
                       and not x.is_contiguous())
-        ctx.save_for_backward(out, *stats, *params)
+        ctx.save_for_backward(out, *stats, *kept, *params)
         return out
 
     @staticmethod
@@ -234,9 +239,10 @@ class FusedDenseBlockFunction(torch.autograd.Function):
         saved = ctx.saved_tensors
         out = saved[0]
         stats = saved[1:1 + ctx.n_stats]
-        params = saved[1 + ctx.n_stats:]
+        kept = saved[1 + ctx.n_stats:1 + ctx.n_stats + ctx.n_kept]
+        params = saved[1 + ctx.n_stats + ctx.n_kept:]
         with torch.autocast(out.device.type, enabled=False):
-            dx, grads = block_backward(ctx.spec, out, grad_out, params, stats, ctx.seeds, ctx.x_meta,
+            dx, grads = block_backward(ctx.spec, out, grad_out, params, stats, ctx.seeds, kept, ctx.x_meta,
                                        ctx.needs_input_grad[1])
         grads = [g if need else None for g, need in zip(grads, ctx.needs_input_grad[2:])]
         return (None, dx, *grads)

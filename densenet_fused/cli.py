@@ -98,7 +98,7 @@ def bench(args) -> int:
         dtypes = ["fp32", "bf16"] if cuda else ["fp32"]
         warmup, steps, rounds = (5, 10, 2) if cuda else (1, 2, 2)
     providers = args.providers.split(",") if args.providers else (
-        list(B.PROVIDERS) if cuda else ["fused", "torchvision", "torchvision_me"])
+        list(B.PROVIDERS) if cuda else ["fused", "fused_keep_b", "torchvision", "torchvision_me"])
     env = B.environment(dev)
     rows = []
     for case, dtype in tqdm([(c, d) for c in cases for d in dtypes], desc="bench", unit="case"):

@@ -39,7 +39,7 @@ def _check_bn(bn, where):
                          f"which the fused block does not implement")
 
 
-def convert_block(block: nn.Module) -> FusedDenseBlock:
+def convert_block(block: nn.Module, keep_bottleneck: bool = False) -> FusedDenseBlock:
     """A FusedDenseBlock sharing ``block``'s modules (torchvision or timm dense block)."""
     layers = list(block.children())
     if not layers:
@@ -61,7 +61,8 @@ def convert_block(block: nn.Module) -> FusedDenseBlock:
                 raise ValueError(f"convert: layer {i + 1} {name} has a bias; DenseNet convolutions have none")
     with torch.device("meta"):
         fused = FusedDenseBlock(len(layers), c0, cb // k, k, drop_rates.pop(),
-                                memory_efficient=bool(getattr(first, "memory_efficient", False)))
+                                memory_efficient=bool(getattr(first, "memory_efficient", False)),
+                                keep_bottleneck=keep_bottleneck)
     for src, dst in zip(layers, fused.children()):
         for name in ("norm1", "conv1", "norm2", "conv2"):
             setattr(dst, name, getattr(src, name))
@@ -72,18 +73,19 @@ def convert_block(block: nn.Module) -> FusedDenseBlock:
     return fused
 
 
-def convert(model: nn.Module) -> nn.Module:
+def convert(model: nn.Module, keep_bottleneck: bool = False) -> nn.Module:
     """Replace, in place, every torchvision ``_DenseBlock`` / timm ``DenseBlock`` inside
     ``model`` by a :class:`FusedDenseBlock` holding the same modules; returns ``model``
-    (or the new block, when ``model`` itself is a dense block)."""
+    (or the new block, when ``model`` itself is a dense block).  ``keep_bottleneck`` is
+    passed to every new block (see FusedDenseBlock)."""
     types = _source_block_types()
     if not types:
         return model
     if isinstance(model, types):
-        return convert_block(model)
+        return convert_block(model, keep_bottleneck)
     for name, child in list(model.named_children()):
         if isinstance(child, types):
-            setattr(model, name, convert_block(child))
+            setattr(model, name, convert_block(child, keep_bottleneck))
         else:
-            convert(child)
+            convert(child, keep_bottleneck)
     return model

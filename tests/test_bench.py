@@ -53,7 +53,7 @@ def test_cli_bench_quick_writes_json_and_plot(tmp_path, monkeypatch):
     from densenet_fused.cli import main
     assert main(["bench", "--quick", "--device", "cpu", "--out", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "quick_cpu.json").read_text())
-    assert {r["provider"] for r in data["results"]} == {"fused", "torchvision", "torchvision_me"}
+    assert {r["provider"] for r in data["results"]} == {"fused", "fused_keep_b", "torchvision", "torchvision_me"}
     assert (tmp_path / "quick_cpu_steps.png").stat().st_size > 1000
 
 

@@ -221,3 +221,24 @@ def test_constructor_validation():
     block = FusedDenseBlock(2, 8, 4, 2, memory_efficient=True)
     assert block.denselayer1.memory_efficient is True and len(block) == 2
     assert ODD["num_layers"] == 5
+
+
+def test_keep_bottleneck_mode_same_gradients_more_memory():
+    ref, fused = make_pair(torch.float64)
+    kept = FusedDenseBlock(5, 13, 3, 7, keep_bottleneck=True).double()
+    kept.load_state_dict(fused.state_dict())
+    assert "keep_bottleneck=True" in repr(kept)
+    x = torch.randn(N, 13, H, W, dtype=torch.float64)
+    grad = torch.randn(N, 13 + 5 * 7, H, W, dtype=torch.float64)
+    y_a, dx_a, g_a = run_step(fused.train(), x, grad)
+    y_b, dx_b, g_b = run_step(kept.train(), x, grad)
+    assert torch.equal(y_a, y_b)
+    assert_close(dx_b, dx_a, 1e-12, "input grad")
+    for name, g in g_a.items():
+        assert_close(g_b[name], g, 1e-12, name)
+    with SavedBytes() as s_default:
+        fused(x.clone().requires_grad_())
+    with SavedBytes() as s_kept:
+        kept(x.clone().requires_grad_())
+    bottleneck_bytes = 5 * N * H * W * 3 * 7 * 8
+    assert s_kept.total - s_default.total == bottleneck_bytes
