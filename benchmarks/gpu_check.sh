@@ -4,10 +4,12 @@
 #
 #   bash benchmarks/gpu_check.sh OUTDIR [quick|full|budget]
 #
-# quick (default): build + tests + kernel benchmark + `bench --quick`   (fits a 10-minute call)
-# full:            `bench` on every case, fp32 and bf16, with the depth-at-budget search
-# budget:          only the depth-at-a-memory-budget search
-# Results of a full run belong in benchmarks/results/<device>.json (see benchmarks/make_table.py).
+# quick (default): build + tests + kernel benchmark + `bench --quick`        (one 10-minute call)
+# blocks:          `bench` on every block case, fp32 and bf16                  (one call)
+# models:          `bench` on the whole models (torch.compile takes minutes)   (one call)
+# budget:          the depth-at-an-8-GB-budget search                          (one call)
+# Copy OUTDIR/cuda_*.json of blocks/models/budget into benchmarks/results/ and run
+# `python benchmarks/make_table.py` to regenerate the README table.
 set -uo pipefail
 OUT="${1:?usage: gpu_check.sh OUTDIR [quick|full|budget]}"
 WHAT="${2:-quick}"
@@ -35,9 +37,16 @@ if [ "$WHAT" = quick ]; then
     python benchmarks/summarize_kernels.py "$OUT/kernels.json" || rc=1
     echo "== bench --quick"
     python -m densenet_fused.cli bench --quick --device cuda --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -30 || rc=1
-elif [ "$WHAT" = full ]; then
-    python -m densenet_fused.cli bench --device cuda --no-budget --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -40 || rc=1
+elif [ "$WHAT" = blocks ]; then
+    python -m densenet_fused.cli bench --device cuda --no-budget --cases block --tag blocks --out "$OUT" 2>&1 \
+        | tee "$OUT/bench.log" | tail -40 || rc=1
+elif [ "$WHAT" = models ]; then
+    python -m densenet_fused.cli bench --device cuda --no-budget --cases densenet121_n,densenet201_n,densenet264_n \
+        --tag models --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -40 || rc=1
 elif [ "$WHAT" = budget ]; then
-    python -m pytest benchmarks/test_depth_budget.py -q --benchmark-json="$OUT/budget.json" 2>&1 | tail -5 || rc=1
+    python -m densenet_fused.cli bench --device cuda --budget-only --tag budget --out "$OUT" 2>&1 \
+        | tee "$OUT/bench.log" | tail -20 || rc=1
+else
+    echo "unknown mode $WHAT (quick|blocks|models|budget)"; rc=2
 fi
 exit $rc

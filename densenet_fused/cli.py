@@ -97,10 +97,18 @@ def bench(args) -> int:
         cases = list(B.CASES.values()) if cuda else list(B.CPU_CASES.values())
         dtypes = ["fp32", "bf16"] if cuda else ["fp32"]
         warmup, steps, rounds = (5, 10, 2) if cuda else (1, 2, 2)
+    if args.cases:
+        cases = [c for c in (B.CASES if cuda else B.CPU_CASES).values() if any(k in c.name for k in args.cases.split(","))]
+        if not cases:
+            raise SystemExit(f"no case matches {args.cases!r}; cases: {', '.join(B.CASES if cuda else B.CPU_CASES)}")
+    if args.dtypes:
+        dtypes = args.dtypes.split(",")
     providers = args.providers.split(",") if args.providers else (
         list(B.PROVIDERS) if cuda else ["fused", "fused_keep_b", "torchvision", "torchvision_me"])
     env = B.environment(dev)
     rows = []
+    if args.budget_only:
+        cases = []
     for case, dtype in tqdm([(c, d) for c in cases for d in dtypes], desc="bench", unit="case"):
         rows += B.run_case(case, providers, dev, dtype, warmup, steps, rounds)
     budget = []
@@ -115,7 +123,7 @@ def bench(args) -> int:
     for mode in ("step", "forward", "backward"):
         print(B.format_table(rows, mode))
     os.makedirs(args.out, exist_ok=True)
-    name = "quick_" + dev if args.quick else dev
+    name = ("quick_" + dev if args.quick else dev) + (f"_{args.tag}" if args.tag else "")
     path = os.path.join(args.out, name + ".json")
     B.write_json(path, env, rows, budget)
     written = B.plot(rows, budget, os.path.join(args.out, name))
@@ -136,6 +144,10 @@ def main(argv=None) -> int:
     p_bench.add_argument("--out", default="bench_out", help="folder for JSON and PNG files")
     p_bench.add_argument("--providers", default="", help="comma list (default: all on CUDA, no compile on CPU)")
     p_bench.add_argument("--no-budget", action="store_true", help="skip the depth-at-a-memory-budget search")
+    p_bench.add_argument("--budget-only", action="store_true", help="only the depth-at-a-memory-budget search")
+    p_bench.add_argument("--cases", default="", help="comma list of substrings selecting cases by name")
+    p_bench.add_argument("--dtypes", default="", help="comma list of fp32, bf16")
+    p_bench.add_argument("--tag", default="", help="suffix of the output file names")
     args = parser.parse_args(argv)
     if args.cmd == "demo":
         return demo(args.device)
