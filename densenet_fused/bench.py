@@ -19,7 +19,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-PROVIDERS = ("fused", "fused_keep_b", "torchvision", "torchvision_me", "torchvision_compile")
+PROVIDERS = ("fused", "fused_keep_b", "fused_triton3x3", "torchvision", "torchvision_me", "torchvision_compile")
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,7 @@ def build(case: Case, provider: str, device) -> torch.nn.Module:
 
     if provider not in PROVIDERS:
         raise ValueError(f"unknown provider {provider!r}; expected one of {PROVIDERS}")
-    fused = provider in ("fused", "fused_keep_b")
+    fused = provider in ("fused", "fused_keep_b", "fused_triton3x3")
     me = provider == "torchvision_me"
     if case.kind == "block":
         cls = FusedDenseBlock if fused else _DenseBlock
@@ -79,10 +79,12 @@ def build(case: Case, provider: str, device) -> torch.nn.Module:
             m = models.DenseNet(growth, blocks, init)
         else:
             m = torchvision.models.DenseNet(growth, blocks, init, memory_efficient=me)
-    if provider == "fused_keep_b":  # the memory mode that keeps each layer's bottleneck output
-        for block in m.modules():
-            if isinstance(block, FusedDenseBlock):
-                block.keep_bottleneck = True
+    for block in m.modules():
+        if isinstance(block, FusedDenseBlock):
+            # the memory mode that keeps each layer's bottleneck output
+            block.keep_bottleneck = provider == "fused_keep_b"
+            # the Triton implicit-GEMM 3x3 kernels instead of cuDNN (CUDA only)
+            block.conv3x3_impl = "triton" if provider == "fused_triton3x3" else ""
     m = m.to(device).to(memory_format=torch.channels_last).train()
     if provider == "torchvision_compile":
         m = torch.compile(m)

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 
-from .ops import bn_grad_finish, bnrelu_conv1x1_bwd, bnrelu_conv1x1_fwd, channel_stats, running_stats_update
+from .ops import (bn_grad_finish, bnrelu_conv1x1_bwd, bnrelu_conv1x1_fwd, bnrelu_conv3x3_bwd, bnrelu_conv3x3_fwd,
+                  channel_stats, running_stats_update)
 from .ops._common import acc_dtype
 
 PARAMS_PER_LAYER = 6  # norm1.weight, norm1.bias, conv1.weight, norm2.weight, norm2.bias, conv2.weight
@@ -28,6 +28,7 @@ class BlockSpec:
     training: bool       # batch statistics (True) or running statistics (False)
     dtype: torch.dtype   # buffer / compute dtype
     keep_bottleneck: bool = False  # save each layer's B (M x bn_size*k) instead of recomputing it
+    conv3x3_impl: str = ""         # "aten" / "triton" on CUDA; "" follows ops.set_conv3x3_impl
 
 
 def _layer_params(params, l):
@@ -50,13 +51,6 @@ def _dropout_mask(seed, shape, p, device, dtype):
     gen.manual_seed(seed)
     keep = torch.empty(shape, device=device, dtype=dtype).bernoulli_(1.0 - p, generator=gen)
     return keep.mul_(0.0 if p >= 1.0 else 1.0 / (1.0 - p))
-
-
-def _conv3x3(a2, w2, n, h, w):
-    """3x3 convolution (pad 1) of the activated bottleneck a2 (M, Cb), NHWC result (M, k)."""
-    x4 = a2.view(n, h, w, -1).permute(0, 3, 1, 2)
-    y = F.conv2d(x4, w2, padding=1)
-    return y.permute(0, 2, 3, 1).reshape(n * h * w, -1)
 
 
 def block_forward(spec: BlockSpec, x: torch.Tensor, params: Sequence[torch.Tensor], save: bool):
@@ -102,19 +96,23 @@ def block_forward(spec: BlockSpec, x: torch.Tensor, params: Sequence[torch.Tenso
         else:
             m2, r2 = _running(layer.norm2, acc)
         scale2, shift2 = _scale_shift(g2, b2, m2, r2)
-        a2 = torch.relu(torch.addcmul(shift2, bott.to(acc), scale2)).to(dtype)
-        new = _conv3x3(a2, w2.to(dtype), n, h, w)
         p = float(layer.drop_rate)
+        new_slice = buf2[:, c_l:c_l + k]
         if p > 0 and layer.training:
             seed = int(torch.randint(0, 2 ** 62, (1,)).item())
-            new = new * _dropout_mask(seed, new.shape, p, dev, dtype)
+            new = torch.empty((m, k), dtype=dtype, device=dev)
+            bnrelu_conv3x3_fwd(bott, scale2, shift2, w2.to(dtype), [n, h, w], new, False, spec.conv3x3_impl)
+            torch.mul(new, _dropout_mask(seed, new.shape, p, dev, dtype), out=new_slice)
             seeds.append(seed)
+            if spec.training:
+                mu, v, _ = channel_stats(new_slice, layer.norm1.eps)
+                mean[c_l:c_l + k], var[c_l:c_l + k] = mu, v
         else:
             seeds.append(None)
-        buf2[:, c_l:c_l + k] = new
-        if spec.training:
-            mu, v, _ = channel_stats(buf2[:, c_l:c_l + k], layer.norm1.eps)
-            mean[c_l:c_l + k], var[c_l:c_l + k] = mu, v
+            mu, v = bnrelu_conv3x3_fwd(bott, scale2, shift2, w2.to(dtype), [n, h, w], new_slice, spec.training,
+                                       spec.conv3x3_impl)
+            if spec.training:
+                mean[c_l:c_l + k], var[c_l:c_l + k] = mu, v
 
     if spec.training:
         bn1s = [layer.norm1 for layer in spec.layers]
@@ -171,23 +169,16 @@ def block_backward(spec: BlockSpec, out, grad_out, params, stats, seeds, kept, x
         dnew = bn_grad_finish(G[:, sl], buf2[:, sl], mean[sl], P[sl], Q[sl], dtype)
         if seeds[l] is not None:
             dnew = dnew * _dropout_mask(seeds[l], dnew.shape, float(layer.drop_rate), dev, dtype)
-        # 2. the bottleneck (recomputed, or kept from the forward) and its activation.
+        # 2. the bottleneck (recomputed, or kept from the forward).
         if kept:
-            bott = kept[l].to(acc)
+            bott = kept[l]
         else:
-            bott = bnrelu_conv1x1_fwd(buf2[:, :c_l], scale1, shift1, w1c, False)[0].to(acc)
-        y2 = torch.addcmul(shift2, bott, scale2)
-        on2 = y2 > 0
-        a2 = torch.where(on2, y2, 0).to(dtype)
-        # 3. conv3x3 backward, then BN2-ReLU backward.
-        da2, dw2, _ = torch.ops.aten.convolution_backward(
-            dnew.view(n, h, w, k).permute(0, 3, 1, 2), a2.view(n, h, w, cb).permute(0, 3, 1, 2), w2c,
-            None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [True, True, False])
-        g2v = torch.where(on2, da2.permute(0, 2, 3, 1).reshape(m, cb).to(acc), 0)
-        xhat2 = (bott - m2) * r2
-        dbeta2 = g2v.sum(0)
-        dgamma2 = (g2v * xhat2).sum(0)
+            bott = bnrelu_conv1x1_fwd(buf2[:, :c_l], scale1, shift1, w1c, False)[0]
+        # 3. conv3x3 backward through BN2-ReLU, then the BN2 input gradient.
+        g2v, dw2, dgamma2, dbeta2 = bnrelu_conv3x3_bwd(dnew, bott, scale2, shift2, w2c, [n, h, w], m2, r2,
+                                                       spec.conv3x3_impl)
         if spec.training:
+            xhat2 = (bott.to(acc) - m2) * r2
             db = scale2 * (g2v - dbeta2 / m - xhat2 * (dgamma2 / m))
         else:
             db = scale2 * g2v

@@ -68,6 +68,7 @@ class FusedDenseBlock(nn.ModuleDict):
         self.drop_rate = float(drop_rate)
         self.memory_efficient = memory_efficient
         self.keep_bottleneck = keep_bottleneck
+        self.conv3x3_impl = ""  # "" (the default of ops.set_conv3x3_impl), "aten" or "triton" on CUDA
         for i in range(num_layers):
             layer = FusedDenseLayer(num_input_features + i * growth_rate, growth_rate=growth_rate, bn_size=bn_size,
                                     drop_rate=drop_rate, memory_efficient=memory_efficient)
@@ -75,7 +76,7 @@ class FusedDenseBlock(nn.ModuleDict):
 
     def forward(self, init_features: Tensor) -> Tensor:
         return run_block(list(self.values()), init_features, self.num_input_features, self.growth_rate,
-                         "FusedDenseBlock", keep_bottleneck=self.keep_bottleneck)
+                         "FusedDenseBlock", keep_bottleneck=self.keep_bottleneck, conv3x3_impl=self.conv3x3_impl)
 
     def extra_repr(self) -> str:
         return (f"num_layers={len(self)}, num_input_features={self.num_input_features}, "
@@ -126,7 +127,8 @@ def _validate(layers, x, c_in: int, growth: int, who: str) -> bool:
     return training
 
 
-def run_block(layers, x: Tensor, c_in: int, growth: int, who: str, keep_bottleneck: bool = False) -> Tensor:
+def run_block(layers, x: Tensor, c_in: int, growth: int, who: str, keep_bottleneck: bool = False,
+              conv3x3_impl: str = "") -> Tensor:
     training = _validate(layers, x, c_in, growth, who)
     dev = x.device.type
     if torch.is_autocast_enabled(dev):
@@ -137,7 +139,7 @@ def run_block(layers, x: Tensor, c_in: int, growth: int, who: str, keep_bottlene
             raise TypeError(f"{who}: expected input of dtype {dtype} (the parameters' dtype), got {x.dtype}; "
                             f"use torch.autocast for mixed precision")
     spec = BlockSpec(layers=layers, num_input_features=c_in, growth_rate=growth, training=training, dtype=dtype,
-                     keep_bottleneck=keep_bottleneck)
+                     keep_bottleneck=keep_bottleneck, conv3x3_impl=conv3x3_impl)
     params = []
     for layer in layers:
         params += [layer.norm1.weight, layer.norm1.bias, layer.conv1.weight, layer.norm2.weight,

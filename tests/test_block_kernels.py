@@ -14,6 +14,7 @@ import torch
 import densenet_fused.block as block_mod
 from blockutil import assert_close, make_pair, run_step
 from densenet_fused.ops import bnrelu_conv1x1 as op
+from densenet_fused.ops import bnrelu_conv3x3 as op3
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -21,8 +22,11 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 @pytest.mark.skipif(not INTERPRET, reason="substitutes interpreted Triton kernels on CPU tensors")
 @pytest.mark.parametrize("drop_rate", [0.0, 0.25])
 def test_block_on_triton_kernels_matches_torchvision(monkeypatch, drop_rate):
+    """The block with both Triton halves (1x1 and 3x3) in place of the CPU kernels."""
     monkeypatch.setattr(block_mod, "bnrelu_conv1x1_fwd", op._cuda_fwd)
     monkeypatch.setattr(block_mod, "bnrelu_conv1x1_bwd", op._cuda_bwd)
+    monkeypatch.setattr(block_mod, "bnrelu_conv3x3_fwd", lambda *args: op3._fwd_triton(*args[:7]))  # no impl arg
+    monkeypatch.setattr(block_mod, "bnrelu_conv3x3_bwd", lambda *args: op3._bwd_triton(*args[:8]))
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     ref, fused = make_pair(torch.float32, drop_rate=drop_rate)
     ref.train(), fused.train()
@@ -68,8 +72,10 @@ def _errors_vs_fp64(dtype_ctx, ref64, block, x, grad):
 
 
 @gpu
+@pytest.mark.parametrize("conv3x3", ["aten", "triton"])
 @pytest.mark.parametrize("mode", ["float32", "bf16_autocast"])
-def test_block_on_cuda_by_tolerance_rule(mode):
+def test_block_on_cuda_by_tolerance_rule(mode, conv3x3, monkeypatch):
+    monkeypatch.setattr(op3, "_cuda_impl", conv3x3)
     torch.manual_seed(0)
     kw = dict(num_layers=6, num_input_features=29, growth_rate=12, bn_size=4, device="cuda")
     ref, fused = make_pair(torch.float32, **kw)

@@ -1,0 +1,326 @@
+"""bnrelu_conv3x3: the second half of a dense layer (DESIGN section 3, forward step 2 and
+backward step 3): ``out = conv3x3(relu(b*scale + shift), W2)`` (pad 1, the zero padding
+applied to the activated values), written into a channel slice of the feature buffer, with
+the new channels' statistics; and its backward through BN2-ReLU.
+
+Two implementations of the same op on CUDA:
+- ``aten``: cuDNN on a transient ``relu(bn2(b))`` (M x bn_size*k), then a copy into the
+  slice.  The CPU kernel is the same code on oneDNN.
+- ``triton``: implicit-GEMM Triton kernels with the BN-ReLU prologue (the activated input
+  never exists), the statistics epilogue, a dgrad kernel with the BN2-ReLU backward and
+  its two per-channel sums in its epilogue, and a split-M wgrad kernel reduced in a fixed
+  order.
+``set_conv3x3_impl("triton" | "aten")`` picks the CUDA one; the default stays ``aten`` until
+the benchmark (``benchmarks/ops/test_bnrelu_conv3x3.py``) measures the Triton kernels
+faster on a GPU.  Under ``TRITON_INTERPRET=1`` the Triton launchers run on CPU tensors.
+"""
+import os
+from typing import List, Tuple
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from ._common import acc_dtype
+from .channel_stats import channel_stats
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_IMPLS = ("aten", "triton")
+_cuda_impl = os.environ.get("DENSENET_FUSED_CONV3X3", "aten")
+
+
+def set_conv3x3_impl(name: str) -> None:
+    """Choose the CUDA implementation of bnrelu_conv3x3: "aten" (cuDNN) or "triton"."""
+    global _cuda_impl
+    if name not in _IMPLS:
+        raise ValueError(f"set_conv3x3_impl: expected one of {_IMPLS}, got {name!r}")
+    _cuda_impl = name
+
+
+def conv3x3_impl() -> str:
+    return _cuda_impl
+
+
+def _check(b, scale, shift, weight, nhw, op):
+    if len(nhw) != 3 or nhw[0] * nhw[1] * nhw[2] != b.shape[0]:
+        raise RuntimeError(f"{op}: expected nhw = [N, H, W] with N*H*W = {b.shape[0]} rows, got {list(nhw)}")
+    if b.dim() != 2 or not b.is_contiguous():
+        raise RuntimeError(f"{op}: expected b to be a contiguous (N*H*W, channels) matrix, got shape "
+                           f"{tuple(b.shape)} strides {b.stride()}")
+    cb = b.shape[1]
+    acc = acc_dtype(b.dtype)
+    for name, t in (("scale", scale), ("shift", shift)):
+        if t.shape != (cb,) or t.dtype != acc:
+            raise RuntimeError(f"{op}: expected {name} to be a 1-D tensor of {cb} channels and dtype {acc}, "
+                               f"got {tuple(t.shape)} {t.dtype}")
+    if weight.dim() != 4 or weight.shape[1:] != (cb, 3, 3) or weight.dtype != b.dtype:
+        raise RuntimeError(f"{op}: expected weight of shape (k, {cb}, 3, 3) and dtype {b.dtype}, got "
+                           f"{tuple(weight.shape)} {weight.dtype}")
+
+
+# ----------------------------------------------------------------------------- ATen kernels
+def _activated(b, scale, shift):
+    return torch.relu(torch.addcmul(shift, b.to(scale.dtype), scale)).to(b.dtype)
+
+
+def _nchw(t, nhw):
+    n, h, w = nhw
+    return t.view(n, h, w, -1).permute(0, 3, 1, 2)
+
+
+def _fwd_aten(b, scale, shift, weight, nhw, out, stats):
+    _check(b, scale, shift, weight, nhw, "bnrelu_conv3x3_fwd")
+    y = F.conv2d(_nchw(_activated(b, scale, shift), nhw), weight, padding=1)
+    out.copy_(y.permute(0, 2, 3, 1).reshape(b.shape[0], -1))
+    return _out_stats(out, stats)
+
+
+def _out_stats(out, stats):
+    if not stats:
+        empty = out.new_empty(0, dtype=acc_dtype(out.dtype))
+        return empty, empty.clone()
+    mean, var, _ = channel_stats(out, 0.0)
+    return mean, var
+
+
+def _bwd_aten(dy, b, scale, shift, weight, nhw, mean, rstd):
+    _check(b, scale, shift, weight, nhw, "bnrelu_conv3x3_bwd")
+    acc = scale.dtype
+    y2 = torch.addcmul(shift, b.to(acc), scale)
+    on = y2 > 0
+    a2 = torch.where(on, y2, 0).to(b.dtype)
+    da2, dw, _ = torch.ops.aten.convolution_backward(
+        _nchw(dy.contiguous(), nhw), _nchw(a2, nhw), weight, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
+        [True, True, False])
+    g2 = torch.where(on, da2.permute(0, 2, 3, 1).reshape(b.shape[0], -1).to(acc), 0)
+    dbeta = g2.sum(0)
+    dgamma = (g2 * ((b.to(acc) - mean) * rstd)).sum(0)
+    return g2, dw.to(acc).contiguous(), dgamma, dbeta
+
+
+# ----------------------------------------------------------------------------- Triton kernels
+@triton.jit
+def _fwd_kernel(B, SCALE, SHIFT, W9, OUT, ldo, PMEAN, PM2, M, H, Wd, CB, K,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                STATS: tl.constexpr, PRECISION: tl.constexpr):
+    """out[m, n] = sum_{tap, ci} relu(bn2(B))[m + tap, ci] * W9[tap, ci, n], zero outside the image."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rm < M
+    n_ok = rn < K
+    hh = (rm // Wd) % H
+    ww = rm % Wd
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for tap in tl.static_range(9):
+        dh = tap // 3 - 1
+        dw = tap % 3 - 1
+        ok = row_ok & (hh + dh >= 0) & (hh + dh < H) & (ww + dw >= 0) & (ww + dw < Wd)
+        src = (rm + dh * Wd + dw).to(tl.int64)
+        for k0 in range(0, CB, BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            k_ok = rk < CB
+            m2 = ok[:, None] & k_ok[None, :]
+            bv = tl.load(B + src[:, None] * CB + rk[None, :], mask=m2, other=0.0).to(tl.float32)
+            s = tl.load(SCALE + rk, mask=k_ok, other=0.0)
+            h = tl.load(SHIFT + rk, mask=k_ok, other=0.0)
+            a = tl.where(m2, tl.maximum(bv * s[None, :] + h[None, :], 0.0), 0.0).to(B.dtype.element_ty)
+            w = tl.load(W9 + tap * CB * K + rk[:, None] * K + rn[None, :], mask=k_ok[:, None] & n_ok[None, :],
+                        other=0.0)
+            acc = tl.dot(a, w, acc, input_precision=PRECISION)
+    out = acc.to(OUT.dtype.element_ty)
+    rm64 = rm.to(tl.int64)
+    tl.store(OUT + rm64[:, None] * ldo + rn[None, :], out, mask=row_ok[:, None] & n_ok[None, :])
+    if STATS:
+        v = tl.where(row_ok[:, None], out.to(tl.float32), 0.0)
+        cnt = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
+        mean = tl.sum(v, axis=0) / cnt
+        d = tl.where(row_ok[:, None], v - mean[None, :], 0.0)
+        tl.store(PMEAN + pid_m * K + rn, mean, mask=n_ok)
+        tl.store(PM2 + pid_m * K + rn, tl.sum(d * d, axis=0), mask=n_ok)
+
+
+@triton.jit
+def _dgrad_kernel(DY, lddy, B, SCALE, SHIFT, MEAN, RSTD, W9T, G2, PSG, PSGX, M, H, Wd, CB, K,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    """g2[m, ci] = (y2 > 0) * sum_{tap, co} dy[m - tap, co] * W[co, ci, tap]; per-tile sums of g2, g2*xhat2."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # input channels ci
+    row_ok = rm < M
+    n_ok = rn < CB
+    hh = (rm // Wd) % H
+    ww = rm % Wd
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for tap in tl.static_range(9):
+        dh = tap // 3 - 1
+        dw = tap % 3 - 1
+        # the output pixel whose tap `tap` reads pixel m
+        ok = row_ok & (hh - dh >= 0) & (hh - dh < H) & (ww - dw >= 0) & (ww - dw < Wd)
+        src = (rm - dh * Wd - dw).to(tl.int64)
+        for k0 in range(0, K, BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            k_ok = rk < K
+            d = tl.load(DY + src[:, None] * lddy + rk[None, :], mask=ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(W9T + tap * K * CB + rk[:, None] * CB + rn[None, :], mask=k_ok[:, None] & n_ok[None, :],
+                        other=0.0)
+            acc = tl.dot(d, w, acc, input_precision=PRECISION)
+    rm64 = rm.to(tl.int64)
+    m2 = row_ok[:, None] & n_ok[None, :]
+    bv = tl.load(B + rm64[:, None] * CB + rn[None, :], mask=m2, other=0.0).to(tl.float32)
+    s = tl.load(SCALE + rn, mask=n_ok, other=0.0)
+    h = tl.load(SHIFT + rn, mask=n_ok, other=0.0)
+    mu = tl.load(MEAN + rn, mask=n_ok, other=0.0)
+    rs = tl.load(RSTD + rn, mask=n_ok, other=0.0)
+    g = tl.where(m2 & (bv * s[None, :] + h[None, :] > 0.0), acc, 0.0)
+    tl.store(G2 + rm64[:, None] * CB + rn[None, :], g, mask=m2)
+    tl.store(PSG + pid_m * CB + rn, tl.sum(g, axis=0), mask=n_ok)
+    tl.store(PSGX + pid_m * CB + rn, tl.sum(g * ((bv - mu[None, :]) * rs[None, :]), axis=0), mask=n_ok)
+
+
+@triton.jit
+def _wgrad_kernel(DY, lddy, B, SCALE, SHIFT, PDW, M, H, Wd, CB, K, SPLITS,
+                  BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, KPAD: tl.constexpr, PRECISION: tl.constexpr):
+    """Partial dW[split, tap, co, ci] = sum over the split's rows of dy[m, co] * relu(bn2(B))[m + tap, ci]."""
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    tap = pid % 9
+    pid_c = pid // 9
+    dh = tap // 3 - 1
+    dw = tap % 3 - 1
+    rc = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    rk = tl.arange(0, KPAD)
+    c_ok = rc < CB
+    k_ok = rk < K
+    s = tl.load(SCALE + rc, mask=c_ok, other=0.0)
+    h = tl.load(SHIFT + rc, mask=c_ok, other=0.0)
+    acc = tl.zeros((KPAD, BLOCK_C), dtype=tl.float32)
+    tiles_per_split = tl.cdiv(tl.cdiv(M, BLOCK_M), SPLITS)
+    for t in range(split * tiles_per_split, (split + 1) * tiles_per_split):
+        rm = t * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rm < M
+        hh = (rm // Wd) % H
+        ww = rm % Wd
+        ok = row_ok & (hh + dh >= 0) & (hh + dh < H) & (ww + dw >= 0) & (ww + dw < Wd)
+        d = tl.load(DY + rm.to(tl.int64)[:, None] * lddy + rk[None, :], mask=row_ok[:, None] & k_ok[None, :],
+                    other=0.0)
+        src = (rm + dh * Wd + dw).to(tl.int64)
+        m2 = ok[:, None] & c_ok[None, :]
+        bv = tl.load(B + src[:, None] * CB + rc[None, :], mask=m2, other=0.0).to(tl.float32)
+        a = tl.where(m2, tl.maximum(bv * s[None, :] + h[None, :], 0.0), 0.0).to(B.dtype.element_ty)
+        acc = tl.dot(tl.trans(d), a, acc, input_precision=PRECISION)
+    tl.store(PDW + ((split * 9 + tap) * K + rk[:, None]) * CB + rc[None, :], acc, mask=k_ok[:, None] & c_ok[None, :])
+
+
+def _precision(dtype):
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def _tiles(small, big):
+    return small if _INTERPRET else big
+
+
+def _fwd_triton(b, scale, shift, weight, nhw, out, stats):
+    _check(b, scale, shift, weight, nhw, "bnrelu_conv3x3_fwd")
+    if b.dtype == torch.float64:
+        raise RuntimeError("bnrelu_conv3x3_fwd: the Triton kernel takes float32/float16/bfloat16")
+    n, h, w = nhw
+    m, cb = b.shape
+    k = weight.shape[0]
+    w9 = weight.permute(2, 3, 1, 0).reshape(9, cb, k).contiguous()  # [tap, ci, co]
+    bm, bn, bk = _tiles(32, 128), max(16, min(64, triton.next_power_of_2(k))), _tiles(16, 64)
+    tiles = triton.cdiv(m, bm)
+    part = torch.empty((2, tiles, k), dtype=torch.float32, device=b.device)
+    _fwd_kernel[(tiles, triton.cdiv(k, bn))](b, scale, shift, w9, out, out.stride(0), part[0], part[1], m, h, w,
+                                            cb, k, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, STATS=stats,
+                                            PRECISION=_precision(b.dtype), num_warps=4)
+    if not stats:
+        empty = out.new_empty(0, dtype=torch.float32)
+        return empty, empty.clone()
+    from .bnrelu_conv1x1 import _stats_merge_kernel
+    mean = torch.empty(k, dtype=torch.float32, device=b.device)
+    var = torch.empty(k, dtype=torch.float32, device=b.device)
+    _stats_merge_kernel[(triton.cdiv(k, 64),)](part[0], part[1], mean, var, m, k, tiles, TILE_ROWS=bm, BLOCK_C=64)
+    return mean, var
+
+
+def _bwd_triton(dy, b, scale, shift, weight, nhw, mean, rstd):
+    _check(b, scale, shift, weight, nhw, "bnrelu_conv3x3_bwd")
+    if b.dtype == torch.float64:
+        raise RuntimeError("bnrelu_conv3x3_bwd: the Triton kernel takes float32/float16/bfloat16")
+    n, h, w = nhw
+    m, cb = b.shape
+    k = weight.shape[0]
+    kpad = max(16, triton.next_power_of_2(k))
+    w9t = weight.permute(2, 3, 0, 1).reshape(9, k, cb).contiguous()  # [tap, co, ci]
+    bm, bn = _tiles(32, 64), _tiles(16, 64)
+    tiles = triton.cdiv(m, bm)
+    g2 = torch.empty((m, cb), dtype=torch.float32, device=b.device)
+    psum = torch.empty((2, tiles, cb), dtype=torch.float32, device=b.device)
+    _dgrad_kernel[(tiles, triton.cdiv(cb, bn))](dy, dy.stride(0), b, scale, shift, mean, rstd, w9t, g2, psum[0],
+                                               psum[1], m, h, w, cb, k, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=min(kpad, 64),
+                                               PRECISION=_precision(b.dtype), num_warps=4)
+    bmw, bc = _tiles(32, 128), _tiles(16, 64)
+    splits = max(1, min(triton.cdiv(m, bmw), _tiles(3, 1024 // (9 * triton.cdiv(cb, bc)) + 1)))
+    pdw = torch.empty((splits, 9, k, cb), dtype=torch.float32, device=b.device)
+    _wgrad_kernel[(9 * triton.cdiv(cb, bc), splits)](dy, dy.stride(0), b, scale, shift, pdw, m, h, w, cb, k, splits,
+                                                     BLOCK_M=bmw, BLOCK_C=bc, KPAD=kpad,
+                                                     PRECISION=_precision(b.dtype), num_warps=4)
+    dweight = pdw.sum(0).view(3, 3, k, cb).permute(2, 3, 0, 1).contiguous()  # fixed-order reduction
+    return g2, dweight, psum[1].sum(0), psum[0].sum(0)
+
+
+# ----------------------------------------------------------------------------- the ops
+def _use_triton(b, impl):
+    if impl not in ("",) + _IMPLS:
+        raise RuntimeError(f"bnrelu_conv3x3: expected impl in {_IMPLS} (or empty for the default), got {impl!r}")
+    return b.is_cuda and b.dtype != torch.float64 and (impl or _cuda_impl) == "triton"
+
+
+@torch.library.custom_op("densenet_fused::bnrelu_conv3x3_fwd", mutates_args=("out",))
+def bnrelu_conv3x3_fwd(b: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, weight: torch.Tensor,
+                       nhw: List[int], out: torch.Tensor, stats: bool, impl: str = "") -> Tuple[torch.Tensor, torch.Tensor]:
+    """Write conv3x3(relu(b*scale+shift)) into ``out`` (an (N*H*W, k) channel slice of the
+    buffer); returns (mean, var) of the values as stored when ``stats`` (else empty).
+    ``impl`` ("aten" / "triton") overrides the CUDA default of ``set_conv3x3_impl``."""
+    if out.shape != (b.shape[0], weight.shape[0]) or out.dtype != b.dtype or out.stride(1) != 1:
+        raise RuntimeError(f"bnrelu_conv3x3_fwd: expected out of shape ({b.shape[0]}, {weight.shape[0]}), dtype "
+                           f"{b.dtype}, unit channel stride; got {tuple(out.shape)} {out.dtype} {out.stride()}")
+    if _use_triton(b, impl):
+        return _fwd_triton(b, scale, shift, weight, nhw, out, stats)
+    return _fwd_aten(b, scale, shift, weight, nhw, out, stats)
+
+
+@bnrelu_conv3x3_fwd.register_fake
+def _(b, scale, shift, weight, nhw, out, stats, impl=""):
+    n = weight.shape[0] if stats else 0
+    acc = acc_dtype(b.dtype)
+    return b.new_empty(n, dtype=acc), b.new_empty(n, dtype=acc)
+
+
+@torch.library.custom_op("densenet_fused::bnrelu_conv3x3_bwd", mutates_args=())
+def bnrelu_conv3x3_bwd(dy: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+                       weight: torch.Tensor, nhw: List[int], mean: torch.Tensor,
+                       rstd: torch.Tensor, impl: str = "") -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward through conv3x3 and the ReLU of BN2: returns (g2, dweight, dgamma, dbeta) with
+    g2 = dA2 * (b*scale+shift > 0) (fp32), dweight of weight's shape (fp32), dgamma = sum(g2*xhat2),
+    dbeta = sum(g2) per channel, xhat2 = (b - mean) * rstd."""
+    if dy.shape != (b.shape[0], weight.shape[0]) or dy.dtype != b.dtype:
+        raise RuntimeError(f"bnrelu_conv3x3_bwd: expected dy of shape ({b.shape[0]}, {weight.shape[0]}) and dtype "
+                           f"{b.dtype}, got {tuple(dy.shape)} {dy.dtype}")
+    if _use_triton(b, impl):
+        return _bwd_triton(dy, b, scale, shift, weight, nhw, mean, rstd)
+    return _bwd_aten(dy, b, scale, shift, weight, nhw, mean, rstd)
+
+
+@bnrelu_conv3x3_bwd.register_fake
+def _(dy, b, scale, shift, weight, nhw, mean, rstd, impl=""):
+    acc = acc_dtype(b.dtype)
+    cb = b.shape[1]
+    return (b.new_empty(b.shape, dtype=acc), weight.new_empty(weight.shape, dtype=acc), b.new_empty(cb, dtype=acc),
+            b.new_empty(cb, dtype=acc))

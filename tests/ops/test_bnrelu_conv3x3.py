@@ -1,0 +1,101 @@
+"""bnrelu_conv3x3: the ATen implementation (CPU kernel, cuDNN on CUDA) and the Triton kernels
+(TRITON_INTERPRET=1 on CPU tensors in CI, CUDA tensors on a GPU) against a float64 oracle."""
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from densenet_fused.ops import bnrelu_conv3x3 as op
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+TRITON_DEVICE = "cpu" if INTERPRET else ("cuda" if torch.cuda.is_available() else None)
+SHAPES = [(1, 1, 1, 16, 5), (2, 5, 7, 20, 7), (3, 4, 9, 33, 12)]  # N, H, W, Cb, k
+
+
+def _args(n, h, w, cb, k, dtype, device):
+    m = n * h * w
+    b = (torch.randn(m, cb, dtype=torch.float64) + 0.2).to(dtype).to(device)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    scale = (torch.rand(cb, dtype=acc) + 0.5).to(device)
+    shift = (torch.randn(cb, dtype=acc) * 0.5).to(device)
+    weight = (torch.randn(k, cb, 3, 3, dtype=torch.float64) / (3 * cb ** 0.5)).to(dtype).to(device)
+    mean = (torch.randn(cb, dtype=acc) * 0.1).to(device)
+    rstd = (torch.rand(cb, dtype=acc) + 0.5).to(device)
+    return b, scale, shift, weight, mean, rstd
+
+
+def _oracle(b, scale, shift, weight, nhw, dy):
+    """float64 forward output and (g2, dweight, dgamma, dbeta) by autograd."""
+    n, h, w = nhw
+    y2 = b.double() * scale.double() + shift.double()
+    a = torch.relu(y2)
+    if b.dtype != torch.float64:
+        a = a.to(b.dtype).double()
+    a4 = a.view(n, h, w, -1).permute(0, 3, 1, 2).detach().requires_grad_()
+    wd = weight.double().detach().requires_grad_()
+    out = F.conv2d(a4, wd, padding=1)
+    out.backward(dy.double().view(n, h, w, -1).permute(0, 3, 1, 2))
+    g2 = torch.where(y2 > 0, a4.grad.permute(0, 2, 3, 1).reshape(b.shape), 0)
+    return out.permute(0, 2, 3, 1).reshape(b.shape[0], -1), g2, wd.grad, g2, y2
+
+
+def _err(got, want):
+    return (got.double().cpu() - want.cpu()).abs().max().item() / max(want.abs().max().item(), 1e-30)
+
+
+def _run(impl, dtype, device, n, h, w, cb, k):
+    torch.manual_seed(0)
+    b, scale, shift, weight, mean, rstd = _args(n, h, w, cb, k, dtype, device)
+    nhw = [n, h, w]
+    m = n * h * w
+    buf = torch.zeros(m, k + 9, dtype=dtype, device=device)
+    out = buf[:, 4:4 + k]
+    fwd = op._fwd_triton if impl == "triton" else op._fwd_aten
+    bwd = op._bwd_triton if impl == "triton" else op._bwd_aten
+    mean_o, var_o = fwd(b, scale, shift, weight, nhw, out, True)
+    dy = torch.randn(m, k, dtype=torch.float64).to(dtype).to(device)
+    g2, dweight, dgamma, dbeta = bwd(dy, b, scale, shift, weight, nhw, mean, rstd)
+    ref_out, ref_g2, ref_dw, _, _ = _oracle(b.cpu(), scale.cpu(), shift.cpu(), weight.cpu(), nhw, dy.cpu())
+    xhat = (b.double().cpu() - mean.double().cpu()) * rstd.double().cpu()
+    tol = {torch.float64: 1e-12, torch.float32: 3e-5, torch.float16: 4e-3}[dtype]
+    assert _err(out, ref_out) <= tol
+    assert torch.equal(buf[:, :4], torch.zeros_like(buf[:, :4])) and torch.equal(buf[:, 4 + k:], buf[:, 4 + k:] * 0)
+    stored = out.double().cpu()
+    assert _err(mean_o, stored.mean(0)) <= 1e-5 and _err(var_o, stored.var(0, unbiased=False)) <= 1e-5
+    assert _err(g2, ref_g2) <= tol
+    assert _err(dweight, ref_dw) <= tol
+    assert _err(dbeta, ref_g2.sum(0)) <= tol
+    assert _err(dgamma, (ref_g2 * xhat).sum(0)) <= tol
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_aten_implementation(device, dtype, shape):
+    _run("aten", dtype, device, *shape)
+
+
+@pytest.mark.skipif(TRITON_DEVICE is None, reason="needs TRITON_INTERPRET=1 or a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])  # bf16: GPU only (interpreter, triton#11584)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_triton_kernels(dtype, shape, monkeypatch):
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    _run("triton", dtype, TRITON_DEVICE, *shape)
+
+
+def test_opcheck(device):
+    b, scale, shift, weight, mean, rstd = _args(2, 3, 4, 16, 5, torch.float32, device)
+    out = torch.empty(24, 7, device=device)[:, 1:6]
+    torch.library.opcheck(op.bnrelu_conv3x3_fwd, (b, scale, shift, weight, [2, 3, 4], out, True))
+    dy = torch.randn(24, 5, device=device)
+    torch.library.opcheck(op.bnrelu_conv3x3_bwd, (dy, b, scale, shift, weight, [2, 3, 4], mean, rstd))
+
+
+def test_impl_switch_and_bad_input():
+    with pytest.raises(ValueError, match="expected one of"):
+        op.set_conv3x3_impl("cudnn")
+    b, scale, shift, weight, _, _ = _args(2, 3, 4, 16, 5, torch.float32, "cpu")
+    with pytest.raises(RuntimeError, match=r"nhw = \[N, H, W\] with N\*H\*W = 24"):
+        op.bnrelu_conv3x3_fwd(b, scale, shift, weight, [2, 3, 5], torch.empty(24, 5), False)
+    with pytest.raises(RuntimeError, match=r"expected out of shape \(24, 5\)"):
+        op.bnrelu_conv3x3_fwd(b, scale, shift, weight, [2, 3, 4], torch.empty(24, 4), False)
