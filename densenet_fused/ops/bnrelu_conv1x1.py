@@ -5,7 +5,7 @@ and its one-pass backward (DESIGN section 2 facts 1-3, section 3 steps 2 and 4).
 - CUDA kernel: the Triton kernels below (float32, float16, bfloat16).  The BN-ReLU
   prologue is applied to every A tile as it is loaded, so the normalized input never
   exists in memory; the forward epilogue emits per-tile (mean, M2) partials of the output
-  that ``_stats_merge_kernel`` merges (Chan) in a fixed order; the backward reads x once,
+  that ``_triton_common.stats_merge_kernel`` merges (Chan) in a fixed order; the backward reads x once,
   accumulates ``scale*g`` into G, and writes per-split partials of dW and of the two
   per-channel sums that are reduced in a fixed order.  No atomics, no host
   synchronization, workspace sizes depend on shapes only (CUDA-graph capturable).
@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from ._common import acc_dtype
+from ._triton_common import bnrelu_tile, dot_precision, merge_stats, store_tile_stats
 from .channel_stats import channel_stats
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -144,45 +145,13 @@ def _fwd_kernel(X, ldx, SCALE, SHIFT, W, ldw, OUT, PMEAN, PM2, M, C, COUT, C_BUC
     for k0 in range(0, C, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
         k_ok = rk < C
-        x = tl.load(X + rm64[:, None] * ldx + rk[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        s = tl.load(SCALE + rk, mask=k_ok, other=0.0)
-        h = tl.load(SHIFT + rk, mask=k_ok, other=0.0)
-        a = tl.maximum(x.to(tl.float32) * s[None, :] + h[None, :], 0.0).to(X.dtype.element_ty)
+        a = bnrelu_tile(X, rm64, ldx, rk, row_ok[:, None] & k_ok[None, :], SCALE, SHIFT, k_ok).to(X.dtype.element_ty)
         w = tl.load(W + rn[None, :] * ldw + rk[:, None], mask=col_ok[None, :] & k_ok[:, None], other=0.0)
         acc = tl.dot(a, w, acc, input_precision=PRECISION)
     out = acc.to(OUT.dtype.element_ty)
     tl.store(OUT + rm64[:, None] * COUT + rn[None, :], out, mask=row_ok[:, None] & col_ok[None, :])
     if STATS:
-        # statistics of the values as stored, per tile: (mean, M2) with the tile's row count
-        v = tl.where(row_ok[:, None], out.to(tl.float32), 0.0)
-        cnt = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
-        mean = tl.sum(v, axis=0) / cnt
-        d = tl.where(row_ok[:, None], v - mean[None, :], 0.0)
-        m2 = tl.sum(d * d, axis=0)
-        tl.store(PMEAN + pid_m * COUT + rn, mean, mask=col_ok)
-        tl.store(PM2 + pid_m * COUT + rn, m2, mask=col_ok)
-
-
-@triton.jit
-def _stats_merge_kernel(PMEAN, PM2, MEAN, VAR, M, COUT, TILES, TILE_ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Chan merge of per-tile (mean, M2) partials, tile by tile in order: deterministic."""
-    rc = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    ok = rc < COUT
-    n = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    mean = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    m2 = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    for t in range(0, TILES):
-        nb = tl.minimum(M - t * TILE_ROWS, TILE_ROWS).to(tl.float32)
-        mb = tl.load(PMEAN + t * COUT + rc, mask=ok, other=0.0)
-        m2b = tl.load(PM2 + t * COUT + rc, mask=ok, other=0.0)
-        nt = n + nb
-        delta = mb - mean
-        wb = nb / nt
-        mean = mean + delta * wb
-        m2 = m2 + m2b + delta * delta * n * wb
-        n = nt
-    tl.store(MEAN + rc, mean, mask=ok)
-    tl.store(VAR + rc, m2 / n, mask=ok)
+        store_tile_stats(out, row_ok, col_ok, rn, pid_m, M, COUT, PMEAN, PM2, BLOCK_M)
 
 
 @triton.jit
@@ -230,12 +199,6 @@ def _bwd_kernel(DOUT, lddo, X, ldx, SCALE, SHIFT, W, ldw, MEAN, RSTD, G, ldg,
 
 
 # ----------------------------------------------------------------------------- launchers
-def _precision(dtype):
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
-    return "tf32"  # ignored for 16-bit inputs (full-precision products, fp32 accumulation)
-
-
 # Autotuned on CUDA (Hopper and Ampere candidates), keyed by the power-of-two bucket of the
 # input channels so a block's layers share a few tunings; fixed small tiles under the
 # interpreter.  BLOCK_M of the forward is chosen from the shape (it sets the statistics
@@ -277,18 +240,14 @@ def triton_fwd(x, scale, shift, weight, stats):
                 triton.next_power_of_2(max(c, 1)))
         if _INTERPRET:
             _fwd_kernel[(tiles, triton.cdiv(cout, 16))](*args, BLOCK_M=block_m, BLOCK_N=16, BLOCK_K=16,
-                                                        STATS=stats, PRECISION=_precision(x.dtype))
+                                                        STATS=stats, PRECISION=dot_precision(x.dtype))
         else:
             grid = lambda meta: (tiles, triton.cdiv(cout, meta["BLOCK_N"]))  # noqa: E731
-            _fwd_tuned[grid](*args, BLOCK_M=block_m, STATS=stats, PRECISION=_precision(x.dtype))
+            _fwd_tuned[grid](*args, BLOCK_M=block_m, STATS=stats, PRECISION=dot_precision(x.dtype))
     if not stats:
         empty = x.new_empty(0, dtype=torch.float32)
         return out, empty, empty
-    mean = torch.empty(cout, dtype=torch.float32, device=x.device)
-    var = torch.empty(cout, dtype=torch.float32, device=x.device)
-    block_c = 64
-    _stats_merge_kernel[(triton.cdiv(cout, block_c),)](pmean, pm2, mean, var, m, cout, tiles,
-                                                       TILE_ROWS=block_m, BLOCK_C=block_c)
+    mean, var = merge_stats(part, m, block_m)
     return out, mean, var
 
 
@@ -317,10 +276,10 @@ def triton_bwd(dout, x, scale, shift, weight, mean, rstd, G):
                 G, G.stride(0), pdw, psum[0], psum[1], m, c, cout, triton.next_power_of_2(c), splits)
         if _INTERPRET:
             _bwd_kernel[(triton.cdiv(c, 16), splits)](*args, BLOCK_M=32, BLOCK_C=16, COUT_PAD=cout_pad,
-                                                      PRECISION=_precision(x.dtype))
+                                                      PRECISION=dot_precision(x.dtype))
         else:
             grid = lambda meta: (triton.cdiv(c, meta["BLOCK_C"]), splits)  # noqa: E731
-            _bwd_tuned[grid](*args, COUT_PAD=cout_pad, PRECISION=_precision(x.dtype))
+            _bwd_tuned[grid](*args, COUT_PAD=cout_pad, PRECISION=dot_precision(x.dtype))
     else:
         pdw.zero_()
         psum.zero_()

@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from ._common import acc_dtype
+from ._triton_common import bnrelu_tile, dot_precision, merge_stats, store_tile_stats
 from .channel_stats import channel_stats
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -122,11 +123,7 @@ def _fwd_kernel(B, SCALE, SHIFT, W9, OUT, ldo, PMEAN, PM2, M, H, Wd, CB, K,
         for k0 in range(0, CB, BLOCK_K):
             rk = k0 + tl.arange(0, BLOCK_K)
             k_ok = rk < CB
-            m2 = ok[:, None] & k_ok[None, :]
-            bv = tl.load(B + src[:, None] * CB + rk[None, :], mask=m2, other=0.0).to(tl.float32)
-            s = tl.load(SCALE + rk, mask=k_ok, other=0.0)
-            h = tl.load(SHIFT + rk, mask=k_ok, other=0.0)
-            a = tl.where(m2, tl.maximum(bv * s[None, :] + h[None, :], 0.0), 0.0).to(B.dtype.element_ty)
+            a = bnrelu_tile(B, src, CB, rk, ok[:, None] & k_ok[None, :], SCALE, SHIFT, k_ok).to(B.dtype.element_ty)
             w = tl.load(W9 + tap * CB * K + rk[:, None] * K + rn[None, :], mask=k_ok[:, None] & n_ok[None, :],
                         other=0.0)
             acc = tl.dot(a, w, acc, input_precision=PRECISION)
@@ -134,12 +131,7 @@ def _fwd_kernel(B, SCALE, SHIFT, W9, OUT, ldo, PMEAN, PM2, M, H, Wd, CB, K,
     rm64 = rm.to(tl.int64)
     tl.store(OUT + rm64[:, None] * ldo + rn[None, :], out, mask=row_ok[:, None] & n_ok[None, :])
     if STATS:
-        v = tl.where(row_ok[:, None], out.to(tl.float32), 0.0)
-        cnt = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
-        mean = tl.sum(v, axis=0) / cnt
-        d = tl.where(row_ok[:, None], v - mean[None, :], 0.0)
-        tl.store(PMEAN + pid_m * K + rn, mean, mask=n_ok)
-        tl.store(PM2 + pid_m * K + rn, tl.sum(d * d, axis=0), mask=n_ok)
+        store_tile_stats(out, row_ok, n_ok, rn, pid_m, M, K, PMEAN, PM2, BLOCK_M)
 
 
 @triton.jit
@@ -195,8 +187,6 @@ def _wgrad_kernel(DY, lddy, B, SCALE, SHIFT, PDW, M, H, Wd, CB, K, SPLITS,
     rk = tl.arange(0, KPAD)
     c_ok = rc < CB
     k_ok = rk < K
-    s = tl.load(SCALE + rc, mask=c_ok, other=0.0)
-    h = tl.load(SHIFT + rc, mask=c_ok, other=0.0)
     acc = tl.zeros((KPAD, BLOCK_C), dtype=tl.float32)
     tiles_per_split = tl.cdiv(tl.cdiv(M, BLOCK_M), SPLITS)
     for t in range(split * tiles_per_split, (split + 1) * tiles_per_split):
@@ -208,17 +198,9 @@ def _wgrad_kernel(DY, lddy, B, SCALE, SHIFT, PDW, M, H, Wd, CB, K, SPLITS,
         d = tl.load(DY + rm.to(tl.int64)[:, None] * lddy + rk[None, :], mask=row_ok[:, None] & k_ok[None, :],
                     other=0.0)
         src = (rm + dh * Wd + dw).to(tl.int64)
-        m2 = ok[:, None] & c_ok[None, :]
-        bv = tl.load(B + src[:, None] * CB + rc[None, :], mask=m2, other=0.0).to(tl.float32)
-        a = tl.where(m2, tl.maximum(bv * s[None, :] + h[None, :], 0.0), 0.0).to(B.dtype.element_ty)
+        a = bnrelu_tile(B, src, CB, rc, ok[:, None] & c_ok[None, :], SCALE, SHIFT, c_ok).to(B.dtype.element_ty)
         acc = tl.dot(tl.trans(d), a, acc, input_precision=PRECISION)
     tl.store(PDW + ((split * 9 + tap) * K + rk[:, None]) * CB + rc[None, :], acc, mask=k_ok[:, None] & c_ok[None, :])
-
-
-def _precision(dtype):
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
-    return "tf32"
 
 
 def _tiles(small, big):
@@ -238,15 +220,11 @@ def _fwd_triton(b, scale, shift, weight, nhw, out, stats):
     part = torch.empty((2, tiles, k), dtype=torch.float32, device=b.device)
     _fwd_kernel[(tiles, triton.cdiv(k, bn))](b, scale, shift, w9, out, out.stride(0), part[0], part[1], m, h, w,
                                             cb, k, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, STATS=stats,
-                                            PRECISION=_precision(b.dtype), num_warps=4)
+                                            PRECISION=dot_precision(b.dtype), num_warps=4)
     if not stats:
         empty = out.new_empty(0, dtype=torch.float32)
         return empty, empty.clone()
-    from .bnrelu_conv1x1 import _stats_merge_kernel
-    mean = torch.empty(k, dtype=torch.float32, device=b.device)
-    var = torch.empty(k, dtype=torch.float32, device=b.device)
-    _stats_merge_kernel[(triton.cdiv(k, 64),)](part[0], part[1], mean, var, m, k, tiles, TILE_ROWS=bm, BLOCK_C=64)
-    return mean, var
+    return merge_stats(part, m, bm)
 
 
 def _bwd_triton(dy, b, scale, shift, weight, nhw, mean, rstd):
@@ -264,13 +242,13 @@ def _bwd_triton(dy, b, scale, shift, weight, nhw, mean, rstd):
     psum = torch.empty((2, tiles, cb), dtype=torch.float32, device=b.device)
     _dgrad_kernel[(tiles, triton.cdiv(cb, bn))](dy, dy.stride(0), b, scale, shift, mean, rstd, w9t, g2, psum[0],
                                                psum[1], m, h, w, cb, k, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=min(kpad, 64),
-                                               PRECISION=_precision(b.dtype), num_warps=4)
+                                               PRECISION=dot_precision(b.dtype), num_warps=4)
     bmw, bc = _tiles(32, 128), _tiles(16, 64)
     splits = max(1, min(triton.cdiv(m, bmw), _tiles(3, 1024 // (9 * triton.cdiv(cb, bc)) + 1)))
     pdw = torch.empty((splits, 9, k, cb), dtype=torch.float32, device=b.device)
     _wgrad_kernel[(9 * triton.cdiv(cb, bc), splits)](dy, dy.stride(0), b, scale, shift, pdw, m, h, w, cb, k, splits,
                                                      BLOCK_M=bmw, BLOCK_C=bc, KPAD=kpad,
-                                                     PRECISION=_precision(b.dtype), num_warps=4)
+                                                     PRECISION=dot_precision(b.dtype), num_warps=4)
     dweight = pdw.sum(0).view(3, 3, k, cb).permute(2, 3, 0, 1).contiguous()  # fixed-order reduction
     return g2, dweight, psum[1].sum(0), psum[0].sum(0)
 
