@@ -2,16 +2,18 @@
 # One command for a GPU machine: build the extension, run the tests (GPU ones included),
 # the kernel benchmark and the block/model benchmark; logs and JSON into OUTDIR.
 #
-#   bash benchmarks/gpu_check.sh OUTDIR [quick|full|budget]
+#   bash benchmarks/gpu_check.sh OUTDIR [quick|blocks|models|budget|results]
 #
 # quick (default): build + tests + kernel benchmark + `bench --quick`        (one 10-minute call)
 # blocks:          `bench` on every block case, fp32 and bf16                  (one call)
 # models:          `bench` on the whole models (torch.compile takes minutes)   (one call)
 # budget:          the depth-at-an-8-GB-budget search                          (one call)
+# results:         blocks + models + budget in one go, written straight into benchmarks/results/
+#                  and the README table regenerated (for a machine without a per-call limit)
 # Copy OUTDIR/cuda_*.json of blocks/models/budget into benchmarks/results/ and run
 # `python benchmarks/make_table.py` to regenerate the README table.
 set -uo pipefail
-OUT="${1:?usage: gpu_check.sh OUTDIR [quick|full|budget]}"
+OUT="${1:?usage: gpu_check.sh OUTDIR [quick|blocks|models|budget|results]}"
 WHAT="${2:-quick}"
 mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
@@ -46,7 +48,12 @@ elif [ "$WHAT" = models ]; then
 elif [ "$WHAT" = budget ]; then
     python -m densenet_fused.cli bench --device cuda --budget-only --tag budget --out "$OUT" 2>&1 \
         | tee "$OUT/bench.log" | tail -20 || rc=1
+elif [ "$WHAT" = results ]; then
+    python -m densenet_fused.cli bench --device cuda --out benchmarks/results 2>&1 | tee "$OUT/bench.log" | tail -40 \
+        || rc=1
+    python benchmarks/make_table.py || rc=1
+    cp benchmarks/results/cuda* "$OUT/" 2>/dev/null
 else
-    echo "unknown mode $WHAT (quick|blocks|models|budget)"; rc=2
+    echo "unknown mode $WHAT (quick|blocks|models|budget|results)"; rc=2
 fi
 exit $rc
