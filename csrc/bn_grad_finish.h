@@ -1,12 +1,14 @@
 // Argument checks of bn_grad_finish, shared by the CPU and CUDA kernels.
 #pragma once
+#include <optional>
+
 #include "common.h"
 
 namespace densenet_fused {
 
 inline void check_bn_grad_finish_args(const at::Tensor& G, const at::Tensor& x, const at::Tensor& mean,
                                       const at::Tensor& P, const at::Tensor& Q, at::ScalarType dtype,
-                                      int64_t nchw_hw) {
+                                      int64_t nchw_hw, const std::optional<at::Tensor>& G_scale) {
   const char* op = "bn_grad_finish";
   check_matrix(G, op, "G");
   check_matrix(x, op, "x");
@@ -20,6 +22,7 @@ inline void check_bn_grad_finish_args(const at::Tensor& G, const at::Tensor& x, 
   check_vector(mean, C, acc, x, op, "mean");
   check_vector(P, C, acc, x, op, "P");
   check_vector(Q, C, acc, x, op, "Q");
+  if (G_scale.has_value()) check_vector(*G_scale, C, acc, x, op, "G_scale");
   TORCH_CHECK(at::isFloatingType(dtype), op, ": expected a floating output dtype, got ", dtype);
   TORCH_CHECK(nchw_hw >= 0 && (nchw_hw == 0 || M % nchw_hw == 0), op,
               ": expected nchw_hw = 0 (NHWC output) or a divisor of the ", M, " rows, got ", nchw_hw);

@@ -17,8 +17,10 @@ TORCH_LIBRARY(densenet_fused, m) {
   // Q already carries the rstd factor (Q = sum_l gamma_l*rstd_l^2*sum(g_l*xhat_l)/M), which
   // keeps the identity exact when BN layers reading the channel have different eps.
   // Output (M, C) contiguous in `dtype`, or (M/nchw_hw, C, nchw_hw) (NCHW) when nchw_hw > 0.
+  // With G_scale, G is multiplied per channel first: dx = G*G_scale - P - (x - mean)*Q (the
+  // input gradient of one BatchNorm in one pass: G = g after the ReLU mask, G_scale = gamma*rstd).
   m.def("bn_grad_finish(Tensor G, Tensor x, Tensor mean, Tensor P, Tensor Q, ScalarType dtype, "
-        "int nchw_hw=0) -> Tensor");
+        "int nchw_hw=0, Tensor? G_scale=None) -> Tensor");
   // Running mean/var/num_batches_tracked update of many BatchNorm layers in one call,
   // as nn.BatchNorm2d does in training (momentum < 0 means momentum=None: cumulative average;
   // running_var gets the unbiased variance var * count / (count - 1)).

@@ -142,6 +142,7 @@ def block_backward(spec: BlockSpec, out, grad_out, params, stats, seeds, kept, x
         mean, var, mean2, var2 = stats
     else:
         mean = torch.zeros(c_total, dtype=acc, device=dev)
+    zeros2 = torch.zeros(spec.layers[0].conv1.out_channels if spec.layers else 0, dtype=acc, device=dev)
     G = torch.empty((n, h, w, c_total), dtype=acc, device=dev)
     G.copy_(grad_out.permute(0, 2, 3, 1))
     G = G.view(m, c_total)
@@ -177,13 +178,12 @@ def block_backward(spec: BlockSpec, out, grad_out, params, stats, seeds, kept, x
         # 3. conv3x3 backward through BN2-ReLU, then the BN2 input gradient.
         g2v, dw2, dgamma2, dbeta2 = bnrelu_conv3x3_bwd(dnew, bott, scale2, shift2, w2c, [n, h, w], m2, r2,
                                                        spec.conv3x3_impl)
-        if spec.training:
-            xhat2 = (bott.to(acc) - m2) * r2
-            db = scale2 * (g2v - dbeta2 / m - xhat2 * (dgamma2 / m))
+        if spec.training:  # dB = scale2 * (g2 - mean(g2) - xhat2 * mean(g2 * xhat2)), one pass
+            db = bn_grad_finish(g2v, bott, m2, scale2 * dbeta2 / m, scale2 * r2 * dgamma2 / m, dtype, 0, scale2)
         else:
-            db = scale2 * g2v
+            db = bn_grad_finish(g2v, bott, m2, zeros2, zeros2, dtype, 0, scale2)
         # 4. one pass over the buffer: G += scale1*g, per-channel sums, dW1.
-        dw1, dgamma1, dbeta1 = bnrelu_conv1x1_bwd(db.to(dtype), buf2[:, :c_l], scale1, shift1, w1c, m1, r1,
+        dw1, dgamma1, dbeta1 = bnrelu_conv1x1_bwd(db, buf2[:, :c_l], scale1, shift1, w1c, m1, r1,
                                                   G[:, :c_l])
         if spec.training:
             P[:c_l] += scale1 * dbeta1 / m

@@ -9,8 +9,9 @@ def channel_stats(x, eps):
     return mean, var, (var + eps).rsqrt()
 
 
-def bn_grad_finish(G, x, mean, P, Q):
-    return G.double() - P.double() - (x.double() - mean.double()) * Q.double()
+def bn_grad_finish(G, x, mean, P, Q, G_scale=None):
+    g = G.double() if G_scale is None else G.double() * G_scale.double()
+    return g - P.double() - (x.double() - mean.double()) * Q.double()
 
 
 def bnrelu(x, scale, shift):

@@ -1,4 +1,4 @@
-// bn_grad_finish on the CPU: dx = G - P - (x - mean) * Q per channel slice, written in
+// bn_grad_finish on the CPU: dx = G [* G_scale] - P - (x - mean) * Q per channel slice, written in
 // the requested dtype, as an NHWC (M, C) matrix or as NCHW (N, C, HW).
 #include <ATen/Parallel.h>
 #include <ATen/Dispatch.h>
@@ -11,8 +11,9 @@ namespace cpu {
 namespace {
 
 at::Tensor bn_grad_finish(const at::Tensor& G, const at::Tensor& x, const at::Tensor& mean,
-                          const at::Tensor& P, const at::Tensor& Q, at::ScalarType dtype, int64_t nchw_hw) {
-  check_bn_grad_finish_args(G, x, mean, P, Q, dtype, nchw_hw);
+                          const at::Tensor& P, const at::Tensor& Q, at::ScalarType dtype, int64_t nchw_hw,
+                          const std::optional<at::Tensor>& G_scale) {
+  check_bn_grad_finish_args(G, x, mean, P, Q, dtype, nchw_hw, G_scale);
   const int64_t M = x.size(0), C = x.size(1);
   at::Tensor out = nchw_hw > 0 ? at::empty({M / nchw_hw, C, nchw_hw}, x.options().dtype(dtype))
                                : at::empty({M, C}, x.options().dtype(dtype));
@@ -29,6 +30,8 @@ at::Tensor bn_grad_finish(const at::Tensor& G, const at::Tensor& x, const at::Te
         const acc_t* mp = mean.const_data_ptr<acc_t>();
         const acc_t* pp = P.const_data_ptr<acc_t>();
         const acc_t* qp = Q.const_data_ptr<acc_t>();
+        const at::Tensor ones = G_scale.has_value() ? at::Tensor() : at::ones({C}, x.options().dtype(acc));
+        const acc_t* sp = (G_scale.has_value() ? *G_scale : ones).const_data_ptr<acc_t>();
         const x_t* xp = x.const_data_ptr<x_t>();
         out_t* op_ = out.data_ptr<out_t>();
         at::parallel_for(0, M, kCpuRowsPerChunk, [&](int64_t begin, int64_t end) {
@@ -38,13 +41,13 @@ at::Tensor bn_grad_finish(const at::Tensor& G, const at::Tensor& x, const at::Te
             if (nchw_hw == 0) {
               out_t* orow = op_ + r * C;
               for (int64_t c = 0; c < C; ++c)
-                orow[c] = static_cast<out_t>(grow[c] - pp[c] - (static_cast<acc_t>(xrow[c]) - mp[c]) * qp[c]);
+                orow[c] = static_cast<out_t>(grow[c] * sp[c] - pp[c] - (static_cast<acc_t>(xrow[c]) - mp[c]) * qp[c]);
             } else {
               const int64_t n = r / nchw_hw, hw = r % nchw_hw;
               out_t* obase = op_ + n * C * nchw_hw + hw;
               for (int64_t c = 0; c < C; ++c)
                 obase[c * nchw_hw] =
-                    static_cast<out_t>(grow[c] - pp[c] - (static_cast<acc_t>(xrow[c]) - mp[c]) * qp[c]);
+                    static_cast<out_t>(grow[c] * sp[c] - pp[c] - (static_cast<acc_t>(xrow[c]) - mp[c]) * qp[c]);
             }
           }
         });
