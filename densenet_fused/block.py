@@ -12,8 +12,8 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from .ops import (bn_grad_finish, bnrelu_conv1x1_bwd, bnrelu_conv1x1_fwd, bnrelu_conv3x3_bwd, bnrelu_conv3x3_fwd,
-                  channel_stats, running_stats_update)
+from .ops import (bn_grad_finish, bn_scale_shift, bnrelu_conv1x1_bwd, bnrelu_conv1x1_fwd, bnrelu_conv3x3_bwd,
+                  bnrelu_conv3x3_fwd, channel_stats, running_stats_update)
 from .ops._common import acc_dtype
 
 PARAMS_PER_LAYER = 6  # norm1.weight, norm1.bias, conv1.weight, norm2.weight, norm2.bias, conv2.weight
@@ -35,14 +35,12 @@ def _layer_params(params, l):
     return params[PARAMS_PER_LAYER * l:PARAMS_PER_LAYER * (l + 1)]
 
 
-def _scale_shift(gamma, beta, mean, rstd):
-    scale = gamma.to(mean.dtype) * rstd
-    return scale, beta.to(mean.dtype) - mean * scale
-
-
-def _running(bn, acc):
-    mean = bn.running_mean.to(acc)
-    return mean, torch.rsqrt(bn.running_var.to(acc) + bn.eps)
+def _affine(bn, gamma, beta, batch, acc):
+    """(mean, rstd, scale, shift) of a BatchNorm with batch statistics ``batch = (mean, var)``, or
+    with its running statistics when ``batch`` is None."""
+    mean, var = batch if batch is not None else (bn.running_mean.to(acc), bn.running_var.to(acc))
+    scale, shift, rstd = bn_scale_shift(gamma, beta, mean, var, bn.eps)
+    return mean, rstd, scale, shift
 
 
 def _dropout_mask(seed, shape, p, device, dtype):
@@ -81,21 +79,15 @@ def block_forward(spec: BlockSpec, x: torch.Tensor, params: Sequence[torch.Tenso
     for l, layer in enumerate(spec.layers):
         c_l = c0 + l * k
         g1, b1, w1, g2, b2, w2 = _layer_params(params, l)
-        if spec.training:
-            m1, r1 = mean[:c_l], torch.rsqrt(var[:c_l] + layer.norm1.eps)
-        else:
-            m1, r1 = _running(layer.norm1, acc)
-        scale1, shift1 = _scale_shift(g1, b1, m1, r1)
+        batch1 = (mean[:c_l], var[:c_l]) if spec.training else None
+        m1, r1, scale1, shift1 = _affine(layer.norm1, g1, b1, batch1, acc)
         bott, bm, bv = bnrelu_conv1x1_fwd(buf2[:, :c_l], scale1, shift1, w1.view(cb, c_l).to(dtype),
                                           spec.training)
         if save and spec.keep_bottleneck:
             kept.append(bott)
         if spec.training:
             mean2[l], var2[l] = bm, bv
-            m2, r2 = bm, torch.rsqrt(bv + layer.norm2.eps)
-        else:
-            m2, r2 = _running(layer.norm2, acc)
-        scale2, shift2 = _scale_shift(g2, b2, m2, r2)
+        m2, r2, scale2, shift2 = _affine(layer.norm2, g2, b2, (bm, bv) if spec.training else None, acc)
         p = float(layer.drop_rate)
         new_slice = buf2[:, c_l:c_l + k]
         if p > 0 and layer.training:
@@ -154,14 +146,10 @@ def block_backward(spec: BlockSpec, out, grad_out, params, stats, seeds, kept, x
         layer = spec.layers[l]
         c_l = c0 + l * k
         g1, b1, w1, g2, b2, w2 = _layer_params(params, l)
-        if spec.training:
-            m1, r1 = mean[:c_l], torch.rsqrt(var[:c_l] + layer.norm1.eps)
-            m2, r2 = mean2[l], torch.rsqrt(var2[l] + layer.norm2.eps)
-        else:
-            m1, r1 = _running(layer.norm1, acc)
-            m2, r2 = _running(layer.norm2, acc)
-        scale1, shift1 = _scale_shift(g1, b1, m1, r1)
-        scale2, shift2 = _scale_shift(g2, b2, m2, r2)
+        batch1 = (mean[:c_l], var[:c_l]) if spec.training else None
+        batch2 = (mean2[l], var2[l]) if spec.training else None
+        m1, r1, scale1, shift1 = _affine(layer.norm1, g1, b1, batch1, acc)
+        m2, r2, scale2, shift2 = _affine(layer.norm2, g2, b2, batch2, acc)
         w1c = w1.view(cb, c_l).to(dtype)
         w2c = w2.to(dtype)
 
