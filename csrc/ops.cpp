@@ -1,5 +1,6 @@
 // Op schemas of the densenet_fused library.  CPU kernels live in cpu/, CUDA kernels in
-// cuda/ (CUDA builds only); bnrelu_conv1x1 on CUDA is registered from Python (Triton).
+// cuda/ (CUDA builds only); Triton kernels (bnrelu_conv1x1, bnrelu_conv3x3, bn_scale_shift on
+// CUDA) and the ATen bnrelu_conv3x3 are registered from densenet_fused/ops/*.py.
 // Fake (meta) implementations are registered in densenet_fused/ops/*.py.
 #include <Python.h>
 #include <torch/library.h>
@@ -21,6 +22,10 @@ TORCH_LIBRARY(densenet_fused, m) {
   // input gradient of one BatchNorm in one pass: G = g after the ReLU mask, G_scale = gamma*rstd).
   m.def("bn_grad_finish(Tensor G, Tensor x, Tensor mean, Tensor P, Tensor Q, ScalarType dtype, "
         "int nchw_hw=0, Tensor? G_scale=None) -> Tensor");
+  // A BatchNorm's folded affine map from statistics: rstd = 1/sqrt(var + eps),
+  // scale = gamma*rstd, shift = beta - mean*scale, in the dtype of mean.
+  m.def("bn_scale_shift(Tensor gamma, Tensor beta, Tensor mean, Tensor var, float eps) "
+        "-> (Tensor scale, Tensor shift, Tensor rstd)");
   // Running mean/var/num_batches_tracked update of many BatchNorm layers in one call,
   // as nn.BatchNorm2d does in training (momentum < 0 means momentum=None: cumulative average;
   // running_var gets the unbiased variance var * count / (count - 1)).
@@ -36,6 +41,15 @@ TORCH_LIBRARY(densenet_fused, m) {
   // dgamma = sum(g * (x - mean) * rstd), dbeta = sum(g) per channel.
   m.def("bnrelu_conv1x1_bwd(Tensor dout, Tensor x, Tensor scale, Tensor shift, Tensor weight, "
         "Tensor mean, Tensor rstd, Tensor(a!) G) -> (Tensor dweight, Tensor dgamma, Tensor dbeta)");
+  // out (a channel slice of the buffer) = conv3x3(relu(b*scale + shift), weight), pad 1 applied to the
+  // activated values; (mean, var) of out as stored when stats.  impl: "aten" / "triton" on CUDA,
+  // "" for the default.  Kernels: densenet_fused/ops/bnrelu_conv3x3.py (ATen on CPU and CUDA, Triton).
+  m.def("bnrelu_conv3x3_fwd(Tensor b, Tensor scale, Tensor shift, Tensor weight, int[] nhw, Tensor(a!) out, "
+        "bool stats, str impl=\"\") -> (Tensor mean, Tensor var)");
+  // Backward through conv3x3 and BN2's ReLU: g2 = dA2 * (b*scale+shift > 0), dweight, and
+  // dgamma = sum(g2 * (b - mean) * rstd), dbeta = sum(g2) per channel.
+  m.def("bnrelu_conv3x3_bwd(Tensor dy, Tensor b, Tensor scale, Tensor shift, Tensor weight, int[] nhw, "
+        "Tensor mean, Tensor rstd, str impl=\"\") -> (Tensor g2, Tensor dweight, Tensor dgamma, Tensor dbeta)");
 }
 
 extern "C" {

@@ -2,7 +2,8 @@
 ``scale = gamma * rstd``, ``shift = beta - mean * scale`` (DESIGN section 2, fact 1).
 
 One launch per BatchNorm per layer instead of five small torch ops: on CUDA a Triton
-kernel (launch overhead dominates a step of small layers); on the CPU, ATen.
+kernel (launch overhead dominates a step of small layers); on the CPU the C++ kernel
+``csrc/cpu/bn_scale_shift.cpp``.
 """
 from typing import Tuple
 
@@ -51,28 +52,28 @@ def triton_scale_shift(gamma, beta, mean, var, eps):
 
 
 def aten_scale_shift(gamma, beta, mean, var, eps):
-    """The CPU kernel (and float64 on CUDA): ATen ops on per-channel vectors."""
+    """float64 on CUDA: ATen ops on per-channel vectors."""
     _check(gamma, beta, mean, var)
     rstd = torch.rsqrt(var + eps)
     scale = gamma.to(mean.dtype) * rstd
     return scale, beta.to(mean.dtype) - mean * scale, rstd
 
 
-@torch.library.custom_op("densenet_fused::bn_scale_shift", mutates_args=())
-def bn_scale_shift(gamma: torch.Tensor, beta: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
-                   eps: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(scale, shift, rstd) in the dtype of mean (float32, or float64)."""
-    return aten_scale_shift(gamma, beta, mean, var, eps)
-
-
-@bn_scale_shift.register_kernel("cuda")
-def _(gamma, beta, mean, var, eps):
+def _cuda(gamma, beta, mean, var, eps):
     if mean.dtype == torch.float64:  # an accuracy dtype: ATen
         return aten_scale_shift(gamma, beta, mean, var, eps)
     return triton_scale_shift(gamma, beta, mean, var, eps)
 
 
-@bn_scale_shift.register_fake
+@torch.library.register_fake("densenet_fused::bn_scale_shift")
 def _(gamma, beta, mean, var, eps):
     return torch.empty_like(mean), torch.empty_like(mean), torch.empty_like(mean)
 
+
+def bn_scale_shift(gamma, beta, mean, var, eps: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(scale, shift, rstd) in the dtype of mean (float32, or float64)."""
+    return torch.ops.densenet_fused.bn_scale_shift(gamma, beta, mean, var, eps)
+
+
+_lib = torch.library.Library("densenet_fused", "IMPL")
+_lib.impl("bn_scale_shift", _cuda, "CUDA")

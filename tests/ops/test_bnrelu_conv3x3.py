@@ -86,9 +86,10 @@ def test_triton_kernels(dtype, shape, monkeypatch):
 def test_opcheck(device):
     b, scale, shift, weight, mean, rstd = _args(2, 3, 4, 16, 5, torch.float32, device)
     out = torch.empty(24, 7, device=device)[:, 1:6]
-    torch.library.opcheck(op.bnrelu_conv3x3_fwd, (b, scale, shift, weight, [2, 3, 4], out, True))
+    ops = torch.ops.densenet_fused
+    torch.library.opcheck(ops.bnrelu_conv3x3_fwd.default, (b, scale, shift, weight, [2, 3, 4], out, True, ""))
     dy = torch.randn(24, 5, device=device)
-    torch.library.opcheck(op.bnrelu_conv3x3_bwd, (dy, b, scale, shift, weight, [2, 3, 4], mean, rstd))
+    torch.library.opcheck(ops.bnrelu_conv3x3_bwd.default, (dy, b, scale, shift, weight, [2, 3, 4], mean, rstd, ""))
 
 
 def test_impl_switch_and_bad_input():
