@@ -23,16 +23,20 @@ def _flag(name):
     return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
 
 
+def _is_cuda_home(path):
+    """A CUDA toolkit root: nvcc and the runtime headers (a bare nvcc wrapper script is not one)."""
+    return bool(path) and os.path.exists(os.path.join(path, "bin", "nvcc")) and os.path.exists(
+        os.path.join(path, "include", "cuda_runtime.h"))
+
+
 def _find_cuda_home():
-    for var in ("CUDA_HOME", "CUDA_PATH"):
-        home = os.environ.get(var)
-        if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
-            return home
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
     nvcc = shutil.which("nvcc")
     if nvcc:
-        return os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
-    if os.path.exists("/usr/local/cuda/bin/nvcc"):
-        return "/usr/local/cuda"
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    for home in candidates:
+        if _is_cuda_home(home):
+            return home
     return None
 
 

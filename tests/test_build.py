@@ -11,9 +11,12 @@ from densenet_fused import _build_info
 
 
 def _nvcc_present():
-    home = os.environ.get("CUDA_HOME")
-    return bool((home and os.path.exists(os.path.join(home, "bin", "nvcc"))) or shutil.which("nvcc")
-                or os.path.exists("/usr/local/cuda/bin/nvcc"))
+    """A CUDA toolkit (nvcc and runtime headers) where setup.py looks for one."""
+    nvcc = shutil.which("nvcc")
+    homes = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda",
+             os.path.dirname(os.path.dirname(os.path.realpath(nvcc))) if nvcc else None]
+    return any(h and os.path.exists(os.path.join(h, "bin", "nvcc")) and
+               os.path.exists(os.path.join(h, "include", "cuda_runtime.h")) for h in homes)
 
 
 def test_extension_loaded_and_matches_build_info():
