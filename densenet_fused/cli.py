@@ -96,7 +96,7 @@ def bench(args) -> int:
     else:
         cases = list(B.CASES.values()) if cuda else list(B.CPU_CASES.values())
         dtypes = ["fp32", "bf16"] if cuda else ["fp32"]
-        warmup, steps, rounds = (5, 10, 2) if cuda else (1, 2, 2)
+        warmup, steps, rounds = (5, 10, 2) if cuda else (2, 3, 3)
     if args.cases:
         cases = [c for c in (B.CASES if cuda else B.CPU_CASES).values() if any(k in c.name for k in args.cases.split(","))]
         if not cases:
