@@ -71,29 +71,40 @@ def _errors_vs_fp64(dtype_ctx, ref64, block, x, grad):
     return rel(y, y64), rel(dx, dx64), max(rel(g[n], g64[n]) for n in g64)
 
 
-@gpu
-@pytest.mark.parametrize("conv3x3", ["aten", "triton"])
-@pytest.mark.parametrize("mode", ["float32", "bf16_autocast"])
-def test_block_on_cuda_by_tolerance_rule(mode, conv3x3, monkeypatch):
-    monkeypatch.setattr(op3, "_cuda_impl", conv3x3)
+def _check_tolerance_rule(device, mode, monkeypatch):
+    """Fused and torchvision blocks with the same weights, each against float64: the fused
+    error may be at most 2x torchvision's own error in that dtype plus a small floor."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     torch.manual_seed(0)
-    kw = dict(num_layers=6, num_input_features=29, growth_rate=12, bn_size=4, device="cuda")
+    kw = dict(num_layers=6, num_input_features=29, growth_rate=12, bn_size=4, device=device)
     ref, fused = make_pair(torch.float32, **kw)
     ref64, _ = make_pair(torch.float64, **kw)
     ref64.load_state_dict(ref.state_dict())
-    x = torch.randn(8, 29, 15, 13, device="cuda").to(memory_format=torch.channels_last)
-    grad = torch.randn(8, 29 + 6 * 12, 15, 13, device="cuda")
-    if mode == "float32":
-        def ctx():
-            return torch.autocast("cuda", enabled=False)
-    else:
-        def ctx():
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
+    x = torch.randn(8, 29, 15, 13, device=device).to(memory_format=torch.channels_last)
+    grad = torch.randn(8, 29 + 6 * 12, 15, 13, device=device)
+
+    def ctx():
+        if mode == "float32":
+            return torch.autocast(device, enabled=False)
+        return torch.autocast(device, dtype=torch.bfloat16)
+
     e_ref = _errors_vs_fp64(ctx, ref64, ref.train(), x, grad)
     ref64.load_state_dict(fused.state_dict())
     e_fused = _errors_vs_fp64(ctx, ref64, fused.train(), x, grad)
     floor = 1e-5 if mode == "float32" else 1e-3
     for what, f, r in zip(("output", "input grad", "param grads"), e_fused, e_ref):
         assert f <= 2 * r + floor, f"{mode} {what}: fused error {f:.2e} > 2 x torchvision error {r:.2e} + {floor}"
+
+
+def test_block_bf16_autocast_on_cpu_by_tolerance_rule(monkeypatch):
+    # the autocast path (bf16 buffer, fp32 statistics and accumulation) on the CPU kernels
+    _check_tolerance_rule("cpu", "bf16_autocast", monkeypatch)
+
+
+@gpu
+@pytest.mark.parametrize("conv3x3", ["aten", "triton"])
+@pytest.mark.parametrize("mode", ["float32", "bf16_autocast"])
+def test_block_on_cuda_by_tolerance_rule(mode, conv3x3, monkeypatch):
+    monkeypatch.setattr(op3, "_cuda_impl", conv3x3)
+    _check_tolerance_rule("cuda", mode, monkeypatch)
