@@ -6,6 +6,7 @@
   tolerance rule of DESIGN section 6 (error against float64 at most 2x torchvision's own
   error in that dtype, plus a small floor).
 """
+import importlib
 import os
 
 import pytest
@@ -16,17 +17,20 @@ from blockutil import assert_close, make_pair, run_step
 from densenet_fused.ops import bnrelu_conv1x1 as op
 from densenet_fused.ops import bnrelu_conv3x3 as op3
 
+scale_shift_mod = importlib.import_module("densenet_fused.ops.bn_scale_shift")  # the op shadows the module name
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @pytest.mark.skipif(not INTERPRET, reason="substitutes interpreted Triton kernels on CPU tensors")
 @pytest.mark.parametrize("drop_rate", [0.0, 0.25])
 def test_block_on_triton_kernels_matches_torchvision(monkeypatch, drop_rate):
-    """The block with both Triton halves (1x1 and 3x3) in place of the CPU kernels."""
+    """The block with its Triton kernels (1x1, 3x3, scale/shift) in place of the CPU kernels."""
     monkeypatch.setattr(block_mod, "bnrelu_conv1x1_fwd", op._cuda_fwd)
     monkeypatch.setattr(block_mod, "bnrelu_conv1x1_bwd", op._cuda_bwd)
     monkeypatch.setattr(block_mod, "bnrelu_conv3x3_fwd", lambda *args: op3._fwd_triton(*args[:7]))  # no impl arg
     monkeypatch.setattr(block_mod, "bnrelu_conv3x3_bwd", lambda *args: op3._bwd_triton(*args[:8]))
+    monkeypatch.setattr(block_mod, "bn_scale_shift", scale_shift_mod.triton_scale_shift)
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     ref, fused = make_pair(torch.float32, drop_rate=drop_rate)
     ref.train(), fused.train()
