@@ -45,13 +45,27 @@ def table(path):
                       f"{_fmt(r.get(mem_key), '.1f')} [{_fmt(mem_ratio, '.2f')}]"]
         out.append("| " + " | ".join(cells) + " |")
     budget = data.get("depth_at_budget") or []
-    if budget:
-        out += ["", "Deepest DenseNet-BC trained under the memory cap:", "",
-                "| provider | growth | deepest OK | first failing |", "|---|---|---|---|"]
-        for p, g in sorted({(b["provider"], b["growth"]) for b in budget}):
-            ok = [b["depth"] for b in budget if (b["provider"], b["growth"]) == (p, g) and b["status"] == "ok"]
-            bad = [b["depth"] for b in budget if (b["provider"], b["growth"]) == (p, g) and b["status"] != "ok"]
-            out.append(f"| {p} | {g} | {max(ok) if ok else '-'} | {min(bad) if bad else '-'} |")
+    depth_rows = [b for b in budget if b.get("search", "depth") == "depth"]
+    if depth_rows:
+        out += ["", f"Deepest DenseNet-BC (32x32, batch {depth_rows[0]['batch']}, {depth_rows[0]['dtype']}) trained "
+                f"one step under a {depth_rows[0]['budget_gb']:g} GB cap:", "",
+                "| provider | growth | deepest OK (params) | first failing |", "|---|---|---|---|"]
+        for p, g in sorted({(b["provider"], b["growth"]) for b in depth_rows}):
+            mine = [b for b in depth_rows if (b["provider"], b["growth"]) == (p, g)]
+            ok = [b for b in mine if b["status"] == "ok"]
+            bad = [b["depth"] for b in mine if b["status"] != "ok"]
+            best = max(ok, key=lambda b: b["depth"]) if ok else None
+            best_s = f"{best['depth']} ({best['params'] / 1e6:.1f}M)" if best else "-"
+            out.append(f"| {p} | {g} | {best_s} | {min(bad) if bad else '-'} |")
+    batch_rows = [b for b in budget if b.get("search") == "batch"]
+    if batch_rows:
+        out += ["", f"Largest batch trained one step under a {batch_rows[0]['budget_gb']:g} GB cap:", "",
+                "| case | provider | largest OK | first failing |", "|---|---|---|---|"]
+        for case, p in sorted({(b["case"], b["provider"]) for b in batch_rows}):
+            mine = [b for b in batch_rows if (b["case"], b["provider"]) == (case, p)]
+            ok = [b["batch"] for b in mine if b["status"] == "ok"]
+            bad = [b["batch"] for b in mine if b["status"] != "ok"]
+            out.append(f"| {case} | {p} | {max(ok) if ok else '-'} | {min(bad) if bad else '-'} |")
     return "\n".join(out)
 
 

@@ -1,4 +1,4 @@
-"""Depth at a memory budget (CUDA only): the deepest DenseNet-BC each provider trains one
+"""At a memory budget (CUDA only): the deepest DenseNet-BC and the largest batch each provider trains one
 step of under an 8 GB cap, batch 64, bf16 autocast.
 
     pytest benchmarks/test_depth_budget.py --benchmark-json=out.json
@@ -22,4 +22,14 @@ def test_depth_at_8gb(benchmark, growth, depths):
     deepest = {p: max([r["depth"] for r in rows if r["provider"] == p and r["status"] == "ok"], default=0)
                for p in ("fused", "torchvision", "torchvision_me")}
     benchmark.extra_info["deepest"] = deepest
+    assert all(r["status"] in ("ok", "oom") for r in rows)
+
+
+@pytest.mark.parametrize("case", ["densenet121_n64", "densenet_bc100_k12_block1_n64"])
+def test_largest_batch_at_8gb(benchmark, case):
+    rows = benchmark.pedantic(B.batch_at_budget, args=("cuda", 8.0, B.CASES[case],
+                                                       ["fused", "torchvision", "torchvision_me"],
+                                                       [32, 64, 128, 256, 512, 1024]), rounds=1, iterations=1)
+    benchmark.extra_info.update(B.environment("cuda"))
+    benchmark.extra_info["rows"] = rows
     assert all(r["status"] in ("ok", "oom") for r in rows)

@@ -286,49 +286,88 @@ def add_ratios(rows: List[dict]) -> None:
             r[out] = f[key] / r[key] if ok else None
 
 
-def depth_at_budget(device: str, budget_gb: float, growth: int, providers, depths, batch=64, dtype="bf16",
-                    progress=None) -> List[dict]:
-    """Deepest DenseNet-BC (3 blocks, 32x32) each provider trains one step of under a memory cap."""
+class _MemoryCap:
+    """torch.cuda.set_per_process_memory_fraction for a budget in GB, undone on exit."""
+
+    def __init__(self, device: str, budget_gb: float):
+        self.dev = torch.device(device)
+        if self.dev.type != "cuda":
+            raise RuntimeError("a memory budget needs a CUDA device (a per-process memory cap)")
+        total = torch.cuda.get_device_properties(self.dev).total_memory
+        self.fraction = min(1.0, budget_gb * 2 ** 30 / total)
+
+    def __enter__(self):
+        torch.cuda.set_per_process_memory_fraction(self.fraction, self.dev)
+
+    def __exit__(self, *exc):
+        torch.cuda.set_per_process_memory_fraction(1.0, self.dev)
+
+
+def _bc_builder(depth, growth):
+    """DenseNet-BC of a depth for 32x32 inputs, fused or torchvision (with the CIFAR stem)."""
     from . import models
     import torchvision
 
-    dev = torch.device(device)
-    if dev.type != "cuda":
-        raise RuntimeError("depth_at_budget needs a CUDA device (a per-process memory cap)")
-    total = torch.cuda.get_device_properties(dev).total_memory
-    torch.cuda.set_per_process_memory_fraction(min(1.0, budget_gb * 2 ** 30 / total), dev)
+    n = (depth - 4) // 6
+
+    def builder(case, provider, device):
+        if provider == "fused":
+            m = models.densenet_bc(depth, growth, 10)
+        else:
+            m = torchvision.models.DenseNet(growth, (n, n, n), 2 * growth, num_classes=10,
+                                            memory_efficient=provider == "torchvision_me")
+            m.features.conv0 = torch.nn.Conv2d(3, 2 * growth, 3, 1, 1, bias=False)
+            m.features.norm0 = torch.nn.Identity()
+            m.features.pool0 = torch.nn.Identity()
+        return m.to(device).to(memory_format=torch.channels_last).train()
+
+    return builder
+
+
+def _one_step(case, provider, device, dtype, builder):
+    r = Runner(case, provider, device, dtype, builder)
+    r.step(record=False)
+    r.measure_memory()
+    params = sum(q.numel() for q in r.module.parameters()) if r.module is not None else None
+    row = {"status": r.status, "params": params,
+           "peak_mb": r.peak_bytes / 2 ** 20 if r.peak_bytes is not None else None}
+    r.release()
+    return row
+
+
+def depth_at_budget(device: str, budget_gb: float, growth: int, providers, depths, batch=64, dtype="bf16",
+                    progress=None) -> List[dict]:
+    """Deepest DenseNet-BC (3 blocks, 32x32) each provider trains one step of under a memory cap."""
     rows = []
-    try:
+    with _MemoryCap(device, budget_gb):
         for p in providers:
             for depth in depths:
-                n = (depth - 4) // 6
-
-                def builder(case, provider, device, n=n):
-                    if provider == "fused":
-                        m = models.densenet_bc(depth, growth, 10)
-                    else:
-                        m = torchvision.models.DenseNet(growth, (n, n, n), 2 * growth, num_classes=10,
-                                                        memory_efficient=provider == "torchvision_me")
-                        m.features.conv0 = torch.nn.Conv2d(3, 2 * growth, 3, 1, 1, bias=False)
-                        m.features.norm0 = torch.nn.Identity()
-                        m.features.pool0 = torch.nn.Identity()
-                    return m.to(device).to(memory_format=torch.channels_last).train()
-
                 case = Case(f"densenet_bc{depth}_k{growth}", "model", batch, 32, c0=3)
-                r = Runner(case, p, device, dtype, builder)
-                r.step(record=False)
-                r.measure_memory()
-                params = sum(q.numel() for q in r.module.parameters()) if r.module is not None else None
-                rows.append({"provider": p, "depth": depth, "growth": growth, "batch": batch, "dtype": dtype,
-                             "budget_gb": budget_gb, "status": r.status, "params": params,
-                             "peak_mb": r.peak_bytes / 2 ** 20 if r.peak_bytes is not None else None})
-                r.release()
+                rows.append({"search": "depth", "provider": p, "depth": depth, "growth": growth, "batch": batch,
+                             "dtype": dtype, "budget_gb": budget_gb,
+                             **_one_step(case, p, device, dtype, _bc_builder(depth, growth))})
                 if progress is not None:
                     progress.update(1)
                 if rows[-1]["status"] != "ok":
                     break
-    finally:
-        torch.cuda.set_per_process_memory_fraction(1.0, dev)
+    return rows
+
+
+def batch_at_budget(device: str, budget_gb: float, case: Case, providers, batches, dtype="bf16",
+                    progress=None) -> List[dict]:
+    """Largest batch of ``case`` each provider trains one step of under a memory cap."""
+    rows = []
+    with _MemoryCap(device, budget_gb):
+        for p in providers:
+            for batch in batches:
+                c = Case(case.name, case.kind, batch, case.hw, case.layers, case.c0, case.growth, case.bn_size,
+                         case.arch)
+                rows.append({"search": "batch", "case": case.name, "provider": p, "batch": batch, "dtype": dtype,
+                             "budget_gb": budget_gb, **_one_step(c, p, device, dtype, build)})
+                if progress is not None:
+                    progress.update(1)
+                if rows[-1]["status"] != "ok":
+                    break
     return rows
 
 
@@ -390,6 +429,7 @@ def plot(rows: List[dict], budget_rows: List[dict], path_prefix: str) -> List[st
         fig.savefig(path_prefix + "_steps.png", dpi=110)
         plt.close(fig)
         written.append(path_prefix + "_steps.png")
+    budget_rows = [r for r in budget_rows if r.get("search", "depth") == "depth"]
     if budget_rows:
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for (p, growth) in sorted({(r["provider"], r["growth"]) for r in budget_rows}):

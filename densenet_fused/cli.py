@@ -114,11 +114,14 @@ def bench(args) -> int:
     budget = []
     if cuda and not args.quick and not args.no_budget:
         depths = {12: [100, 190, 250, 400, 700, 1000, 1204, 1600], 40: [100, 190, 250, 400, 502, 700]}
-        todo = sum(len(v) for v in depths.values()) * 2
-        with tqdm(total=todo, desc="depth at 8 GB", unit="model") as bar:
+        batches = [32, 64, 128, 256, 512, 1024]
+        budget_providers = ["fused", "torchvision", "torchvision_me"]
+        todo = (sum(len(v) for v in depths.values()) + 2 * len(batches)) * len(budget_providers)
+        with tqdm(total=todo, desc="at an 8 GB budget", unit="step") as bar:
             for growth, ds in depths.items():
-                budget += B.depth_at_budget(dev, 8.0, growth, ["fused", "torchvision", "torchvision_me"], ds,
-                                            progress=bar)
+                budget += B.depth_at_budget(dev, 8.0, growth, budget_providers, ds, progress=bar)
+            for name in ("densenet121_n64", "densenet_bc100_k12_block1_n64"):
+                budget += B.batch_at_budget(dev, 8.0, B.CASES[name], budget_providers, batches, progress=bar)
     print(f"{env['device_name']} | torch {env['torch']} | triton {env['triton']} | {env['date']}")
     for mode in ("step", "forward", "backward"):
         print(B.format_table(rows, mode))

@@ -60,3 +60,26 @@ def test_cli_bench_quick_writes_json_and_plot(tmp_path, monkeypatch):
 def test_unknown_provider():
     with pytest.raises(ValueError, match="expected one of"):
         B.build(TINY, "nope", "cpu")
+
+
+def test_results_table_with_budget_searches(tmp_path):
+    import importlib.util
+    import os
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "make_table.py")
+    spec = importlib.util.spec_from_file_location("make_table", path)
+    make_table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_table)
+    rows = B.run_case(TINY, ["fused", "torchvision"], "cpu", "fp32", 0, 1, 1)
+    budget = [{"search": "depth", "provider": "fused", "depth": d, "growth": 12, "batch": 64, "dtype": "bf16",
+               "budget_gb": 8.0, "status": s, "params": 1e6 * d, "peak_mb": 1.0}
+              for d, s in ((100, "ok"), (190, "ok"), (250, "oom"))]
+    budget += [{"search": "batch", "case": "densenet121_n64", "provider": "torchvision", "batch": b, "dtype": "bf16",
+                "budget_gb": 8.0, "status": s, "params": 8e6, "peak_mb": 1.0}
+               for b, s in ((32, "ok"), (64, "oom"))]
+    out = tmp_path / "r.json"
+    B.write_json(out, B.environment("cpu"), rows, budget)
+    text = make_table.table(str(out))
+    assert "| tiny_block | fp32 |" in text
+    assert "| fused | 12 | 190 (190.0M) | 250 |" in text
+    assert "| densenet121_n64 | torchvision | 32 | 64 |" in text
+    assert len(B.plot(rows, budget, str(tmp_path / "p"))) == 2
