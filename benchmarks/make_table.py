@@ -44,6 +44,9 @@ def table(path):
             cells += [f"{r['time_ms']:.2f} [{_fmt(r.get('time_ratio_fused'), '.2f')}]",
                       f"{_fmt(r.get(mem_key), '.1f')} [{_fmt(mem_ratio, '.2f')}]"]
         out.append("| " + " | ".join(cells) + " |")
+    png = os.path.splitext(path)[0] + "_steps.png"
+    if os.path.exists(png):
+        out += ["", f"![step time and memory per provider]({os.path.relpath(png, ROOT)})"]
     budget = data.get("depth_at_budget") or []
     depth_rows = [b for b in budget if b.get("search", "depth") == "depth"]
     if depth_rows:
