@@ -38,9 +38,12 @@ TORCH_LIBRARY(densenet_fused, m) {
         "-> (Tensor out, Tensor mean, Tensor var)");
   // One-pass backward of bnrelu_conv1x1 with g = (dout @ weight) * (x*scale+shift > 0):
   // G += scale * g (in place), returns dweight = dout^T @ relu(x*scale+shift) (fp32/fp64),
-  // dgamma = sum(g * (x - mean) * rstd), dbeta = sum(g) per channel.
+  // dgamma = sum(g * (x - mean) * rstd), dbeta = sum(g) per channel.  With P and Q (the
+  // block's per-channel BN-gradient scalars, DESIGN section 2 fact 3) it also accumulates
+  // P += scale*dbeta/count and Q += scale*rstd*dgamma/count in place.
   m.def("bnrelu_conv1x1_bwd(Tensor dout, Tensor x, Tensor scale, Tensor shift, Tensor weight, "
-        "Tensor mean, Tensor rstd, Tensor(a!) G) -> (Tensor dweight, Tensor dgamma, Tensor dbeta)");
+        "Tensor mean, Tensor rstd, Tensor(a!) G, Tensor(b!)? P=None, Tensor(c!)? Q=None, int count=0) "
+        "-> (Tensor dweight, Tensor dgamma, Tensor dbeta)");
   // out (a channel slice of the buffer) = conv3x3(relu(b*scale + shift), weight), pad 1 applied to the
   // activated values; (mean, var) of out as stored when stats.  impl: "aten" / "triton" on CUDA,
   // "" for the default.  Kernels: densenet_fused/ops/bnrelu_conv3x3.py (ATen on CPU and CUDA, Triton).

@@ -171,11 +171,9 @@ def block_backward(spec: BlockSpec, out, grad_out, params, stats, seeds, kept, x
         else:
             db = bn_grad_finish(g2v, bott, m2, zeros2, zeros2, dtype, 0, scale2)
         # 4. one pass over the buffer: G += scale1*g, per-channel sums, dW1.
-        dw1, dgamma1, dbeta1 = bnrelu_conv1x1_bwd(db, buf2[:, :c_l], scale1, shift1, w1c, m1, r1,
-                                                  G[:, :c_l])
-        if spec.training:
-            P[:c_l] += scale1 * dbeta1 / m
-            Q[:c_l] += scale1 * r1 * dgamma1 / m
+        # (training: also P[:c_l] += scale1*dbeta1/M and Q[:c_l] += scale1*rstd1*dgamma1/M)
+        pq = (P[:c_l], Q[:c_l], m) if spec.training else (None, None, 0)
+        dw1, dgamma1, dbeta1 = bnrelu_conv1x1_bwd(db, buf2[:, :c_l], scale1, shift1, w1c, m1, r1, G[:, :c_l], *pq)
         base = PARAMS_PER_LAYER * l
         grads[base + 0] = dgamma1.to(g1.dtype)
         grads[base + 1] = dbeta1.to(b1.dtype)

@@ -6,6 +6,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
+#include <optional>
 #include <vector>
 
 #include "../common.h"
@@ -14,6 +15,15 @@
 namespace densenet_fused {
 namespace cpu {
 namespace {
+
+void check_pq_args(const char* op, const std::optional<at::Tensor>& P, const std::optional<at::Tensor>& Q,
+                   int64_t count, int64_t C, at::ScalarType acc, const at::Tensor& x) {
+  TORCH_CHECK(P.has_value() == Q.has_value(), op, ": expected P and Q together (or neither)");
+  if (!P.has_value()) return;
+  check_vector(*P, C, acc, x, op, "P");
+  check_vector(*Q, C, acc, x, op, "Q");
+  TORCH_CHECK(count > 0, op, ": expected count > 0 (values per channel) with P and Q, got ", count);
+}
 
 constexpr int64_t kTile = 128;       // rows per BN-ReLU tile
 constexpr int64_t kMaxChunks = 16;   // dweight partials in the backward
@@ -106,7 +116,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd(const at::Tensor& x, const at
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(const at::Tensor& dout, const at::Tensor& x,
                                                    const at::Tensor& scale, const at::Tensor& shift,
                                                    const at::Tensor& weight, const at::Tensor& mean,
-                                                   const at::Tensor& rstd, const at::Tensor& G) {
+                                                   const at::Tensor& rstd, const at::Tensor& G,
+                                                   const std::optional<at::Tensor>& P,
+                                                   const std::optional<at::Tensor>& Q, int64_t count) {
   const char* op = "bnrelu_conv1x1_bwd";
   check_args(op, x, scale, shift, weight);
   const int64_t M = x.size(0), C = x.size(1), Cout = weight.size(0);
@@ -123,6 +135,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(const at::Tensor& dout, const
   TORCH_CHECK(G.size(0) == M && G.size(1) == C, op, ": expected G of shape (", M, ", ", C, "), got ", G.sizes());
   TORCH_CHECK(G.scalar_type() == acc, op, ": expected G of dtype ", acc, ", got ", G.scalar_type());
   check_same_device(G, x, op, "G");
+  check_pq_args(op, P, Q, count, C, acc, x);
 
   const int64_t ntiles = ceil_div(M, kTile);
   const int64_t nchunks = std::max<int64_t>(1, std::min(kMaxChunks, ntiles));
@@ -177,7 +190,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(const at::Tensor& dout, const
       db[c] += sg[chunk * C + c];
       dg[c] += sgx[chunk * C + c];
     }
-  return {dweight, dgamma.to(acc), dbeta.to(acc)};
+  dgamma = dgamma.to(acc);
+  dbeta = dbeta.to(acc);
+  if (P.has_value()) {  // P += scale*dbeta/count, Q += scale*rstd*dgamma/count
+    P->add_(scale * dbeta / static_cast<double>(count));
+    Q->add_(scale * rstd * dgamma / static_cast<double>(count));
+  }
+  return {dweight, dgamma, dbeta};
 }
 
 }  // namespace

@@ -39,7 +39,7 @@ def _(x, scale, shift, weight, stats):
 
 
 @torch.library.register_fake("densenet_fused::bnrelu_conv1x1_bwd")
-def _(dout, x, scale, shift, weight, mean, rstd, G):
+def _(dout, x, scale, shift, weight, mean, rstd, G, P=None, Q=None, count=0):
     c = x.shape[1]
     acc = acc_dtype(x.dtype)
     return (x.new_empty((weight.shape[0], c), dtype=acc), x.new_empty(c, dtype=acc),
@@ -51,9 +51,10 @@ def bnrelu_conv1x1_fwd(x, scale, shift, weight, stats: bool = False):
     return torch.ops.densenet_fused.bnrelu_conv1x1_fwd(x, scale, shift, weight, stats)
 
 
-def bnrelu_conv1x1_bwd(dout, x, scale, shift, weight, mean, rstd, G):
-    """(dweight, dgamma, dbeta); accumulates scale * g into G in place."""
-    return torch.ops.densenet_fused.bnrelu_conv1x1_bwd(dout, x, scale, shift, weight, mean, rstd, G)
+def bnrelu_conv1x1_bwd(dout, x, scale, shift, weight, mean, rstd, G, P=None, Q=None, count: int = 0):
+    """(dweight, dgamma, dbeta); accumulates scale * g into G in place, and with P, Q also
+    P += scale*dbeta/count, Q += scale*rstd*dgamma/count."""
+    return torch.ops.densenet_fused.bnrelu_conv1x1_bwd(dout, x, scale, shift, weight, mean, rstd, G, P, Q, count)
 
 
 def _check(x, scale, shift, weight, op):
@@ -69,6 +70,19 @@ def _check(x, scale, shift, weight, op):
     if weight.dim() != 2 or weight.shape[1] != c or weight.dtype != x.dtype or weight.device != x.device:
         raise RuntimeError(f"{op}: expected weight of shape (out_channels, {c}) and dtype {x.dtype} on "
                            f"{x.device}, got {tuple(weight.shape)} {weight.dtype} on {weight.device}")
+
+
+def _check_pq(P, Q, count, c, acc):
+    if (P is None) != (Q is None):
+        raise RuntimeError("bnrelu_conv1x1_bwd: expected P and Q together (or neither)")
+    if P is None:
+        return
+    for name, t in (("P", P), ("Q", Q)):
+        if t.shape != (c,) or t.dtype != acc:
+            raise RuntimeError(f"bnrelu_conv1x1_bwd: expected {name} to be a 1-D tensor of {c} channels and "
+                               f"dtype {acc}, got {tuple(t.shape)} {t.dtype}")
+    if count <= 0:
+        raise RuntimeError(f"bnrelu_conv1x1_bwd: expected count > 0 (values per channel) with P and Q, got {count}")
 
 
 def _check_bwd(dout, x, weight, mean, rstd, G):
@@ -105,10 +119,11 @@ def fwd_chunked(x, scale, shift, weight, stats):
     return out, mean, var
 
 
-def bwd_chunked(dout, x, scale, shift, weight, mean, rstd, G):
+def bwd_chunked(dout, x, scale, shift, weight, mean, rstd, G, P=None, Q=None, count=0):
     """Row-chunked ATen backward: the float64 CUDA path."""
     _check(x, scale, shift, weight, "bnrelu_conv1x1_bwd")
     _check_bwd(dout, x, weight, mean, rstd, G)
+    _check_pq(P, Q, count, x.shape[1], scale.dtype)
     acc = scale.dtype
     c = x.shape[1]
     dweight = torch.zeros((weight.shape[0], c), dtype=acc, device=x.device)
@@ -126,6 +141,9 @@ def bwd_chunked(dout, x, scale, shift, weight, mean, rstd, G):
         dgamma += (g * (xs - mean) * rstd).sum(0)
         a = torch.where(on, y, 0).to(x.dtype).to(acc)
         dweight.addmm_(db.t(), a)
+    if P is not None:
+        P.add_(scale * dbeta / count)
+        Q.add_(scale * rstd * dgamma / count)
     return dweight, dgamma, dbeta
 
 
@@ -199,6 +217,27 @@ def _bwd_kernel(DOUT, lddo, X, ldx, SCALE, SHIFT, W, ldw, MEAN, RSTD, G, ldg,
 
 
 # ----------------------------------------------------------------------------- launchers
+@triton.jit
+def _bwd_finish_kernel(PSG, PSGX, SPLITS, C, SCALE, RSTD, DBETA, DGAMMA, P, Q, inv_count,
+                       UPDATE_PQ: tl.constexpr, BLOCK: tl.constexpr):
+    """Reduce the per-split sums in order into dbeta/dgamma and, for the block, accumulate
+    P += scale*dbeta/count, Q += scale*rstd*dgamma/count: one launch instead of nine."""
+    rc = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = rc < C
+    sg = tl.zeros((BLOCK,), dtype=tl.float32)
+    sgx = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in range(0, SPLITS):
+        sg += tl.load(PSG + s * C + rc, mask=ok, other=0.0)
+        sgx += tl.load(PSGX + s * C + rc, mask=ok, other=0.0)
+    tl.store(DBETA + rc, sg, mask=ok)
+    tl.store(DGAMMA + rc, sgx, mask=ok)
+    if UPDATE_PQ:
+        scale = tl.load(SCALE + rc, mask=ok, other=0.0)
+        rstd = tl.load(RSTD + rc, mask=ok, other=0.0)
+        tl.store(P + rc, tl.load(P + rc, mask=ok, other=0.0) + scale * sg * inv_count, mask=ok)
+        tl.store(Q + rc, tl.load(Q + rc, mask=ok, other=0.0) + scale * rstd * sgx * inv_count, mask=ok)
+
+
 # Autotuned on CUDA (Hopper and Ampere candidates), keyed by the power-of-two bucket of the
 # input channels so a block's layers share a few tunings; fixed small tiles under the
 # interpreter.  BLOCK_M of the forward is chosen from the shape (it sets the statistics
@@ -258,10 +297,11 @@ def _splits(m, c):
     return max(1, min(triton.cdiv(m, 128), 1024 // triton.cdiv(c, 64)))
 
 
-def triton_bwd(dout, x, scale, shift, weight, mean, rstd, G):
+def triton_bwd(dout, x, scale, shift, weight, mean, rstd, G, P=None, Q=None, count=0):
     """Triton one-pass backward launcher (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1)."""
     _check(x, scale, shift, weight, "bnrelu_conv1x1_bwd")
     _check_bwd(dout, x, weight, mean, rstd, G)
+    _check_pq(P, Q, count, x.shape[1], scale.dtype)
     if x.dtype == torch.float64:
         raise RuntimeError("bnrelu_conv1x1_bwd: the Triton kernel takes float32/float16/bfloat16; "
                            "float64 runs bwd_chunked")
@@ -283,8 +323,16 @@ def triton_bwd(dout, x, scale, shift, weight, mean, rstd, G):
     else:
         pdw.zero_()
         psum.zero_()
-    # fixed-order reductions over the splits (torch reductions are deterministic)
-    return pdw.sum(0), psum[1].sum(0), psum[0].sum(0)
+    # fixed-order reductions over the splits: dweight by torch (deterministic), the sums (and
+    # the block's P, Q) by one small kernel
+    dbeta = torch.empty(c, dtype=torch.float32, device=x.device)
+    dgamma = torch.empty(c, dtype=torch.float32, device=x.device)
+    if c > 0:
+        update = P is not None
+        _bwd_finish_kernel[(triton.cdiv(c, 256),)](psum[0], psum[1], splits, c, scale, rstd, dbeta, dgamma,
+                                                   P if update else dbeta, Q if update else dgamma,
+                                                   1.0 / count if update else 0.0, UPDATE_PQ=update, BLOCK=256)
+    return pdw.sum(0), dgamma, dbeta
 
 
 def _cuda_fwd(x, scale, shift, weight, stats):
@@ -293,10 +341,10 @@ def _cuda_fwd(x, scale, shift, weight, stats):
     return triton_fwd(x, scale, shift, weight, stats)
 
 
-def _cuda_bwd(dout, x, scale, shift, weight, mean, rstd, G):
+def _cuda_bwd(dout, x, scale, shift, weight, mean, rstd, G, P=None, Q=None, count=0):
     if x.dtype == torch.float64:
-        return bwd_chunked(dout, x, scale, shift, weight, mean, rstd, G)
-    return triton_bwd(dout, x, scale, shift, weight, mean, rstd, G)
+        return bwd_chunked(dout, x, scale, shift, weight, mean, rstd, G, P, Q, count)
+    return triton_bwd(dout, x, scale, shift, weight, mean, rstd, G, P, Q, count)
 
 
 _lib.impl("bnrelu_conv1x1_fwd", _cuda_fwd, "CUDA")

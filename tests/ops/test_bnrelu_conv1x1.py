@@ -97,6 +97,9 @@ def test_opcheck(device):
     G = torch.zeros(45, 11, device=device)
     torch.library.opcheck(torch.ops.densenet_fused.bnrelu_conv1x1_bwd.default,
                           (dout, x, scale, shift, weight, mean, rstd, G))
+    P, Q = torch.zeros(11, device=device), torch.zeros(11, device=device)
+    torch.library.opcheck(torch.ops.densenet_fused.bnrelu_conv1x1_bwd.default,
+                          (dout, x, scale, shift, weight, mean, rstd, G, P, Q, 45))
 
 
 def test_bad_input():
@@ -112,3 +115,21 @@ def test_bad_input():
     G = torch.zeros(10, 8)
     with pytest.raises(RuntimeError, match=r"dout of shape \(10, 4\)"):
         op.bnrelu_conv1x1_bwd(torch.zeros(10, 3), x, scale, shift, weight, mean, rstd, G)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_backward_accumulates_p_and_q(device, impl, dtype):
+    _, bwd = IMPLS[impl]
+    x, scale, shift, weight, mean, rstd = _args(300, 41, 0, 29, 12, dtype, device)
+    dout = torch.randn(300, 12, dtype=dtype, device=device)
+    acc = scale.dtype
+    P0, Q0 = torch.randn(29, dtype=acc, device=device), torch.randn(29, dtype=acc, device=device)
+    P, Q = P0.clone(), Q0.clone()
+    _, dgamma, dbeta = bwd(dout, x, scale, shift, weight, mean, rstd, torch.zeros(300, 29, dtype=acc, device=device),
+                           P, Q, 300)
+    _, _, dgamma_ref, dbeta_ref = oracle.bnrelu_conv1x1_bwd(dout, x, scale, shift, weight, mean, rstd)
+    _close(P - P0, scale.double().cpu() * dbeta_ref / 300, dtype)
+    _close(Q - Q0, scale.double().cpu() * rstd.double().cpu() * dgamma_ref / 300, dtype)
+    with pytest.raises(RuntimeError, match="P and Q together"):
+        bwd(dout, x, scale, shift, weight, mean, rstd, torch.zeros(300, 29, dtype=acc, device=device), P, None, 300)

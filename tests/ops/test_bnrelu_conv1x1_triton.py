@@ -95,6 +95,18 @@ def test_backward(dtype, m, c_total, c, cout):
     assert torch.equal(gbuf[:, c:], untouched)  # only the slice is written
 
 
+def test_backward_finish_accumulates_p_and_q():
+    x, scale, shift, weight, mean, rstd = _args(100, 41, 29, 20, torch.float32)
+    dout = torch.randn(100, 20, device=DEVICE)
+    P0, Q0 = torch.randn(29, device=DEVICE), torch.randn(29, device=DEVICE)
+    P, Q = P0.clone(), Q0.clone()
+    _, dgamma, dbeta = op.triton_bwd(dout, x, scale, shift, weight, mean, rstd, torch.zeros(100, 29, device=DEVICE),
+                                     P, Q, 100)
+    _, _, dgamma_ref, dbeta_ref = oracle.bnrelu_conv1x1_bwd(dout, x, scale, shift, weight, mean, rstd)
+    assert _err(P - P0, scale.double().cpu() * dbeta_ref / 100) <= 2e-5
+    assert _err(Q - Q0, scale.double().cpu() * rstd.double().cpu() * dgamma_ref / 100) <= 2e-5
+
+
 def test_backward_deterministic():
     x, scale, shift, weight, mean, rstd = _args(100, 30, 30, 20, torch.float32)
     dout = torch.randn(100, 20, device=DEVICE)
