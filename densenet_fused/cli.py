@@ -89,7 +89,7 @@ def bench(args) -> int:
     cuda = dev == "cuda"
     if args.quick:
         cases = ([B.CASES[n] for n in ("densenet121_block3_n128", "densenet121_block1_n128",
-                                       "densenet_bc100_k12_block1_n64", "densenet121_n64")]
+                                       "densenet_bc100_k12_block1_n64")]  # whole models: `bench --cases`
                  if cuda else list(B.CPU_CASES.values()))
         dtypes = ["bf16"] if cuda else ["fp32"]
         warmup, steps, rounds = (3, 5, 2) if cuda else (1, 1, 2)
