@@ -58,7 +58,7 @@ def _run(impl, dtype, device, n, h, w, cb, k):
     g2, dweight, dgamma, dbeta = bwd(dy, b, scale, shift, weight, nhw, mean, rstd)
     ref_out, ref_g2, ref_dw, _, _ = _oracle(b.cpu(), scale.cpu(), shift.cpu(), weight.cpu(), nhw, dy.cpu())
     xhat = (b.double().cpu() - mean.double().cpu()) * rstd.double().cpu()
-    tol = {torch.float64: 1e-12, torch.float32: 3e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}[dtype]
+    tol = {torch.float64: 1e-12, torch.float32: 3e-5, torch.float16: 4e-3, torch.bfloat16: 1e-2}[dtype]
     assert _err(out, ref_out) <= tol
     assert torch.equal(buf[:, :4], torch.zeros_like(buf[:, :4])) and torch.equal(buf[:, 4 + k:], buf[:, 4 + k:] * 0)
     stored = out.double().cpu()
