@@ -101,6 +101,16 @@ def _bwd_aten(dy, b, scale, shift, weight, nhw, mean, rstd):
 
 # ----------------------------------------------------------------------------- Triton kernels
 @triton.jit
+def _neighbour(rm, row_ok, H, Wd, dh, dw):
+    """For the pixel rows rm of (N, H, W) images: whether pixel (h + dh, w + dw) is inside the
+    image, and its row index (int64)."""
+    hh = (rm // Wd) % H
+    ww = rm % Wd
+    ok = row_ok & (hh + dh >= 0) & (hh + dh < H) & (ww + dw >= 0) & (ww + dw < Wd)
+    return ok, (rm + dh * Wd + dw).to(tl.int64)
+
+
+@triton.jit
 def _fwd_kernel(B, SCALE, SHIFT, W9, OUT, ldo, PMEAN, PM2, M, H, Wd, CB, K,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                 STATS: tl.constexpr, PRECISION: tl.constexpr):
@@ -111,14 +121,9 @@ def _fwd_kernel(B, SCALE, SHIFT, W9, OUT, ldo, PMEAN, PM2, M, H, Wd, CB, K,
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rm < M
     n_ok = rn < K
-    hh = (rm // Wd) % H
-    ww = rm % Wd
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for tap in tl.static_range(9):
-        dh = tap // 3 - 1
-        dw = tap % 3 - 1
-        ok = row_ok & (hh + dh >= 0) & (hh + dh < H) & (ww + dw >= 0) & (ww + dw < Wd)
-        src = (rm + dh * Wd + dw).to(tl.int64)
+        ok, src = _neighbour(rm, row_ok, H, Wd, tap // 3 - 1, tap % 3 - 1)
         for k0 in range(0, CB, BLOCK_K):
             rk = k0 + tl.arange(0, BLOCK_K)
             k_ok = rk < CB
@@ -143,15 +148,10 @@ def _dgrad_kernel(DY, lddy, B, SCALE, SHIFT, MEAN, RSTD, W9T, G2, PSG, PSGX, M, 
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # input channels ci
     row_ok = rm < M
     n_ok = rn < CB
-    hh = (rm // Wd) % H
-    ww = rm % Wd
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for tap in tl.static_range(9):
-        dh = tap // 3 - 1
-        dw = tap % 3 - 1
         # the output pixel whose tap `tap` reads pixel m
-        ok = row_ok & (hh - dh >= 0) & (hh - dh < H) & (ww - dw >= 0) & (ww - dw < Wd)
-        src = (rm - dh * Wd - dw).to(tl.int64)
+        ok, src = _neighbour(rm, row_ok, H, Wd, 1 - tap // 3, 1 - tap % 3)
         for k0 in range(0, K, BLOCK_K):
             rk = k0 + tl.arange(0, BLOCK_K)
             k_ok = rk < K
@@ -180,8 +180,6 @@ def _wgrad_kernel(DY, lddy, B, SCALE, SHIFT, PDW, M, H, Wd, CB, K, SPLITS,
     split = tl.program_id(1)
     tap = pid % 9
     pid_c = pid // 9
-    dh = tap // 3 - 1
-    dw = tap % 3 - 1
     rc = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     rk = tl.arange(0, KPAD)
     c_ok = rc < CB
@@ -191,12 +189,9 @@ def _wgrad_kernel(DY, lddy, B, SCALE, SHIFT, PDW, M, H, Wd, CB, K, SPLITS,
     for t in range(split * tiles_per_split, (split + 1) * tiles_per_split):
         rm = t * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rm < M
-        hh = (rm // Wd) % H
-        ww = rm % Wd
-        ok = row_ok & (hh + dh >= 0) & (hh + dh < H) & (ww + dw >= 0) & (ww + dw < Wd)
+        ok, src = _neighbour(rm, row_ok, H, Wd, tap // 3 - 1, tap % 3 - 1)
         d = tl.load(DY + rm.to(tl.int64)[:, None] * lddy + rk[None, :], mask=row_ok[:, None] & k_ok[None, :],
                     other=0.0)
-        src = (rm + dh * Wd + dw).to(tl.int64)
         a = bnrelu_tile(B, src, CB, rc, ok[:, None] & c_ok[None, :], SCALE, SHIFT, c_ok).to(B.dtype.element_ty)
         acc = tl.dot(tl.trans(d), a, acc, input_precision=PRECISION)
     tl.store(PDW + ((split * 9 + tap) * K + rk[:, None]) * CB + rc[None, :], acc, mask=k_ok[:, None] & c_ok[None, :])
