@@ -201,13 +201,16 @@ def _tiles(small, big):
     return small if _INTERPRET else big
 
 
-def _fwd_triton(b, scale, shift, weight, nhw, out, stats):
-    _check(b, scale, shift, weight, nhw, "bnrelu_conv3x3_fwd")
+def _triton_shapes(b, scale, shift, weight, nhw, op):
+    """Checks shared by the Triton launchers; returns (H, W, M, Cb, k)."""
+    _check(b, scale, shift, weight, nhw, op)
     if b.dtype == torch.float64:
-        raise RuntimeError("bnrelu_conv3x3_fwd: the Triton kernel takes float32/float16/bfloat16")
-    n, h, w = nhw
-    m, cb = b.shape
-    k = weight.shape[0]
+        raise RuntimeError(f"{op}: the Triton kernel takes float32/float16/bfloat16")
+    return nhw[1], nhw[2], b.shape[0], b.shape[1], weight.shape[0]
+
+
+def _fwd_triton(b, scale, shift, weight, nhw, out, stats):
+    h, w, m, cb, k = _triton_shapes(b, scale, shift, weight, nhw, "bnrelu_conv3x3_fwd")
     w9 = weight.permute(2, 3, 1, 0).reshape(9, cb, k).contiguous()  # [tap, ci, co]
     bm, bn, bk = _tiles(32, 128), max(16, min(64, triton.next_power_of_2(k))), _tiles(16, 64)
     tiles = triton.cdiv(m, bm)
@@ -222,12 +225,7 @@ def _fwd_triton(b, scale, shift, weight, nhw, out, stats):
 
 
 def _bwd_triton(dy, b, scale, shift, weight, nhw, mean, rstd):
-    _check(b, scale, shift, weight, nhw, "bnrelu_conv3x3_bwd")
-    if b.dtype == torch.float64:
-        raise RuntimeError("bnrelu_conv3x3_bwd: the Triton kernel takes float32/float16/bfloat16")
-    n, h, w = nhw
-    m, cb = b.shape
-    k = weight.shape[0]
+    h, w, m, cb, k = _triton_shapes(b, scale, shift, weight, nhw, "bnrelu_conv3x3_bwd")
     kpad = max(16, triton.next_power_of_2(k))
     w9t = weight.permute(2, 3, 0, 1).reshape(9, k, cb).contiguous()  # [tap, co, ci]
     bm, bn = _tiles(32, 64), _tiles(16, 64)
