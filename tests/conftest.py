@@ -12,6 +12,7 @@ if not torch.cuda.is_available():
 sys.path.insert(0, os.path.dirname(__file__))
 
 import densenet_fused  # noqa: E402,F401  (loads the ops)
+from flags import tf32_disabled  # noqa: E402
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -19,6 +20,12 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 @pytest.fixture(params=DEVICES)
 def device(request):
     return torch.device(request.param)
+
+
+@pytest.fixture
+def no_tf32():
+    with tf32_disabled():
+        yield
 
 
 @pytest.fixture(autouse=True)

@@ -14,6 +14,7 @@ import torch
 
 import densenet_fused.block as block_mod
 from blockutil import assert_close, make_pair, run_step
+from flags import patched, tf32_disabled
 from densenet_fused.ops import bnrelu_conv1x1 as op
 from densenet_fused.ops import bnrelu_conv3x3 as op3
 
@@ -24,14 +25,15 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 @pytest.mark.skipif(not INTERPRET, reason="substitutes interpreted Triton kernels on CPU tensors")
 @pytest.mark.parametrize("drop_rate", [0.0, 0.25])
-def test_block_on_triton_kernels_matches_torchvision(monkeypatch, drop_rate):
+def test_block_on_triton_kernels_matches_torchvision(drop_rate):
     """The block with its Triton kernels (1x1, 3x3, scale/shift) in place of the CPU kernels."""
-    monkeypatch.setattr(block_mod, "bnrelu_conv1x1_fwd", op._cuda_fwd)
-    monkeypatch.setattr(block_mod, "bnrelu_conv1x1_bwd", op._cuda_bwd)
-    monkeypatch.setattr(block_mod, "bnrelu_conv3x3_fwd", lambda *args: op3._fwd_triton(*args[:7]))  # no impl arg
-    monkeypatch.setattr(block_mod, "bnrelu_conv3x3_bwd", lambda *args: op3._bwd_triton(*args[:8]))
-    monkeypatch.setattr(block_mod, "bn_scale_shift", scale_shift_mod.triton_scale_shift)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    triton_ops = dict(
+        bnrelu_conv1x1_fwd=op._cuda_fwd,
+        bnrelu_conv1x1_bwd=op._cuda_bwd,
+        bnrelu_conv3x3_fwd=lambda *args: op3._fwd_triton(*args[:7]),  # no impl arg
+        bnrelu_conv3x3_bwd=lambda *args: op3._bwd_triton(*args[:8]),
+        bn_scale_shift=scale_shift_mod.triton_scale_shift,
+    )
     ref, fused = make_pair(torch.float32, drop_rate=drop_rate)
     ref.train(), fused.train()
     init = {k: v.clone() for k, v in fused.state_dict().items()}
@@ -40,7 +42,8 @@ def test_block_on_triton_kernels_matches_torchvision(monkeypatch, drop_rate):
     torch.manual_seed(5)
     y_r, dx_r, g_r = run_step(ref, x, grad)
     torch.manual_seed(5)
-    y_f, dx_f, g_f = run_step(fused, x, grad)
+    with tf32_disabled(), patched(block_mod, **triton_ops):
+        y_f, dx_f, g_f = run_step(fused, x, grad)
     if drop_rate == 0:
         assert_close(y_f, y_r, 1e-4, "output")
         assert_close(dx_f, dx_r, 1e-4, "input grad")
@@ -49,7 +52,6 @@ def test_block_on_triton_kernels_matches_torchvision(monkeypatch, drop_rate):
         for (name, b_r), b_f in zip(ref.named_buffers(), fused.buffers()):
             assert_close(b_f.double(), b_r.double(), 1e-4, name)
     else:  # the fused block's own masks: its CPU-kernel run with the same seed is the reference
-        monkeypatch.undo()
         _, fused2 = make_pair(torch.float32, drop_rate=drop_rate)
         fused2.load_state_dict(init)
         torch.manual_seed(5)
@@ -75,11 +77,9 @@ def _errors_vs_fp64(dtype_ctx, ref64, block, x, grad):
     return rel(y, y64), rel(dx, dx64), max(rel(g[n], g64[n]) for n in g64)
 
 
-def _check_tolerance_rule(device, mode, monkeypatch):
+def _check_tolerance_rule(device, mode):
     """Fused and torchvision blocks with the same weights, each against float64: the fused
     error may be at most 2x torchvision's own error in that dtype plus a small floor."""
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     torch.manual_seed(0)
     kw = dict(num_layers=6, num_input_features=29, growth_rate=12, bn_size=4, device=device)
     ref, fused = make_pair(torch.float32, **kw)
@@ -101,17 +101,17 @@ def _check_tolerance_rule(device, mode, monkeypatch):
         assert f <= 2 * r + floor, f"{mode} {what}: fused error {f:.2e} > 2 x torchvision error {r:.2e} + {floor}"
 
 
-def test_block_bf16_autocast_on_cpu_by_tolerance_rule(monkeypatch):
+def test_block_bf16_autocast_on_cpu_by_tolerance_rule(no_tf32):
     # the autocast path (bf16 buffer, fp32 statistics and accumulation) on the CPU kernels
-    _check_tolerance_rule("cpu", "bf16_autocast", monkeypatch)
+    _check_tolerance_rule("cpu", "bf16_autocast")
 
 
 @gpu
 @pytest.mark.parametrize("conv3x3", ["aten", "triton"])
 @pytest.mark.parametrize("mode", ["float32", "bf16_autocast"])
-def test_block_on_cuda_by_tolerance_rule(mode, conv3x3, monkeypatch):
-    monkeypatch.setattr(op3, "_cuda_impl", conv3x3)
-    _check_tolerance_rule("cuda", mode, monkeypatch)
+def test_block_on_cuda_by_tolerance_rule(mode, conv3x3, no_tf32):
+    with patched(op3, _cuda_impl=conv3x3):
+        _check_tolerance_rule("cuda", mode)
 
 
 @gpu

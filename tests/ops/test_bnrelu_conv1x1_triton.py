@@ -45,8 +45,8 @@ DTYPES = [torch.float32, torch.float16] if INTERPRET else [torch.float32, torch.
 
 
 @pytest.fixture(autouse=True)
-def _no_tf32(monkeypatch):
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+def _no_tf32(no_tf32):
+    pass
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -79,8 +79,7 @@ def test_aten_implementation(device, dtype, shape):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16] + ([] if INTERPRET else [torch.bfloat16]))
 # bfloat16 on GPUs only: the interpreter's bf16 tl.dot multiplies bit patterns (triton-lang/triton#11584)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_triton_kernels(dtype, shape, monkeypatch):
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+def test_triton_kernels(dtype, shape, no_tf32):
     _run("triton", dtype, TRITON_DEVICE, *shape)
 
 
