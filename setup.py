@@ -12,6 +12,7 @@ The GPU is never probed.  Overrides:
 import glob
 import os
 import shutil
+import sys
 
 from setuptools import setup
 
@@ -65,6 +66,12 @@ os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST)
 
 sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
 cxx_flags = ["-O3"]  # the C++ standard is the one torch asks for
+# Link the shared libstdc++ that torch itself uses.  Some toolchains ship only a static
+# libstdc++.a in their own library folder (the GPU machines' CXX=/opt/gcc/bin/g++ does): _C then
+# carries a private libstdc++ copy whose locale facets are never initialized, and formatting any
+# error message (every TORCH_CHECK) segfaulted.  ``-l:libstdc++.so.6`` asks for the shared file by
+# name, so no static archive earlier in the search path can satisfy it.
+link_flags = ["-l:libstdc++.so.6"] if sys.platform.startswith("linux") else []
 define_macros = [("TORCH_VERSION_BUILT", '"%s"' % torch.__version__)]
 if with_cuda:
     sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
@@ -74,10 +81,11 @@ if with_cuda:
         sources,
         define_macros=define_macros,
         extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]},
+        extra_link_args=link_flags,
     )
 else:
     ext = CppExtension("densenet_fused._C", sources, define_macros=define_macros,
-                       extra_compile_args={"cxx": cxx_flags})
+                       extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags)
 
 # Record what the extension is built against, so that importing it under another torch
 # fails with instructions instead of an undefined-symbol error.

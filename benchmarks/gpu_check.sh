@@ -25,7 +25,7 @@ python -c "import torch, triton; print('torch', torch.__version__, 'triton', tri
 cat "$OUT/device.txt"
 
 echo "== build"
-if ! pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1; then
+if ! python -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1; then
     tail -40 "$OUT/build.log"; exit 1
 fi
 python -c "import densenet_fused; print('extension WITH_CUDA =', densenet_fused.WITH_CUDA)"

@@ -39,7 +39,8 @@ def bnrelu_conv1x1_bwd(dout, x, scale, shift, weight, mean, rstd):
     return sd * g, dout.double().t() @ a, (g * xhat).sum(0), g.sum(0)
 
 
-def strided_slice(m, c_total, c_begin, c, dtype, offset=0.0, scale=1.0, generator=None):
-    """A channel slice [c_begin, c_begin + c) of a wider (m, c_total) buffer: a strided matrix."""
+def strided_slice(m, c_total, c_begin, c, dtype, offset=0.0, scale=1.0, generator=None, device="cpu"):
+    """A channel slice [c_begin, c_begin + c) of a wider (m, c_total) buffer on ``device``: a
+    strided matrix (slice after moving: ``.to(device)`` of a slice would copy it contiguous)."""
     buf = torch.randn(m, c_total, dtype=torch.float64, generator=generator) * scale + offset
-    return buf.to(dtype)[:, c_begin:c_begin + c]
+    return buf.to(dtype).to(device)[:, c_begin:c_begin + c]

@@ -7,8 +7,8 @@ from densenet_fused.ops import bn_grad_finish
 
 def _args(m, c_total, c_begin, c, dtype, device):
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    x = oracle.strided_slice(m, c_total, c_begin, c, dtype).to(device)
-    G = oracle.strided_slice(m, c_total + 3, c_begin + 1, c, acc).to(device)
+    x = oracle.strided_slice(m, c_total, c_begin, c, dtype, device=device)
+    G = oracle.strided_slice(m, c_total + 3, c_begin + 1, c, acc, device=device)
     mean, P, Q = (torch.randn(c, dtype=acc, device=device) for _ in range(3))
     return G, x, mean, P, Q
 

@@ -10,7 +10,7 @@ SHAPES = [(1, 5, 0, 5, 3), (37, 20, 0, 13, 9), (300, 41, 0, 29, 12), (517, 64, 0
 
 def _args(m, c_total, c_begin, c, cout, dtype, device):
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    x = oracle.strided_slice(m, c_total, c_begin, c, dtype, offset=0.3).to(device)
+    x = oracle.strided_slice(m, c_total, c_begin, c, dtype, offset=0.3, device=device)
     scale = (torch.rand(c, dtype=acc) + 0.5).to(device)
     shift = torch.randn(c, dtype=acc).to(device) * 0.5
     weight = (torch.randn(cout, c, dtype=torch.float64) / c ** 0.5).to(dtype).to(device)
@@ -129,7 +129,7 @@ def test_backward_accumulates_p_and_q(device, impl, dtype):
     _, dgamma, dbeta = bwd(dout, x, scale, shift, weight, mean, rstd, torch.zeros(300, 29, dtype=acc, device=device),
                            P, Q, 300)
     _, _, dgamma_ref, dbeta_ref = oracle.bnrelu_conv1x1_bwd(dout, x, scale, shift, weight, mean, rstd)
-    _close(P - P0, scale.double().cpu() * dbeta_ref / 300, dtype)
-    _close(Q - Q0, scale.double().cpu() * rstd.double().cpu() * dgamma_ref / 300, dtype)
+    _close(P - P0, scale.double().cpu() * dbeta_ref.cpu() / 300, dtype)
+    _close(Q - Q0, scale.double().cpu() * rstd.double().cpu() * dgamma_ref.cpu() / 300, dtype)
     with pytest.raises(RuntimeError, match="P and Q together"):
         bwd(dout, x, scale, shift, weight, mean, rstd, torch.zeros(300, 29, dtype=acc, device=device), P, None, 300)

@@ -10,7 +10,7 @@ TOL = {torch.float64: dict(rtol=1e-12, atol=1e-12), torch.float32: dict(rtol=1e-
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("m,c_total,c_begin,c", [(1, 3, 0, 3), (7, 13, 0, 13), (300, 50, 13, 29), (517, 37, 5, 31)])
 def test_matches_oracle_on_strided_slices(device, dtype, m, c_total, c_begin, c):
-    x = oracle.strided_slice(m, c_total, c_begin, c, dtype, offset=0.5, scale=2.0).to(device)
+    x = oracle.strided_slice(m, c_total, c_begin, c, dtype, offset=0.5, scale=2.0, device=device)
     assert x.stride() == (c_total, 1)
     mean, var, rstd = channel_stats(x, 1e-5)
     ref = oracle.channel_stats(x.cpu(), 1e-5)
@@ -40,7 +40,7 @@ def test_deterministic(device):
 
 
 def test_opcheck(device):
-    x = oracle.strided_slice(33, 20, 3, 11, torch.float32).to(device)
+    x = oracle.strided_slice(33, 20, 3, 11, torch.float32, device=device)
     torch.library.opcheck(torch.ops.densenet_fused.channel_stats.default, (x, 1e-5))
 
 
