@@ -1,21 +1,34 @@
 # densenet_fused: `make demo` and `make test` do all the set-up on a fresh machine.
+#
+#   make test          pinned versions (constraints.txt), or the torch already installed if it meets
+#                      the lower bound (GPU machines: torch preinstalled, no network)
+#   make test-latest   the newest versions of everything (finds the next breakage on purpose)
+#   make test-min      the lowest supported set (constraints-min.txt: torch 2.11, triton 3.6, pytest 8)
+#
+# Use a virtual environment: `python3 -m venv .venv && . .venv/bin/activate` first.
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
+DEPS ?= pinned
 MAX_JOBS ?= 2
 export MAX_JOBS
 
-.PHONY: deps install test demo gpu-check
+.PHONY: deps install test test-latest test-min demo gpu-check
 
-# torch first: the extension builds against the installed torch (--no-build-isolation).
 deps:
-	$(PIP) install -q torch torchvision
-	$(PIP) install -q numpy ninja setuptools wheel tqdm matplotlib pytest pytest-benchmark timm
+	$(PYTHON) tools/install_deps.py $(DEPS)
 
+# the extension builds against the installed torch (--no-build-isolation)
 install: deps
 	$(PIP) install -q --no-build-isolation --no-deps -e .
 
 test: install
 	$(PYTHON) -m pytest tests
+
+test-latest:
+	$(MAKE) test DEPS=latest
+
+test-min:
+	$(MAKE) test DEPS=min
 
 demo: install
 	$(PYTHON) -m densenet_fused.cli demo

@@ -87,6 +87,16 @@ else:
     ext = CppExtension("densenet_fused._C", sources, define_macros=define_macros,
                        extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags)
 
+# Objects compiled against another torch's headers must not be linked into this build (ninja
+# rebuilds by timestamps only): a build folder stamped with another torch version is cleared.
+_stamp = os.path.join(ROOT, "build", "torch_version.txt")
+if os.path.exists(_stamp) and open(_stamp).read().strip() != torch.__version__:
+    for _tmp in glob.glob(os.path.join(ROOT, "build", "temp*")):
+        shutil.rmtree(_tmp)
+os.makedirs(os.path.dirname(_stamp), exist_ok=True)
+with open(_stamp, "w") as f:
+    f.write(torch.__version__ + "\n")
+
 # Record what the extension is built against, so that importing it under another torch
 # fails with instructions instead of an undefined-symbol error.
 with open(os.path.join(ROOT, "densenet_fused", "_build_info.py"), "w") as f:

@@ -10,7 +10,7 @@ from .convert import convert
 from .models import DenseNet, densenet121, densenet161, densenet169, densenet201, densenet264, densenet_bc
 from .modules import FusedDenseBlock, FusedDenseLayer
 
-__version__ = "0.1.0"
+from ._version import __version__  # noqa: E402  (one source: pyproject reads it too)
 
-__all__ = ["FusedDenseBlock", "FusedDenseLayer", "convert", "DenseNet", "densenet121", "densenet161",
+__all__ = ["__version__", "FusedDenseBlock", "FusedDenseLayer", "convert", "DenseNet", "densenet121", "densenet161",
            "densenet169", "densenet201", "densenet264", "densenet_bc"]

@@ -1,81 +1,15 @@
 """``densenet-fused``: command-line entry point.
 
-  densenet-fused demo  [--device cpu|cuda]       accuracy side-by-side of a fused block and the reference
+  densenet-fused demo  [--device cpu|cuda]       memory, time and accuracy of a fused block against
+                                                 torchvision's (plain and memory_efficient), side by side
   densenet-fused bench [--quick] [--device cpu|cuda] [--out DIR]
                                                  fused vs torchvision (plain, memory_efficient, compile):
                                                  table on stdout, JSON + PNG plots in DIR
 """
 import argparse
 import sys
-import time
 
 import torch
-
-
-def _time_step(block, x, grad, steps):
-    times = []
-    for _ in range(steps):
-        if x.is_cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        xi = x.detach().requires_grad_()
-        block(xi).backward(grad)
-        if x.is_cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    times.sort()
-    return times[len(times) // 2]
-
-
-def demo(device: str) -> int:
-    from . import FusedDenseBlock
-    from .reference import ReferenceDenseBlock
-
-    dev = torch.device(device)
-    torch.manual_seed(0)
-    # DenseNet-BC (k=12) block shape at 32x32; smaller batch on the CPU.
-    layers, c0, k, bn_size = 16, 24, 12, 4
-    n = 64 if dev.type == "cuda" else 8
-    ref = ReferenceDenseBlock(layers, c0, bn_size, k).to(dev).train()
-    fused = FusedDenseBlock(layers, c0, bn_size, k).to(dev).train()
-    fused.load_state_dict(ref.state_dict())
-    x = torch.randn(n, c0, 32, 32, device=dev).to(memory_format=torch.channels_last)
-    grad = torch.randn(n, c0 + layers * k, 32, 32, device=dev)
-
-    # Errors of both float32 implementations against a float64 reference: in float32 any
-    # implementation's gradients move by ~1e-3 when a ReLU input within rounding of 0 flips.
-    ref64 = ReferenceDenseBlock(layers, c0, bn_size, k).to(dev, torch.float64).train()
-    ref64.load_state_dict(ref.state_dict())
-    results = {}
-    for name, block, dtype in (("reference", ref, torch.float32), ("fused", fused, torch.float32),
-                               ("float64", ref64, torch.float64)):
-        xi = x.to(dtype).clone().requires_grad_()
-        y = block(xi)
-        y.backward(grad.to(dtype))
-        results[name] = (y.double(), xi.grad.double(), [p.grad.double() for p in block.parameters()])
-    rel = lambda a, b: ((a - b).norm() / b.norm()).item()  # noqa: E731
-
-    def errors(name):
-        y, dx, grads = results[name]
-        y64, dx64, grads64 = results["float64"]
-        return rel(y, y64), rel(dx, dx64), max(rel(a, b) for a, b in zip(grads, grads64))
-
-    print(f"densenet_fused demo on {dev} (torch {torch.__version__}): block of {layers} layers, "
-          f"{c0}->{c0 + layers * k} channels, k={k}, N={n}, 32x32, float32, training step")
-    print("  relative error against float64   output     input grad  worst param grad")
-    for name in ("reference", "fused"):
-        e = errors(name)
-        print(f"  {name:<32} {e[0]:.2e}   {e[1]:.2e}    {e[2]:.2e}")
-    ok = all(f <= max(2 * r, 1e-2) for f, r in zip(errors("fused"), errors("reference")))
-    steps = 10 if dev.type == "cuda" else 3
-    t_ref = t_fused = 0.0
-    for _ in range(2):  # interleave providers: A B A B
-        t_ref = _time_step(ref, x, grad, steps)
-        t_fused = _time_step(fused, x, grad, steps)
-    print(f"  step time (median of {steps}): reference {t_ref * 1e3:.1f} ms, fused {t_fused * 1e3:.1f} ms, "
-          f"ratio fused/reference {t_fused / t_ref:.2f}")
-    print("  agreement (fused error <= max(2x reference error, 1e-2)):", "OK" if ok else "MISMATCH")
-    return 0 if ok else 1
 
 
 def bench(args) -> int:
@@ -153,6 +87,7 @@ def main(argv=None) -> int:
     p_bench.add_argument("--tag", default="", help="suffix of the output file names")
     args = parser.parse_args(argv)
     if args.cmd == "demo":
+        from .demo import demo
         return demo(args.device)
     if args.cmd == "bench":
         return bench(args)
