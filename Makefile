@@ -12,7 +12,7 @@ DEPS ?= pinned
 MAX_JOBS ?= 2
 export MAX_JOBS
 
-.PHONY: deps install test test-latest test-min demo gpu-check
+.PHONY: deps install test test-latest test-min demo dist dist-check gpu-check
 
 deps:
 	$(PYTHON) tools/install_deps.py $(DEPS)
@@ -33,6 +33,18 @@ test-min:
 demo: install
 	$(PYTHON) -m densenet_fused.cli demo
 	$(PYTHON) -m densenet_fused.cli bench --quick --out bench_out
+
+# A release: the sdist, then a wheel built from it against the installed torch (the extension is
+# ABI-bound to that torch, hence --no-build-isolation), both in dist/.
+dist: deps
+	rm -rf dist
+	$(PYTHON) -m build --sdist --no-isolation --outdir dist .
+	$(PIP) wheel --no-build-isolation --no-deps --wheel-dir dist dist/densenet_fused-*.tar.gz
+
+# The wheel installed (not the source tree) passes the smoke test, run from outside the checkout.
+dist-check: dist
+	$(PIP) install -q --no-deps --force-reinstall dist/densenet_fused-*.whl
+	cd /tmp && $(PYTHON) $(CURDIR)/tools/smoke_test.py
 
 # On a GPU machine: build, GPU tests and benchmark, logs and JSON into OUTDIR.
 gpu-check:

@@ -14,7 +14,8 @@ from densenet_fused import bench as B
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 CASES = list(B.CASES.values()) if CUDA else list(B.CPU_CASES.values())
-PROVIDERS = list(B.PROVIDERS) if CUDA else ["fused", "fused_keep_b", "torchvision", "torchvision_me"]
+PROVIDERS = list(B.PROVIDERS) if CUDA else ["fused", "fused_keep_b", "torchvision", "torchvision_me",
+                                            *B.COMPILE_BUDGETS]
 DTYPES = ["fp32", "bf16"] if CUDA else ["fp32"]
 WARMUP, STEPS, ROUNDS = (5, 10, 2) if CUDA else (1, 1, 2)
 

@@ -19,7 +19,25 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-PROVIDERS = ("fused", "fused_keep_b", "fused_triton3x3", "torchvision", "torchvision_me", "torchvision_compile")
+PROVIDERS = ("fused", "fused_keep_b", "fused_triton3x3", "torchvision", "torchvision_me", "torchvision_compile",
+             "torchvision_compile_budget0.3", "torchvision_compile_budget0.05")
+# torch.compile with min-cut recomputation under an activation memory budget
+# (torch._functorch.config.activation_memory_budget): the strongest memory alternative in torch
+COMPILE_BUDGETS = {"torchvision_compile_budget0.3": 0.3, "torchvision_compile_budget0.05": 0.05}
+
+
+class _UnderMemoryBudget(torch.nn.Module):
+    """A compiled module whose every call (so its compilation, and any recompilation) runs
+    under its own activation memory budget."""
+
+    def __init__(self, module: torch.nn.Module, budget: float):
+        super().__init__()
+        self.module, self.budget = module, budget
+
+    def forward(self, x):
+        import torch._functorch.config as functorch_config
+        with functorch_config.patch(activation_memory_budget=self.budget):
+            return self.module(x)
 
 
 @dataclass(frozen=True)
@@ -88,6 +106,9 @@ def build(case: Case, provider: str, device) -> torch.nn.Module:
     m = m.to(device).to(memory_format=torch.channels_last).train()
     if provider == "torchvision_compile":
         m = torch.compile(m)
+    elif provider in COMPILE_BUDGETS:
+        torch._dynamo.reset()  # nothing compiled under another budget is reused
+        m = _UnderMemoryBudget(torch.compile(m), COMPILE_BUDGETS[provider])
     return m
 
 
@@ -250,6 +271,9 @@ def run_case(case: Case, providers, device: str, dtype: str, warmup: int, steps:
     for p in providers:  # build one at a time: an OOM of one provider frees its memory
         runners[p] = Runner(case, p, device, dtype, builder)
         for _ in range(warmup):
+            runners[p].step(record=False)
+    if any(p in COMPILE_BUDGETS for p in providers):
+        for p in providers:  # a budget provider's torch._dynamo.reset() made earlier compiled ones recompile
             runners[p].step(record=False)
     for _ in range(rounds):
         for p in providers:

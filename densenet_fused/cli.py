@@ -38,7 +38,8 @@ def bench(args) -> int:
     if args.dtypes:
         dtypes = args.dtypes.split(",")
     providers = args.providers.split(",") if args.providers else (
-        list(B.PROVIDERS) if cuda else ["fused", "fused_keep_b", "torchvision", "torchvision_me"])
+        list(B.PROVIDERS) if cuda else ["fused", "fused_keep_b", "torchvision", "torchvision_me"]
+        + ([] if args.quick else list(B.COMPILE_BUDGETS)))  # compiling on a CPU takes minutes: not in --quick
     env = B.environment(dev)
     rows = []
     if args.budget_only:

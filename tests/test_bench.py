@@ -57,6 +57,18 @@ def test_cli_bench_quick_writes_json_and_plot(tmp_path, monkeypatch):
     assert (tmp_path / "quick_cpu_steps.png").stat().st_size > 1000
 
 
+def test_compile_under_a_memory_budget_recomputes():
+    # torch.compile's min-cut recomputation at budget 0.05 saves less for backward than eager
+    # torchvision, and its compile does not leak its budget into the global config
+    import torch._functorch.config as functorch_config
+    before = functorch_config.activation_memory_budget
+    rows = B.run_case(TINY, ["torchvision", "torchvision_compile_budget0.05"], "cpu", "fp32", 0, 1, 1)
+    step = {r["provider"]: r for r in rows if r["mode"] == "step"}
+    assert all(r["status"] == "ok" for r in step.values()), step
+    assert step["torchvision_compile_budget0.05"]["saved_mb"] < step["torchvision"]["saved_mb"]
+    assert functorch_config.activation_memory_budget == before
+
+
 def test_unknown_provider():
     with pytest.raises(ValueError, match="expected one of"):
         B.build(TINY, "nope", "cpu")
