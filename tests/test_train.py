@@ -105,10 +105,14 @@ def _bad_inputs(colors, tmp_path):
     run.mkdir()
     (run / "metrics.csv").write_text("epoch\n")
     (tmp_path / "flat").mkdir()
+    (tmp_path / "cifar" / "cifar-10-batches-py").mkdir(parents=True)  # a CIFAR root without its files
     ok = ["--data", colors, "--epochs", 1, "--batch-size", 8]
     return {
-        "missing data dir": (["--data", tmp_path / "nope", "--epochs", 1, "--batch-size", 8, *TINY], "no such directory"),
+        "missing data dir": (["--data", tmp_path / "nope", "--epochs", 1, "--batch-size", 8, *TINY],
+                             "no such directory"),
         "not a data root": (["--data", tmp_path / "flat", "--epochs", 1, "--batch-size", 8, *TINY], "expected a CIFAR"),
+        "empty cifar root": (["--data", tmp_path / "cifar", "--epochs", 1, "--batch-size", 8, *TINY],
+                             "torchvision's CIFAR10 cannot read it"),
         "unknown model": ([*ok, "--model", "densenet99", "--device", "cpu"], "unknown model"),
         "torchvision unknown": ([*ok, "--model", "torchvision:nope", "--device", "cpu", "--workers", 0],
                                 "torchvision cannot build"),
@@ -127,7 +131,8 @@ def _bad_inputs(colors, tmp_path):
     }
 
 
-BAD = ["missing data dir", "not a data root", "unknown model", "torchvision unknown", "no dense block", "bad depth",
+BAD = ["missing data dir", "not a data root", "empty cifar root", "unknown model", "torchvision unknown",
+       "no dense block", "bad depth",
        "depth of another model", "budget on cpu", "depth auto on cpu", "sync bn", "existing run",
        "resume without checkpoint", "missing weights"]
 
@@ -183,3 +188,24 @@ def test_torchrun_gloo_two_processes_rank0_writes(colors, tmp_path):
     assert float(rows[-1]["val_acc"]) > 1 / 3
     assert proc.stdout.count("densenet-fused train: wrote") == 1
     assert sorted(os.listdir(out)) == ["accuracy.png", "checkpoint.pt", "loss.png", "metrics.csv"]
+
+
+@pytest.mark.parametrize("name", ["torchvision:densenet121", "timm:densenet121"])
+def test_torchvision_and_timm_models_are_converted_and_baseline_is_not(name):
+    from densenet_fused import FusedDenseBlock
+    from densenet_fused.train import build_model
+
+    fused = build_model(name, num_classes=7)
+    blocks = [m for m in fused.modules() if isinstance(m, FusedDenseBlock)]
+    assert len(blocks) == 4 and fused.training
+    assert not any(isinstance(m, FusedDenseBlock) for m in build_model(name, num_classes=7, baseline=True).modules())
+
+
+def test_weights_of_another_model_are_bad_input(tmp_path):
+    from densenet_fused.train import TrainError, build_model
+
+    path = tmp_path / "w.pt"
+    torch.save(densenet_bc(10, 4, num_classes=5).state_dict(), path)
+    build_model("densenet_bc", 5, depth=10, growth_rate=4, weights=str(path))  # matches: loads
+    with pytest.raises(TrainError, match="does not match --model densenet_bc with 3 classes"):
+        build_model("densenet_bc", 3, depth=10, growth_rate=4, weights=str(path))
