@@ -176,7 +176,7 @@ def write_digits_imagefolder(root: str, size: int = 32, val_fraction: float = 0.
             folder = os.path.join(root, split, str(label))
             os.makedirs(folder, exist_ok=True)
             for i in part:
-                img = Image.fromarray((digits.images[i] * (255 / 16)).round().astype(np.uint8), mode="L")
+                img = Image.fromarray((digits.images[i] * (255 / 16)).round().astype(np.uint8))  # 2-D uint8: mode L
                 img.resize((size, size), Image.BILINEAR).save(os.path.join(folder, f"{i:04d}.png"))
                 counts[split] += 1
     return counts

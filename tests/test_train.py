@@ -209,3 +209,19 @@ def test_weights_of_another_model_are_bad_input(tmp_path):
     build_model("densenet_bc", 5, depth=10, growth_rate=4, weights=str(path))  # matches: loads
     with pytest.raises(TrainError, match="does not match --model densenet_bc with 3 classes"):
         build_model("densenet_bc", 3, depth=10, growth_rate=4, weights=str(path))
+
+
+def test_large_imagefolder_images_get_imagenet_style_224_crops(tmp_path):
+    from densenet_fused.train import load_data
+
+    rng = np.random.RandomState(0)
+    for split in ("train", "val"):
+        for name in ("a", "b"):
+            (tmp_path / split / name).mkdir(parents=True)
+            img = rng.randint(0, 255, size=(90, 120, 3)).astype(np.uint8)
+            Image.fromarray(img).save(tmp_path / split / name / "0.png")
+    data = load_data(str(tmp_path))
+    assert (data.kind, data.classes, data.image_size) == ("ImageFolder", ["a", "b"], 224)
+    assert data.train[0][0].shape == data.val[0][0].shape == (3, 224, 224)
+    small = load_data(str(tmp_path), image_size=48)  # --image-size: CIFAR-style at 48x48
+    assert small.train[0][0].shape == small.val[0][0].shape == (3, 48, 48)
