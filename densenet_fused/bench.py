@@ -341,7 +341,8 @@ def _bc_builder(depth, growth):
             m = torchvision.models.DenseNet(growth, (n, n, n), 2 * growth, num_classes=10,
                                             memory_efficient=provider == "torchvision_me")
             m.features.conv0 = torch.nn.Conv2d(3, 2 * growth, 3, 1, 1, bias=False)
-            m.features.norm0 = torch.nn.Identity()
+            m.features.norm0 = torch.nn.Identity()  # the CIFAR stem: one 3x3 convolution, as densenet_bc
+            m.features.relu0 = torch.nn.Identity()
             m.features.pool0 = torch.nn.Identity()
         return m.to(device).to(memory_format=torch.channels_last).train()
 
