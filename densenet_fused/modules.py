@@ -113,7 +113,11 @@ def _fx_leaf(module: nn.Module, proxy, input):  # noqa: A002
     torch.nn modules; the traced GraphModule then runs the real fused forward.  The tracer is
     inside its ``call_module`` for this module, so the node gets this module's qualified name."""
     tracer = proxy.tracer
-    return tracer.create_proxy("call_module", tracer.path_of_module(module), (input,), {})
+    path = tracer.path_of_module(module)
+    if not path:
+        raise TypeError(f"{type(module).__name__}: torch.fx cannot trace inside a fused block (it runs as one "
+                        f"autograd node); trace a model that contains it, where it is recorded as a leaf call")
+    return tracer.create_proxy("call_module", path, (input,), {})
 
 
 _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")

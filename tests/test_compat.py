@@ -68,6 +68,8 @@ def test_fx_symbolic_trace_keeps_block_and_layer_as_leaves():
     layer = model.features.denseblock2.denselayer2
     gm_layer = torch.fx.symbolic_trace(torch.nn.Sequential(layer))
     assert [n.op for n in gm_layer.graph.nodes] == ["placeholder", "call_module", "output"]
+    with pytest.raises(TypeError, match="trace a model that contains it"):
+        torch.fx.symbolic_trace(model.features.denseblock1)
 
 
 # ----------------------------------------------------------------------------- torch.export
