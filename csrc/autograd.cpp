@@ -16,12 +16,31 @@
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/library.h>
 
+#include <memory>
 #include <string>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace {
 
-using torch::autograd::Variable;
+// An Error node held as the autograd graph holds nodes: c10::intrusive_ptr in recent torch,
+// std::shared_ptr before (pyproject: torch>=2.4).
+using NodePtr = decltype(torch::autograd::Edge::function);
+
+// A template with E a parameter, so that only the branch of this torch is instantiated.
+template <typename P, typename E = torch::autograd::Error>
+P make_node(const std::string& msg, torch::autograd::edge_list&& edges) {
+  if constexpr (std::is_same_v<P, std::shared_ptr<torch::autograd::Node>>) {
+    return P(new E(msg, std::move(edges)));
+  } else {
+    return c10::make_intrusive<E>(msg, std::move(edges));
+  }
+}
+
+NodePtr make_error(const std::string& msg, const std::vector<at::Tensor>& inputs) {
+  return make_node<NodePtr>(msg, torch::autograd::collect_next_edges(inputs));
+}
 
 template <typename F>
 void for_each_tensor(const c10::IValue& v, F&& f) {
@@ -69,7 +88,7 @@ void run_below_autograd(const c10::OperatorHandle& op, c10::DispatchKeySet ks, t
       "autograd.Function (eager and torch.compile), first order only.  A double backward through "
       "FusedDenseBlock, or a backward through a graph that calls the op directly (a torch.export "
       "program: run it for inference, e.g. under torch.no_grad()), is not supported.";
-  auto node = c10::make_intrusive<torch::autograd::Error>(msg, torch::autograd::collect_next_edges(requiring));
+  NodePtr node = make_error(msg, requiring);
   for (const c10::IValue& v : torch::jit::last(*stack, schema.returns().size())) {
     for_each_tensor(v, [&](const at::Tensor& t) {
       if (t.defined() && torch::autograd::isDifferentiableType(t.scalar_type())) {
@@ -80,8 +99,7 @@ void run_below_autograd(const c10::OperatorHandle& op, c10::DispatchKeySet ks, t
   // One node per written tensor: a view's history is rebased onto output 0 of its node.
   for (const auto& t : written) {
     if (torch::autograd::isDifferentiableType(t.scalar_type())) {
-      torch::autograd::rebase_history(
-          t, c10::make_intrusive<torch::autograd::Error>(msg, torch::autograd::collect_next_edges(requiring)));
+      torch::autograd::rebase_history(t, make_error(msg, requiring));
     }
   }
 }
