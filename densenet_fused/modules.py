@@ -17,7 +17,8 @@ class FusedDenseLayer(nn.Module):
 
     Called on its own it takes a tensor or a list of tensors (concatenated, as torchvision's
     ``_DenseLayer``) and returns the k new features; inside a ``FusedDenseBlock`` it is
-    only a holder of parameters and the block runs all layers as one fused node.
+    a holder of parameters and the block runs all layers as one fused node (the block calls
+    its layers one by one only when a layer has hooks, so that they fire).
     """
 
     def __init__(self, num_input_features: int, growth_rate: int, bn_size: int, drop_rate: float = 0.0,
