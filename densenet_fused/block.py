@@ -194,6 +194,33 @@ def block_backward(spec: BlockSpec, out, grad_out, params, stats, seeds, kept, x
     return dx, grads
 
 
+_DOUBLE_BACKWARD = ("FusedDenseBlock supports first-order gradients only: a double backward (a backward through "
+                    "gradients computed with create_graph=True, e.g. a gradient penalty) is not supported. Use "
+                    "torchvision's _DenseBlock for such models, or a penalty on parameters or outputs only.")
+
+
+def _first_order_only(backward):
+    """Like torch.autograd.function.once_differentiable, with an error naming FusedDenseBlock:
+    backward runs without building a graph, and with create_graph=True its gradients get a node
+    that raises _DOUBLE_BACKWARD if a backward reaches it."""
+    def wrapper(ctx, *grads):
+        create_graph = torch.is_grad_enabled()
+        with torch.no_grad():
+            outputs = backward(ctx, *grads)
+        if not create_graph:
+            return outputs
+        err = torch._C._functions.DelayedError(_DOUBLE_BACKWARD.encode(), len(outputs))
+
+        def marked(t):
+            if t is None:
+                return None
+            t = t.detach()
+            t.requires_grad = True
+            return t
+        return err(*[marked(t) for t in outputs])
+    return wrapper
+
+
 class FusedDenseBlockFunction(torch.autograd.Function):
     """One autograd node for a whole dense block."""
 
@@ -212,6 +239,7 @@ class FusedDenseBlockFunction(torch.autograd.Function):
         return out
 
     @staticmethod
+    @_first_order_only
     def backward(ctx, grad_out):
         saved = ctx.saved_tensors
         out = saved[0]

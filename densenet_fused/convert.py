@@ -65,10 +65,10 @@ def convert_block(block: nn.Module, keep_bottleneck: bool = False) -> FusedDense
                                 keep_bottleneck=keep_bottleneck)
     for src, dst in zip(layers, fused.children()):
         for name in ("norm1", "conv1", "norm2", "conv2"):
-            setattr(dst, name, getattr(src, name))
-        dst.train(src.training)
-        for name in ("norm1", "conv1", "norm2", "conv2"):
-            getattr(dst, name).train(getattr(src, name).training)
+            setattr(dst, name, getattr(src, name))  # shared modules: they keep their own mode
+        # the layer's own flag (its dropout), not recursively: that would reset the shared modules
+        dst.training = src.training
+        dst.relu1.training = dst.relu2.training = src.training
     fused.training = block.training
     return fused
 

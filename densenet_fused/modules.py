@@ -17,7 +17,8 @@ class FusedDenseLayer(nn.Module):
 
     Called on its own it takes a tensor or a list of tensors (concatenated, as torchvision's
     ``_DenseLayer``) and returns the k new features; inside a ``FusedDenseBlock`` it is
-    only a holder of parameters and the block runs all layers as one fused node.
+    a holder of parameters and the block runs all layers as one fused node (the block calls
+    its layers one by one only when a layer has hooks, so that they fire).
     """
 
     def __init__(self, num_input_features: int, growth_rate: int, bn_size: int, drop_rate: float = 0.0,
@@ -33,6 +34,10 @@ class FusedDenseLayer(nn.Module):
         self.memory_efficient = memory_efficient  # accepted for compatibility: always linear memory
 
     def forward(self, input: Union[Tensor, List[Tensor]]) -> Tensor:  # noqa: A002 (torchvision's name)
+        proxy = _fx_proxy(input)
+        if proxy is not None:
+            return _fx_leaf(self, proxy, input)
+        _layers_with_hooks([self], ["FusedDenseLayer"])
         x = torch.cat(input, 1) if isinstance(input, (list, tuple)) else input
         c_in = self.norm1.num_features
         out = run_block([self], x, c_in, self.conv2.out_channels, "FusedDenseLayer")
@@ -49,6 +54,10 @@ class FusedDenseBlock(nn.ModuleDict):
     ``keep_bottleneck=True`` saves each layer's bottleneck output (N*H*W x bn_size*k) for
     backward instead of recomputing it: more memory (still linear in depth), one GEMM less
     per layer in backward.
+    Hooks on the dense layers fire as in torchvision: with a hook on any layer the block runs
+    layer by layer (torchvision's loop and memory, each layer a one-layer fused block).  Hooks on
+    the BatchNorm/ReLU/Conv2d modules inside the layers raise (nothing calls those modules).
+    Under torch.fx symbolic tracing the block (and a layer) is recorded as one leaf call.
     """
 
     _version = 2
@@ -75,13 +84,73 @@ class FusedDenseBlock(nn.ModuleDict):
             self.add_module("denselayer%d" % (i + 1), layer)
 
     def forward(self, init_features: Tensor) -> Tensor:
-        return run_block(list(self.values()), init_features, self.num_input_features, self.growth_rate,
+        proxy = _fx_proxy(init_features)
+        if proxy is not None:
+            return _fx_leaf(self, proxy, init_features)
+        layers = list(self.values())
+        if _layers_with_hooks(layers):
+            _validate(layers, init_features, self.num_input_features, self.growth_rate, "FusedDenseBlock")
+            return _run_layer_by_layer(layers, init_features)
+        return run_block(layers, init_features, self.num_input_features, self.growth_rate,
                          "FusedDenseBlock", keep_bottleneck=self.keep_bottleneck, conv3x3_impl=self.conv3x3_impl)
 
     def extra_repr(self) -> str:
         return (f"num_layers={len(self)}, num_input_features={self.num_input_features}, "
                 f"bn_size={self.bn_size}, growth_rate={self.growth_rate}, drop_rate={self.drop_rate}"
                 + (", keep_bottleneck=True" if self.keep_bottleneck else ""))
+
+
+def _fx_proxy(x):
+    """The torch.fx Proxy among the inputs, when a symbolic trace calls the module."""
+    for t in (x if isinstance(x, (list, tuple)) else (x,)):
+        if isinstance(t, torch.fx.Proxy):
+            return t
+    return None
+
+
+def _fx_leaf(module: nn.Module, proxy, input):  # noqa: A002
+    """Under torch.fx symbolic tracing (torch.fx.symbolic_trace, torchvision's
+    create_feature_extractor): record one call of ``module`` as a leaf node, as FX does for
+    torch.nn modules; the traced GraphModule then runs the real fused forward.  The tracer is
+    inside its ``call_module`` for this module, so the node gets this module's qualified name."""
+    tracer = proxy.tracer
+    path = tracer.path_of_module(module)
+    if not path:
+        raise TypeError(f"{type(module).__name__}: torch.fx cannot trace inside a fused block (it runs as one "
+                        f"autograd node); trace a model that contains it, where it is recorded as a leaf call")
+    return tracer.create_proxy("call_module", path, (input,), {})
+
+
+_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+def _layers_with_hooks(layers, names=None) -> bool:
+    """Whether a dense layer has hooks (then the block runs layer by layer, so they fire as in
+    torchvision).  Hooks on the modules inside a layer raise: no path calls them (a fused layer
+    runs BN-ReLU-conv1x1-BN-ReLU-conv3x3 as one op), and they must not be silently skipped."""
+    hooked = False
+    for i, layer in enumerate(layers):
+        hooked = hooked or any(getattr(layer, attr) for attr in _HOOKS)
+        where = names[i] if names else f"denselayer{i + 1}"
+        for name, sub in layer.named_children():
+            if any(getattr(sub, attr) for attr in _HOOKS):
+                raise RuntimeError(
+                    f"FusedDenseBlock: hooks on {where}.{name} are not supported: a fused layer never calls "
+                    f"the BatchNorm, ReLU and Conv2d modules inside it (it runs them as one op). Hook the dense "
+                    f"layer ({where}: its hooks fire with its input features and new channels) or the "
+                    f"FusedDenseBlock instead, or keep torchvision's _DenseBlock for this model.")
+    return hooked
+
+
+def _run_layer_by_layer(layers, x: Tensor) -> Tensor:
+    """torchvision's loop: every layer called as a module on the list of features before it, so
+    its forward (pre-)hooks and backward hooks fire with torchvision's arguments, and tensor hooks
+    on a layer's output get its full gradient.  Each layer is a one-layer fused block: the same
+    values and running statistics as the fused block, with torchvision's concatenation memory."""
+    features = [x]
+    for layer in layers:
+        features.append(layer(features))
+    return torch.cat(features, 1)
 
 
 def _validate(layers, x, c_in: int, growth: int, who: str) -> bool:
@@ -109,10 +178,13 @@ def _validate(layers, x, c_in: int, growth: int, who: str) -> bool:
                 raise ValueError(f"{who}: layer {i + 1} {bn_name} expected {channels} features, has "
                                  f"{bn.num_features}")
             modes.add(bn.training)
-        for p in (layer.norm1.weight, layer.conv1.weight, layer.norm2.weight, layer.conv2.weight):
+        for name in ("norm1.weight", "norm1.bias", "norm1.running_mean", "norm1.running_var", "conv1.weight",
+                     "norm2.weight", "norm2.bias", "norm2.running_mean", "norm2.running_var", "conv2.weight"):
+            mod, attr = name.split(".")
+            p = getattr(getattr(layer, mod), attr)
             if p.device != x.device:
-                raise ValueError(f"{who}: expected the input on {p.device} (where the parameters are), "
-                                 f"got {x.device}")
+                raise ValueError(f"{who}: expected the input on the device of the parameters and buffers, "
+                                 f"got the input on {x.device} and layer {i + 1} {name} on {p.device}")
         if layer.conv1.weight.shape[1:] != (c_l, 1, 1) or layer.conv2.weight.shape != (
                 growth, layer.conv1.out_channels, 3, 3):
             raise ValueError(f"{who}: layer {i + 1} convolutions do not match a dense layer with {c_l} inputs "

@@ -28,3 +28,34 @@ def test_torch_compile_matches_eager():
     for (name, b_e), b_c in zip(eager.named_buffers(), compiled_block.buffers()):
         assert_close(b_c.double(), b_e.double(), 1e-5, name)  # running statistics updated once, as eager
     assert int(compiled_block.denselayer1.norm1.num_batches_tracked) == 1
+
+
+def test_torch_compile_whole_converted_model_eval_and_one_training_step():
+    """torch.compile of a whole converted torchvision DenseNet (tiny: CI has 2 cores): eval output,
+    then one training step (output, input and parameter gradients, running statistics) as eager."""
+    import copy
+
+    import torchvision
+
+    from blockutil import randomize_bn
+    from densenet_fused import FusedDenseBlock, convert
+    torch.manual_seed(0)
+    eager = convert(randomize_bn(torchvision.models.DenseNet(growth_rate=4, block_config=(2, 2), num_init_features=8,
+                                                             bn_size=2, num_classes=3)))
+    assert sum(isinstance(m, FusedDenseBlock) for m in eager.modules()) == 2
+    model = copy.deepcopy(eager)
+    compiled = torch.compile(model)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert_close(compiled.eval()(x), eager.eval()(x), 1e-5, "eval output")
+    xe, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ye, yc = eager.train()(xe), compiled.train()(xc)
+    grad = torch.linspace(-1, 1, ye.numel()).view_as(ye)
+    ye.backward(grad)
+    yc.backward(grad)
+    assert_close(yc, ye, 1e-5, "train output")
+    assert_close(xc.grad, xe.grad, 1e-4, "input grad")
+    for (name, p_e), p_c in zip(eager.named_parameters(), model.parameters()):
+        assert_close(p_c.grad, p_e.grad, 1e-4, name)
+    for (name, b_e), b_c in zip(eager.named_buffers(), model.buffers()):
+        assert_close(b_c.double(), b_e.double(), 1e-5, name)

@@ -72,3 +72,20 @@ def test_convert_timm_densenet121():
     y_c, dx_c = _step(model, x)
     assert_close(y_c, y_o, 1e-9, "timm logits")
     assert_close(dx_c, dx_o, 1e-9, "timm input grad")
+
+
+def test_convert_keeps_each_layers_mode():
+    """Each converted layer keeps its own train/eval flag (it switches that layer's dropout):
+    a block in training mode with one layer in eval mode, and a whole block in eval mode."""
+    torch.manual_seed(0)
+    block = randomize_bn(_DenseBlock(3, 6, 2, 3, 1.0)).double().train()
+    block.denselayer2.training = False  # its BatchNorms stay in training mode
+    source = copy.deepcopy(block)
+    fused = convert(block)
+    assert [layer.training for layer in fused.values()] == [True, False, True]
+    x = torch.randn(2, 6, 4, 5, dtype=torch.float64)
+    assert_close(fused(x), source(x), 1e-10, "mixed-mode output (drop_rate=1: training layers give zeros)")
+    block = randomize_bn(_DenseBlock(3, 6, 2, 3, 0.5)).double().eval()
+    fused = convert(copy.deepcopy(block))
+    assert not fused.training and not any(m.training for m in fused.modules())
+    assert_close(fused(x), block(x), 1e-10, "eval block with drop_rate > 0")
