@@ -153,6 +153,26 @@ def _run_layer_by_layer(layers, x: Tensor) -> Tensor:
     return torch.cat(features, 1)
 
 
+def _refuse_synchronized_statistics(layers, who: str) -> None:
+    """nn.SyncBatchNorm norms (convert_sync_batchnorm) ask for batch statistics over a process
+    group, which the fused block does not compute yet: refuse rather than silently use local
+    statistics.  A world of one process has nothing to synchronize and runs."""
+    import torch.distributed as dist
+    for i, layer in enumerate(layers):
+        for bn_name in ("norm1", "norm2"):
+            bn = getattr(layer, bn_name)
+            if not isinstance(bn, torch.nn.SyncBatchNorm):
+                continue
+            if dist.is_available() and dist.is_initialized() and dist.get_world_size(bn.process_group) > 1:
+                raise NotImplementedError(
+                    f"{who}: layer {i + 1} {bn_name} is an nn.SyncBatchNorm over "
+                    f"{dist.get_world_size(bn.process_group)} processes; the fused block computes batch "
+                    f"statistics on the local batch only, so it would silently differ from SyncBatchNorm. "
+                    f"Synchronized statistics are not supported yet: keep nn.BatchNorm2d in the dense blocks "
+                    f"(DistributedDataParallel then averages gradients, as with torchvision's BatchNorm2d), "
+                    f"or leave those blocks unconverted")
+
+
 def _validate(layers, x, c_in: int, growth: int, who: str) -> bool:
     """Check everything before any state changes; returns whether batch statistics are used."""
     if not isinstance(x, Tensor):
@@ -192,6 +212,8 @@ def _validate(layers, x, c_in: int, growth: int, who: str) -> bool:
     if len(modes) > 1:
         raise ValueError(f"{who}: expected all BatchNorm layers in the same mode (all train or all eval)")
     training = modes.pop() if modes else False
+    if training:
+        _refuse_synchronized_statistics(layers, who)
     n, _, h, w = x.shape
     if training and n * h * w == 1:
         # the error nn.BatchNorm2d raises
