@@ -17,8 +17,10 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # What the package, its tests, the demo and the benchmarks import (pyproject.toml's dependencies
 # and extras), plus the build tools of `pip install --no-build-isolation -e .`.
+# (A fresh venv brings an old setuptools that satisfies a bare "setuptools": the bound makes pip
+# upgrade it to one that reads pyproject.toml's SPDX license.)
 NEEDED = ["torch", "torchvision", "numpy", "tqdm", "matplotlib", "pytest", "pytest-benchmark", "timm",
-          "scikit-learn", "pillow", "ninja", "setuptools", "wheel", "build"]
+          "scikit-learn", "pillow", "ninja", "setuptools>=77", "wheel", "build"]
 TORCH_STACK = ("torch", "torchvision", "triton")
 TORCH_MIN = (2, 11)  # the lower bound in pyproject.toml, tested by `make test-min`
 
@@ -38,6 +40,16 @@ def _release(v):
     return tuple(out)
 
 
+def _name(requirement):
+    return requirement.split(">=")[0]
+
+
+def _satisfied(requirement):
+    name, _, low = requirement.partition(">=")
+    v = _version(name)
+    return v is not None and (not low or _release(v) >= _release(low))
+
+
 def _pip(*args):
     cmd = [sys.executable, "-m", "pip", "install", "-q", *args]
     print("+", " ".join(cmd), flush=True)
@@ -53,7 +65,7 @@ def main(mode="pinned"):
     pins = os.path.join(ROOT, "constraints.txt" if mode == "pinned" else "constraints-min.txt")
     torch_v = _version("torch")
     if torch_v is not None and _release(torch_v) >= TORCH_MIN and _version("torchvision") is not None:
-        missing = [n for n in NEEDED if n not in TORCH_STACK and _version(n) is None]
+        missing = [n for n in NEEDED if _name(n) not in TORCH_STACK and not _satisfied(n)]
         print(f"install_deps: using the installed torch {torch_v} and torchvision {_version('torchvision')} "
               f"(meet torch >= {'.'.join(map(str, TORCH_MIN))}); for the {mode} set of {os.path.basename(pins)}, "
               f"use a fresh virtual environment")
