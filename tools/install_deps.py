@@ -79,7 +79,8 @@ def main(mode="pinned"):
         os.makedirs(os.path.dirname(filtered), exist_ok=True)
         with open(filtered, "w") as f:
             f.writelines(kept)
-        _pip("-c", filtered, *missing)
+        # torch named at its installed version: kept as it is, and its own requirements respected
+        _pip("-c", filtered, f"torch=={torch_v}", *missing)
         return 0
     _pip("-c", pins, *NEEDED)
     return 0
