@@ -1,8 +1,44 @@
 """Triton building blocks shared by the GEMM-shaped ops (bnrelu_conv1x1, bnrelu_conv3x3):
 the BN-ReLU prologue, the per-tile statistics epilogue and its deterministic merge."""
+import os
+
 import torch
 import triton
 import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _fix_interpreter_scalar_index():
+    """Triton <= 3.6's interpreter turns a scalar kernel value into a Python int (a loop bound:
+    ``range(0, C, BLOCK_K)`` with C an int argument) with ``int(ndarray of shape (1,))``, which
+    NumPy >= 2.4 refuses ("only 0-dimensional arrays can be converted to Python scalars"), so
+    every kernel with a runtime loop bound failed there.  Triton 3.7 converts the squeezed array.
+    Loop bounds cannot move out of the kernels instead: the interpreter passes every non-constexpr
+    argument as such an array, and constexpr bounds would recompile the GPU kernels per layer.
+    This applies 3.7's conversion to the older interpreter; compiled (GPU) kernels are untouched."""
+    from triton.runtime import interpreter
+    patch = interpreter._patch_lang_tensor
+    if getattr(patch, "_densenet_fused_fixed", False):
+        return
+
+    def patched(tensor, scope):
+        patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    patched._densenet_fused_fixed = True
+    interpreter._patch_lang_tensor = patched
+
+
+def _version(text):
+    return tuple(int(p) for p in text.split("+")[0].split(".")[:2])
+
+
+if INTERPRET and _version(triton.__version__) < (3, 7):
+    import numpy as np  # the interpreter's dependency
+
+    if _version(np.__version__) >= (2, 4):
+        _fix_interpreter_scalar_index()
 
 
 @triton.jit
