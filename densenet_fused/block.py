@@ -18,6 +18,11 @@ from .ops._common import acc_dtype
 
 PARAMS_PER_LAYER = 6  # norm1.weight, norm1.bias, conv1.weight, norm2.weight, norm2.bias, conv2.weight
 
+# Optional observer of the sweeps: called as trace(phase, layer) when a layer starts
+# ("forward"/"backward", layer index) and trace(phase, -1) when its block-level work starts.
+# `densenet-fused cost` uses it to attribute the counted launches to layers.
+trace = None
+
 
 @dataclass
 class BlockSpec:
@@ -61,6 +66,8 @@ def block_forward(spec: BlockSpec, x: torch.Tensor, params: Sequence[torch.Tenso
     c_total = c0 + num_layers * k
     dtype, acc = spec.dtype, acc_dtype(spec.dtype)
     dev = x.device
+    if trace is not None:
+        trace("forward", -1)
 
     buf = torch.empty((n, h, w, c_total), dtype=dtype, device=dev)
     buf[..., :c0].copy_(x.permute(0, 2, 3, 1))
@@ -77,6 +84,8 @@ def block_forward(spec: BlockSpec, x: torch.Tensor, params: Sequence[torch.Tenso
     seeds: List[Optional[int]] = []
     kept: List[torch.Tensor] = []
     for l, layer in enumerate(spec.layers):
+        if trace is not None:
+            trace("forward", l)
         c_l = c0 + l * k
         g1, b1, w1, g2, b2, w2 = _layer_params(params, l)
         batch1 = (mean[:c_l], var[:c_l]) if spec.training else None
@@ -106,6 +115,8 @@ def block_forward(spec: BlockSpec, x: torch.Tensor, params: Sequence[torch.Tenso
             if spec.training:
                 mean[c_l:c_l + k], var[c_l:c_l + k] = mu, v
 
+    if trace is not None:
+        trace("forward", -1)
     if spec.training:
         bn1s = [layer.norm1 for layer in spec.layers]
         bn2s = [layer.norm2 for layer in spec.layers]
@@ -129,6 +140,8 @@ def block_backward(spec: BlockSpec, out, grad_out, params, stats, seeds, kept, x
     c0 = spec.num_input_features
     dtype, acc = spec.dtype, acc_dtype(spec.dtype)
     dev = out.device
+    if trace is not None:
+        trace("backward", -1)
     buf2 = out.permute(0, 2, 3, 1).reshape(m, c_total)  # a view: the buffer is NHWC
     if spec.training:
         mean, var, mean2, var2 = stats
@@ -143,6 +156,8 @@ def block_backward(spec: BlockSpec, out, grad_out, params, stats, seeds, kept, x
     grads: List[Optional[torch.Tensor]] = [None] * len(params)
     cb = spec.layers[0].conv1.out_channels if spec.layers else 0
     for l in reversed(range(len(spec.layers))):
+        if trace is not None:
+            trace("backward", l)
         layer = spec.layers[l]
         c_l = c0 + l * k
         g1, b1, w1, g2, b2, w2 = _layer_params(params, l)
@@ -182,6 +197,8 @@ def block_backward(spec: BlockSpec, out, grad_out, params, stats, seeds, kept, x
         grads[base + 4] = dbeta2.to(b2.dtype)
         grads[base + 5] = dw2.to(w2.dtype)
 
+    if trace is not None:
+        trace("backward", -1)
     dx = None
     if needs_input_grad:
         x_dtype, x_channels_last = x_meta

@@ -4,6 +4,8 @@
   densenet-fused bench [--quick] [--device cpu|cuda] [--out DIR]
                                                  fused vs torchvision (plain, memory_efficient, compile):
                                                  table on stdout, JSON + PNG plots in DIR
+  densenet-fused cost  [--case NAME|all]         GPU launches and bytes of a block's training step, counted
+                                                 without a GPU (densenet_fused/cost.py)
 """
 import argparse
 import sys
@@ -151,7 +153,13 @@ def main(argv=None) -> int:
     p_bench.add_argument("--cases", default="", help="comma list of substrings selecting cases by name")
     p_bench.add_argument("--dtypes", default="", help="comma list of fp32, bf16")
     p_bench.add_argument("--tag", default="", help="suffix of the output file names")
+    p_cost = sub.add_parser("cost", help="GPU launches and bytes of a training step, counted without a GPU")
+    p_cost.add_argument("--case", default="densenet121_block3",
+                        help="densenet121_block3 (default), densenet121_block1, densenet_bc100_k12 or all")
     args = parser.parse_args(argv)
+    if args.cmd == "cost":
+        from .cost import main as cost_main
+        return cost_main(args.case)
     if args.cmd == "demo":
         return demo(args.device)
     if args.cmd == "bench":

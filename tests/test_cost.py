@@ -1,0 +1,89 @@
+"""`densenet-fused cost`: launches and bytes of a training step on the CUDA code path, counted
+on fake CUDA tensors (no GPU).  The pinned numbers are the current cost: a change that adds
+launches or traffic fails here and must say why (lower numbers: update the pins)."""
+import re
+
+import pytest
+import torch
+
+import densenet_fused.block as block_mod
+from densenet_fused import cost
+from densenet_fused.cli import main as cli_main
+
+# case: (launches per layer forward + backward, bytes / floor)
+PINNED = {
+    "densenet121_block3": (53.5, 3.00),
+    "densenet121_block1": (54.8, 5.89),
+    "densenet_bc100_k12": (53.7, 4.18),
+}
+BUDGET = (12, 1.5)  # issue 11: launches per layer, bytes ratio (densenet121_block3)
+
+
+@pytest.fixture(scope="module")
+def recordings():
+    return {name: cost.record_step(case) for name, case in cost.CASES.items()}
+
+
+@pytest.mark.parametrize("name", list(PINNED))
+def test_launches_and_bytes_are_pinned(recordings, name):
+    s = cost.summarize(cost.CASES[name], recordings[name])
+    launches, ratio = PINNED[name]
+    assert round(s.total, 1) == launches, s.line()
+    assert round(s.ratio, 2) == ratio, s.line()
+
+
+def test_every_layer_launches_the_same_kernels(recordings):
+    case = cost.CASES["densenet121_block3"]
+    rec = recordings[case.name]
+    for phase in ("forward", "backward"):
+        per_layer = [[l.kernel for l in rec.launches if l.phase == phase and l.layer == i] for i in range(case.layers)]
+        assert all(k == per_layer[0] for k in per_layer), phase
+        assert per_layer[0], phase
+
+
+def test_bytes_of_the_fused_1x1_forward_are_its_operands(recordings):
+    """The 1x1 forward of layer l reads its buffer slice (M x C_l) and weights, writes B (M x cb)."""
+    case = cost.CASES["densenet121_block3"]
+    m, l = case.rows, 3
+    c_l, cb = case.c0 + l * case.growth, case.bn_size * case.growth
+    fwd = [x for x in recordings[case.name].launches
+           if x.phase == "forward" and x.layer == l and x.kernel == "bnrelu_conv1x1._fwd_kernel"]
+    assert len(fwd) == 1
+    assert fwd[0].read >= m * c_l * 2 + cb * c_l * 2
+    partials = 2 * -(-m // 64) * cb * 4  # per-tile (mean, M2) of B, tiles of >= 64 rows
+    assert m * cb * 2 <= fwd[0].written <= m * cb * 2 + partials
+
+
+def test_floor_matches_design_section_8():
+    """DESIGN section 8: about 6.2 GB for DenseNet-121 block 3 (N=128, bf16) in its per-layer
+    terms; the block-level terms (x in, grad_out in, dx out) add M*(3*C_0 + C_total)*2 bytes."""
+    case = cost.CASES["densenet121_block3"]
+    m = case.rows
+    block_terms = m * (3 * case.c0 + case.c0 + case.layers * case.growth) * 2
+    assert 6.1e9 <= cost.floor_bytes(case) - block_terms <= 6.3e9
+
+
+def test_cli_prints_the_summary_line_last(capsys):
+    saved = block_mod.trace
+    assert cli_main(["cost", "--case", "densenet_bc100_k12"]) == 0
+    assert block_mod.trace is saved
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert re.fullmatch(r"launches per layer: [\d.]+ forward \+ [\d.]+ backward = [\d.]+; "
+                        r"bytes per step: [\d.]+ GB, floor [\d.]+ GB, ratio [\d.]+", last), last
+
+
+def test_unknown_case_is_an_error():
+    with pytest.raises(SystemExit, match="unknown case 'nope'"):
+        cost.main("nope")
+
+
+def test_a_triton_kernel_without_a_declared_cost_is_an_error():
+    rec = cost.Recording()
+
+    class Fn:
+        arg_names = ["X"]
+        fn = None
+
+    Fn.fn = lambda: None  # a kernel named "test_cost.<lambda>"
+    with pytest.raises(RuntimeError, match="no entry in cost.TRITON_WRITES"):
+        cost._record_triton(rec, Fn(), (torch.empty(1),), {})
