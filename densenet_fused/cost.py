@@ -65,10 +65,11 @@ CASES: Dict[str, CostCase] = {c.name: c for c in (
 TRITON_WRITES: Dict[str, Dict[str, str]] = {
     "bnrelu_conv1x1._fwd_kernel": {"OUT": "w", "PMEAN": "w", "PM2": "w"},
     "bnrelu_conv1x1._bwd_kernel": {"G": "rw", "PDW": "w", "PSG": "w", "PSGX": "w"},
-    "bnrelu_conv1x1._bwd_finish_kernel": {"DBETA": "w", "DGAMMA": "w", "P": "rw", "Q": "rw"},
+    "bnrelu_conv1x1._bwd_finish_kernel": {"DW": "w", "DBETA": "w", "DGAMMA": "w", "P": "rw", "Q": "rw"},
     "bnrelu_conv3x3._fwd_kernel": {"OUT": "w", "PMEAN": "w", "PM2": "w"},
     "bnrelu_conv3x3._dgrad_kernel": {"G2": "w", "PSG": "w", "PSGX": "w"},
     "bnrelu_conv3x3._wgrad_kernel": {"PDW": "w"},
+    "bnrelu_conv3x3._bwd_finish_kernel": {"DW": "w", "DGAMMA": "w", "DBETA": "w", "P": "w", "Q": "w"},
     "_triton_common.stats_merge_kernel": {"MEAN": "w", "VAR": "w"},
     "bn_scale_shift._scale_shift_kernel": {"SCALE": "w", "SHIFT": "w", "RSTD": "w"},
 }

@@ -63,34 +63,43 @@ def store_tile_stats(out, row_ok, col_ok, cols, pid_m, M, N, PMEAN, PM2, BLOCK_M
 
 
 @triton.jit
-def stats_merge_kernel(PMEAN, PM2, MEAN, VAR, M, COUT, TILES, TILE_ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Chan merge of per-tile (mean, M2) partials, tile by tile in order: deterministic."""
+def stats_merge_kernel(PMEAN, PM2, MEAN, VAR, M, COUT, TILES, TILE_ROWS: tl.constexpr, BLOCK_T: tl.constexpr,
+                       BLOCK_C: tl.constexpr):
+    """Merge per-tile (mean, M2) partials, BLOCK_T tiles at a time and then a fixed tree
+    (deterministic): mean = sum(n_t * mean_t) / M, then M2 = sum(M2_t + n_t * (mean_t - mean)^2),
+    deviations from the merged mean (no cancellation)."""
     rc = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     ok = rc < COUT
-    n = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    mean = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    m2 = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    for t in range(0, TILES):
-        nb = tl.minimum(M - t * TILE_ROWS, TILE_ROWS).to(tl.float32)
-        mb = tl.load(PMEAN + t * COUT + rc, mask=ok, other=0.0)
-        m2b = tl.load(PM2 + t * COUT + rc, mask=ok, other=0.0)
-        nt = n + nb
-        delta = mb - mean
-        wb = nb / nt
-        mean = mean + delta * wb
-        m2 = m2 + m2b + delta * delta * n * wb
-        n = nt
+    rt = tl.arange(0, BLOCK_T)
+    acc = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
+    for t0 in range(0, TILES, BLOCK_T):
+        t = t0 + rt
+        msk = (t < TILES)[:, None] & ok[None, :]
+        nb = tl.maximum(tl.minimum(M - t * TILE_ROWS, TILE_ROWS), 0).to(tl.float32)
+        acc += nb[:, None] * tl.load(PMEAN + t[:, None] * COUT + rc[None, :], mask=msk, other=0.0)
+    mean = tl.sum(acc, axis=0) / M
+    acc = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
+    for t0 in range(0, TILES, BLOCK_T):
+        t = t0 + rt
+        msk = (t < TILES)[:, None] & ok[None, :]
+        nb = tl.maximum(tl.minimum(M - t * TILE_ROWS, TILE_ROWS), 0).to(tl.float32)
+        off = t[:, None] * COUT + rc[None, :]
+        d = tl.load(PMEAN + off, mask=msk, other=0.0) - mean[None, :]
+        acc += tl.where(msk, tl.load(PM2 + off, mask=msk, other=0.0) + nb[:, None] * d * d, 0.0)
     tl.store(MEAN + rc, mean, mask=ok)
-    tl.store(VAR + rc, m2 / n, mask=ok)
+    tl.store(VAR + rc, tl.sum(acc, axis=0) / M, mask=ok)
 
 
-def merge_stats(part, m, tile_rows):
-    """(mean, var) from per-tile partials part = (2, tiles, N) written by store_tile_stats."""
+def merge_stats(part, m, tile_rows, mean=None, var=None):
+    """(mean, var) from per-tile partials part = (2, tiles, N) written by store_tile_stats; into
+    ``mean``/``var`` (contiguous float32 vectors of N) when given."""
     tiles, n = part.shape[1], part.shape[2]
-    mean = torch.empty(n, dtype=torch.float32, device=part.device)
-    var = torch.empty(n, dtype=torch.float32, device=part.device)
-    stats_merge_kernel[(triton.cdiv(n, 64),)](part[0], part[1], mean, var, m, n, tiles, TILE_ROWS=tile_rows,
-                                              BLOCK_C=64)
+    if mean is None:
+        mean = torch.empty(n, dtype=torch.float32, device=part.device)
+        var = torch.empty(n, dtype=torch.float32, device=part.device)
+    block_c = 32 if INTERPRET else 64
+    stats_merge_kernel[(triton.cdiv(n, block_c),)](part[0], part[1], mean, var, m, n, tiles, TILE_ROWS=tile_rows,
+                                                   BLOCK_T=4 if INTERPRET else 32, BLOCK_C=block_c)
     return mean, var
 
 

@@ -193,9 +193,8 @@ def _bwd_kernel(DOUT, lddo, X, ldx, SCALE, SHIFT, W, ldw, MEAN, RSTD, G, ldg,
     dw = tl.zeros((COUT_PAD, BLOCK_C), dtype=tl.float32)
     sg = tl.zeros((BLOCK_C,), dtype=tl.float32)
     sgx = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    t0 = split * TILES_PER_SPLIT
-    for t in range(t0, t0 + TILES_PER_SPLIT):
-        rm = t * BLOCK_M + tl.arange(0, BLOCK_M)
+    for i in range(0, TILES_PER_SPLIT):
+        rm = (split * TILES_PER_SPLIT + i) * BLOCK_M + tl.arange(0, BLOCK_M)
         r_ok = rm < M
         rm64 = rm.to(tl.int64)
         db = tl.load(DOUT + rm64[:, None] * lddo + rn[None, :], mask=r_ok[:, None] & n_ok[None, :], other=0.0)
@@ -218,24 +217,34 @@ def _bwd_kernel(DOUT, lddo, X, ldx, SCALE, SHIFT, W, ldw, MEAN, RSTD, G, ldg,
 
 # ----------------------------------------------------------------------------- launchers
 @triton.jit
-def _bwd_finish_kernel(PSG, PSGX, SPLITS, C, SCALE, RSTD, DBETA, DGAMMA, P, Q, inv_count,
-                       UPDATE_PQ: tl.constexpr, BLOCK: tl.constexpr):
-    """Reduce the per-split sums in order into dbeta/dgamma and, for the block, accumulate
-    P += scale*dbeta/count, Q += scale*rstd*dgamma/count: one launch instead of nine."""
-    rc = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    ok = rc < C
-    sg = tl.zeros((BLOCK,), dtype=tl.float32)
-    sgx = tl.zeros((BLOCK,), dtype=tl.float32)
-    for s in range(0, SPLITS):
-        sg += tl.load(PSG + s * C + rc, mask=ok, other=0.0)
-        sgx += tl.load(PSGX + s * C + rc, mask=ok, other=0.0)
-    tl.store(DBETA + rc, sg, mask=ok)
-    tl.store(DGAMMA + rc, sgx, mask=ok)
-    if UPDATE_PQ:
-        scale = tl.load(SCALE + rc, mask=ok, other=0.0)
-        rstd = tl.load(RSTD + rc, mask=ok, other=0.0)
-        tl.store(P + rc, tl.load(P + rc, mask=ok, other=0.0) + scale * sg * inv_count, mask=ok)
-        tl.store(Q + rc, tl.load(Q + rc, mask=ok, other=0.0) + scale * rstd * sgx * inv_count, mask=ok)
+def _bwd_finish_kernel(PDW, DW, NW, PSG, PSGX, SPLITS, C, SCALE, RSTD, DBETA, DGAMMA, P, Q, inv_count, W_PROGRAMS,
+                       UPDATE_PQ: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK: tl.constexpr):
+    """One launch reduces every per-split partial in a fixed order: programs [0, W_PROGRAMS) sum the
+    dW partials into dweight (NW = Cout*C elements); the others sum the per-channel sums into
+    dbeta/dgamma and, for the block, accumulate P += scale*dbeta/count, Q += scale*rstd*dgamma/count."""
+    pid = tl.program_id(0)
+    if pid < W_PROGRAMS:
+        e = pid * BLOCK_W + tl.arange(0, BLOCK_W)
+        ok = e < NW
+        acc = tl.zeros((BLOCK_W,), dtype=tl.float32)
+        for s in range(0, SPLITS):
+            acc += tl.load(PDW + s * NW + e, mask=ok, other=0.0)
+        tl.store(DW + e, acc, mask=ok)
+    else:
+        rc = (pid - W_PROGRAMS) * BLOCK + tl.arange(0, BLOCK)
+        ok = rc < C
+        sg = tl.zeros((BLOCK,), dtype=tl.float32)
+        sgx = tl.zeros((BLOCK,), dtype=tl.float32)
+        for s in range(0, SPLITS):
+            sg += tl.load(PSG + s * C + rc, mask=ok, other=0.0)
+            sgx += tl.load(PSGX + s * C + rc, mask=ok, other=0.0)
+        tl.store(DBETA + rc, sg, mask=ok)
+        tl.store(DGAMMA + rc, sgx, mask=ok)
+        if UPDATE_PQ:
+            scale = tl.load(SCALE + rc, mask=ok, other=0.0)
+            rstd = tl.load(RSTD + rc, mask=ok, other=0.0)
+            tl.store(P + rc, tl.load(P + rc, mask=ok, other=0.0) + scale * sg * inv_count, mask=ok)
+            tl.store(Q + rc, tl.load(Q + rc, mask=ok, other=0.0) + scale * rstd * sgx * inv_count, mask=ok)
 
 
 # Autotuned on CUDA (Hopper and Ampere candidates), keyed by the power-of-two bucket of the
@@ -291,10 +300,11 @@ def triton_fwd(x, scale, shift, weight, stats):
 
 
 def _splits(m, c):
-    """Row splits of the backward: shape-only, about 1024 programs for 64-channel column blocks."""
+    """Row splits of the backward: shape-only, about two waves of 132 programs for 64-channel
+    column blocks (each split writes a Cout x C fp32 partial of dW that is read back once)."""
     if _INTERPRET:
         return max(1, min(4, triton.cdiv(m, 32)))
-    return max(1, min(triton.cdiv(m, 128), 1024 // triton.cdiv(c, 64)))
+    return max(1, min(triton.cdiv(m, 128), triton.cdiv(264, triton.cdiv(c, 64))))
 
 
 def triton_bwd(dout, x, scale, shift, weight, mean, rstd, G, P=None, Q=None, count=0):
@@ -323,16 +333,19 @@ def triton_bwd(dout, x, scale, shift, weight, mean, rstd, G, P=None, Q=None, cou
     else:
         pdw.zero_()
         psum.zero_()
-    # fixed-order reductions over the splits: dweight by torch (deterministic), the sums (and
-    # the block's P, Q) by one small kernel
+    # fixed-order reductions over the splits (dweight, the sums and the block's P, Q): one launch
+    dweight = torch.empty((cout, c), dtype=torch.float32, device=x.device)
     dbeta = torch.empty(c, dtype=torch.float32, device=x.device)
     dgamma = torch.empty(c, dtype=torch.float32, device=x.device)
     if c > 0:
         update = P is not None
-        _bwd_finish_kernel[(triton.cdiv(c, 256),)](psum[0], psum[1], splits, c, scale, rstd, dbeta, dgamma,
-                                                   P if update else dbeta, Q if update else dgamma,
-                                                   1.0 / count if update else 0.0, UPDATE_PQ=update, BLOCK=256)
-    return pdw.sum(0), dgamma, dbeta
+        block_w = 1024
+        w_programs = triton.cdiv(cout * c, block_w)
+        _bwd_finish_kernel[(w_programs + triton.cdiv(c, 256),)](
+            pdw, dweight, cout * c, psum[0], psum[1], splits, c, scale, rstd, dbeta, dgamma,
+            P if update else dbeta, Q if update else dgamma, 1.0 / count if update else 0.0, w_programs,
+            UPDATE_PQ=update, BLOCK_W=block_w, BLOCK=256)
+    return dweight, dgamma, dbeta
 
 
 def _cuda_fwd(x, scale, shift, weight, stats):

@@ -54,8 +54,16 @@ def _run(impl, dtype, device, n, h, w, cb, k):
     fwd = op._fwd_triton if impl == "triton" else op._fwd_aten
     bwd = op._bwd_triton if impl == "triton" else op._bwd_aten
     mean_o, var_o = fwd(b, scale, shift, weight, nhw, out, True)
+    acc = scale.dtype
+    stats_buf = torch.full((2, k + 3), 7.0, dtype=acc, device=device)  # statistics written in place
+    out2 = torch.empty_like(out)
+    assert fwd(b, scale, shift, weight, nhw, out2, True, stats_buf[0, 1:1 + k], stats_buf[1, 2:2 + k])[0].numel() == 0
+    assert torch.equal(out2, out)
+    assert torch.equal(stats_buf[0, 1:1 + k], mean_o) and torch.equal(stats_buf[1, 2:2 + k], var_o)
+    assert (stats_buf[0, 0] == 7) and (stats_buf[0, 1 + k:] == 7).all() and (stats_buf[1, :2] == 7).all()
     dy = torch.randn(m, k, dtype=torch.float64).to(dtype).to(device)
-    g2, dweight, dgamma, dbeta = bwd(dy, b, scale, shift, weight, nhw, mean, rstd)
+    g2, dweight, dgamma, dbeta, p, q = bwd(dy, b, scale, shift, weight, nhw, mean, rstd, m)
+    assert torch.equal(bwd(dy, b, scale, shift, weight, nhw, mean, rstd)[4], torch.zeros_like(p))  # count 0
     ref_out, ref_g2, ref_dw, _, _ = _oracle(b.cpu(), scale.cpu(), shift.cpu(), weight.cpu(), nhw, dy.cpu())
     xhat = (b.double().cpu() - mean.double().cpu()) * rstd.double().cpu()
     tol = {torch.float64: 1e-12, torch.float32: 3e-5, torch.float16: 4e-3, torch.bfloat16: 1e-2}[dtype]
@@ -67,6 +75,9 @@ def _run(impl, dtype, device, n, h, w, cb, k):
     assert _err(dweight, ref_dw) <= tol
     assert _err(dbeta, ref_g2.sum(0)) <= tol
     assert _err(dgamma, (ref_g2 * xhat).sum(0)) <= tol
+    sc, rs = scale.double().cpu(), rstd.double().cpu()
+    assert _err(p, sc * ref_g2.sum(0) / m) <= tol
+    assert _err(q, sc * rs * (ref_g2 * xhat).sum(0) / m) <= tol
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -90,7 +101,15 @@ def test_opcheck(device):
     ops = torch.ops.densenet_fused
     torch.library.opcheck(ops.bnrelu_conv3x3_fwd.default, (b, scale, shift, weight, [2, 3, 4], out, True, ""))
     dy = torch.randn(24, 5, device=device)
-    torch.library.opcheck(ops.bnrelu_conv3x3_bwd.default, (dy, b, scale, shift, weight, [2, 3, 4], mean, rstd, ""))
+    torch.library.opcheck(ops.bnrelu_conv3x3_bwd.default, (dy, b, scale, shift, weight, [2, 3, 4], mean, rstd, "", 24))
+    st = torch.empty(2, 5, device=device)
+    torch.library.opcheck(ops.bnrelu_conv3x3_fwd.default, (b, scale, shift, weight, [2, 3, 4], out, True, "", st[0],
+                                                           st[1]))
+
+
+def test_default_cuda_impl_is_triton():
+    # measured faster on an H100 (module docstring); DENSENET_FUSED_CONV3X3 overrides it
+    assert op.conv3x3_impl() == os.environ.get("DENSENET_FUSED_CONV3X3", "triton")
 
 
 def test_impl_switch_and_bad_input():
@@ -101,3 +120,11 @@ def test_impl_switch_and_bad_input():
         op.bnrelu_conv3x3_fwd(b, scale, shift, weight, [2, 3, 5], torch.empty(24, 5), False)
     with pytest.raises(RuntimeError, match=r"expected out of shape \(24, 5\)"):
         op.bnrelu_conv3x3_fwd(b, scale, shift, weight, [2, 3, 4], torch.empty(24, 4), False)
+    with pytest.raises(RuntimeError, match=r"expected mean_out to be a contiguous 1-D tensor of 5 channels"):
+        op.bnrelu_conv3x3_fwd(b, scale, shift, weight, [2, 3, 4], torch.empty(24, 5), True, "",
+                              torch.empty(4), torch.empty(5))
+    with pytest.raises(RuntimeError, match=r"expected stats=True with mean_out/var_out"):
+        op.bnrelu_conv3x3_fwd(b, scale, shift, weight, [2, 3, 4], torch.empty(24, 5), False, "",
+                              torch.empty(5), torch.empty(5))
+    with pytest.raises(RuntimeError, match=r"expected count >= 0"):
+        op.bnrelu_conv3x3_bwd(torch.empty(24, 5), b, scale, shift, weight, [2, 3, 4], scale, scale, "", -1)
