@@ -53,8 +53,11 @@ TORCH_LIBRARY(densenet_fused, m) {
   // Backward through conv3x3 and BN2's ReLU: g2 = dA2 * (b*scale+shift > 0), dweight, and
   // dgamma = sum(g2 * (b - mean) * rstd), dbeta = sum(g2) per channel; with count > 0 also BN2's
   // input-gradient scalars p = scale*dbeta/count, q = scale*rstd*dgamma/count (zeros when count = 0).
+  // With dy_x, dy_mean, dy_p, dy_q, dy is the block's fp32 gradient sum G of the new channels, finished
+  // on the fly as in bn_grad_finish: dy = G - dy_p - (dy_x - dy_mean) * dy_q (in b's dtype).
   m.def("bnrelu_conv3x3_bwd(Tensor dy, Tensor b, Tensor scale, Tensor shift, Tensor weight, int[] nhw, "
-        "Tensor mean, Tensor rstd, str impl=\"\", int count=0) "
+        "Tensor mean, Tensor rstd, str impl=\"\", int count=0, Tensor? dy_x=None, Tensor? dy_mean=None, "
+        "Tensor? dy_p=None, Tensor? dy_q=None) "
         "-> (Tensor g2, Tensor dweight, Tensor dgamma, Tensor dbeta, Tensor p, Tensor q)");
 }
 

@@ -193,10 +193,14 @@ def block_backward(spec: BlockSpec, out, grad_out, params, stats, seeds, kept, x
         w1c, w2c = _weights(spec, params, flat_w, l)
 
         # 1. the gradient of this layer's k output channels is complete: finish it.
+        # (without dropout the conv3x3 backward finishes it on the fly from G, P, Q)
         sl = slice(c_l, c_l + k)
-        dnew = bn_grad_finish(G[:, sl], buf2[:, sl], mean[sl], P[sl], Q[sl], dtype)
         if seeds[l] is not None:
+            dnew = bn_grad_finish(G[:, sl], buf2[:, sl], mean[sl], P[sl], Q[sl], dtype)
             dnew = dnew * _dropout_mask(seeds[l], dnew.shape, float(layer.drop_rate), dev, dtype)
+            finish = ()
+        else:
+            dnew, finish = G[:, sl], (buf2[:, sl], mean[sl], P[sl], Q[sl])
         # 2. the bottleneck (recomputed, or kept from the forward).
         if kept:
             bott = kept[l]
@@ -205,7 +209,8 @@ def block_backward(spec: BlockSpec, out, grad_out, params, stats, seeds, kept, x
         # 3. conv3x3 backward through BN2-ReLU with BN2's input-gradient scalars (zeros in eval),
         # then dB = scale2 * (g2 - mean(g2) - xhat2 * mean(g2 * xhat2)) in one pass.
         g2v, dw2, dgamma2, dbeta2, p2, q2 = bnrelu_conv3x3_bwd(dnew, bott, scale2, shift2, w2c, [n, h, w], m2, r2,
-                                                               spec.conv3x3_impl, m if spec.training else 0)
+                                                               spec.conv3x3_impl, m if spec.training else 0,
+                                                               *finish)
         db = bn_grad_finish(g2v, bott, m2, p2, q2, dtype, 0, scale2)
         # 4. one pass over the buffer: G += scale1*g, per-channel sums, dW1.
         # (training: also P[:c_l] += scale1*dbeta1/M and Q[:c_l] += scale1*rstd1*dgamma1/M)

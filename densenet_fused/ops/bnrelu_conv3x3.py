@@ -27,6 +27,7 @@ import triton.language as tl
 
 from ._common import acc_dtype
 from ._triton_common import bnrelu_tile, dot_precision, merge_stats, store_tile_stats
+from .bn_grad_finish import bn_grad_finish
 from .channel_stats import channel_stats
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -99,8 +100,11 @@ def _pq(scale, rstd, dgamma, dbeta, count):
     return scale * dbeta / count, scale * rstd * dgamma / count
 
 
-def _bwd_aten(dy, b, scale, shift, weight, nhw, mean, rstd, count=0):
+def _bwd_aten(dy, b, scale, shift, weight, nhw, mean, rstd, count=0, dy_x=None, dy_mean=None, dy_p=None,
+              dy_q=None):
     _check(b, scale, shift, weight, nhw, "bnrelu_conv3x3_bwd")
+    if dy_x is not None:
+        dy = bn_grad_finish(dy, dy_x, dy_mean, dy_p, dy_q, b.dtype)
     acc = scale.dtype
     y2 = torch.addcmul(shift, b.to(acc), scale)
     on = y2 > 0
@@ -155,8 +159,23 @@ def _fwd_kernel(B, SCALE, SHIFT, W, OUT, ldo, PMEAN, PM2, M, H, Wd, CB, K,
 
 
 @triton.jit
-def _dgrad_kernel(DY, lddy, B, SCALE, SHIFT, MEAN, RSTD, W, G2, PSG, PSGX, M, H, Wd, CB, K,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+def _dy_tile(DY, lddy, X, ldx, XMEAN, XP, XQ, rows64, cols, mask, cols_ok, FINISH: tl.constexpr, OUT_TY: tl.constexpr):
+    """A (rows, cols) tile of dy in b's dtype: loaded, or with FINISH the block's BatchNorm input
+    gradient of the new channels finished on the fly, dy = G - P - (x - mean) * Q (DY = G, fp32)."""
+    g = tl.load(DY + rows64[:, None] * lddy + cols[None, :], mask=mask, other=0.0)
+    if FINISH:
+        x = tl.load(X + rows64[:, None] * ldx + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        mu = tl.load(XMEAN + cols, mask=cols_ok, other=0.0)
+        p = tl.load(XP + cols, mask=cols_ok, other=0.0)
+        q = tl.load(XQ + cols, mask=cols_ok, other=0.0)
+        g = tl.where(mask, g - p[None, :] - (x - mu[None, :]) * q[None, :], 0.0)
+    return g.to(OUT_TY)
+
+
+@triton.jit
+def _dgrad_kernel(DY, lddy, X, ldx, XMEAN, XP, XQ, B, SCALE, SHIFT, MEAN, RSTD, W, G2, PSG, PSGX, M, H, Wd, CB, K,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+                  FINISH: tl.constexpr):
     """g2[m, ci] = (y2 > 0) * sum_{tap, co} dy[m - tap, co] * W[co, ci, tap]; per-tile sums of g2, g2*xhat2."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -171,7 +190,8 @@ def _dgrad_kernel(DY, lddy, B, SCALE, SHIFT, MEAN, RSTD, W, G2, PSG, PSGX, M, H,
         for k0 in range(0, K, BLOCK_K):
             rk = k0 + tl.arange(0, BLOCK_K)
             k_ok = rk < K
-            d = tl.load(DY + src[:, None] * lddy + rk[None, :], mask=ok[:, None] & k_ok[None, :], other=0.0)
+            d = _dy_tile(DY, lddy, X, ldx, XMEAN, XP, XQ, src, rk, ok[:, None] & k_ok[None, :], k_ok, FINISH,
+                         B.dtype.element_ty)
             w = tl.load(W + rk[:, None] * (CB * 9) + rn[None, :] * 9 + tap, mask=k_ok[:, None] & n_ok[None, :],
                         other=0.0)
             acc = tl.dot(d, w, acc, input_precision=PRECISION)
@@ -189,8 +209,9 @@ def _dgrad_kernel(DY, lddy, B, SCALE, SHIFT, MEAN, RSTD, W, G2, PSG, PSGX, M, H,
 
 
 @triton.jit
-def _wgrad_kernel(DY, lddy, B, SCALE, SHIFT, PDW, M, H, Wd, CB, K, TILES_PER_SPLIT,
-                  BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, KPAD: tl.constexpr, PRECISION: tl.constexpr):
+def _wgrad_kernel(DY, lddy, X, ldx, XMEAN, XP, XQ, B, SCALE, SHIFT, PDW, M, H, Wd, CB, K, TILES_PER_SPLIT,
+                  BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, KPAD: tl.constexpr, PRECISION: tl.constexpr,
+                  FINISH: tl.constexpr):
     """Partial dW[split, tap, co, ci] = sum over the split's rows of dy[m, co] * relu(bn2(B))[m + tap, ci]."""
     pid = tl.program_id(0)
     split = tl.program_id(1)
@@ -205,8 +226,8 @@ def _wgrad_kernel(DY, lddy, B, SCALE, SHIFT, PDW, M, H, Wd, CB, K, TILES_PER_SPL
         rm = (split * TILES_PER_SPLIT + i) * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rm < M
         ok, src = _neighbour(rm, row_ok, H, Wd, tap // 3 - 1, tap % 3 - 1)
-        d = tl.load(DY + rm.to(tl.int64)[:, None] * lddy + rk[None, :], mask=row_ok[:, None] & k_ok[None, :],
-                    other=0.0)
+        d = _dy_tile(DY, lddy, X, ldx, XMEAN, XP, XQ, rm.to(tl.int64), rk, row_ok[:, None] & k_ok[None, :], k_ok,
+                     FINISH, B.dtype.element_ty)
         a = bnrelu_tile(B, src, CB, rc, ok[:, None] & c_ok[None, :], SCALE, SHIFT, c_ok).to(B.dtype.element_ty)
         acc = tl.dot(tl.trans(d), a, acc, input_precision=PRECISION)
     tl.store(PDW + ((split * 9 + tap) * K + rk[:, None]) * CB + rc[None, :], acc, mask=k_ok[:, None] & c_ok[None, :])
@@ -282,23 +303,27 @@ def _fwd_triton(b, scale, shift, weight, nhw, out, stats, mean_out=None, var_out
     return empty, torch.empty_like(empty)  # two distinct outputs, no kernel
 
 
-def _bwd_triton(dy, b, scale, shift, weight, nhw, mean, rstd, count=0):
+def _bwd_triton(dy, b, scale, shift, weight, nhw, mean, rstd, count=0, dy_x=None, dy_mean=None, dy_p=None,
+                dy_q=None):
     h, w, m, cb, k = _triton_shapes(b, scale, shift, weight, nhw, "bnrelu_conv3x3_bwd")
+    finish = dy_x is not None
+    fin = (dy_x, dy_x.stride(0), dy_mean, dy_p, dy_q) if finish else (dy, 0, scale, scale, scale)  # unused: dy
     kpad = max(16, triton.next_power_of_2(k))
     bm, bn = _tiles(32, 64), _tiles(16, 64)
     tiles = triton.cdiv(m, bm)
     g2 = torch.empty((m, cb), dtype=torch.float32, device=b.device)
     psum = torch.empty((2, tiles, cb), dtype=torch.float32, device=b.device)
-    _dgrad_kernel[(tiles, triton.cdiv(cb, bn))](dy, dy.stride(0), b, scale, shift, mean, rstd, weight, g2, psum[0],
-                                               psum[1], m, h, w, cb, k, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=min(kpad, 64),
-                                               PRECISION=dot_precision(b.dtype), num_warps=4)
+    _dgrad_kernel[(tiles, triton.cdiv(cb, bn))](dy, dy.stride(0), *fin, b, scale, shift, mean, rstd, weight, g2,
+                                               psum[0], psum[1], m, h, w, cb, k, BLOCK_M=bm, BLOCK_N=bn,
+                                               BLOCK_K=min(kpad, 64), PRECISION=dot_precision(b.dtype), FINISH=finish,
+                                               num_warps=4)
     bmw, bc = _tiles(32, 128), _tiles(16, 64)
     splits = max(1, min(triton.cdiv(m, bmw), _tiles(3, 1024 // (9 * triton.cdiv(cb, bc)) + 1)))
     tiles_per_split = triton.cdiv(triton.cdiv(m, bmw), splits)
     pdw = torch.empty((splits, 9, k, cb), dtype=torch.float32, device=b.device)
-    _wgrad_kernel[(9 * triton.cdiv(cb, bc), splits)](dy, dy.stride(0), b, scale, shift, pdw, m, h, w, cb, k,
+    _wgrad_kernel[(9 * triton.cdiv(cb, bc), splits)](dy, dy.stride(0), *fin, b, scale, shift, pdw, m, h, w, cb, k,
                                                      tiles_per_split, BLOCK_M=bmw, BLOCK_C=bc, KPAD=kpad,
-                                                     PRECISION=dot_precision(b.dtype), num_warps=4)
+                                                     PRECISION=dot_precision(b.dtype), FINISH=finish, num_warps=4)
     dweight = torch.empty((k, cb, 3, 3), dtype=torch.float32, device=b.device)
     vec = torch.empty((4, cb), dtype=torch.float32, device=b.device)  # dgamma, dbeta, p, q
     block_w, block_c = 1024, _tiles(16, 64)
@@ -344,15 +369,29 @@ def _check_stats_out(out, stats, mean_out, var_out):
                                f"{None if t is None else (tuple(t.shape), t.dtype, t.stride(), str(t.device))}")
 
 
-def _bwd_impl(dy, b, scale, shift, weight, nhw, mean, rstd, impl="", count=0):
-    if dy.shape != (b.shape[0], weight.shape[0]) or dy.dtype != b.dtype:
-        raise RuntimeError(f"bnrelu_conv3x3_bwd: expected dy of shape ({b.shape[0]}, {weight.shape[0]}) and dtype "
-                           f"{b.dtype}, got {tuple(dy.shape)} {dy.dtype}")
+def _bwd_impl(dy, b, scale, shift, weight, nhw, mean, rstd, impl="", count=0, dy_x=None, dy_mean=None, dy_p=None,
+              dy_q=None):
+    finish = (dy_x, dy_mean, dy_p, dy_q)
+    if any(t is not None for t in finish) and any(t is None for t in finish):
+        raise RuntimeError("bnrelu_conv3x3_bwd: expected dy_x, dy_mean, dy_p and dy_q together (or none)")
+    dy_dtype = b.dtype if dy_x is None else acc_dtype(b.dtype)
+    if dy.shape != (b.shape[0], weight.shape[0]) or dy.dtype != dy_dtype or (dy.shape[1] > 1 and dy.stride(1) != 1):
+        raise RuntimeError(f"bnrelu_conv3x3_bwd: expected dy of shape ({b.shape[0]}, {weight.shape[0]}), dtype "
+                           f"{dy_dtype} (the block's gradient sum when dy_x is given) and unit channel stride, got "
+                           f"{tuple(dy.shape)} {dy.dtype} strides {dy.stride()}")
+    if dy_x is not None:
+        if dy_x.shape != dy.shape or dy_x.dtype != b.dtype or (dy.shape[1] > 1 and dy_x.stride(1) != 1):
+            raise RuntimeError(f"bnrelu_conv3x3_bwd: expected dy_x of shape {tuple(dy.shape)} and dtype {b.dtype} "
+                               f"with unit channel stride, got {tuple(dy_x.shape)} {dy_x.dtype} {dy_x.stride()}")
+        for name, t in (("dy_mean", dy_mean), ("dy_p", dy_p), ("dy_q", dy_q)):
+            if t.shape != (dy.shape[1],) or t.dtype != dy_dtype or t.stride(0) != 1:
+                raise RuntimeError(f"bnrelu_conv3x3_bwd: expected {name} to be a contiguous 1-D tensor of "
+                                   f"{dy.shape[1]} channels and dtype {dy_dtype}, got {tuple(t.shape)} {t.dtype}")
     if count < 0:
         raise RuntimeError(f"bnrelu_conv3x3_bwd: expected count >= 0 (values per channel, 0: no p, q), got {count}")
     if _use_triton(b, impl):
-        return _bwd_triton(dy, b, scale, shift, weight, nhw, mean, rstd, count)
-    return _bwd_aten(dy, b, scale, shift, weight, nhw, mean, rstd, count)
+        return _bwd_triton(dy, b, scale, shift, weight, nhw, mean, rstd, count, *finish)
+    return _bwd_aten(dy, b, scale, shift, weight, nhw, mean, rstd, count, *finish)
 
 
 _lib = torch.library.Library("densenet_fused", "IMPL")
@@ -369,7 +408,8 @@ def _(b, scale, shift, weight, nhw, out, stats, impl="", mean_out=None, var_out=
 
 
 @torch.library.register_fake("densenet_fused::bnrelu_conv3x3_bwd")
-def _(dy, b, scale, shift, weight, nhw, mean, rstd, impl="", count=0):
+def _(dy, b, scale, shift, weight, nhw, mean, rstd, impl="", count=0, dy_x=None, dy_mean=None, dy_p=None,
+      dy_q=None):
     acc = acc_dtype(b.dtype)
     cb = b.shape[1]
     return (b.new_empty(b.shape, dtype=acc), weight.new_empty(weight.shape, dtype=acc),
@@ -385,10 +425,13 @@ def bnrelu_conv3x3_fwd(b, scale, shift, weight, nhw, out, stats: bool, impl: str
                                                        mean_out, var_out)
 
 
-def bnrelu_conv3x3_bwd(dy, b, scale, shift, weight, nhw, mean, rstd, impl: str = "", count: int = 0):
+def bnrelu_conv3x3_bwd(dy, b, scale, shift, weight, nhw, mean, rstd, impl: str = "", count: int = 0, dy_x=None,
+                       dy_mean=None, dy_p=None, dy_q=None):
     """Backward through conv3x3 and the ReLU of BN2: (g2, dweight, dgamma, dbeta, p, q) with
     g2 = dA2 * (b*scale+shift > 0) (fp32), dweight of weight's shape (fp32), dgamma = sum(g2*xhat2),
     dbeta = sum(g2) per channel, xhat2 = (b - mean) * rstd, and BN2's input-gradient scalars
-    p = scale*dbeta/count, q = scale*rstd*dgamma/count (zeros when count is 0)."""
+    p = scale*dbeta/count, q = scale*rstd*dgamma/count (zeros when count is 0).  With dy_x, dy_mean,
+    dy_p, dy_q, ``dy`` is the block's fp32 gradient sum G of the new channels and the op finishes
+    their input gradient dy = G - dy_p - (dy_x - dy_mean) * dy_q itself (rounded to b's dtype)."""
     return torch.ops.densenet_fused.bnrelu_conv3x3_bwd(dy, b, scale, shift, weight, list(nhw), mean, rstd, impl,
-                                                       count)
+                                                       count, dy_x, dy_mean, dy_p, dy_q)

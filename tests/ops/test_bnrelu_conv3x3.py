@@ -53,6 +53,7 @@ def _run(impl, dtype, device, n, h, w, cb, k):
     out = buf[:, 4:4 + k]
     fwd = op._fwd_triton if impl == "triton" else op._fwd_aten
     bwd = op._bwd_triton if impl == "triton" else op._bwd_aten
+    tol = {torch.float64: 1e-12, torch.float32: 3e-5, torch.float16: 4e-3, torch.bfloat16: 1e-2}[dtype]
     mean_o, var_o = fwd(b, scale, shift, weight, nhw, out, True)
     acc = scale.dtype
     stats_buf = torch.full((2, k + 3), 7.0, dtype=acc, device=device)  # statistics written in place
@@ -64,9 +65,16 @@ def _run(impl, dtype, device, n, h, w, cb, k):
     dy = torch.randn(m, k, dtype=torch.float64).to(dtype).to(device)
     g2, dweight, dgamma, dbeta, p, q = bwd(dy, b, scale, shift, weight, nhw, mean, rstd, m)
     assert torch.equal(bwd(dy, b, scale, shift, weight, nhw, mean, rstd)[4], torch.zeros_like(p))  # count 0
+    # dy finished on the fly from the block's gradient sum: G - P - (x - mean) * Q
+    Gs = torch.randn(m, k + 3, dtype=acc, device=device)[:, 1:1 + k]
+    xs = torch.randn(m, k + 2, dtype=torch.float64).to(dtype).to(device)[:, 2:]
+    xm, xp, xq = (torch.randn(k, dtype=acc, device=device) for _ in range(3))
+    dyf = (Gs.double() - xp.double() - (xs.double() - xm.double()) * xq.double()).to(dtype)
+    got = bwd(Gs, b, scale, shift, weight, nhw, mean, rstd, m, xs, xm, xp, xq)
+    for g, want in zip(got, bwd(dyf, b, scale, shift, weight, nhw, mean, rstd, m)):
+        assert _err(g, want.double()) <= tol
     ref_out, ref_g2, ref_dw, _, _ = _oracle(b.cpu(), scale.cpu(), shift.cpu(), weight.cpu(), nhw, dy.cpu())
     xhat = (b.double().cpu() - mean.double().cpu()) * rstd.double().cpu()
-    tol = {torch.float64: 1e-12, torch.float32: 3e-5, torch.float16: 4e-3, torch.bfloat16: 1e-2}[dtype]
     assert _err(out, ref_out) <= tol
     assert torch.equal(buf[:, :4], torch.zeros_like(buf[:, :4])) and torch.equal(buf[:, 4 + k:], buf[:, 4 + k:] * 0)
     stored = out.double().cpu()
@@ -126,5 +134,11 @@ def test_impl_switch_and_bad_input():
     with pytest.raises(RuntimeError, match=r"expected stats=True with mean_out/var_out"):
         op.bnrelu_conv3x3_fwd(b, scale, shift, weight, [2, 3, 4], torch.empty(24, 5), False, "",
                               torch.empty(5), torch.empty(5))
+    with pytest.raises(RuntimeError, match=r"expected dy_x, dy_mean, dy_p and dy_q together"):
+        op.bnrelu_conv3x3_bwd(torch.empty(24, 5), b, scale, shift, weight, [2, 3, 4], scale, scale, "", 24,
+                              torch.empty(24, 5))
+    with pytest.raises(RuntimeError, match=r"expected dy of shape \(24, 5\), dtype torch.float32"):
+        op.bnrelu_conv3x3_bwd(torch.empty(24, 5, dtype=torch.float64), b, scale, shift, weight, [2, 3, 4], scale,
+                              scale, "", 24, torch.empty(24, 5), *torch.empty(3, 5))
     with pytest.raises(RuntimeError, match=r"expected count >= 0"):
         op.bnrelu_conv3x3_bwd(torch.empty(24, 5), b, scale, shift, weight, [2, 3, 4], scale, scale, "", -1)
