@@ -112,6 +112,7 @@ def block_forward(spec: BlockSpec, x: torch.Tensor, params: Sequence[torch.Tenso
     seeds: List[Optional[int]] = []
     kept: List[torch.Tensor] = []
     per_layer: List[torch.Tensor] = []
+    cb = spec.layers[0].conv1.out_channels if num_layers else 0
     for l, layer in enumerate(spec.layers):
         if trace is not None:
             trace("forward", l)
@@ -120,12 +121,17 @@ def block_forward(spec: BlockSpec, x: torch.Tensor, params: Sequence[torch.Tenso
         w1c, w2c = _weights(spec, params, flat_w, l)
         batch1 = (mean[:c_l], var[:c_l]) if spec.training else None
         m1, r1, scale1, shift1 = _affine(layer.norm1, g1, b1, batch1, acc)
-        bott, bm, bv = bnrelu_conv1x1_fwd(buf2[:, :c_l], scale1, shift1, w1c, spec.training)
+        if spec.training:  # B, its statistics and BN2's folded map from them, written by the same op
+            aff2 = torch.empty((3, cb), dtype=acc, device=dev)
+            bott, m2, bv = bnrelu_conv1x1_fwd(buf2[:, :c_l], scale1, shift1, w1c, True, aff2, g2, b2,
+                                              layer.norm2.eps)
+            scale2, shift2, r2 = aff2.unbind(0)
+            bn2_stats.append((m2, bv))
+        else:
+            bott = bnrelu_conv1x1_fwd(buf2[:, :c_l], scale1, shift1, w1c, False)[0]
+            m2, r2, scale2, shift2 = _affine(layer.norm2, g2, b2, None, acc)
         if save and spec.keep_bottleneck:
             kept.append(bott)
-        if spec.training:
-            bn2_stats.append((bm, bv))
-        m2, r2, scale2, shift2 = _affine(layer.norm2, g2, b2, (bm, bv) if spec.training else None, acc)
         per_layer += [scale1, shift1, r1, m2, r2, scale2, shift2]
         p = float(layer.drop_rate)
         new_slice = buf2[:, c_l:c_l + k]

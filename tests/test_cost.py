@@ -12,9 +12,9 @@ from densenet_fused.cli import main as cli_main
 
 # case: (launches per layer forward + backward, bytes / floor)
 PINNED = {
-    "densenet121_block3": (13.5, 1.35),
-    "densenet121_block1": (15.0, 1.61),
-    "densenet_bc100_k12": (13.8, 1.43),
+    "densenet121_block3": (12.5, 1.35),
+    "densenet121_block1": (14.0, 1.61),
+    "densenet_bc100_k12": (12.8, 1.43),
 }
 BUDGET = (12, 1.5)  # issue 11: launches per layer, bytes ratio (densenet121_block3)
 

@@ -63,8 +63,8 @@ def store_tile_stats(out, row_ok, col_ok, cols, pid_m, M, N, PMEAN, PM2, BLOCK_M
 
 
 @triton.jit
-def stats_merge_kernel(PMEAN, PM2, MEAN, VAR, M, COUT, TILES, TILE_ROWS: tl.constexpr, BLOCK_T: tl.constexpr,
-                       BLOCK_C: tl.constexpr):
+def stats_merge_kernel(PMEAN, PM2, MEAN, VAR, M, COUT, TILES, GAMMA, BETA, AFF, ld_aff, eps,
+                       TILE_ROWS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, AFFINE: tl.constexpr):
     """Merge per-tile (mean, M2) partials, BLOCK_T tiles at a time and then a fixed tree
     (deterministic): mean = sum(n_t * mean_t) / M, then M2 = sum(M2_t + n_t * (mean_t - mean)^2),
     deviations from the merged mean (no cancellation)."""
@@ -86,20 +86,31 @@ def stats_merge_kernel(PMEAN, PM2, MEAN, VAR, M, COUT, TILES, TILE_ROWS: tl.cons
         off = t[:, None] * COUT + rc[None, :]
         d = tl.load(PMEAN + off, mask=msk, other=0.0) - mean[None, :]
         acc += tl.where(msk, tl.load(PM2 + off, mask=msk, other=0.0) + nb[:, None] * d * d, 0.0)
+    var = tl.sum(acc, axis=0) / M
     tl.store(MEAN + rc, mean, mask=ok)
-    tl.store(VAR + rc, tl.sum(acc, axis=0) / M, mask=ok)
+    tl.store(VAR + rc, var, mask=ok)
+    if AFFINE:  # the folded affine map of the BatchNorm reading these channels (as bn_scale_shift)
+        rstd = tl.div_rn(1.0, tl.sqrt_rn(var + eps))
+        scale = tl.load(GAMMA + rc, mask=ok, other=0.0).to(tl.float32) * rstd
+        tl.store(AFF + rc, scale, mask=ok)
+        tl.store(AFF + ld_aff + rc, tl.load(BETA + rc, mask=ok, other=0.0).to(tl.float32) - mean * scale, mask=ok)
+        tl.store(AFF + 2 * ld_aff + rc, rstd, mask=ok)
 
 
-def merge_stats(part, m, tile_rows, mean=None, var=None):
+def merge_stats(part, m, tile_rows, mean=None, var=None, affine=None):
     """(mean, var) from per-tile partials part = (2, tiles, N) written by store_tile_stats; into
-    ``mean``/``var`` (contiguous float32 vectors of N) when given."""
+    ``mean``/``var`` (contiguous float32 vectors of N) when given.  ``affine = (out (3, N), gamma,
+    beta, eps)`` also writes the folded BatchNorm map (scale, shift, rstd) of those statistics."""
     tiles, n = part.shape[1], part.shape[2]
     if mean is None:
         mean = torch.empty(n, dtype=torch.float32, device=part.device)
         var = torch.empty(n, dtype=torch.float32, device=part.device)
+    aff, gamma, beta, eps = affine if affine is not None else (mean, mean, mean, 0.0)  # unused without AFFINE
     block_c = 32 if INTERPRET else 64
-    stats_merge_kernel[(triton.cdiv(n, block_c),)](part[0], part[1], mean, var, m, n, tiles, TILE_ROWS=tile_rows,
-                                                   BLOCK_T=4 if INTERPRET else 32, BLOCK_C=block_c)
+    stats_merge_kernel[(triton.cdiv(n, block_c),)](part[0], part[1], mean, var, m, n, tiles, gamma, beta, aff,
+                                                   aff.stride(0) if affine is not None else 0, eps,
+                                                   TILE_ROWS=tile_rows, BLOCK_T=4 if INTERPRET else 32,
+                                                   BLOCK_C=block_c, AFFINE=affine is not None)
     return mean, var
 
 

@@ -21,6 +21,7 @@ import triton.language as tl
 
 from ._common import acc_dtype
 from ._triton_common import bnrelu_tile, dot_precision, merge_stats, store_tile_stats
+from .bn_scale_shift import bn_scale_shift
 from .channel_stats import channel_stats
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -30,7 +31,7 @@ _lib = torch.library.Library("densenet_fused", "IMPL")
 
 # ----------------------------------------------------------------------------- fakes
 @torch.library.register_fake("densenet_fused::bnrelu_conv1x1_fwd")
-def _(x, scale, shift, weight, stats):
+def _(x, scale, shift, weight, stats, bn_out=None, bn_gamma=None, bn_beta=None, bn_eps=0.0):
     m = x.shape[0]
     cout = weight.shape[0]
     acc = acc_dtype(x.dtype)
@@ -46,9 +47,34 @@ def _(dout, x, scale, shift, weight, mean, rstd, G, P=None, Q=None, count=0):
             x.new_empty(c, dtype=acc))
 
 
-def bnrelu_conv1x1_fwd(x, scale, shift, weight, stats: bool = False):
-    """(out, mean, var): out = relu(x*scale+shift) @ weight^T; mean/var of out when stats."""
-    return torch.ops.densenet_fused.bnrelu_conv1x1_fwd(x, scale, shift, weight, stats)
+def bnrelu_conv1x1_fwd(x, scale, shift, weight, stats: bool = False, bn_out=None, bn_gamma=None, bn_beta=None,
+                       bn_eps: float = 0.0):
+    """(out, mean, var): out = relu(x*scale+shift) @ weight^T; mean/var of out when stats.  With
+    ``bn_out`` (3, Cout), also the folded map (scale, shift, rstd) of the BatchNorm (bn_gamma,
+    bn_beta, bn_eps) that normalizes out with those statistics, written into its rows."""
+    return torch.ops.densenet_fused.bnrelu_conv1x1_fwd(x, scale, shift, weight, stats, bn_out, bn_gamma, bn_beta,
+                                                       bn_eps)
+
+
+def _check_bn_out(x, cout, stats, bn_out, gamma, beta, eps):
+    op = "bnrelu_conv1x1_fwd"
+    given = [t is not None for t in (bn_out, gamma, beta)]
+    if not any(given):
+        return
+    if not all(given):
+        raise RuntimeError(f"{op}: expected bn_out, bn_gamma and bn_beta together (or none)")
+    if not stats:
+        raise RuntimeError(f"{op}: expected stats=True with bn_out")
+    acc = acc_dtype(x.dtype)
+    if bn_out.shape != (3, cout) or bn_out.stride(1) != 1 or bn_out.dtype != acc:
+        raise RuntimeError(f"{op}: expected bn_out of shape (3, {cout}) with unit column stride and dtype {acc}, "
+                           f"got {tuple(bn_out.shape)} {bn_out.dtype} strides {bn_out.stride()}")
+    for name, t in (("bn_gamma", gamma), ("bn_beta", beta)):
+        if t.shape != (cout,) or not t.is_floating_point():
+            raise RuntimeError(f"{op}: expected {name} to be a 1-D floating tensor of {cout} channels, got "
+                               f"{tuple(t.shape)} {t.dtype}")
+    if eps < 0:
+        raise RuntimeError(f"{op}: expected bn_eps >= 0, got {eps}")
 
 
 def bnrelu_conv1x1_bwd(dout, x, scale, shift, weight, mean, rstd, G, P=None, Q=None, count: int = 0):
@@ -102,9 +128,10 @@ def _check_bwd(dout, x, weight, mean, rstd, G):
 
 
 # ----------------------------------------------------------------------------- ATen (float64 on CUDA)
-def fwd_chunked(x, scale, shift, weight, stats):
+def fwd_chunked(x, scale, shift, weight, stats, bn_out=None, bn_gamma=None, bn_beta=None, bn_eps=0.0):
     """Row-chunked ATen forward: the float64 CUDA path."""
     _check(x, scale, shift, weight, "bnrelu_conv1x1_fwd")
+    _check_bn_out(x, weight.shape[0], stats, bn_out, bn_gamma, bn_beta, bn_eps)
     m = x.shape[0]
     out = x.new_empty((m, weight.shape[0]))
     wt = weight.t()
@@ -116,6 +143,8 @@ def fwd_chunked(x, scale, shift, weight, stats):
         acc = acc_dtype(x.dtype)
         return out, x.new_empty(0, dtype=acc), x.new_empty(0, dtype=acc)
     mean, var, _ = channel_stats(out, 0.0)
+    if bn_out is not None:
+        bn_out.copy_(torch.stack(bn_scale_shift(bn_gamma, bn_beta, mean, var, bn_eps)))
     return out, mean, var
 
 
@@ -267,9 +296,10 @@ def _fwd_block_m(m, cout):
     return 128 if triton.cdiv(m, 128) * triton.cdiv(cout, 128) >= 264 else 64  # >= 2 waves of 132 SMs
 
 
-def triton_fwd(x, scale, shift, weight, stats):
+def triton_fwd(x, scale, shift, weight, stats, bn_out=None, bn_gamma=None, bn_beta=None, bn_eps=0.0):
     """Triton forward launcher (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1)."""
     _check(x, scale, shift, weight, "bnrelu_conv1x1_fwd")
+    _check_bn_out(x, weight.shape[0], stats, bn_out, bn_gamma, bn_beta, bn_eps)
     if x.dtype == torch.float64:
         raise RuntimeError("bnrelu_conv1x1_fwd: the Triton kernel takes float32/float16/bfloat16; "
                            "float64 runs fwd_chunked")
@@ -295,7 +325,8 @@ def triton_fwd(x, scale, shift, weight, stats):
     if not stats:
         empty = x.new_empty(0, dtype=torch.float32)
         return out, empty, empty
-    mean, var = merge_stats(part, m, block_m)
+    mean, var = merge_stats(part, m, block_m,
+                            affine=None if bn_out is None else (bn_out, bn_gamma, bn_beta, float(bn_eps)))
     return out, mean, var
 
 
@@ -348,10 +379,10 @@ def triton_bwd(dout, x, scale, shift, weight, mean, rstd, G, P=None, Q=None, cou
     return dweight, dgamma, dbeta
 
 
-def _cuda_fwd(x, scale, shift, weight, stats):
+def _cuda_fwd(x, scale, shift, weight, stats, bn_out=None, bn_gamma=None, bn_beta=None, bn_eps=0.0):
     if x.dtype == torch.float64:
-        return fwd_chunked(x, scale, shift, weight, stats)
-    return triton_fwd(x, scale, shift, weight, stats)
+        return fwd_chunked(x, scale, shift, weight, stats, bn_out, bn_gamma, bn_beta, bn_eps)
+    return triton_fwd(x, scale, shift, weight, stats, bn_out, bn_gamma, bn_beta, bn_eps)
 
 
 def _cuda_bwd(dout, x, scale, shift, weight, mean, rstd, G, P=None, Q=None, count=0):
