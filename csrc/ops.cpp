@@ -49,11 +49,15 @@ TORCH_LIBRARY(densenet_fused, m) {
         "Tensor mean, Tensor rstd, Tensor(a!) G, Tensor(b!)? P=None, Tensor(c!)? Q=None, int count=0) "
         "-> (Tensor dweight, Tensor dgamma, Tensor dbeta)");
   // out (a channel slice of the buffer) = conv3x3(relu(b*scale + shift), weight), pad 1 applied to the
-  // activated values; (mean, var) of out as stored when stats, written into mean_out/var_out when
-  // given (then the returned tensors are empty).  impl: "aten" / "triton" on CUDA, "" for the default.
+  // activated values; (mean, var) of out as stored when stats.  With mean_out/var_out (contiguous vectors of
+  // C + k channels: the block's statistics of the buffer up to and including out) they are written into
+  // their last k entries instead (the returned tensors are empty); with bn_out (3, C + k), bn_gamma, bn_beta
+  // also the folded map (scale, shift, rstd) of the BatchNorm reading all C + k channels (the next layer's
+  // norm1), as bn_scale_shift computes it.  impl: "aten" / "triton" on CUDA, "" for the default.
   // Kernels: densenet_fused/ops/bnrelu_conv3x3.py (ATen on CPU and CUDA, Triton).
   m.def("bnrelu_conv3x3_fwd(Tensor b, Tensor scale, Tensor shift, Tensor weight, int[] nhw, Tensor(a!) out, "
-        "bool stats, str impl=\"\", Tensor(b!)? mean_out=None, Tensor(c!)? var_out=None) -> (Tensor mean, Tensor var)");
+        "bool stats, str impl=\"\", Tensor(b!)? mean_out=None, Tensor(c!)? var_out=None, Tensor(d!)? bn_out=None, "
+        "Tensor? bn_gamma=None, Tensor? bn_beta=None, float bn_eps=0.0) -> (Tensor mean, Tensor var)");
   // Backward through conv3x3 and BN2's ReLU: g2 = dA2 * (b*scale+shift > 0), dweight, and
   // dgamma = sum(g2 * (b - mean) * rstd), dbeta = sum(g2) per channel; with count > 0 also BN2's
   // input-gradient scalars p = scale*dbeta/count, q = scale*rstd*dgamma/count (zeros when count = 0).

@@ -113,14 +113,19 @@ def block_forward(spec: BlockSpec, x: torch.Tensor, params: Sequence[torch.Tenso
     kept: List[torch.Tensor] = []
     per_layer: List[torch.Tensor] = []
     cb = spec.layers[0].conv1.out_channels if num_layers else 0
+    aff1: Optional[torch.Tensor] = None  # (scale1, shift1, rstd1) of the next layer, when already folded
     for l, layer in enumerate(spec.layers):
         if trace is not None:
             trace("forward", l)
         c_l = c0 + l * k
         g1, b1, _, g2, b2, _ = _layer_params(params, l)
         w1c, w2c = _weights(spec, params, flat_w, l)
-        batch1 = (mean[:c_l], var[:c_l]) if spec.training else None
-        m1, r1, scale1, shift1 = _affine(layer.norm1, g1, b1, batch1, acc)
+        if aff1 is not None:  # folded by the previous layer's statistics merge
+            scale1, shift1, r1 = aff1.unbind(0)
+        else:
+            batch1 = (mean[:c_l], var[:c_l]) if spec.training else None
+            _, r1, scale1, shift1 = _affine(layer.norm1, g1, b1, batch1, acc)
+        aff1 = None
         if spec.training:  # B, its statistics and BN2's folded map from them, written by the same op
             aff2 = torch.empty((3, cb), dtype=acc, device=dev)
             bott, m2, bv = bnrelu_conv1x1_fwd(buf2[:, :c_l], scale1, shift1, w1c, True, aff2, g2, b2,
@@ -146,9 +151,14 @@ def block_forward(spec: BlockSpec, x: torch.Tensor, params: Sequence[torch.Tenso
                 mean[c_l:c_l + k], var[c_l:c_l + k] = mu, v
         else:
             seeds.append(None)
-            if spec.training:  # the new channels' statistics written in place
+            if spec.training:  # the new channels' statistics written in place, and the next layer's BN1 map
+                nxt = spec.layers[l + 1].norm1 if l + 1 < num_layers else None
+                bn = ()
+                if nxt is not None:
+                    aff1 = torch.empty((3, c_l + k), dtype=acc, device=dev)
+                    bn = (aff1, nxt.weight, nxt.bias, nxt.eps)
                 bnrelu_conv3x3_fwd(bott, scale2, shift2, w2c, [n, h, w], new_slice, True, spec.conv3x3_impl,
-                                   mean[c_l:c_l + k], var[c_l:c_l + k])
+                                   mean[:c_l + k], var[:c_l + k], *bn)
             else:
                 bnrelu_conv3x3_fwd(bott, scale2, shift2, w2c, [n, h, w], new_slice, False, spec.conv3x3_impl)
 
@@ -185,8 +195,7 @@ def block_backward(spec: BlockSpec, out, grad_out, params, stats, seeds, kept, x
     G = torch.empty((n, h, w, c_total), dtype=acc, device=dev)
     G.copy_(grad_out.permute(0, 2, 3, 1))
     G = G.view(m, c_total)
-    P = torch.zeros(c_total, dtype=acc, device=dev)
-    Q = torch.zeros(c_total, dtype=acc, device=dev)
+    P, Q = torch.zeros((2, c_total), dtype=acc, device=dev).unbind(0)  # one fill
     grads: List[Optional[torch.Tensor]] = [None] * len(params)
     for l in reversed(range(len(spec.layers))):
         if trace is not None:

@@ -63,54 +63,74 @@ def store_tile_stats(out, row_ok, col_ok, cols, pid_m, M, N, PMEAN, PM2, BLOCK_M
 
 
 @triton.jit
-def stats_merge_kernel(PMEAN, PM2, MEAN, VAR, M, COUT, TILES, GAMMA, BETA, AFF, ld_aff, eps,
+def _folded_bn(rc, ok, mean, var, GAMMA, BETA, AFF, ld_aff, eps):
+    """(scale, shift, rstd) of a BatchNorm from its statistics, stored as rows of AFF (as bn_scale_shift)."""
+    rstd = tl.div_rn(1.0, tl.sqrt_rn(var + eps))
+    scale = tl.load(GAMMA + rc, mask=ok, other=0.0).to(tl.float32) * rstd
+    tl.store(AFF + rc, scale, mask=ok)
+    tl.store(AFF + ld_aff + rc, tl.load(BETA + rc, mask=ok, other=0.0).to(tl.float32) - mean * scale, mask=ok)
+    tl.store(AFF + 2 * ld_aff + rc, rstd, mask=ok)
+
+
+@triton.jit
+def stats_merge_kernel(PMEAN, PM2, MEAN, VAR, M, COUT, TILES, C_OFF, GAMMA, BETA, AFF, ld_aff, eps, MERGE_PROGRAMS,
                        TILE_ROWS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, AFFINE: tl.constexpr):
-    """Merge per-tile (mean, M2) partials, BLOCK_T tiles at a time and then a fixed tree
-    (deterministic): mean = sum(n_t * mean_t) / M, then M2 = sum(M2_t + n_t * (mean_t - mean)^2),
-    deviations from the merged mean (no cancellation)."""
-    rc = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    ok = rc < COUT
-    rt = tl.arange(0, BLOCK_T)
-    acc = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
-    for t0 in range(0, TILES, BLOCK_T):
-        t = t0 + rt
-        msk = (t < TILES)[:, None] & ok[None, :]
-        nb = tl.maximum(tl.minimum(M - t * TILE_ROWS, TILE_ROWS), 0).to(tl.float32)
-        acc += nb[:, None] * tl.load(PMEAN + t[:, None] * COUT + rc[None, :], mask=msk, other=0.0)
-    mean = tl.sum(acc, axis=0) / M
-    acc = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
-    for t0 in range(0, TILES, BLOCK_T):
-        t = t0 + rt
-        msk = (t < TILES)[:, None] & ok[None, :]
-        nb = tl.maximum(tl.minimum(M - t * TILE_ROWS, TILE_ROWS), 0).to(tl.float32)
-        off = t[:, None] * COUT + rc[None, :]
-        d = tl.load(PMEAN + off, mask=msk, other=0.0) - mean[None, :]
-        acc += tl.where(msk, tl.load(PM2 + off, mask=msk, other=0.0) + nb[:, None] * d * d, 0.0)
-    var = tl.sum(acc, axis=0) / M
-    tl.store(MEAN + rc, mean, mask=ok)
-    tl.store(VAR + rc, var, mask=ok)
-    if AFFINE:  # the folded affine map of the BatchNorm reading these channels (as bn_scale_shift)
-        rstd = tl.div_rn(1.0, tl.sqrt_rn(var + eps))
-        scale = tl.load(GAMMA + rc, mask=ok, other=0.0).to(tl.float32) * rstd
-        tl.store(AFF + rc, scale, mask=ok)
-        tl.store(AFF + ld_aff + rc, tl.load(BETA + rc, mask=ok, other=0.0).to(tl.float32) - mean * scale, mask=ok)
-        tl.store(AFF + 2 * ld_aff + rc, rstd, mask=ok)
+    """Merge per-tile (mean, M2) partials of COUT channels into MEAN/VAR[C_OFF:C_OFF + COUT], BLOCK_T
+    tiles at a time and then a fixed tree (deterministic): mean = sum(n_t * mean_t) / M, then
+    M2 = sum(M2_t + n_t * (mean_t - mean)^2), deviations from the merged mean (no cancellation).
+    With AFFINE, also the folded map of the BatchNorm reading channels [0, C_OFF + COUT): programs
+    past MERGE_PROGRAMS fold the channels [0, C_OFF) whose statistics are already in MEAN/VAR."""
+    pid = tl.program_id(0)
+    if pid < MERGE_PROGRAMS:
+        rc = pid * BLOCK_C + tl.arange(0, BLOCK_C)
+        ok = rc < COUT
+        rt = tl.arange(0, BLOCK_T)
+        acc = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
+        for t0 in range(0, TILES, BLOCK_T):
+            t = t0 + rt
+            msk = (t < TILES)[:, None] & ok[None, :]
+            nb = tl.maximum(tl.minimum(M - t * TILE_ROWS, TILE_ROWS), 0).to(tl.float32)
+            acc += nb[:, None] * tl.load(PMEAN + t[:, None] * COUT + rc[None, :], mask=msk, other=0.0)
+        mean = tl.sum(acc, axis=0) / M
+        acc = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
+        for t0 in range(0, TILES, BLOCK_T):
+            t = t0 + rt
+            msk = (t < TILES)[:, None] & ok[None, :]
+            nb = tl.maximum(tl.minimum(M - t * TILE_ROWS, TILE_ROWS), 0).to(tl.float32)
+            off = t[:, None] * COUT + rc[None, :]
+            d = tl.load(PMEAN + off, mask=msk, other=0.0) - mean[None, :]
+            acc += tl.where(msk, tl.load(PM2 + off, mask=msk, other=0.0) + nb[:, None] * d * d, 0.0)
+        var = tl.sum(acc, axis=0) / M
+        tl.store(MEAN + C_OFF + rc, mean, mask=ok)
+        tl.store(VAR + C_OFF + rc, var, mask=ok)
+        if AFFINE:
+            _folded_bn(C_OFF + rc, ok, mean, var, GAMMA, BETA, AFF, ld_aff, eps)
+    else:
+        rc = (pid - MERGE_PROGRAMS) * BLOCK_C + tl.arange(0, BLOCK_C)
+        ok = rc < C_OFF
+        mean = tl.load(MEAN + rc, mask=ok, other=0.0)
+        var = tl.load(VAR + rc, mask=ok, other=1.0)
+        _folded_bn(rc, ok, mean, var, GAMMA, BETA, AFF, ld_aff, eps)
 
 
 def merge_stats(part, m, tile_rows, mean=None, var=None, affine=None):
-    """(mean, var) from per-tile partials part = (2, tiles, N) written by store_tile_stats; into
-    ``mean``/``var`` (contiguous float32 vectors of N) when given.  ``affine = (out (3, N), gamma,
-    beta, eps)`` also writes the folded BatchNorm map (scale, shift, rstd) of those statistics."""
+    """(mean, var) from per-tile partials part = (2, tiles, N) written by store_tile_stats; into the
+    last N entries of ``mean``/``var`` (contiguous float32 vectors of C + N) when given.
+    ``affine = (out (3, C + N), gamma, beta, eps)`` also writes the folded map (scale, shift, rstd)
+    of the BatchNorm reading all C + N channels of ``mean``/``var``."""
     tiles, n = part.shape[1], part.shape[2]
     if mean is None:
         mean = torch.empty(n, dtype=torch.float32, device=part.device)
         var = torch.empty(n, dtype=torch.float32, device=part.device)
+    c_off = mean.shape[0] - n
     aff, gamma, beta, eps = affine if affine is not None else (mean, mean, mean, 0.0)  # unused without AFFINE
     block_c = 32 if INTERPRET else 64
-    stats_merge_kernel[(triton.cdiv(n, block_c),)](part[0], part[1], mean, var, m, n, tiles, gamma, beta, aff,
-                                                   aff.stride(0) if affine is not None else 0, eps,
-                                                   TILE_ROWS=tile_rows, BLOCK_T=4 if INTERPRET else 32,
-                                                   BLOCK_C=block_c, AFFINE=affine is not None)
+    merge_programs = triton.cdiv(n, block_c)
+    grid = merge_programs + (triton.cdiv(c_off, block_c) if affine is not None else 0)
+    stats_merge_kernel[(grid,)](part[0], part[1], mean, var, m, n, tiles, c_off, gamma, beta, aff,
+                                aff.stride(0) if affine is not None else 0, eps, merge_programs,
+                                TILE_ROWS=tile_rows, BLOCK_T=4 if INTERPRET else 32, BLOCK_C=block_c,
+                                AFFINE=affine is not None)
     return mean, var
 
 

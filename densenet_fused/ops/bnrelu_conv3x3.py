@@ -28,6 +28,7 @@ import triton.language as tl
 from ._common import acc_dtype
 from ._triton_common import bnrelu_tile, dot_precision, merge_stats, store_tile_stats
 from .bn_grad_finish import bn_grad_finish
+from .bn_scale_shift import bn_scale_shift
 from .channel_stats import channel_stats
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -74,23 +75,23 @@ def _nchw(t, nhw):
     return t.view(n, h, w, -1).permute(0, 3, 1, 2)
 
 
-def _fwd_aten(b, scale, shift, weight, nhw, out, stats, mean_out=None, var_out=None):
+def _fwd_aten(b, scale, shift, weight, nhw, out, stats, mean_out=None, var_out=None, bn_out=None, bn_gamma=None,
+              bn_beta=None, bn_eps=0.0):
     _check(b, scale, shift, weight, nhw, "bnrelu_conv3x3_fwd")
     y = F.conv2d(_nchw(_activated(b, scale, shift), nhw), weight, padding=1)
     out.copy_(y.permute(0, 2, 3, 1).reshape(b.shape[0], -1))
-    return _out_stats(out, stats, mean_out, var_out)
-
-
-def _out_stats(out, stats, mean_out=None, var_out=None):
     empty = out.new_empty(0, dtype=acc_dtype(out.dtype))
     if not stats:
         return empty, torch.empty_like(empty)  # two distinct outputs, no kernel
     mean, var, _ = channel_stats(out, 0.0)
     if mean_out is None:
         return mean, var
-    mean_out.copy_(mean)
-    var_out.copy_(var)
-    return empty, torch.empty_like(empty)  # two distinct outputs, no kernel
+    k = out.shape[1]
+    mean_out[mean_out.shape[0] - k:].copy_(mean)
+    var_out[var_out.shape[0] - k:].copy_(var)
+    if bn_out is not None:
+        bn_out.copy_(torch.stack(bn_scale_shift(bn_gamma, bn_beta, mean_out, var_out, bn_eps)))
+    return empty, torch.empty_like(empty)
 
 
 def _pq(scale, rstd, dgamma, dbeta, count):
@@ -286,7 +287,8 @@ def _triton_shapes(b, scale, shift, weight, nhw, op):
     return nhw[1], nhw[2], b.shape[0], b.shape[1], weight.shape[0]
 
 
-def _fwd_triton(b, scale, shift, weight, nhw, out, stats, mean_out=None, var_out=None):
+def _fwd_triton(b, scale, shift, weight, nhw, out, stats, mean_out=None, var_out=None, bn_out=None, bn_gamma=None,
+                bn_beta=None, bn_eps=0.0):
     h, w, m, cb, k = _triton_shapes(b, scale, shift, weight, nhw, "bnrelu_conv3x3_fwd")
     bm, bn, bk = _tiles(32, 128), max(16, min(64, triton.next_power_of_2(k))), _tiles(16, 64)
     tiles = triton.cdiv(m, bm)
@@ -299,8 +301,9 @@ def _fwd_triton(b, scale, shift, weight, nhw, out, stats, mean_out=None, var_out
         return empty, torch.empty_like(empty)  # two distinct outputs, no kernel
     if mean_out is None:
         return merge_stats(part, m, bm)
-    merge_stats(part, m, bm, mean_out, var_out)
-    return empty, torch.empty_like(empty)  # two distinct outputs, no kernel
+    merge_stats(part, m, bm, mean_out, var_out,
+                affine=None if bn_out is None else (bn_out, bn_gamma, bn_beta, float(bn_eps)))
+    return empty, torch.empty_like(empty)
 
 
 def _bwd_triton(dy, b, scale, shift, weight, nhw, mean, rstd, count=0, dy_x=None, dy_mean=None, dy_p=None,
@@ -345,28 +348,48 @@ def _use_triton(b, impl):
     return b.is_cuda and b.dtype != torch.float64 and (impl or _cuda_impl) == "triton"
 
 
-def _fwd_impl(b, scale, shift, weight, nhw, out, stats, impl="", mean_out=None, var_out=None):
+def _fwd_impl(b, scale, shift, weight, nhw, out, stats, impl="", mean_out=None, var_out=None, bn_out=None,
+              bn_gamma=None, bn_beta=None, bn_eps=0.0):
     if out.shape != (b.shape[0], weight.shape[0]) or out.dtype != b.dtype or out.stride(1) != 1:
         raise RuntimeError(f"bnrelu_conv3x3_fwd: expected out of shape ({b.shape[0]}, {weight.shape[0]}), dtype "
                            f"{b.dtype}, unit channel stride; got {tuple(out.shape)} {out.dtype} {out.stride()}")
-    _check_stats_out(out, stats, mean_out, var_out)
+    _check_stats_out(out, stats, mean_out, var_out, bn_out, bn_gamma, bn_beta, bn_eps)
+    bn = (bn_out, bn_gamma, bn_beta, bn_eps)
     if _use_triton(b, impl):
-        return _fwd_triton(b, scale, shift, weight, nhw, out, stats, mean_out, var_out)
-    return _fwd_aten(b, scale, shift, weight, nhw, out, stats, mean_out, var_out)
+        return _fwd_triton(b, scale, shift, weight, nhw, out, stats, mean_out, var_out, *bn)
+    return _fwd_aten(b, scale, shift, weight, nhw, out, stats, mean_out, var_out, *bn)
 
 
-def _check_stats_out(out, stats, mean_out, var_out):
+def _check_stats_out(out, stats, mean_out, var_out, bn_out, bn_gamma, bn_beta, bn_eps):
+    op = "bnrelu_conv3x3_fwd"
     if mean_out is None and var_out is None:
+        if bn_out is not None or bn_gamma is not None or bn_beta is not None:
+            raise RuntimeError(f"{op}: expected mean_out and var_out with bn_out")
         return
     k = out.shape[1]
     acc = acc_dtype(out.dtype)
     if not stats:
-        raise RuntimeError("bnrelu_conv3x3_fwd: expected stats=True with mean_out/var_out")
+        raise RuntimeError(f"{op}: expected stats=True with mean_out/var_out")
+    n = mean_out.shape[0] if mean_out is not None and mean_out.dim() == 1 else -1
     for name, t in (("mean_out", mean_out), ("var_out", var_out)):
-        if t is None or t.shape != (k,) or t.dtype != acc or t.stride(0) != 1 or t.device != out.device:
-            raise RuntimeError(f"bnrelu_conv3x3_fwd: expected {name} to be a contiguous 1-D tensor of {k} channels, "
-                               f"dtype {acc} on {out.device}, got "
+        if t is None or t.dim() != 1 or t.shape[0] < k or t.shape[0] != n or t.dtype != acc or t.stride(0) != 1 \
+                or t.device != out.device:
+            raise RuntimeError(f"{op}: expected {name} to be a contiguous 1-D tensor of C + {k} channels (the same C "
+                               f"for mean_out and var_out), dtype {acc} on {out.device}, got "
                                f"{None if t is None else (tuple(t.shape), t.dtype, t.stride(), str(t.device))}")
+    given = [t is not None for t in (bn_out, bn_gamma, bn_beta)]
+    if any(given) and not all(given):
+        raise RuntimeError(f"{op}: expected bn_out, bn_gamma and bn_beta together (or none)")
+    if bn_out is not None:
+        if bn_out.shape != (3, n) or bn_out.stride(1) != 1 or bn_out.dtype != acc:
+            raise RuntimeError(f"{op}: expected bn_out of shape (3, {n}) with unit column stride and dtype {acc}, "
+                               f"got {tuple(bn_out.shape)} {bn_out.dtype} strides {bn_out.stride()}")
+        for name, t in (("bn_gamma", bn_gamma), ("bn_beta", bn_beta)):
+            if t.shape != (n,) or not t.is_floating_point():
+                raise RuntimeError(f"{op}: expected {name} to be a 1-D floating tensor of {n} channels, got "
+                                   f"{tuple(t.shape)} {t.dtype}")
+        if bn_eps < 0:
+            raise RuntimeError(f"{op}: expected bn_eps >= 0, got {bn_eps}")
 
 
 def _bwd_impl(dy, b, scale, shift, weight, nhw, mean, rstd, impl="", count=0, dy_x=None, dy_mean=None, dy_p=None,
@@ -401,7 +424,8 @@ for _key in ("CPU", "CUDA"):
 
 
 @torch.library.register_fake("densenet_fused::bnrelu_conv3x3_fwd")
-def _(b, scale, shift, weight, nhw, out, stats, impl="", mean_out=None, var_out=None):
+def _(b, scale, shift, weight, nhw, out, stats, impl="", mean_out=None, var_out=None, bn_out=None, bn_gamma=None,
+      bn_beta=None, bn_eps=0.0):
     n = weight.shape[0] if stats and mean_out is None else 0
     acc = acc_dtype(b.dtype)
     return b.new_empty(n, dtype=acc), b.new_empty(n, dtype=acc)
@@ -416,13 +440,17 @@ def _(dy, b, scale, shift, weight, nhw, mean, rstd, impl="", count=0, dy_x=None,
             *(b.new_empty(cb, dtype=acc) for _ in range(4)))
 
 
-def bnrelu_conv3x3_fwd(b, scale, shift, weight, nhw, out, stats: bool, impl: str = "", mean_out=None, var_out=None):
+def bnrelu_conv3x3_fwd(b, scale, shift, weight, nhw, out, stats: bool, impl: str = "", mean_out=None, var_out=None,
+                       bn_out=None, bn_gamma=None, bn_beta=None, bn_eps: float = 0.0):
     """Write conv3x3(relu(b*scale+shift)) into ``out`` (an (N*H*W, k) channel slice of the
-    buffer); returns (mean, var) of the values as stored when ``stats`` (else empty), or writes
-    them into ``mean_out``/``var_out`` when given (then returns empty tensors).
-    ``impl`` ("aten" / "triton") overrides the CUDA default of ``set_conv3x3_impl``."""
+    buffer); returns (mean, var) of the values as stored when ``stats`` (else empty).  With
+    ``mean_out``/``var_out`` (vectors of C + k channels: the buffer's statistics up to and including
+    out) they go into their last k entries instead (empty tensors returned); with ``bn_out``
+    (3, C + k), ``bn_gamma``, ``bn_beta``, ``bn_eps`` also the folded map (scale, shift, rstd) of the
+    BatchNorm reading all C + k channels (the next layer's norm1).  ``impl`` ("aten" / "triton")
+    overrides the CUDA default of ``set_conv3x3_impl``."""
     return torch.ops.densenet_fused.bnrelu_conv3x3_fwd(b, scale, shift, weight, list(nhw), out, stats, impl,
-                                                       mean_out, var_out)
+                                                       mean_out, var_out, bn_out, bn_gamma, bn_beta, bn_eps)
 
 
 def bnrelu_conv3x3_bwd(dy, b, scale, shift, weight, nhw, mean, rstd, impl: str = "", count: int = 0, dy_x=None,

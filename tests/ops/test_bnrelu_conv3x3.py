@@ -62,6 +62,15 @@ def _run(impl, dtype, device, n, h, w, cb, k):
     assert torch.equal(out2, out)
     assert torch.equal(stats_buf[0, 1:1 + k], mean_o) and torch.equal(stats_buf[1, 2:2 + k], var_o)
     assert (stats_buf[0, 0] == 7) and (stats_buf[0, 1 + k:] == 7).all() and (stats_buf[1, :2] == 7).all()
+    # after C = 3 earlier channels, with the next BatchNorm's folded map over all C + k channels
+    full = torch.rand(2, 3 + k, dtype=acc, device=device) + 0.5
+    before = full[:, :3].clone()
+    gamma, beta = torch.rand(3 + k, device=device) + 0.5, torch.randn(3 + k, device=device)
+    bn_out = torch.empty(3, 3 + k, dtype=acc, device=device)
+    fwd(b, scale, shift, weight, nhw, out2, True, full[0], full[1], bn_out, gamma, beta, 1e-3)
+    assert torch.equal(full[:, :3], before) and torch.equal(full[0, 3:], mean_o) and torch.equal(full[1, 3:], var_o)
+    want = torch.stack(op.bn_scale_shift(gamma, beta, full[0], full[1], 1e-3))
+    torch.testing.assert_close(bn_out, want, rtol=2e-7 if acc == torch.float32 else 1e-15, atol=0)
     dy = torch.randn(m, k, dtype=torch.float64).to(dtype).to(device)
     g2, dweight, dgamma, dbeta, p, q = bwd(dy, b, scale, shift, weight, nhw, mean, rstd, m)
     assert torch.equal(bwd(dy, b, scale, shift, weight, nhw, mean, rstd)[4], torch.zeros_like(p))  # count 0
@@ -128,9 +137,12 @@ def test_impl_switch_and_bad_input():
         op.bnrelu_conv3x3_fwd(b, scale, shift, weight, [2, 3, 5], torch.empty(24, 5), False)
     with pytest.raises(RuntimeError, match=r"expected out of shape \(24, 5\)"):
         op.bnrelu_conv3x3_fwd(b, scale, shift, weight, [2, 3, 4], torch.empty(24, 4), False)
-    with pytest.raises(RuntimeError, match=r"expected mean_out to be a contiguous 1-D tensor of 5 channels"):
+    with pytest.raises(RuntimeError, match=r"expected mean_out to be a contiguous 1-D tensor of C \+ 5 channels"):
         op.bnrelu_conv3x3_fwd(b, scale, shift, weight, [2, 3, 4], torch.empty(24, 5), True, "",
                               torch.empty(4), torch.empty(5))
+    with pytest.raises(RuntimeError, match=r"expected bn_out of shape \(3, 7\)"):
+        op.bnrelu_conv3x3_fwd(b, scale, shift, weight, [2, 3, 4], torch.empty(24, 5), True, "",
+                              torch.empty(7), torch.empty(7), torch.empty(3, 5), torch.ones(7), torch.ones(7))
     with pytest.raises(RuntimeError, match=r"expected stats=True with mean_out/var_out"):
         op.bnrelu_conv3x3_fwd(b, scale, shift, weight, [2, 3, 4], torch.empty(24, 5), False, "",
                               torch.empty(5), torch.empty(5))
