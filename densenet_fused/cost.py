@@ -24,8 +24,9 @@ dtype): forward reads the buffer slice once (M*C_l*s), writes B and reads it onc
 (recomputing B, and the 1x1 backward: 2*M*C_l*s), reads and writes G once in fp32
 (8*M*C_l) and makes four bottleneck-sized passes (B recomputed and read by the 3x3
 backward, dB written and read by the 1x1 backward: 4*M*cb*s).  Per block: x read and
-copied into the buffer (2*M*C_0*s_x... counted in s), grad_out read once (M*C_total*s) and
-dx written once (M*C_0*s).
+copied into the buffer (2*M*C_0*s), grad_out read once (M*C_total*s) and dx written once
+(M*C_0*s).  For DenseNet-121 block 3 (N=128, bf16) the per-layer terms are DESIGN's 6.2 GB
+and the whole floor 6.31 GB.
 """
 import contextlib
 import math
