@@ -4,7 +4,8 @@
   densenet-fused bench [--quick] [--device cpu|cuda] [--out DIR]
                                                  fused vs torchvision (plain, memory_efficient, compile):
                                                  table on stdout, JSON + PNG plots in DIR
-  densenet-fused cost  [--case NAME|all]         GPU launches and bytes of a block's training step, counted
+  densenet-fused cost  [--case NAME|all] [--kernels]
+                                                 GPU launches and bytes of a block's training step, counted
                                                  without a GPU (densenet_fused/cost.py)
 """
 import argparse
@@ -156,10 +157,12 @@ def main(argv=None) -> int:
     p_cost = sub.add_parser("cost", help="GPU launches and bytes of a training step, counted without a GPU")
     p_cost.add_argument("--case", default="densenet121_block3",
                         help="densenet121_block3 (default), densenet121_block1, densenet_bc100_k12 or all")
+    p_cost.add_argument("--kernels", action="store_true",
+                        help="compile every Triton kernel and autotuner config for sm_90a: registers, spills, smem")
     args = parser.parse_args(argv)
     if args.cmd == "cost":
         from .cost import main as cost_main
-        return cost_main(args.case)
+        return cost_main(args.case, args.kernels)
     if args.cmd == "demo":
         return demo(args.device)
     if args.cmd == "bench":

@@ -96,6 +96,7 @@ class Recording:
     launches: List[Launch] = field(default_factory=list)
     phase: str = "forward"
     layer: int = -1
+    triton_calls: list = field(default_factory=list)  # (kernel object, args, kwargs) of every Triton launch
 
     def add(self, kernel, read, written, launches=1):
         self.launches.append(Launch(self.phase, self.layer, kernel, float(read), float(written), launches))
@@ -204,6 +205,7 @@ def _triton_name(fn) -> str:
 
 def _record_triton(rec: Recording, fn, args, kwargs):
     name = _triton_name(fn)
+    rec.triton_calls.append((fn, args, kwargs))
     if name not in TRITON_WRITES:
         raise RuntimeError(f"cost: Triton kernel {name} has no entry in cost.TRITON_WRITES")
     writes = TRITON_WRITES[name]
@@ -374,7 +376,116 @@ def report(case: CostCase, rec: Recording, layer: Optional[int] = None) -> str:
     return "\n".join(lines)
 
 
-def main(case: str = "densenet121_block3") -> int:
+# ----------------------------------------------------------------------------- kernel resources
+_TL_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64",
+             torch.int64: "i64", torch.int32: "i32"}
+
+
+def kernel_variants(rec: Recording) -> Dict[tuple, tuple]:
+    """Every distinct compilation a recorded step needs, with every config an autotuner can pick:
+    key -> (jit function, signature, constexprs, attrs, options).  Pointer and integer arguments
+    get the tt.divisibility 16 attribute where the real launch satisfies it (a 16-byte aligned
+    address assuming 16-byte aligned allocations; a multiple of 16), as Triton specializes them."""
+    import triton.runtime.autotuner as autotuner
+    out: Dict[tuple, tuple] = {}
+    for obj, args, kwargs in rec.triton_calls:
+        configs = obj.configs if isinstance(obj, autotuner.Autotuner) else [None]
+        fn = obj.fn if isinstance(obj, autotuner.Autotuner) else obj
+        names = list(fn.arg_names)
+        for cfg in configs:
+            values = dict(zip(names, args))
+            values.update({k: v for k, v in kwargs.items() if k in names})
+            options = {"num_warps": kwargs.get("num_warps", 4), "num_stages": kwargs.get("num_stages", 3)}
+            if cfg is not None:
+                values.update(cfg.kwargs)
+                options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+            sig, constexprs, attrs = {}, {}, {}
+            for i, (name, param) in enumerate(zip(names, fn.params)):
+                v = values[name]
+                if param.is_constexpr:
+                    sig[name] = "constexpr"
+                    constexprs[(i,)] = v
+                elif isinstance(v, torch.Tensor):
+                    sig[name] = "*" + _TL_TYPES[v.dtype]
+                    if (v.storage_offset() * v.element_size()) % 16 == 0:
+                        attrs[(i,)] = [["tt.divisibility", 16]]
+                elif isinstance(v, bool):
+                    sig[name] = "i1"
+                elif isinstance(v, int):
+                    sig[name] = "i32" if -2 ** 31 <= v < 2 ** 31 else "i64"
+                    if v % 16 == 0 and v != 0:
+                        attrs[(i,)] = [["tt.divisibility", 16]]
+                elif isinstance(v, float):
+                    sig[name] = "fp32"
+                else:
+                    raise RuntimeError(f"cost --kernels: argument {name}={v!r} of {_triton_name(fn)} has no type")
+            key = (_triton_name(fn), tuple(sig.items()), tuple(sorted((k[0], repr(v)) for k, v in constexprs.items())),
+                   tuple(sorted(attrs)), tuple(sorted(options.items())))
+            out.setdefault(key, (fn, sig, constexprs, attrs, options))
+    return out
+
+
+def compile_kernel(fn, sig, constexprs, attrs, options, arch: int = 90) -> dict:
+    """AOT-compile one variant for sm_<arch> (no GPU needed) and read its resources with ptxas -v."""
+    import os
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import get_ptxas
+    from triton.compiler import ASTSource
+
+    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs),
+                       target=GPUTarget("cuda", arch, 32), options=options)
+    ptx = k.asm["ptx"]
+    gpu = f"sm_{arch}a" if arch == 90 else f"sm_{arch}"
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "k.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        res = subprocess.run([get_ptxas(arch).path, "-v", f"--gpu-name={gpu}", path, "-o", os.path.join(d, "k.o")],
+                             capture_output=True, text=True, timeout=600)
+    if res.returncode != 0:
+        raise RuntimeError(f"ptxas failed: {res.stderr[-500:]}")
+    regs = re.search(r"Used (\d+) registers", res.stderr)
+    spill_st = re.search(r"(\d+) bytes spill stores", res.stderr)
+    spill_ld = re.search(r"(\d+) bytes spill loads", res.stderr)
+    return dict(regs=int(regs.group(1)) if regs else -1,
+                spills=(int(spill_st.group(1)) if spill_st else 0) + (int(spill_ld.group(1)) if spill_ld else 0),
+                shared=int(k.metadata.shared), wgmma="wgmma" in ptx, cp_async="cp.async" in ptx)
+
+
+def kernels_report(case: CostCase, arch: int = 90) -> str:
+    """Every Triton kernel variant of the case's step, every autotuner config, compiled for sm_<arch>."""
+    import os
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        raise SystemExit("cost --kernels: unset TRITON_INTERPRET (the kernels are compiled, not interpreted)")
+    variants = kernel_variants(record_step(case))
+    gpu = f"sm_{arch}a" if arch == 90 else f"sm_{arch}"
+    lines = [f"{case.name}: Triton kernels of a training step, every autotuner config, compiled for {gpu}",
+             f"    {'kernel':<36} {'config':<44} {'regs':>5} {'spill B':>8} {'smem KB':>8} wgmma cp.async"]
+    n = spilled = errors = 0
+    for (name, _, cx, _, opts), (fn, sig, constexprs, attrs, options) in variants.items():
+        cfg = ",".join(f"{fn.arg_names[i]}={v}" for (i,), v in constexprs.items() if fn.arg_names[i].isupper()
+                       and fn.arg_names[i].startswith(("BLOCK", "KPAD", "COUT_PAD")))
+        cfg += f",w{options['num_warps']}s{options['num_stages']}"
+        try:
+            r = compile_kernel(fn, sig, constexprs, attrs, options, arch)
+        except Exception as e:  # reported and counted, never hidden
+            errors += 1
+            lines.append(f"    {name:<36} {cfg:<44} ERROR {type(e).__name__}: {str(e).splitlines()[0][:80]}")
+            continue
+        n += 1
+        spilled += r["spills"] > 0
+        lines.append(f"    {name:<36} {cfg:<44} {r['regs']:5d} {r['spills']:8d} {r['shared'] / 1024:8.1f} "
+                     f"{'yes' if r['wgmma'] else 'no':>5} {'yes' if r['cp_async'] else 'no':>8}")
+    lines.append(f"kernels: {n} compiled for {gpu}, {spilled} with spills, {errors} errors")
+    return "\n".join(lines)
+
+
+def main(case: str = "densenet121_block3", kernels: bool = False) -> int:
     """Print the report of one case (or of every case with "all"): the last line is the summary."""
     names = list(CASES) if case == "all" else [case]
     for i, name in enumerate(names):
@@ -382,5 +493,5 @@ def main(case: str = "densenet121_block3") -> int:
             raise SystemExit(f"cost: unknown case {name!r}; expected one of {', '.join(CASES)} or all")
         if i:
             print()
-        print(report(CASES[name], record_step(CASES[name])))
+        print(kernels_report(CASES[name]) if kernels else report(CASES[name], record_step(CASES[name])))
     return 0

@@ -1,6 +1,7 @@
 """`densenet-fused cost`: launches and bytes of a training step on the CUDA code path, counted
 on fake CUDA tensors (no GPU).  The pinned numbers are the current cost: a change that adds
 launches or traffic fails here and must say why (lower numbers: update the pins)."""
+import os
 import re
 
 import pytest
@@ -93,3 +94,49 @@ def test_a_triton_kernel_without_a_declared_cost_is_an_error():
     Fn.fn = lambda: None  # a kernel named "test_cost.<lambda>"
     with pytest.raises(RuntimeError, match="no entry in cost.TRITON_WRITES"):
         cost._record_triton(rec, Fn(), (torch.empty(1),), {})
+
+
+_COMPILE_SMALL = """
+import json
+from densenet_fused import cost
+rec = cost.record_step(cost.CASES["densenet_bc100_k12"])
+variants = cost.kernel_variants(rec)
+launched = sorted({cost._triton_name(fn) for fn, _, _ in rec.triton_calls})
+small = ("bnrelu_conv1x1._bwd_finish_kernel", "bnrelu_conv3x3._bwd_finish_kernel", "_triton_common.stats_merge_kernel")
+done = {}
+for key, (fn, sig, constexprs, attrs, options) in variants.items():
+    if key[0] in small and key[0] not in done:
+        done[key[0]] = cost.compile_kernel(fn, sig, constexprs, attrs, options)
+fwd = len([k for k in variants if k[0] == "bnrelu_conv1x1._fwd_kernel"])
+print(json.dumps(dict(launched=launched, variants=sorted({k[0] for k in variants}), compiled=done, fwd=fwd)))
+"""
+
+
+def test_kernel_variants_cover_every_launch_and_compile_for_sm90():
+    """`cost --kernels`: every Triton launch of the step becomes a compilable variant (every autotuner
+    config).  Compiled (not interpreted) kernels need a process without TRITON_INTERPRET; the small
+    reduction kernels are compiled here for sm_90a (no GPU needed), every GEMM config by
+    `densenet-fused cost --kernels` (minutes)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from densenet_fused.ops import bnrelu_conv1x1 as op1
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", _COMPILE_SMALL], capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    assert got["launched"] == got["variants"]
+    assert got["fwd"] >= len(op1._FWD_CONFIGS)  # every autotuner config of the 1x1 forward
+    assert len(got["compiled"]) == 3
+    for name, r in got["compiled"].items():
+        assert r["regs"] > 0 and r["spills"] == 0 and r["shared"] <= 227 * 1024, (name, r)
+
+
+def test_kernels_report_refuses_the_interpreter():
+    if os.environ.get("TRITON_INTERPRET", "0") != "1":
+        pytest.skip("checks the refusal under TRITON_INTERPRET=1")
+    with pytest.raises(SystemExit, match="unset TRITON_INTERPRET"):
+        cost.main("densenet_bc100_k12", kernels=True)

@@ -253,12 +253,12 @@ def _bwd_finish_kernel(PDW, DW, NW, PSG, PSGX, SPLITS, C, SCALE, RSTD, DBETA, DG
     dbeta/dgamma and, for the block, accumulate P += scale*dbeta/count, Q += scale*rstd*dgamma/count."""
     pid = tl.program_id(0)
     if pid < W_PROGRAMS:
-        e = pid * BLOCK_W + tl.arange(0, BLOCK_W)
-        ok = e < NW
-        acc = tl.zeros((BLOCK_W,), dtype=tl.float32)
+        e = pid * BLOCK_W + tl.arange(0, BLOCK_W)  # (names differ from the other branch's: Triton types them)
+        e_ok = e < NW
+        dw = tl.zeros((BLOCK_W,), dtype=tl.float32)
         for s in range(0, SPLITS):
-            acc += tl.load(PDW + s * NW + e, mask=ok, other=0.0)
-        tl.store(DW + e, acc, mask=ok)
+            dw += tl.load(PDW + s * NW + e, mask=e_ok, other=0.0)
+        tl.store(DW + e, dw, mask=e_ok)
     else:
         rc = (pid - W_PROGRAMS) * BLOCK + tl.arange(0, BLOCK)
         ok = rc < C
