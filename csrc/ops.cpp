@@ -34,7 +34,11 @@ TORCH_LIBRARY(densenet_fused, m) {
         "int count) -> ()");
   // out = relu(x * scale + shift) @ weight^T with x (M, C) strided, weight (Cout, C).
   // With stats=True also the per-channel mean and biased variance of out as stored.
-  m.def("bnrelu_conv1x1_fwd(Tensor x, Tensor scale, Tensor shift, Tensor weight, bool stats) "
+  // With bn_out (3, Cout) (stats=True), also the folded affine map of the BatchNorm that reads out
+  // (weight bn_gamma, bias bn_beta, eps bn_eps) from those statistics, as bn_scale_shift computes it:
+  // bn_out[0] = scale, bn_out[1] = shift, bn_out[2] = rstd (one launch less per layer on CUDA).
+  m.def("bnrelu_conv1x1_fwd(Tensor x, Tensor scale, Tensor shift, Tensor weight, bool stats, "
+        "Tensor(a!)? bn_out=None, Tensor? bn_gamma=None, Tensor? bn_beta=None, float bn_eps=0.0) "
         "-> (Tensor out, Tensor mean, Tensor var)");
   // One-pass backward of bnrelu_conv1x1 with g = (dout @ weight) * (x*scale+shift > 0):
   // G += scale * g (in place), returns dweight = dout^T @ relu(x*scale+shift) (fp32/fp64),
@@ -45,14 +49,24 @@ TORCH_LIBRARY(densenet_fused, m) {
         "Tensor mean, Tensor rstd, Tensor(a!) G, Tensor(b!)? P=None, Tensor(c!)? Q=None, int count=0) "
         "-> (Tensor dweight, Tensor dgamma, Tensor dbeta)");
   // out (a channel slice of the buffer) = conv3x3(relu(b*scale + shift), weight), pad 1 applied to the
-  // activated values; (mean, var) of out as stored when stats.  impl: "aten" / "triton" on CUDA,
-  // "" for the default.  Kernels: densenet_fused/ops/bnrelu_conv3x3.py (ATen on CPU and CUDA, Triton).
+  // activated values; (mean, var) of out as stored when stats.  With mean_out/var_out (contiguous vectors of
+  // C + k channels: the block's statistics of the buffer up to and including out) they are written into
+  // their last k entries instead (the returned tensors are empty); with bn_out (3, C + k), bn_gamma, bn_beta
+  // also the folded map (scale, shift, rstd) of the BatchNorm reading all C + k channels (the next layer's
+  // norm1), as bn_scale_shift computes it.  impl: "aten" / "triton" on CUDA, "" for the default.
+  // Kernels: densenet_fused/ops/bnrelu_conv3x3.py (ATen on CPU and CUDA, Triton).
   m.def("bnrelu_conv3x3_fwd(Tensor b, Tensor scale, Tensor shift, Tensor weight, int[] nhw, Tensor(a!) out, "
-        "bool stats, str impl=\"\") -> (Tensor mean, Tensor var)");
+        "bool stats, str impl=\"\", Tensor(b!)? mean_out=None, Tensor(c!)? var_out=None, Tensor(d!)? bn_out=None, "
+        "Tensor? bn_gamma=None, Tensor? bn_beta=None, float bn_eps=0.0) -> (Tensor mean, Tensor var)");
   // Backward through conv3x3 and BN2's ReLU: g2 = dA2 * (b*scale+shift > 0), dweight, and
-  // dgamma = sum(g2 * (b - mean) * rstd), dbeta = sum(g2) per channel.
+  // dgamma = sum(g2 * (b - mean) * rstd), dbeta = sum(g2) per channel; with count > 0 also BN2's
+  // input-gradient scalars p = scale*dbeta/count, q = scale*rstd*dgamma/count (zeros when count = 0).
+  // With dy_x, dy_mean, dy_p, dy_q, dy is the block's fp32 gradient sum G of the new channels, finished
+  // on the fly as in bn_grad_finish: dy = G - dy_p - (dy_x - dy_mean) * dy_q (in b's dtype).
   m.def("bnrelu_conv3x3_bwd(Tensor dy, Tensor b, Tensor scale, Tensor shift, Tensor weight, int[] nhw, "
-        "Tensor mean, Tensor rstd, str impl=\"\") -> (Tensor g2, Tensor dweight, Tensor dgamma, Tensor dbeta)");
+        "Tensor mean, Tensor rstd, str impl=\"\", int count=0, Tensor? dy_x=None, Tensor? dy_mean=None, "
+        "Tensor? dy_p=None, Tensor? dy_q=None) "
+        "-> (Tensor g2, Tensor dweight, Tensor dgamma, Tensor dbeta, Tensor p, Tensor q)");
 }
 
 extern "C" {

@@ -8,7 +8,7 @@ layers reading it are done.  Saved for backward: the buffer (which is the output
 per-channel statistics, per-layer BN2 statistics, dropout seeds and the parameters.
 """
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -17,6 +17,11 @@ from .ops import (bn_grad_finish, bn_scale_shift, bnrelu_conv1x1_bwd, bnrelu_con
 from .ops._common import acc_dtype
 
 PARAMS_PER_LAYER = 6  # norm1.weight, norm1.bias, conv1.weight, norm2.weight, norm2.bias, conv2.weight
+
+# Optional observer of the sweeps: called as trace(phase, layer) when a layer starts
+# ("forward"/"backward", layer index) and trace(phase, -1) when its block-level work starts.
+# `densenet-fused cost` uses it to attribute the counted launches to layers.
+trace = None
 
 
 @dataclass
@@ -51,9 +56,37 @@ def _dropout_mask(seed, shape, p, device, dtype):
     return keep.mul_(0.0 if p >= 1.0 else 1.0 / (1.0 - p))
 
 
+PER_LAYER_SAVED = 7  # scale1, shift1, rstd1, mean2, rstd2, scale2, shift2
+
+
+def _compute_weights(spec: BlockSpec, params) -> Optional[torch.Tensor]:
+    """Every layer's W1 and W2 in the compute dtype, cast in one pass per step into one flat tensor
+    that backward reuses; None when the parameters are already in the compute dtype."""
+    ws = [params[PARAMS_PER_LAYER * l + i] for i in (2, 5) for l in range(len(spec.layers))]
+    if all(w.dtype == spec.dtype for w in ws):
+        return None
+    return torch.cat([w.reshape(-1) for w in ws]).to(spec.dtype)  # one batched copy, one cast
+
+
+def _weights(spec: BlockSpec, params, flat: Optional[torch.Tensor], l: int):
+    """(W1 as (cb, C_l), W2) of layer l in the compute dtype (views of ``flat`` when cast)."""
+    w1, w2 = params[PARAMS_PER_LAYER * l + 2], params[PARAMS_PER_LAYER * l + 5]
+    cb = w1.shape[0]
+    c_l = spec.num_input_features + l * spec.growth_rate
+    if flat is None:
+        return w1.view(cb, c_l), w2
+    k = spec.growth_rate
+    w1_end = cb * (len(spec.layers) * spec.num_input_features + k * len(spec.layers) * (len(spec.layers) - 1) // 2)
+    o1 = cb * (l * spec.num_input_features + k * l * (l - 1) // 2)
+    o2 = w1_end + l * w2.numel()
+    return flat[o1:o1 + cb * c_l].view(cb, c_l), flat[o2:o2 + w2.numel()].view(w2.shape)
+
+
 def block_forward(spec: BlockSpec, x: torch.Tensor, params: Sequence[torch.Tensor], save: bool):
-    """Run the block.  Returns (output, saved) where saved holds what backward needs (None
-    when ``save`` is False)."""
+    """Run the block.  Returns (output, saved) where saved = (tensors, seeds, kept) holds what
+    backward needs (None when ``save`` is False): tensors = [batch mean (None in eval), the cast
+    weights (None when not cast)] + PER_LAYER_SAVED folded-BN vectors per layer, so backward
+    recomputes no scale/shift and casts no weight."""
     n, c0, h, w = x.shape
     m = n * h * w
     k = spec.growth_rate
@@ -61,39 +94,56 @@ def block_forward(spec: BlockSpec, x: torch.Tensor, params: Sequence[torch.Tenso
     c_total = c0 + num_layers * k
     dtype, acc = spec.dtype, acc_dtype(spec.dtype)
     dev = x.device
+    if trace is not None:
+        trace("forward", -1)
 
     buf = torch.empty((n, h, w, c_total), dtype=dtype, device=dev)
     buf[..., :c0].copy_(x.permute(0, 2, 3, 1))
     buf2 = buf.view(m, c_total)
-    cb = spec.layers[0].conv1.out_channels if num_layers else 0
+    flat_w = _compute_weights(spec, params)
+    mean = var = None
+    bn2_stats: List[Tuple[torch.Tensor, torch.Tensor]] = []
     if spec.training:
         mean = torch.empty(c_total, dtype=acc, device=dev)
         var = torch.empty(c_total, dtype=acc, device=dev)
-        mean2 = torch.empty((num_layers, cb), dtype=acc, device=dev)
-        var2 = torch.empty((num_layers, cb), dtype=acc, device=dev)
         eps0 = spec.layers[0].norm1.eps if num_layers else 1e-5
         mu, v, _ = channel_stats(buf2[:, :c0], eps0)
         mean[:c0], var[:c0] = mu, v
     seeds: List[Optional[int]] = []
     kept: List[torch.Tensor] = []
+    per_layer: List[torch.Tensor] = []
+    cb = spec.layers[0].conv1.out_channels if num_layers else 0
+    aff1: Optional[torch.Tensor] = None  # (scale1, shift1, rstd1) of the next layer, when already folded
     for l, layer in enumerate(spec.layers):
+        if trace is not None:
+            trace("forward", l)
         c_l = c0 + l * k
-        g1, b1, w1, g2, b2, w2 = _layer_params(params, l)
-        batch1 = (mean[:c_l], var[:c_l]) if spec.training else None
-        m1, r1, scale1, shift1 = _affine(layer.norm1, g1, b1, batch1, acc)
-        bott, bm, bv = bnrelu_conv1x1_fwd(buf2[:, :c_l], scale1, shift1, w1.view(cb, c_l).to(dtype),
-                                          spec.training)
+        g1, b1, _, g2, b2, _ = _layer_params(params, l)
+        w1c, w2c = _weights(spec, params, flat_w, l)
+        if aff1 is not None:  # folded by the previous layer's statistics merge
+            scale1, shift1, r1 = aff1.unbind(0)
+        else:
+            batch1 = (mean[:c_l], var[:c_l]) if spec.training else None
+            _, r1, scale1, shift1 = _affine(layer.norm1, g1, b1, batch1, acc)
+        aff1 = None
+        if spec.training:  # B, its statistics and BN2's folded map from them, written by the same op
+            aff2 = torch.empty((3, cb), dtype=acc, device=dev)
+            bott, m2, bv = bnrelu_conv1x1_fwd(buf2[:, :c_l], scale1, shift1, w1c, True, aff2, g2, b2,
+                                              layer.norm2.eps)
+            scale2, shift2, r2 = aff2.unbind(0)
+            bn2_stats.append((m2, bv))
+        else:
+            bott = bnrelu_conv1x1_fwd(buf2[:, :c_l], scale1, shift1, w1c, False)[0]
+            m2, r2, scale2, shift2 = _affine(layer.norm2, g2, b2, None, acc)
         if save and spec.keep_bottleneck:
             kept.append(bott)
-        if spec.training:
-            mean2[l], var2[l] = bm, bv
-        m2, r2, scale2, shift2 = _affine(layer.norm2, g2, b2, (bm, bv) if spec.training else None, acc)
+        per_layer += [scale1, shift1, r1, m2, r2, scale2, shift2]
         p = float(layer.drop_rate)
         new_slice = buf2[:, c_l:c_l + k]
         if p > 0 and layer.training:
             seed = int(torch.randint(0, 2 ** 62, (1,)).item())
             new = torch.empty((m, k), dtype=dtype, device=dev)
-            bnrelu_conv3x3_fwd(bott, scale2, shift2, w2.to(dtype), [n, h, w], new, False, spec.conv3x3_impl)
+            bnrelu_conv3x3_fwd(bott, scale2, shift2, w2c, [n, h, w], new, False, spec.conv3x3_impl)
             torch.mul(new, _dropout_mask(seed, new.shape, p, dev, dtype), out=new_slice)
             seeds.append(seed)
             if spec.training:
@@ -101,24 +151,31 @@ def block_forward(spec: BlockSpec, x: torch.Tensor, params: Sequence[torch.Tenso
                 mean[c_l:c_l + k], var[c_l:c_l + k] = mu, v
         else:
             seeds.append(None)
-            mu, v = bnrelu_conv3x3_fwd(bott, scale2, shift2, w2.to(dtype), [n, h, w], new_slice, spec.training,
-                                       spec.conv3x3_impl)
-            if spec.training:
-                mean[c_l:c_l + k], var[c_l:c_l + k] = mu, v
+            if spec.training:  # the new channels' statistics written in place, and the next layer's BN1 map
+                nxt = spec.layers[l + 1].norm1 if l + 1 < num_layers else None
+                bn = ()
+                if nxt is not None:
+                    aff1 = torch.empty((3, c_l + k), dtype=acc, device=dev)
+                    bn = (aff1, nxt.weight, nxt.bias, nxt.eps)
+                bnrelu_conv3x3_fwd(bott, scale2, shift2, w2c, [n, h, w], new_slice, True, spec.conv3x3_impl,
+                                   mean[:c_l + k], var[:c_l + k], *bn)
+            else:
+                bnrelu_conv3x3_fwd(bott, scale2, shift2, w2c, [n, h, w], new_slice, False, spec.conv3x3_impl)
 
+    if trace is not None:
+        trace("forward", -1)
     if spec.training:
         bn1s = [layer.norm1 for layer in spec.layers]
         bn2s = [layer.norm2 for layer in spec.layers]
         running_stats_update(
             bn1s + bn2s,
-            [mean[:c0 + l * k] for l in range(num_layers)] + list(mean2.unbind(0)),
-            [var[:c0 + l * k] for l in range(num_layers)] + list(var2.unbind(0)),
+            [mean[:c0 + l * k] for l in range(num_layers)] + [s[0] for s in bn2_stats],
+            [var[:c0 + l * k] for l in range(num_layers)] + [s[1] for s in bn2_stats],
             count=m)
     out = buf.permute(0, 3, 1, 2)  # (N, C_total, H, W), channels-last strides
     if not save:
         return out, None
-    stats = (mean, var, mean2, var2) if spec.training else ()
-    return out, (stats, seeds, kept)
+    return out, ([mean, flat_w] + per_layer, seeds, kept)
 
 
 def block_backward(spec: BlockSpec, out, grad_out, params, stats, seeds, kept, x_meta, needs_input_grad):
@@ -129,47 +186,47 @@ def block_backward(spec: BlockSpec, out, grad_out, params, stats, seeds, kept, x
     c0 = spec.num_input_features
     dtype, acc = spec.dtype, acc_dtype(spec.dtype)
     dev = out.device
+    if trace is not None:
+        trace("backward", -1)
     buf2 = out.permute(0, 2, 3, 1).reshape(m, c_total)  # a view: the buffer is NHWC
-    if spec.training:
-        mean, var, mean2, var2 = stats
-    else:
+    mean, flat_w, per_layer = stats[0], stats[1], stats[2:]
+    if not spec.training:
         mean = torch.zeros(c_total, dtype=acc, device=dev)
-    zeros2 = torch.zeros(spec.layers[0].conv1.out_channels if spec.layers else 0, dtype=acc, device=dev)
     G = torch.empty((n, h, w, c_total), dtype=acc, device=dev)
     G.copy_(grad_out.permute(0, 2, 3, 1))
     G = G.view(m, c_total)
-    P = torch.zeros(c_total, dtype=acc, device=dev)
-    Q = torch.zeros(c_total, dtype=acc, device=dev)
+    P, Q = torch.zeros((2, c_total), dtype=acc, device=dev).unbind(0)  # one fill
     grads: List[Optional[torch.Tensor]] = [None] * len(params)
-    cb = spec.layers[0].conv1.out_channels if spec.layers else 0
     for l in reversed(range(len(spec.layers))):
+        if trace is not None:
+            trace("backward", l)
         layer = spec.layers[l]
         c_l = c0 + l * k
         g1, b1, w1, g2, b2, w2 = _layer_params(params, l)
-        batch1 = (mean[:c_l], var[:c_l]) if spec.training else None
-        batch2 = (mean2[l], var2[l]) if spec.training else None
-        m1, r1, scale1, shift1 = _affine(layer.norm1, g1, b1, batch1, acc)
-        m2, r2, scale2, shift2 = _affine(layer.norm2, g2, b2, batch2, acc)
-        w1c = w1.view(cb, c_l).to(dtype)
-        w2c = w2.to(dtype)
+        scale1, shift1, r1, m2, r2, scale2, shift2 = per_layer[PER_LAYER_SAVED * l:PER_LAYER_SAVED * (l + 1)]
+        m1 = mean[:c_l] if spec.training else layer.norm1.running_mean.to(acc)
+        w1c, w2c = _weights(spec, params, flat_w, l)
 
         # 1. the gradient of this layer's k output channels is complete: finish it.
+        # (without dropout the conv3x3 backward finishes it on the fly from G, P, Q)
         sl = slice(c_l, c_l + k)
-        dnew = bn_grad_finish(G[:, sl], buf2[:, sl], mean[sl], P[sl], Q[sl], dtype)
         if seeds[l] is not None:
+            dnew = bn_grad_finish(G[:, sl], buf2[:, sl], mean[sl], P[sl], Q[sl], dtype)
             dnew = dnew * _dropout_mask(seeds[l], dnew.shape, float(layer.drop_rate), dev, dtype)
+            finish = ()
+        else:
+            dnew, finish = G[:, sl], (buf2[:, sl], mean[sl], P[sl], Q[sl])
         # 2. the bottleneck (recomputed, or kept from the forward).
         if kept:
             bott = kept[l]
         else:
             bott = bnrelu_conv1x1_fwd(buf2[:, :c_l], scale1, shift1, w1c, False)[0]
-        # 3. conv3x3 backward through BN2-ReLU, then the BN2 input gradient.
-        g2v, dw2, dgamma2, dbeta2 = bnrelu_conv3x3_bwd(dnew, bott, scale2, shift2, w2c, [n, h, w], m2, r2,
-                                                       spec.conv3x3_impl)
-        if spec.training:  # dB = scale2 * (g2 - mean(g2) - xhat2 * mean(g2 * xhat2)), one pass
-            db = bn_grad_finish(g2v, bott, m2, scale2 * dbeta2 / m, scale2 * r2 * dgamma2 / m, dtype, 0, scale2)
-        else:
-            db = bn_grad_finish(g2v, bott, m2, zeros2, zeros2, dtype, 0, scale2)
+        # 3. conv3x3 backward through BN2-ReLU with BN2's input-gradient scalars (zeros in eval),
+        # then dB = scale2 * (g2 - mean(g2) - xhat2 * mean(g2 * xhat2)) in one pass.
+        g2v, dw2, dgamma2, dbeta2, p2, q2 = bnrelu_conv3x3_bwd(dnew, bott, scale2, shift2, w2c, [n, h, w], m2, r2,
+                                                               spec.conv3x3_impl, m if spec.training else 0,
+                                                               *finish)
+        db = bn_grad_finish(g2v, bott, m2, p2, q2, dtype, 0, scale2)
         # 4. one pass over the buffer: G += scale1*g, per-channel sums, dW1.
         # (training: also P[:c_l] += scale1*dbeta1/M and Q[:c_l] += scale1*rstd1*dgamma1/M)
         pq = (P[:c_l], Q[:c_l], m) if spec.training else (None, None, 0)
@@ -182,6 +239,8 @@ def block_backward(spec: BlockSpec, out, grad_out, params, stats, seeds, kept, x
         grads[base + 4] = dbeta2.to(b2.dtype)
         grads[base + 5] = dw2.to(w2.dtype)
 
+    if trace is not None:
+        trace("backward", -1)
     dx = None
     if needs_input_grad:
         x_dtype, x_channels_last = x_meta

@@ -8,6 +8,9 @@
   densenet-fused train --data DIR --model NAME --epochs E --batch-size B --out OUT [...]
                                                  train a DenseNet on a CIFAR root or an ImageFolder
                                                  (see densenet_fused/train.py and `train --help`)
+  densenet-fused cost  [--case NAME|all] [--kernels]
+                                                 GPU launches and bytes of a block's training step, counted
+                                                 without a GPU (densenet_fused/cost.py)
 """
 import argparse
 import os
@@ -114,7 +117,15 @@ def main(argv=None) -> int:
     p_train.add_argument("--no-flip", action="store_true", help="no random horizontal flip (digits, text)")
     p_train.add_argument("--seed", type=int, default=0)
     p_train.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm under torchrun (not supported yet)")
+    p_cost = sub.add_parser("cost", help="GPU launches and bytes of a training step, counted without a GPU")
+    p_cost.add_argument("--case", default="densenet121_block3",
+                        help="densenet121_block3 (default), densenet121_block1, densenet_bc100_k12 or all")
+    p_cost.add_argument("--kernels", action="store_true",
+                        help="compile every Triton kernel and autotuner config for sm_90a: registers, spills, smem")
     args = parser.parse_args(argv)
+    if args.cmd == "cost":
+        from .cost import main as cost_main
+        return cost_main(args.case, args.kernels)
     if args.cmd == "demo":
         from .demo import demo
         return demo(args.device)

@@ -3,6 +3,7 @@
 // (rounded to the feature dtype, as the GPU kernels feed the MMA) and multiplied by the
 // weight with ATen's GEMM; the normalized (M, C) input never exists.  Reductions (dweight,
 // per-channel sums) go through fixed chunks reduced in order: deterministic results.
+#include <cmath>
 #include <ATen/Parallel.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -79,11 +80,51 @@ __attribute__((noinline)) void bwd_row(const scalar_t* __restrict__ x, const acc
   }
 }
 
+// bn_out = (scale, shift, rstd) of the BatchNorm reading the output, from its statistics.
+void fold_affine(const at::Tensor& mean, const at::Tensor& var, const at::Tensor& gamma, const at::Tensor& beta,
+                 double eps, at::Tensor& bn_out) {
+  const int64_t C = mean.size(0);
+  const at::Tensor g = gamma.to(mean.scalar_type()).contiguous(), b = beta.to(mean.scalar_type()).contiguous();
+  AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "bnrelu_conv1x1_fold_affine", [&] {
+    const scalar_t *mp = mean.const_data_ptr<scalar_t>(), *vp = var.const_data_ptr<scalar_t>();
+    const scalar_t *gp = g.const_data_ptr<scalar_t>(), *bp = b.const_data_ptr<scalar_t>();
+    scalar_t* o = bn_out.data_ptr<scalar_t>();
+    const int64_t ld = bn_out.stride(0);
+    for (int64_t c = 0; c < C; ++c) {
+      const scalar_t r = scalar_t(1) / std::sqrt(vp[c] + static_cast<scalar_t>(eps));
+      o[c] = gp[c] * r;
+      o[ld + c] = bp[c] - mp[c] * o[c];
+      o[2 * ld + c] = r;
+    }
+  });
+}
+
+void check_bn_out(const char* op, const at::Tensor& x, int64_t Cout, bool stats, const std::optional<at::Tensor>& bn_out,
+                  const std::optional<at::Tensor>& gamma, const std::optional<at::Tensor>& beta, double eps) {
+  if (!bn_out.has_value() && !gamma.has_value() && !beta.has_value()) return;
+  TORCH_CHECK(bn_out.has_value() && gamma.has_value() && beta.has_value(), op,
+              ": expected bn_out, bn_gamma and bn_beta together (or none)");
+  TORCH_CHECK(stats, op, ": expected stats=True with bn_out");
+  const auto acc = acc_type(x.scalar_type());
+  TORCH_CHECK(bn_out->dim() == 2 && bn_out->size(0) == 3 && bn_out->size(1) == Cout && bn_out->stride(1) == 1 &&
+                  bn_out->scalar_type() == acc,
+              op, ": expected bn_out of shape (3, ", Cout, ") with unit column stride and dtype ", acc, ", got ",
+              bn_out->sizes(), " ", bn_out->scalar_type(), " strides ", bn_out->strides());
+  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>(*gamma, "bn_gamma"), {*beta, "bn_beta"}}) {
+    TORCH_CHECK(t.dim() == 1 && t.size(0) == Cout && t.is_floating_point(), op, ": expected ", name,
+                " to be a 1-D floating tensor of ", Cout, " channels, got ", t.sizes(), " ", t.scalar_type());
+  }
+  TORCH_CHECK(eps >= 0, op, ": expected bn_eps >= 0, got ", eps);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd(const at::Tensor& x, const at::Tensor& scale,
                                                    const at::Tensor& shift, const at::Tensor& weight,
-                                                   bool stats) {
+                                                   bool stats, const std::optional<at::Tensor>& bn_out,
+                                                   const std::optional<at::Tensor>& bn_gamma,
+                                                   const std::optional<at::Tensor>& bn_beta, double bn_eps) {
   check_args("bnrelu_conv1x1_fwd", x, scale, shift, weight);
   const int64_t M = x.size(0), C = x.size(1), Cout = weight.size(0);
+  check_bn_out("bnrelu_conv1x1_fwd", x, Cout, stats, bn_out, bn_gamma, bn_beta, bn_eps);
   const auto acc = acc_type(x.scalar_type());
   at::Tensor out = at::empty({M, Cout}, x.options());
   const at::Tensor wt = weight.t();
@@ -110,6 +151,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd(const at::Tensor& x, const at
     return {out, at::empty({0}, x.options().dtype(acc)), at::empty({0}, x.options().dtype(acc))};
   }
   auto [mean, var] = column_mean_var(out);
+  if (bn_out.has_value()) {
+    at::Tensor o = *bn_out;
+    fold_affine(mean, var, *bn_gamma, *bn_beta, bn_eps, o);
+  }
   return {out, mean, var};
 }
 

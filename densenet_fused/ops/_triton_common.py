@@ -1,8 +1,44 @@
 """Triton building blocks shared by the GEMM-shaped ops (bnrelu_conv1x1, bnrelu_conv3x3):
 the BN-ReLU prologue, the per-tile statistics epilogue and its deterministic merge."""
+import os
+
 import torch
 import triton
 import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _fix_interpreter_scalar_index():
+    """Triton <= 3.6's interpreter turns a scalar kernel value into a Python int (a loop bound:
+    ``range(0, C, BLOCK_K)`` with C an int argument) with ``int(ndarray of shape (1,))``, which
+    NumPy >= 2.4 refuses ("only 0-dimensional arrays can be converted to Python scalars"), so
+    every kernel with a runtime loop bound failed there.  Triton 3.7 converts the squeezed array.
+    Loop bounds cannot move out of the kernels instead: the interpreter passes every non-constexpr
+    argument as such an array, and constexpr bounds would recompile the GPU kernels per layer.
+    This applies 3.7's conversion to the older interpreter; compiled (GPU) kernels are untouched."""
+    from triton.runtime import interpreter
+    patch = interpreter._patch_lang_tensor
+    if getattr(patch, "_densenet_fused_fixed", False):
+        return
+
+    def patched(tensor, scope):
+        patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    patched._densenet_fused_fixed = True
+    interpreter._patch_lang_tensor = patched
+
+
+def _version(text):
+    return tuple(int(p) for p in text.split("+")[0].split(".")[:2])
+
+
+if INTERPRET and _version(triton.__version__) < (3, 7):
+    import numpy as np  # the interpreter's dependency
+
+    if _version(np.__version__) >= (2, 4):
+        _fix_interpreter_scalar_index()
 
 
 @triton.jit
@@ -27,34 +63,74 @@ def store_tile_stats(out, row_ok, col_ok, cols, pid_m, M, N, PMEAN, PM2, BLOCK_M
 
 
 @triton.jit
-def stats_merge_kernel(PMEAN, PM2, MEAN, VAR, M, COUT, TILES, TILE_ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Chan merge of per-tile (mean, M2) partials, tile by tile in order: deterministic."""
-    rc = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    ok = rc < COUT
-    n = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    mean = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    m2 = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    for t in range(0, TILES):
-        nb = tl.minimum(M - t * TILE_ROWS, TILE_ROWS).to(tl.float32)
-        mb = tl.load(PMEAN + t * COUT + rc, mask=ok, other=0.0)
-        m2b = tl.load(PM2 + t * COUT + rc, mask=ok, other=0.0)
-        nt = n + nb
-        delta = mb - mean
-        wb = nb / nt
-        mean = mean + delta * wb
-        m2 = m2 + m2b + delta * delta * n * wb
-        n = nt
-    tl.store(MEAN + rc, mean, mask=ok)
-    tl.store(VAR + rc, m2 / n, mask=ok)
+def _folded_bn(rc, ok, mean, var, GAMMA, BETA, AFF, ld_aff, eps):
+    """(scale, shift, rstd) of a BatchNorm from its statistics, stored as rows of AFF (as bn_scale_shift)."""
+    rstd = tl.div_rn(1.0, tl.sqrt_rn(var + eps))
+    scale = tl.load(GAMMA + rc, mask=ok, other=0.0).to(tl.float32) * rstd
+    tl.store(AFF + rc, scale, mask=ok)
+    tl.store(AFF + ld_aff + rc, tl.load(BETA + rc, mask=ok, other=0.0).to(tl.float32) - mean * scale, mask=ok)
+    tl.store(AFF + 2 * ld_aff + rc, rstd, mask=ok)
 
 
-def merge_stats(part, m, tile_rows):
-    """(mean, var) from per-tile partials part = (2, tiles, N) written by store_tile_stats."""
+@triton.jit
+def stats_merge_kernel(PMEAN, PM2, MEAN, VAR, M, COUT, TILES, C_OFF, GAMMA, BETA, AFF, ld_aff, eps, MERGE_PROGRAMS,
+                       TILE_ROWS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, AFFINE: tl.constexpr):
+    """Merge per-tile (mean, M2) partials of COUT channels into MEAN/VAR[C_OFF:C_OFF + COUT], BLOCK_T
+    tiles at a time and then a fixed tree (deterministic): mean = sum(n_t * mean_t) / M, then
+    M2 = sum(M2_t + n_t * (mean_t - mean)^2), deviations from the merged mean (no cancellation).
+    With AFFINE, also the folded map of the BatchNorm reading channels [0, C_OFF + COUT): programs
+    past MERGE_PROGRAMS fold the channels [0, C_OFF) whose statistics are already in MEAN/VAR."""
+    pid = tl.program_id(0)
+    if pid < MERGE_PROGRAMS:
+        rc = pid * BLOCK_C + tl.arange(0, BLOCK_C)
+        ok = rc < COUT
+        rt = tl.arange(0, BLOCK_T)
+        acc = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
+        for t0 in range(0, TILES, BLOCK_T):
+            t = t0 + rt
+            msk = (t < TILES)[:, None] & ok[None, :]
+            nb = tl.maximum(tl.minimum(M - t * TILE_ROWS, TILE_ROWS), 0).to(tl.float32)
+            acc += nb[:, None] * tl.load(PMEAN + t[:, None] * COUT + rc[None, :], mask=msk, other=0.0)
+        mean = tl.sum(acc, axis=0) / M
+        acc = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
+        for t0 in range(0, TILES, BLOCK_T):
+            t = t0 + rt
+            msk = (t < TILES)[:, None] & ok[None, :]
+            nb = tl.maximum(tl.minimum(M - t * TILE_ROWS, TILE_ROWS), 0).to(tl.float32)
+            off = t[:, None] * COUT + rc[None, :]
+            d = tl.load(PMEAN + off, mask=msk, other=0.0) - mean[None, :]
+            acc += tl.where(msk, tl.load(PM2 + off, mask=msk, other=0.0) + nb[:, None] * d * d, 0.0)
+        var = tl.sum(acc, axis=0) / M
+        tl.store(MEAN + C_OFF + rc, mean, mask=ok)
+        tl.store(VAR + C_OFF + rc, var, mask=ok)
+        if AFFINE:
+            _folded_bn(C_OFF + rc, ok, mean, var, GAMMA, BETA, AFF, ld_aff, eps)
+    else:
+        rc = (pid - MERGE_PROGRAMS) * BLOCK_C + tl.arange(0, BLOCK_C)
+        ok = rc < C_OFF
+        mean = tl.load(MEAN + rc, mask=ok, other=0.0)
+        var = tl.load(VAR + rc, mask=ok, other=1.0)
+        _folded_bn(rc, ok, mean, var, GAMMA, BETA, AFF, ld_aff, eps)
+
+
+def merge_stats(part, m, tile_rows, mean=None, var=None, affine=None):
+    """(mean, var) from per-tile partials part = (2, tiles, N) written by store_tile_stats; into the
+    last N entries of ``mean``/``var`` (contiguous float32 vectors of C + N) when given.
+    ``affine = (out (3, C + N), gamma, beta, eps)`` also writes the folded map (scale, shift, rstd)
+    of the BatchNorm reading all C + N channels of ``mean``/``var``."""
     tiles, n = part.shape[1], part.shape[2]
-    mean = torch.empty(n, dtype=torch.float32, device=part.device)
-    var = torch.empty(n, dtype=torch.float32, device=part.device)
-    stats_merge_kernel[(triton.cdiv(n, 64),)](part[0], part[1], mean, var, m, n, tiles, TILE_ROWS=tile_rows,
-                                              BLOCK_C=64)
+    if mean is None:
+        mean = torch.empty(n, dtype=torch.float32, device=part.device)
+        var = torch.empty(n, dtype=torch.float32, device=part.device)
+    c_off = mean.shape[0] - n
+    aff, gamma, beta, eps = affine if affine is not None else (mean, mean, mean, 0.0)  # unused without AFFINE
+    block_c = 32 if INTERPRET else 64
+    merge_programs = triton.cdiv(n, block_c)
+    grid = merge_programs + (triton.cdiv(c_off, block_c) if affine is not None else 0)
+    stats_merge_kernel[(grid,)](part[0], part[1], mean, var, m, n, tiles, c_off, gamma, beta, aff,
+                                aff.stride(0) if affine is not None else 0, eps, merge_programs,
+                                TILE_ROWS=tile_rows, BLOCK_T=4 if INTERPRET else 32, BLOCK_C=block_c,
+                                AFFINE=affine is not None)
     return mean, var
 
 

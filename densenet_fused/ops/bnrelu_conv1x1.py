@@ -21,6 +21,7 @@ import triton.language as tl
 
 from ._common import acc_dtype
 from ._triton_common import bnrelu_tile, dot_precision, merge_stats, store_tile_stats
+from .bn_scale_shift import bn_scale_shift
 from .channel_stats import channel_stats
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -30,7 +31,7 @@ _lib = torch.library.Library("densenet_fused", "IMPL")
 
 # ----------------------------------------------------------------------------- fakes
 @torch.library.register_fake("densenet_fused::bnrelu_conv1x1_fwd")
-def _(x, scale, shift, weight, stats):
+def _(x, scale, shift, weight, stats, bn_out=None, bn_gamma=None, bn_beta=None, bn_eps=0.0):
     m = x.shape[0]
     cout = weight.shape[0]
     acc = acc_dtype(x.dtype)
@@ -46,9 +47,34 @@ def _(dout, x, scale, shift, weight, mean, rstd, G, P=None, Q=None, count=0):
             x.new_empty(c, dtype=acc))
 
 
-def bnrelu_conv1x1_fwd(x, scale, shift, weight, stats: bool = False):
-    """(out, mean, var): out = relu(x*scale+shift) @ weight^T; mean/var of out when stats."""
-    return torch.ops.densenet_fused.bnrelu_conv1x1_fwd(x, scale, shift, weight, stats)
+def bnrelu_conv1x1_fwd(x, scale, shift, weight, stats: bool = False, bn_out=None, bn_gamma=None, bn_beta=None,
+                       bn_eps: float = 0.0):
+    """(out, mean, var): out = relu(x*scale+shift) @ weight^T; mean/var of out when stats.  With
+    ``bn_out`` (3, Cout), also the folded map (scale, shift, rstd) of the BatchNorm (bn_gamma,
+    bn_beta, bn_eps) that normalizes out with those statistics, written into its rows."""
+    return torch.ops.densenet_fused.bnrelu_conv1x1_fwd(x, scale, shift, weight, stats, bn_out, bn_gamma, bn_beta,
+                                                       bn_eps)
+
+
+def _check_bn_out(x, cout, stats, bn_out, gamma, beta, eps):
+    op = "bnrelu_conv1x1_fwd"
+    given = [t is not None for t in (bn_out, gamma, beta)]
+    if not any(given):
+        return
+    if not all(given):
+        raise RuntimeError(f"{op}: expected bn_out, bn_gamma and bn_beta together (or none)")
+    if not stats:
+        raise RuntimeError(f"{op}: expected stats=True with bn_out")
+    acc = acc_dtype(x.dtype)
+    if bn_out.shape != (3, cout) or bn_out.stride(1) != 1 or bn_out.dtype != acc:
+        raise RuntimeError(f"{op}: expected bn_out of shape (3, {cout}) with unit column stride and dtype {acc}, "
+                           f"got {tuple(bn_out.shape)} {bn_out.dtype} strides {bn_out.stride()}")
+    for name, t in (("bn_gamma", gamma), ("bn_beta", beta)):
+        if t.shape != (cout,) or not t.is_floating_point():
+            raise RuntimeError(f"{op}: expected {name} to be a 1-D floating tensor of {cout} channels, got "
+                               f"{tuple(t.shape)} {t.dtype}")
+    if eps < 0:
+        raise RuntimeError(f"{op}: expected bn_eps >= 0, got {eps}")
 
 
 def bnrelu_conv1x1_bwd(dout, x, scale, shift, weight, mean, rstd, G, P=None, Q=None, count: int = 0):
@@ -102,9 +128,10 @@ def _check_bwd(dout, x, weight, mean, rstd, G):
 
 
 # ----------------------------------------------------------------------------- ATen (float64 on CUDA)
-def fwd_chunked(x, scale, shift, weight, stats):
+def fwd_chunked(x, scale, shift, weight, stats, bn_out=None, bn_gamma=None, bn_beta=None, bn_eps=0.0):
     """Row-chunked ATen forward: the float64 CUDA path."""
     _check(x, scale, shift, weight, "bnrelu_conv1x1_fwd")
+    _check_bn_out(x, weight.shape[0], stats, bn_out, bn_gamma, bn_beta, bn_eps)
     m = x.shape[0]
     out = x.new_empty((m, weight.shape[0]))
     wt = weight.t()
@@ -116,6 +143,8 @@ def fwd_chunked(x, scale, shift, weight, stats):
         acc = acc_dtype(x.dtype)
         return out, x.new_empty(0, dtype=acc), x.new_empty(0, dtype=acc)
     mean, var, _ = channel_stats(out, 0.0)
+    if bn_out is not None:
+        bn_out.copy_(torch.stack(bn_scale_shift(bn_gamma, bn_beta, mean, var, bn_eps)))
     return out, mean, var
 
 
@@ -193,9 +222,8 @@ def _bwd_kernel(DOUT, lddo, X, ldx, SCALE, SHIFT, W, ldw, MEAN, RSTD, G, ldg,
     dw = tl.zeros((COUT_PAD, BLOCK_C), dtype=tl.float32)
     sg = tl.zeros((BLOCK_C,), dtype=tl.float32)
     sgx = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    t0 = split * TILES_PER_SPLIT
-    for t in range(t0, t0 + TILES_PER_SPLIT):
-        rm = t * BLOCK_M + tl.arange(0, BLOCK_M)
+    for i in range(0, TILES_PER_SPLIT):
+        rm = (split * TILES_PER_SPLIT + i) * BLOCK_M + tl.arange(0, BLOCK_M)
         r_ok = rm < M
         rm64 = rm.to(tl.int64)
         db = tl.load(DOUT + rm64[:, None] * lddo + rn[None, :], mask=r_ok[:, None] & n_ok[None, :], other=0.0)
@@ -218,24 +246,34 @@ def _bwd_kernel(DOUT, lddo, X, ldx, SCALE, SHIFT, W, ldw, MEAN, RSTD, G, ldg,
 
 # ----------------------------------------------------------------------------- launchers
 @triton.jit
-def _bwd_finish_kernel(PSG, PSGX, SPLITS, C, SCALE, RSTD, DBETA, DGAMMA, P, Q, inv_count,
-                       UPDATE_PQ: tl.constexpr, BLOCK: tl.constexpr):
-    """Reduce the per-split sums in order into dbeta/dgamma and, for the block, accumulate
-    P += scale*dbeta/count, Q += scale*rstd*dgamma/count: one launch instead of nine."""
-    rc = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    ok = rc < C
-    sg = tl.zeros((BLOCK,), dtype=tl.float32)
-    sgx = tl.zeros((BLOCK,), dtype=tl.float32)
-    for s in range(0, SPLITS):
-        sg += tl.load(PSG + s * C + rc, mask=ok, other=0.0)
-        sgx += tl.load(PSGX + s * C + rc, mask=ok, other=0.0)
-    tl.store(DBETA + rc, sg, mask=ok)
-    tl.store(DGAMMA + rc, sgx, mask=ok)
-    if UPDATE_PQ:
-        scale = tl.load(SCALE + rc, mask=ok, other=0.0)
-        rstd = tl.load(RSTD + rc, mask=ok, other=0.0)
-        tl.store(P + rc, tl.load(P + rc, mask=ok, other=0.0) + scale * sg * inv_count, mask=ok)
-        tl.store(Q + rc, tl.load(Q + rc, mask=ok, other=0.0) + scale * rstd * sgx * inv_count, mask=ok)
+def _bwd_finish_kernel(PDW, DW, NW, PSG, PSGX, SPLITS, C, SCALE, RSTD, DBETA, DGAMMA, P, Q, inv_count, W_PROGRAMS,
+                       UPDATE_PQ: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK: tl.constexpr):
+    """One launch reduces every per-split partial in a fixed order: programs [0, W_PROGRAMS) sum the
+    dW partials into dweight (NW = Cout*C elements); the others sum the per-channel sums into
+    dbeta/dgamma and, for the block, accumulate P += scale*dbeta/count, Q += scale*rstd*dgamma/count."""
+    pid = tl.program_id(0)
+    if pid < W_PROGRAMS:
+        e = pid * BLOCK_W + tl.arange(0, BLOCK_W)  # (names differ from the other branch's: Triton types them)
+        e_ok = e < NW
+        dw = tl.zeros((BLOCK_W,), dtype=tl.float32)
+        for s in range(0, SPLITS):
+            dw += tl.load(PDW + s * NW + e, mask=e_ok, other=0.0)
+        tl.store(DW + e, dw, mask=e_ok)
+    else:
+        rc = (pid - W_PROGRAMS) * BLOCK + tl.arange(0, BLOCK)
+        ok = rc < C
+        sg = tl.zeros((BLOCK,), dtype=tl.float32)
+        sgx = tl.zeros((BLOCK,), dtype=tl.float32)
+        for s in range(0, SPLITS):
+            sg += tl.load(PSG + s * C + rc, mask=ok, other=0.0)
+            sgx += tl.load(PSGX + s * C + rc, mask=ok, other=0.0)
+        tl.store(DBETA + rc, sg, mask=ok)
+        tl.store(DGAMMA + rc, sgx, mask=ok)
+        if UPDATE_PQ:
+            scale = tl.load(SCALE + rc, mask=ok, other=0.0)
+            rstd = tl.load(RSTD + rc, mask=ok, other=0.0)
+            tl.store(P + rc, tl.load(P + rc, mask=ok, other=0.0) + scale * sg * inv_count, mask=ok)
+            tl.store(Q + rc, tl.load(Q + rc, mask=ok, other=0.0) + scale * rstd * sgx * inv_count, mask=ok)
 
 
 # Autotuned on CUDA (Hopper and Ampere candidates), keyed by the power-of-two bucket of the
@@ -245,9 +283,11 @@ def _bwd_finish_kernel(PSG, PSGX, SPLITS, C, SCALE, RSTD, DBETA, DGAMMA, P, Q, i
 _FWD_CONFIGS = [triton.Config(dict(BLOCK_N=bn, BLOCK_K=bk), num_warps=w, num_stages=st)
                 for bn, bk, w, st in [(128, 64, 8, 3), (128, 64, 4, 4), (128, 32, 4, 4), (64, 64, 4, 4),
                                       (128, 128, 8, 3), (64, 128, 4, 3), (256, 64, 8, 3)]]
+# (64, 64) with 4 warps and 3 stages is not offered: compiled for sm_90a in bf16 it spills 444-952 B per
+# thread at 255 registers (`densenet-fused cost --kernels`); (64, 64) with 8 warps covers the tile.
 _BWD_CONFIGS = [triton.Config(dict(BLOCK_M=bm, BLOCK_C=bc), num_warps=w, num_stages=st)
                 for bm, bc, w, st in [(64, 64, 8, 2), (64, 32, 4, 3), (32, 64, 4, 3), (128, 32, 8, 2),
-                                      (32, 128, 8, 2), (64, 64, 4, 3)]]
+                                      (32, 128, 8, 2)]]
 _fwd_tuned = triton.autotune(_FWD_CONFIGS, key=["C_BUCKET", "COUT", "STATS"])(_fwd_kernel)
 _bwd_tuned = triton.autotune(_BWD_CONFIGS, key=["C_BUCKET", "COUT"], restore_value=["G"])(_bwd_kernel)
 
@@ -258,9 +298,10 @@ def _fwd_block_m(m, cout):
     return 128 if triton.cdiv(m, 128) * triton.cdiv(cout, 128) >= 264 else 64  # >= 2 waves of 132 SMs
 
 
-def triton_fwd(x, scale, shift, weight, stats):
+def triton_fwd(x, scale, shift, weight, stats, bn_out=None, bn_gamma=None, bn_beta=None, bn_eps=0.0):
     """Triton forward launcher (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1)."""
     _check(x, scale, shift, weight, "bnrelu_conv1x1_fwd")
+    _check_bn_out(x, weight.shape[0], stats, bn_out, bn_gamma, bn_beta, bn_eps)
     if x.dtype == torch.float64:
         raise RuntimeError("bnrelu_conv1x1_fwd: the Triton kernel takes float32/float16/bfloat16; "
                            "float64 runs fwd_chunked")
@@ -286,15 +327,17 @@ def triton_fwd(x, scale, shift, weight, stats):
     if not stats:
         empty = x.new_empty(0, dtype=torch.float32)
         return out, empty, empty
-    mean, var = merge_stats(part, m, block_m)
+    mean, var = merge_stats(part, m, block_m,
+                            affine=None if bn_out is None else (bn_out, bn_gamma, bn_beta, float(bn_eps)))
     return out, mean, var
 
 
 def _splits(m, c):
-    """Row splits of the backward: shape-only, about 1024 programs for 64-channel column blocks."""
+    """Row splits of the backward: shape-only, about two waves of 132 programs for 64-channel
+    column blocks (each split writes a Cout x C fp32 partial of dW that is read back once)."""
     if _INTERPRET:
         return max(1, min(4, triton.cdiv(m, 32)))
-    return max(1, min(triton.cdiv(m, 128), 1024 // triton.cdiv(c, 64)))
+    return max(1, min(triton.cdiv(m, 128), triton.cdiv(264, triton.cdiv(c, 64))))
 
 
 def triton_bwd(dout, x, scale, shift, weight, mean, rstd, G, P=None, Q=None, count=0):
@@ -323,22 +366,25 @@ def triton_bwd(dout, x, scale, shift, weight, mean, rstd, G, P=None, Q=None, cou
     else:
         pdw.zero_()
         psum.zero_()
-    # fixed-order reductions over the splits: dweight by torch (deterministic), the sums (and
-    # the block's P, Q) by one small kernel
+    # fixed-order reductions over the splits (dweight, the sums and the block's P, Q): one launch
+    dweight = torch.empty((cout, c), dtype=torch.float32, device=x.device)
     dbeta = torch.empty(c, dtype=torch.float32, device=x.device)
     dgamma = torch.empty(c, dtype=torch.float32, device=x.device)
     if c > 0:
         update = P is not None
-        _bwd_finish_kernel[(triton.cdiv(c, 256),)](psum[0], psum[1], splits, c, scale, rstd, dbeta, dgamma,
-                                                   P if update else dbeta, Q if update else dgamma,
-                                                   1.0 / count if update else 0.0, UPDATE_PQ=update, BLOCK=256)
-    return pdw.sum(0), dgamma, dbeta
+        block_w = 1024
+        w_programs = triton.cdiv(cout * c, block_w)
+        _bwd_finish_kernel[(w_programs + triton.cdiv(c, 256),)](
+            pdw, dweight, cout * c, psum[0], psum[1], splits, c, scale, rstd, dbeta, dgamma,
+            P if update else dbeta, Q if update else dgamma, 1.0 / count if update else 0.0, w_programs,
+            UPDATE_PQ=update, BLOCK_W=block_w, BLOCK=256)
+    return dweight, dgamma, dbeta
 
 
-def _cuda_fwd(x, scale, shift, weight, stats):
+def _cuda_fwd(x, scale, shift, weight, stats, bn_out=None, bn_gamma=None, bn_beta=None, bn_eps=0.0):
     if x.dtype == torch.float64:
-        return fwd_chunked(x, scale, shift, weight, stats)
-    return triton_fwd(x, scale, shift, weight, stats)
+        return fwd_chunked(x, scale, shift, weight, stats, bn_out, bn_gamma, bn_beta, bn_eps)
+    return triton_fwd(x, scale, shift, weight, stats, bn_out, bn_gamma, bn_beta, bn_eps)
 
 
 def _cuda_bwd(dout, x, scale, shift, weight, mean, rstd, G, P=None, Q=None, count=0):

@@ -42,6 +42,25 @@ def test_forward(device, impl, dtype, m, c_total, c_begin, c, cout, monkeypatch)
     _close(var, ref.var(0, unbiased=False), dtype)
     out2, mean2, _ = fwd(x, scale, shift, weight, False)
     assert torch.equal(out, out2) and mean2.numel() == 0
+    # BN2's folded map from the statistics, written by the same op: bn_scale_shift's values
+    acc = scale.dtype
+    gamma, beta = torch.rand(cout, device=device) + 0.5, torch.randn(cout, device=device)
+    bn_out = torch.full((3, cout + 2), 9.0, dtype=acc, device=device)[:, 1:1 + cout]
+    out3, mean3, var3 = fwd(x, scale, shift, weight, True, bn_out, gamma, beta, 1e-3)
+    assert torch.equal(out3, out) and torch.equal(mean3, mean) and torch.equal(var3, var)
+    want = torch.stack(op.bn_scale_shift(gamma, beta, mean, var, 1e-3))
+    torch.testing.assert_close(bn_out, want, rtol=1e-6 if acc == torch.float32 else 1e-14, atol=0)
+
+
+def test_bn_out_bad_input():
+    x, scale, shift, weight, _, _ = _args(37, 20, 0, 13, 9, torch.float32, "cpu")
+    g = torch.ones(9)
+    with pytest.raises(RuntimeError, match="expected bn_out, bn_gamma and bn_beta together"):
+        op.bnrelu_conv1x1_fwd(x, scale, shift, weight, True, torch.empty(3, 9), g)
+    with pytest.raises(RuntimeError, match="expected stats=True with bn_out"):
+        op.bnrelu_conv1x1_fwd(x, scale, shift, weight, False, torch.empty(3, 9), g, g)
+    with pytest.raises(RuntimeError, match=r"expected bn_out of shape \(3, 9\)"):
+        op.bnrelu_conv1x1_fwd(x, scale, shift, weight, True, torch.empty(3, 8), g, g)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -93,6 +112,11 @@ def test_deterministic(device):
 def test_opcheck(device):
     x, scale, shift, weight, mean, rstd = _args(45, 20, 0, 11, 6, torch.float32, device)
     torch.library.opcheck(torch.ops.densenet_fused.bnrelu_conv1x1_fwd.default, (x, scale, shift, weight, True))
+    cout = weight.shape[0]
+    g = torch.ones(cout, device=x.device)
+    torch.library.opcheck(torch.ops.densenet_fused.bnrelu_conv1x1_fwd.default,
+                          (x, scale, shift, weight, True, torch.empty(3, cout, dtype=scale.dtype, device=x.device), g,
+                           g, 1e-5))
     dout = torch.randn(45, 6, device=device)
     G = torch.zeros(45, 11, device=device)
     torch.library.opcheck(torch.ops.densenet_fused.bnrelu_conv1x1_bwd.default,

@@ -63,6 +63,12 @@ def test_forward_and_stats(dtype, m, c_total, c, cout):
     assert _err(var, stored.var(0, unbiased=False)) <= 1e-5
     out2, m2, _ = op.triton_fwd(x, scale, shift, weight, False)
     assert torch.equal(out, out2) and m2.numel() == 0
+    gamma, beta = torch.rand(cout, device=x.device) + 0.5, torch.randn(cout, device=x.device)
+    bn_out = torch.empty(3, cout, device=x.device)
+    out3, mean3, var3 = op.triton_fwd(x, scale, shift, weight, True, bn_out, gamma, beta, 1e-3)
+    assert torch.equal(out3, out) and torch.equal(mean3, mean) and torch.equal(var3, var)
+    want = torch.stack(op.bn_scale_shift(gamma.cpu(), beta.cpu(), mean.cpu(), var.cpu(), 1e-3))
+    torch.testing.assert_close(bn_out.cpu(), want, rtol=2e-7, atol=0)  # IEEE sqrt and division
 
 
 def test_stats_large_mean_small_spread():

@@ -53,12 +53,37 @@ def _run(impl, dtype, device, n, h, w, cb, k):
     out = buf[:, 4:4 + k]
     fwd = op._fwd_triton if impl == "triton" else op._fwd_aten
     bwd = op._bwd_triton if impl == "triton" else op._bwd_aten
+    tol = {torch.float64: 1e-12, torch.float32: 3e-5, torch.float16: 4e-3, torch.bfloat16: 1e-2}[dtype]
     mean_o, var_o = fwd(b, scale, shift, weight, nhw, out, True)
+    acc = scale.dtype
+    stats_buf = torch.full((2, k + 3), 7.0, dtype=acc, device=device)  # statistics written in place
+    out2 = torch.empty_like(out)
+    assert fwd(b, scale, shift, weight, nhw, out2, True, stats_buf[0, 1:1 + k], stats_buf[1, 2:2 + k])[0].numel() == 0
+    assert torch.equal(out2, out)
+    assert torch.equal(stats_buf[0, 1:1 + k], mean_o) and torch.equal(stats_buf[1, 2:2 + k], var_o)
+    assert (stats_buf[0, 0] == 7) and (stats_buf[0, 1 + k:] == 7).all() and (stats_buf[1, :2] == 7).all()
+    # after C = 3 earlier channels, with the next BatchNorm's folded map over all C + k channels
+    full = torch.rand(2, 3 + k, dtype=acc, device=device) + 0.5
+    before = full[:, :3].clone()
+    gamma, beta = torch.rand(3 + k, device=device) + 0.5, torch.randn(3 + k, device=device)
+    bn_out = torch.empty(3, 3 + k, dtype=acc, device=device)
+    fwd(b, scale, shift, weight, nhw, out2, True, full[0], full[1], bn_out, gamma, beta, 1e-3)
+    assert torch.equal(full[:, :3], before) and torch.equal(full[0, 3:], mean_o) and torch.equal(full[1, 3:], var_o)
+    want = torch.stack(op.bn_scale_shift(gamma, beta, full[0], full[1], 1e-3))
+    torch.testing.assert_close(bn_out, want, rtol=2e-7 if acc == torch.float32 else 1e-15, atol=0)
     dy = torch.randn(m, k, dtype=torch.float64).to(dtype).to(device)
-    g2, dweight, dgamma, dbeta = bwd(dy, b, scale, shift, weight, nhw, mean, rstd)
+    g2, dweight, dgamma, dbeta, p, q = bwd(dy, b, scale, shift, weight, nhw, mean, rstd, m)
+    assert torch.equal(bwd(dy, b, scale, shift, weight, nhw, mean, rstd)[4], torch.zeros_like(p))  # count 0
+    # dy finished on the fly from the block's gradient sum: G - P - (x - mean) * Q
+    Gs = torch.randn(m, k + 3, dtype=acc, device=device)[:, 1:1 + k]
+    xs = torch.randn(m, k + 2, dtype=torch.float64).to(dtype).to(device)[:, 2:]
+    xm, xp, xq = (torch.randn(k, dtype=acc, device=device) for _ in range(3))
+    dyf = (Gs.double() - xp.double() - (xs.double() - xm.double()) * xq.double()).to(dtype)
+    got = bwd(Gs, b, scale, shift, weight, nhw, mean, rstd, m, xs, xm, xp, xq)
+    for g, want in zip(got, bwd(dyf, b, scale, shift, weight, nhw, mean, rstd, m)):
+        assert _err(g, want.double()) <= tol
     ref_out, ref_g2, ref_dw, _, _ = _oracle(b.cpu(), scale.cpu(), shift.cpu(), weight.cpu(), nhw, dy.cpu())
     xhat = (b.double().cpu() - mean.double().cpu()) * rstd.double().cpu()
-    tol = {torch.float64: 1e-12, torch.float32: 3e-5, torch.float16: 4e-3, torch.bfloat16: 1e-2}[dtype]
     assert _err(out, ref_out) <= tol
     assert torch.equal(buf[:, :4], torch.zeros_like(buf[:, :4])) and torch.equal(buf[:, 4 + k:], buf[:, 4 + k:] * 0)
     stored = out.double().cpu()
@@ -67,6 +92,9 @@ def _run(impl, dtype, device, n, h, w, cb, k):
     assert _err(dweight, ref_dw) <= tol
     assert _err(dbeta, ref_g2.sum(0)) <= tol
     assert _err(dgamma, (ref_g2 * xhat).sum(0)) <= tol
+    sc, rs = scale.double().cpu(), rstd.double().cpu()
+    assert _err(p, sc * ref_g2.sum(0) / m) <= tol
+    assert _err(q, sc * rs * (ref_g2 * xhat).sum(0) / m) <= tol
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -90,7 +118,15 @@ def test_opcheck(device):
     ops = torch.ops.densenet_fused
     torch.library.opcheck(ops.bnrelu_conv3x3_fwd.default, (b, scale, shift, weight, [2, 3, 4], out, True, ""))
     dy = torch.randn(24, 5, device=device)
-    torch.library.opcheck(ops.bnrelu_conv3x3_bwd.default, (dy, b, scale, shift, weight, [2, 3, 4], mean, rstd, ""))
+    torch.library.opcheck(ops.bnrelu_conv3x3_bwd.default, (dy, b, scale, shift, weight, [2, 3, 4], mean, rstd, "", 24))
+    st = torch.empty(2, 5, device=device)
+    torch.library.opcheck(ops.bnrelu_conv3x3_fwd.default, (b, scale, shift, weight, [2, 3, 4], out, True, "", st[0],
+                                                           st[1]))
+
+
+def test_default_cuda_impl_is_triton():
+    # measured faster on an H100 (module docstring); DENSENET_FUSED_CONV3X3 overrides it
+    assert op.conv3x3_impl() == os.environ.get("DENSENET_FUSED_CONV3X3", "triton")
 
 
 def test_impl_switch_and_bad_input():
@@ -101,3 +137,20 @@ def test_impl_switch_and_bad_input():
         op.bnrelu_conv3x3_fwd(b, scale, shift, weight, [2, 3, 5], torch.empty(24, 5), False)
     with pytest.raises(RuntimeError, match=r"expected out of shape \(24, 5\)"):
         op.bnrelu_conv3x3_fwd(b, scale, shift, weight, [2, 3, 4], torch.empty(24, 4), False)
+    with pytest.raises(RuntimeError, match=r"expected mean_out to be a contiguous 1-D tensor of C \+ 5 channels"):
+        op.bnrelu_conv3x3_fwd(b, scale, shift, weight, [2, 3, 4], torch.empty(24, 5), True, "",
+                              torch.empty(4), torch.empty(5))
+    with pytest.raises(RuntimeError, match=r"expected bn_out of shape \(3, 7\)"):
+        op.bnrelu_conv3x3_fwd(b, scale, shift, weight, [2, 3, 4], torch.empty(24, 5), True, "",
+                              torch.empty(7), torch.empty(7), torch.empty(3, 5), torch.ones(7), torch.ones(7))
+    with pytest.raises(RuntimeError, match=r"expected stats=True with mean_out/var_out"):
+        op.bnrelu_conv3x3_fwd(b, scale, shift, weight, [2, 3, 4], torch.empty(24, 5), False, "",
+                              torch.empty(5), torch.empty(5))
+    with pytest.raises(RuntimeError, match=r"expected dy_x, dy_mean, dy_p and dy_q together"):
+        op.bnrelu_conv3x3_bwd(torch.empty(24, 5), b, scale, shift, weight, [2, 3, 4], scale, scale, "", 24,
+                              torch.empty(24, 5))
+    with pytest.raises(RuntimeError, match=r"expected dy of shape \(24, 5\), dtype torch.float32"):
+        op.bnrelu_conv3x3_bwd(torch.empty(24, 5, dtype=torch.float64), b, scale, shift, weight, [2, 3, 4], scale,
+                              scale, "", 24, torch.empty(24, 5), *torch.empty(3, 5))
+    with pytest.raises(RuntimeError, match=r"expected count >= 0"):
+        op.bnrelu_conv3x3_bwd(torch.empty(24, 5), b, scale, shift, weight, [2, 3, 4], scale, scale, "", -1)

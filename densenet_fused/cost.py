@@ -1,0 +1,497 @@
+"""GPU cost of a block's training step, counted without a GPU (DESIGN section 8).
+
+``densenet-fused cost [--case NAME]`` runs one training forward and backward of a dense
+block along its CUDA code path on *fake* CUDA tensors (``FakeTensorMode``: shapes, dtypes
+and strides, no memory, no kernel runs), at the case's real shapes.  Every kernel launch of
+that path is recorded with the bytes it reads and writes:
+
+- Triton kernels: each launch (``kernel[grid](...)``) is intercepted before it runs; bytes are
+  the logical sizes of its tensor arguments (each distinct tensor once), read, written or
+  both according to ``TRITON_WRITES`` below.  Re-reads of a tile by several programs are
+  assumed to hit L2, so this is a lower bound of the DRAM traffic of a GEMM-shaped kernel.
+- densenet_fused C++/CUDA ops (csrc/cuda): launches and bytes from their kernels' structure
+  (``_extension_cost``).
+- ATen ops: one launch per op that computes (views, allocations and metadata ops launch
+  nothing), bytes = tensor inputs read + outputs (or written arguments) written.
+  ``convolution_backward`` (cuDNN) counts one launch per requested gradient: a lower bound.
+Launches are attributed to layers through ``block.trace``.  The run needs no GPU and no
+Triton compiler; it predicts, a GPU profiler has the last word.
+
+The floor (``floor_bytes``) is the traffic this design cannot avoid, in DESIGN section 8
+terms, per layer l (M rows, C_l input channels, cb = bn_size*k, s = bytes of the compute
+dtype): forward reads the buffer slice once (M*C_l*s), writes B and reads it once
+(2*M*cb*s) and writes its k new channels (M*k*s); backward reads the slice twice
+(recomputing B, and the 1x1 backward: 2*M*C_l*s), reads and writes G once in fp32
+(8*M*C_l) and makes four bottleneck-sized passes (B recomputed and read by the 3x3
+backward, dB written and read by the 1x1 backward: 4*M*cb*s).  Per block: x read and
+copied into the buffer (2*M*C_0*s), grad_out read once (M*C_total*s) and dx written once
+(M*C_0*s).  For DenseNet-121 block 3 (N=128, bf16) the per-layer terms are DESIGN's 6.2 GB
+and the whole floor 6.31 GB.
+"""
+import contextlib
+import math
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+GB = 1e9
+MB = 1e6
+
+
+@dataclass(frozen=True)
+class CostCase:
+    name: str
+    layers: int
+    c0: int
+    growth: int
+    bn_size: int
+    batch: int
+    hw: int
+    dtype: torch.dtype = torch.bfloat16  # bf16 autocast: the buffer's dtype
+
+    @property
+    def rows(self) -> int:
+        return self.batch * self.hw * self.hw
+
+
+CASES: Dict[str, CostCase] = {c.name: c for c in (
+    CostCase("densenet121_block3", 24, 256, 32, 4, 128, 14),
+    CostCase("densenet121_block1", 6, 64, 32, 4, 128, 56),
+    CostCase("densenet_bc100_k12", 16, 24, 12, 4, 64, 32),
+)}
+
+# Tensor arguments each Triton kernel writes ("w") or reads and writes ("rw"); every other
+# tensor argument is read.  A kernel missing here is an error: declare it when adding one.
+TRITON_WRITES: Dict[str, Dict[str, str]] = {
+    "bnrelu_conv1x1._fwd_kernel": {"OUT": "w", "PMEAN": "w", "PM2": "w"},
+    "bnrelu_conv1x1._bwd_kernel": {"G": "rw", "PDW": "w", "PSG": "w", "PSGX": "w"},
+    "bnrelu_conv1x1._bwd_finish_kernel": {"DW": "w", "DBETA": "w", "DGAMMA": "w", "P": "rw", "Q": "rw"},
+    "bnrelu_conv3x3._fwd_kernel": {"OUT": "w", "PMEAN": "w", "PM2": "w"},
+    "bnrelu_conv3x3._dgrad_kernel": {"G2": "w", "PSG": "w", "PSGX": "w"},
+    "bnrelu_conv3x3._wgrad_kernel": {"PDW": "w"},
+    "bnrelu_conv3x3._bwd_finish_kernel": {"DW": "w", "DGAMMA": "w", "DBETA": "w", "P": "w", "Q": "w"},
+    "_triton_common.stats_merge_kernel": {"MEAN": "w", "VAR": "w"},
+    "bn_scale_shift._scale_shift_kernel": {"SCALE": "w", "SHIFT": "w", "RSTD": "w"},
+}
+
+# ATen ops that launch no kernel (allocation, views, metadata).
+_FREE_ATEN = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "detach", "alias",
+              "lift_fresh", "_local_scalar_dense", "sym_size", "sym_stride", "sym_numel", "sym_storage_offset",
+              "is_same_size", "_has_compatible_shallow_copy_type", "_unsafe_view"}
+
+
+@dataclass
+class Launch:
+    phase: str            # "forward" / "backward"
+    layer: int            # -1: block-level work
+    kernel: str
+    read: float           # bytes
+    written: float
+    launches: int = 1
+
+
+@dataclass
+class Recording:
+    launches: List[Launch] = field(default_factory=list)
+    phase: str = "forward"
+    layer: int = -1
+    triton_calls: list = field(default_factory=list)  # (kernel object, args, kwargs) of every Triton launch
+
+    def add(self, kernel, read, written, launches=1):
+        self.launches.append(Launch(self.phase, self.layer, kernel, float(read), float(written), launches))
+
+    def mark(self, phase, layer):
+        self.phase, self.layer = phase, layer
+
+
+def _nbytes(t) -> int:
+    return t.numel() * t.element_size()
+
+
+def _tensors(obj):
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, (list, tuple)):
+        for o in obj:
+            yield from _tensors(o)
+
+
+# ----------------------------------------------------------------------------- extension ops
+def _extension_cost(name: str, args, kwargs) -> List[Tuple[str, int, int]]:
+    """(kernel, read, written) of each CUDA launch of a densenet_fused C++ op (csrc/cuda)."""
+    if name == "channel_stats":
+        x = args[0]
+        m, c = x.shape
+        acc = 8 if x.dtype == torch.float64 else 4
+        splits = min(512, max(1, math.ceil(m / 64)))  # channel_stats.cu: kMaxSplits, kMinRowsPerSplit
+        part = 3 * splits * c * acc
+        return [("channel_stats.partial_kernel", _nbytes(x), part),
+                ("channel_stats.finish_kernel", part, 3 * c * acc)]
+    if name == "bn_grad_finish":
+        G, x, mean, P, Q, dtype = args[:6]
+        g_scale = args[7] if len(args) > 7 else kwargs.get("G_scale")
+        m, c = x.shape
+        vec = sum(_nbytes(t) for t in (mean, P, Q) + ((g_scale,) if g_scale is not None else ()))
+        out = m * c * torch.empty((), dtype=dtype, device="meta").element_size()
+        return [("bn_grad_finish.finish_kernel", _nbytes(G) + _nbytes(x) + vec, out)]
+    if name == "running_stats_update":
+        rm, rv, nbt, mean, var = args[:5]
+        stats = sum(_nbytes(t) for t in rm + rv + nbt)
+        return [("running_stats_update.update_kernel", stats + sum(_nbytes(t) for t in mean + var), stats)] * \
+            math.ceil(len(rm) / 32)  # kPerLaunch
+    raise RuntimeError(f"cost: no launch model for densenet_fused::{name}; add one to _extension_cost")
+
+
+# ----------------------------------------------------------------------------- ATen ops
+def _aten_cost(func, args, kwargs, out) -> Optional[Tuple[str, int, int, int]]:
+    """(kernel, read, written, launches) of an ATen op on CUDA, or None when it launches nothing."""
+    schema = func._schema
+    name = schema.name.split("::")[-1]
+    if name in _FREE_ATEN or func.is_view:
+        return None
+    if not any(t.is_cuda for t in list(_tensors(list(args) + list(kwargs.values()))) + list(_tensors(out))):
+        return None  # host-side (a wrapped Python scalar): no GPU launch
+    read = written = 0
+    bound = list(zip(schema.arguments, list(args) + [kwargs.get(a.name) for a in schema.arguments[len(args):]]))
+    for arg, value in bound:
+        is_write = arg.alias_info is not None and arg.alias_info.is_write
+        for t in _tensors(value):
+            if is_write:
+                written += _nbytes(t)
+                if arg.name == "self" and name not in ("copy_", "zero_", "fill_", "bernoulli_", "uniform_",
+                                                       "normal_", "random_"):
+                    read += _nbytes(t)  # in place: self is also an operand
+            else:
+                read += _nbytes(t)
+    for ret, value in zip(schema.returns, out if isinstance(out, (tuple, list)) else (out,)):
+        if ret.alias_info is None:
+            written += sum(_nbytes(t) for t in _tensors(value))
+    launches = 1
+    if name == "convolution_backward":
+        launches = max(1, sum(bool(b) for b in args[-1]))  # dgrad, wgrad (cuDNN: at least one kernel each)
+    return f"aten.{name}", read, written, launches
+
+
+class _Recorder(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self, rec: Recording):
+        super().__init__()
+        self.rec = rec
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        ns = func.namespace
+        if ns == "densenet_fused":
+            for kernel, read, written in _extension_cost(func._schema.name.split("::")[-1], args, kwargs):
+                self.rec.add(kernel, read, written)
+        elif ns == "prim":  # metadata (prim::device, ...)
+            pass
+        elif ns in ("aten", "prims"):
+            cost = _aten_cost(func, args, kwargs, out)
+            if cost is not None:
+                self.rec.add(cost[0], cost[1], cost[2], cost[3])
+        else:
+            raise RuntimeError(f"cost: no launch model for {func}")
+        return out
+
+
+# ----------------------------------------------------------------------------- Triton launches
+def _triton_name(fn) -> str:
+    inner = getattr(fn, "fn", fn)  # Autotuner -> JITFunction -> python function
+    inner = getattr(inner, "fn", inner)
+    return f"{inner.__module__.rsplit('.', 1)[-1]}.{inner.__name__}"
+
+
+def _record_triton(rec: Recording, fn, args, kwargs):
+    name = _triton_name(fn)
+    rec.triton_calls.append((fn, args, kwargs))
+    if name not in TRITON_WRITES:
+        raise RuntimeError(f"cost: Triton kernel {name} has no entry in cost.TRITON_WRITES")
+    writes = TRITON_WRITES[name]
+    arg_names = list(getattr(fn, "arg_names", None) or fn.fn.arg_names)
+    bound = dict(zip(arg_names, args))
+    bound.update({k: v for k, v in kwargs.items() if k in arg_names})
+    seen = {}
+    for arg, value in bound.items():
+        if isinstance(value, torch.Tensor):
+            mode = writes.get(arg, "r")
+            prev = seen.get(id(value))
+            seen[id(value)] = (value, mode if prev is None or prev[1] == mode else "rw")
+    read = sum(_nbytes(t) for t, mode in seen.values() if "r" in mode)
+    written = sum(_nbytes(t) for t, mode in seen.values() if mode in ("w", "rw"))
+    rec.add(name, read, written)
+
+
+@contextlib.contextmanager
+def _intercept_triton(rec: Recording):
+    """Every Triton launch is recorded instead of run (jit, interpreted and autotuned kernels)."""
+    import triton.runtime.autotuner as autotuner
+    import triton.runtime.jit as jit
+    targets = [(jit.JITFunction, "run"), (autotuner.Autotuner, "run")]
+    try:
+        import triton.runtime.interpreter as interp
+        targets.append((interp.InterpretedFunction, "run"))
+    except ImportError:  # pragma: no cover
+        pass
+    saved = [(cls, name, cls.__dict__[name]) for cls, name in targets]
+
+    def fake_run(self, *args, grid=None, warmup=False, **kwargs):
+        if not warmup:
+            _record_triton(rec, self, args, kwargs)
+
+    try:
+        for cls, name, _ in saved:
+            setattr(cls, name, fake_run)
+        yield
+    finally:
+        for cls, name, orig in saved:
+            setattr(cls, name, orig)
+
+
+@contextlib.contextmanager
+def _cuda_code_path():
+    """The block's ops routed to their CUDA implementations (the Python launchers; the C++ CUDA
+    ops keep their registered fakes and are costed by _extension_cost), with the GPU's tile
+    choices even where the package was imported under TRITON_INTERPRET=1."""
+    import importlib
+    from . import block as block_mod
+    op1 = importlib.import_module("densenet_fused.ops.bnrelu_conv1x1")
+    op3 = importlib.import_module("densenet_fused.ops.bnrelu_conv3x3")
+    ss = importlib.import_module("densenet_fused.ops.bn_scale_shift")
+    patches = [(block_mod, dict(bnrelu_conv1x1_fwd=op1._cuda_fwd, bnrelu_conv1x1_bwd=op1._cuda_bwd,
+                                bnrelu_conv3x3_fwd=op3._fwd_impl, bnrelu_conv3x3_bwd=op3._bwd_impl,
+                                bn_scale_shift=ss._cuda)),
+               (op1, dict(_INTERPRET=False)), (op3, dict(_INTERPRET=False))]
+    saved = [(obj, {k: getattr(obj, k) for k in attrs}) for obj, attrs in patches]
+    try:
+        for obj, attrs in patches:
+            for k, v in attrs.items():
+                setattr(obj, k, v)
+        yield
+    finally:
+        for obj, attrs in saved:
+            for k, v in attrs.items():
+                setattr(obj, k, v)
+
+
+def record_step(case: CostCase) -> Recording:
+    """Launches of one training step (forward + backward) of the case's block on the CUDA path."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from . import block as block_mod
+    from .block import BlockSpec, block_backward, block_forward
+    from .modules import FusedDenseBlock
+
+    rec = Recording()
+    with FakeTensorMode(allow_non_fake_inputs=False) as mode:
+        with torch.device("cuda"):
+            blk = FusedDenseBlock(case.layers, case.c0, case.bn_size, case.growth).train()
+        layers = list(blk.values())
+        params = []
+        for layer in layers:
+            params += [layer.norm1.weight, layer.norm1.bias, layer.conv1.weight, layer.norm2.weight,
+                       layer.norm2.bias, layer.conv2.weight]
+        shape = (case.batch, case.c0, case.hw, case.hw)
+        x = torch.empty(shape, dtype=case.dtype, device="cuda").to(memory_format=torch.channels_last)
+        c_total = case.c0 + case.layers * case.growth
+        grad = torch.empty((case.batch, c_total, case.hw, case.hw), dtype=case.dtype, device="cuda").to(
+            memory_format=torch.channels_last)
+        spec = BlockSpec(layers=layers, num_input_features=case.c0, growth_rate=case.growth, training=True,
+                         dtype=case.dtype)
+        saved_trace = block_mod.trace
+        block_mod.trace = rec.mark
+        try:
+            with _cuda_code_path(), _intercept_triton(rec), _Recorder(rec), torch.no_grad():
+                out, (stats, seeds, kept) = block_forward(spec, x, params, save=True)
+                rec.mark("backward", -1)
+                block_backward(spec, out, grad, params, stats, seeds, kept, (x.dtype, True), True)
+        finally:
+            block_mod.trace = saved_trace
+    del mode
+    return rec
+
+
+# ----------------------------------------------------------------------------- floor and report
+def floor_bytes(case: CostCase) -> float:
+    """Bytes per training step this design cannot avoid (module docstring; DESIGN section 8)."""
+    m, s, k, cb = case.rows, torch.empty((), dtype=case.dtype).element_size(), case.growth, case.bn_size * case.growth
+    total = 0
+    for l in range(case.layers):
+        c_l = case.c0 + l * k
+        total += m * c_l * s + 2 * m * cb * s + m * k * s      # forward
+        total += 2 * m * c_l * s + 8 * m * c_l + 4 * m * cb * s  # backward
+    c_total = case.c0 + case.layers * k
+    total += 2 * m * case.c0 * s + m * c_total * s + m * case.c0 * s  # x in, grad_out in, dx out
+    return float(total)
+
+
+@dataclass
+class Summary:
+    forward: float   # launches per layer
+    backward: float
+    total: float
+    bytes: float     # per step
+    floor: float
+    ratio: float
+
+    def line(self) -> str:
+        return (f"launches per layer: {self.forward:.1f} forward + {self.backward:.1f} backward = {self.total:.1f}; "
+                f"bytes per step: {self.bytes / GB:.2f} GB, floor {self.floor / GB:.2f} GB, ratio {self.ratio:.2f}")
+
+
+def summarize(case: CostCase, rec: Recording) -> Summary:
+    fwd = sum(l.launches for l in rec.launches if l.phase == "forward")
+    bwd = sum(l.launches for l in rec.launches if l.phase == "backward")
+    total_bytes = sum((l.read + l.written) * l.launches for l in rec.launches)
+    floor = floor_bytes(case)
+    n = case.layers
+    return Summary(fwd / n, bwd / n, (fwd + bwd) / n, total_bytes, floor, total_bytes / floor)
+
+
+def report(case: CostCase, rec: Recording, layer: Optional[int] = None) -> str:
+    from .ops.bnrelu_conv3x3 import conv3x3_impl
+    layer = case.layers // 2 if layer is None else layer
+    lines = [f"{case.name}: {case.layers} layers, C0={case.c0}, k={case.growth}, bn_size={case.bn_size}, "
+             f"N={case.batch}, {case.hw}x{case.hw}, {str(case.dtype).replace('torch.', '')}, conv3x3 "
+             f"{conv3x3_impl()}; training step on the CUDA code path, counted on fake CUDA tensors"]
+    for phase in ("forward", "backward"):
+        for where, title in ((layer, f"layer {layer} (C_l={case.c0 + layer * case.growth})"),
+                             (-1, "block level (outside the layers)")):
+            rows = [l for l in rec.launches if l.phase == phase and l.layer == where]
+            lines.append(f"{phase}, {title}: {sum(r.launches for r in rows)} launches")
+            lines.append(f"    {'kernel':<44} {'read MB':>9} {'written MB':>10}")
+            for r in rows:
+                times = f" x{r.launches}" if r.launches > 1 else ""
+                lines.append(f"    {r.kernel + times:<44} {r.read / MB:9.2f} {r.written / MB:10.2f}")
+    by_kernel: Dict[str, Tuple[int, float]] = {}
+    for l in rec.launches:
+        n, b = by_kernel.get(l.kernel, (0, 0.0))
+        by_kernel[l.kernel] = (n + l.launches, b + (l.read + l.written) * l.launches)
+    lines.append("whole step, by kernel:")
+    lines.append(f"    {'kernel':<44} {'launches':>9} {'GB':>8}")
+    for name, (n, b) in sorted(by_kernel.items(), key=lambda kv: -kv[1][1]):
+        lines.append(f"    {name:<44} {n:9d} {b / GB:8.3f}")
+    lines.append(summarize(case, rec).line())
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- kernel resources
+_TL_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64",
+             torch.int64: "i64", torch.int32: "i32"}
+
+
+def kernel_variants(rec: Recording) -> Dict[tuple, tuple]:
+    """Every distinct compilation a recorded step needs, with every config an autotuner can pick:
+    key -> (jit function, signature, constexprs, attrs, options).  Pointer and integer arguments
+    get the tt.divisibility 16 attribute where the real launch satisfies it (a 16-byte aligned
+    address assuming 16-byte aligned allocations; a multiple of 16), as Triton specializes them."""
+    import triton.runtime.autotuner as autotuner
+    out: Dict[tuple, tuple] = {}
+    for obj, args, kwargs in rec.triton_calls:
+        configs = obj.configs if isinstance(obj, autotuner.Autotuner) else [None]
+        fn = obj.fn if isinstance(obj, autotuner.Autotuner) else obj
+        names = list(fn.arg_names)
+        for cfg in configs:
+            values = dict(zip(names, args))
+            values.update({k: v for k, v in kwargs.items() if k in names})
+            options = {"num_warps": kwargs.get("num_warps", 4), "num_stages": kwargs.get("num_stages", 3)}
+            if cfg is not None:
+                values.update(cfg.kwargs)
+                options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+            sig, constexprs, attrs = {}, {}, {}
+            for i, (name, param) in enumerate(zip(names, fn.params)):
+                v = values[name]
+                if param.is_constexpr:
+                    sig[name] = "constexpr"
+                    constexprs[(i,)] = v
+                elif isinstance(v, torch.Tensor):
+                    sig[name] = "*" + _TL_TYPES[v.dtype]
+                    if (v.storage_offset() * v.element_size()) % 16 == 0:
+                        attrs[(i,)] = [["tt.divisibility", 16]]
+                elif isinstance(v, bool):
+                    sig[name] = "i1"
+                elif isinstance(v, int):
+                    sig[name] = "i32" if -2 ** 31 <= v < 2 ** 31 else "i64"
+                    if v % 16 == 0 and v != 0:
+                        attrs[(i,)] = [["tt.divisibility", 16]]
+                elif isinstance(v, float):
+                    sig[name] = "fp32"
+                else:
+                    raise RuntimeError(f"cost --kernels: argument {name}={v!r} of {_triton_name(fn)} has no type")
+            key = (_triton_name(fn), tuple(sig.items()), tuple(sorted((k[0], repr(v)) for k, v in constexprs.items())),
+                   tuple(sorted(attrs)), tuple(sorted(options.items())))
+            out.setdefault(key, (fn, sig, constexprs, attrs, options))
+    return out
+
+
+def compile_kernel(fn, sig, constexprs, attrs, options, arch: int = 90) -> dict:
+    """AOT-compile one variant for sm_<arch> (no GPU needed) and read its resources with ptxas -v."""
+    import os
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import get_ptxas
+    from triton.compiler import ASTSource
+
+    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs),
+                       target=GPUTarget("cuda", arch, 32), options=options)
+    ptx = k.asm["ptx"]
+    gpu = f"sm_{arch}a" if arch == 90 else f"sm_{arch}"
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "k.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        res = subprocess.run([get_ptxas(arch).path, "-v", f"--gpu-name={gpu}", path, "-o", os.path.join(d, "k.o")],
+                             capture_output=True, text=True, timeout=600)
+    if res.returncode != 0:
+        raise RuntimeError(f"ptxas failed: {res.stderr[-500:]}")
+    regs = re.search(r"Used (\d+) registers", res.stderr)
+    spill_st = re.search(r"(\d+) bytes spill stores", res.stderr)
+    spill_ld = re.search(r"(\d+) bytes spill loads", res.stderr)
+    return dict(regs=int(regs.group(1)) if regs else -1,
+                spills=(int(spill_st.group(1)) if spill_st else 0) + (int(spill_ld.group(1)) if spill_ld else 0),
+                shared=int(k.metadata.shared), wgmma="wgmma" in ptx, cp_async="cp.async" in ptx)
+
+
+def kernels_report(case: CostCase, arch: int = 90) -> str:
+    """Every Triton kernel variant of the case's step, every autotuner config, compiled for sm_<arch>."""
+    import os
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        raise SystemExit("cost --kernels: unset TRITON_INTERPRET (the kernels are compiled, not interpreted)")
+    variants = kernel_variants(record_step(case))
+    gpu = f"sm_{arch}a" if arch == 90 else f"sm_{arch}"
+    lines = [f"{case.name}: Triton kernels of a training step, every autotuner config, compiled for {gpu}",
+             f"    {'kernel':<36} {'config':<44} {'regs':>5} {'spill B':>8} {'smem KB':>8} wgmma cp.async"]
+    n = spilled = errors = 0
+    for (name, _, cx, _, opts), (fn, sig, constexprs, attrs, options) in variants.items():
+        cfg = ",".join(f"{fn.arg_names[i]}={v}" for (i,), v in constexprs.items() if fn.arg_names[i].isupper()
+                       and fn.arg_names[i].startswith(("BLOCK", "KPAD", "COUT_PAD")))
+        cfg += f",w{options['num_warps']}s{options['num_stages']}"
+        try:
+            r = compile_kernel(fn, sig, constexprs, attrs, options, arch)
+        except Exception as e:  # reported and counted, never hidden
+            errors += 1
+            lines.append(f"    {name:<36} {cfg:<44} ERROR {type(e).__name__}: {str(e).splitlines()[0][:80]}")
+            continue
+        n += 1
+        spilled += r["spills"] > 0
+        lines.append(f"    {name:<36} {cfg:<44} {r['regs']:5d} {r['spills']:8d} {r['shared'] / 1024:8.1f} "
+                     f"{'yes' if r['wgmma'] else 'no':>5} {'yes' if r['cp_async'] else 'no':>8}")
+    lines.append(f"kernels: {n} compiled for {gpu}, {spilled} with spills, {errors} errors")
+    return "\n".join(lines)
+
+
+def main(case: str = "densenet121_block3", kernels: bool = False) -> int:
+    """Print the report of one case (or of every case with "all"): the last line is the summary."""
+    names = list(CASES) if case == "all" else [case]
+    for i, name in enumerate(names):
+        if name not in CASES:
+            raise SystemExit(f"cost: unknown case {name!r}; expected one of {', '.join(CASES)} or all")
+        if i:
+            print()
+        print(kernels_report(CASES[name]) if kernels else report(CASES[name], record_step(CASES[name])))
+    return 0

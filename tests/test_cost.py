@@ -1,0 +1,142 @@
+"""`densenet-fused cost`: launches and bytes of a training step on the CUDA code path, counted
+on fake CUDA tensors (no GPU).  The pinned numbers are the current cost: a change that adds
+launches or traffic fails here and must say why (lower numbers: update the pins)."""
+import os
+import re
+
+import pytest
+import torch
+
+import densenet_fused.block as block_mod
+from densenet_fused import cost
+from densenet_fused.cli import main as cli_main
+
+# case: (launches per layer forward + backward, bytes / floor)
+PINNED = {
+    "densenet121_block3": (11.5, 1.35),
+    "densenet121_block1": (13.0, 1.61),
+    "densenet_bc100_k12": (11.8, 1.43),
+}
+BUDGET = (12, 1.5)  # issue 11: launches per layer, bytes ratio (densenet121_block3)
+
+
+@pytest.fixture(scope="module")
+def recordings():
+    return {name: cost.record_step(case) for name, case in cost.CASES.items()}
+
+
+@pytest.mark.parametrize("name", list(PINNED))
+def test_launches_and_bytes_are_pinned(recordings, name):
+    s = cost.summarize(cost.CASES[name], recordings[name])
+    launches, ratio = PINNED[name]
+    assert round(s.total, 1) == launches, s.line()
+    assert round(s.ratio, 2) == ratio, s.line()
+
+
+def test_densenet121_block3_is_within_the_budget(recordings):
+    s = cost.summarize(cost.CASES["densenet121_block3"], recordings["densenet121_block3"])
+    assert s.total <= BUDGET[0] and s.ratio <= BUDGET[1], s.line()
+
+
+def test_every_layer_launches_the_same_kernels(recordings):
+    case = cost.CASES["densenet121_block3"]
+    rec = recordings[case.name]
+    for phase in ("forward", "backward"):
+        per_layer = [[l.kernel for l in rec.launches if l.phase == phase and l.layer == i]
+                     for i in range(1, case.layers)]  # layer 0 folds its BN1 itself (no previous layer)
+        assert all(k == per_layer[0] for k in per_layer), phase
+        assert per_layer[0], phase
+
+
+def test_bytes_of_the_fused_1x1_forward_are_its_operands(recordings):
+    """The 1x1 forward of layer l reads its buffer slice (M x C_l) and weights, writes B (M x cb)."""
+    case = cost.CASES["densenet121_block3"]
+    m, l = case.rows, 3
+    c_l, cb = case.c0 + l * case.growth, case.bn_size * case.growth
+    fwd = [x for x in recordings[case.name].launches
+           if x.phase == "forward" and x.layer == l and x.kernel == "bnrelu_conv1x1._fwd_kernel"]
+    assert len(fwd) == 1
+    assert fwd[0].read >= m * c_l * 2 + cb * c_l * 2
+    partials = 2 * -(-m // 64) * cb * 4  # per-tile (mean, M2) of B, tiles of >= 64 rows
+    assert m * cb * 2 <= fwd[0].written <= m * cb * 2 + partials
+
+
+def test_floor_matches_design_section_8():
+    """DESIGN section 8: about 6.2 GB for DenseNet-121 block 3 (N=128, bf16) in its per-layer
+    terms; the block-level terms (x in, grad_out in, dx out) add M*(3*C_0 + C_total)*2 bytes."""
+    case = cost.CASES["densenet121_block3"]
+    m = case.rows
+    block_terms = m * (3 * case.c0 + case.c0 + case.layers * case.growth) * 2
+    assert 6.1e9 <= cost.floor_bytes(case) - block_terms <= 6.3e9
+
+
+def test_cli_prints_the_summary_line_last(capsys):
+    saved = block_mod.trace
+    assert cli_main(["cost", "--case", "densenet_bc100_k12"]) == 0
+    assert block_mod.trace is saved
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert re.fullmatch(r"launches per layer: [\d.]+ forward \+ [\d.]+ backward = [\d.]+; "
+                        r"bytes per step: [\d.]+ GB, floor [\d.]+ GB, ratio [\d.]+", last), last
+
+
+def test_unknown_case_is_an_error():
+    with pytest.raises(SystemExit, match="unknown case 'nope'"):
+        cost.main("nope")
+
+
+def test_a_triton_kernel_without_a_declared_cost_is_an_error():
+    rec = cost.Recording()
+
+    class Fn:
+        arg_names = ["X"]
+        fn = None
+
+    Fn.fn = lambda: None  # a kernel named "test_cost.<lambda>"
+    with pytest.raises(RuntimeError, match="no entry in cost.TRITON_WRITES"):
+        cost._record_triton(rec, Fn(), (torch.empty(1),), {})
+
+
+_COMPILE_SMALL = """
+import json
+from densenet_fused import cost
+rec = cost.record_step(cost.CASES["densenet_bc100_k12"])
+variants = cost.kernel_variants(rec)
+launched = sorted({cost._triton_name(fn) for fn, _, _ in rec.triton_calls})
+small = ("bnrelu_conv1x1._bwd_finish_kernel", "bnrelu_conv3x3._bwd_finish_kernel", "_triton_common.stats_merge_kernel")
+done = {}
+for key, (fn, sig, constexprs, attrs, options) in variants.items():
+    if key[0] in small and key[0] not in done:
+        done[key[0]] = cost.compile_kernel(fn, sig, constexprs, attrs, options)
+fwd = len([k for k in variants if k[0] == "bnrelu_conv1x1._fwd_kernel"])
+print(json.dumps(dict(launched=launched, variants=sorted({k[0] for k in variants}), compiled=done, fwd=fwd)))
+"""
+
+
+def test_kernel_variants_cover_every_launch_and_compile_for_sm90():
+    """`cost --kernels`: every Triton launch of the step becomes a compilable variant (every autotuner
+    config).  Compiled (not interpreted) kernels need a process without TRITON_INTERPRET; the small
+    reduction kernels are compiled here for sm_90a (no GPU needed), every GEMM config by
+    `densenet-fused cost --kernels` (minutes)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from densenet_fused.ops import bnrelu_conv1x1 as op1
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", _COMPILE_SMALL], capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    assert got["launched"] == got["variants"]
+    assert got["fwd"] >= len(op1._FWD_CONFIGS)  # every autotuner config of the 1x1 forward
+    assert len(got["compiled"]) == 3
+    for name, r in got["compiled"].items():
+        assert r["regs"] > 0 and r["spills"] == 0 and r["shared"] <= 227 * 1024, (name, r)
+
+
+def test_kernels_report_refuses_the_interpreter():
+    if os.environ.get("TRITON_INTERPRET", "0") != "1":
+        pytest.skip("checks the refusal under TRITON_INTERPRET=1")
+    with pytest.raises(SystemExit, match="unset TRITON_INTERPRET"):
+        cost.main("densenet_bc100_k12", kernels=True)
