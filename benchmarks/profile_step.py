@@ -54,7 +54,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
     ap.add_argument("--case", default="densenet121_block3_n128")
-    ap.add_argument("--providers", default="fused,fused_triton3x3,torchvision")
+    ap.add_argument("--providers", default="fused,fused_aten3x3,torchvision")
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     case = CASES[args.case]

@@ -19,7 +19,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-PROVIDERS = ("fused", "fused_keep_b", "fused_triton3x3", "torchvision", "torchvision_me", "torchvision_compile",
+PROVIDERS = ("fused", "fused_keep_b", "fused_aten3x3", "torchvision", "torchvision_me", "torchvision_compile",
              "torchvision_compile_budget0.3", "torchvision_compile_budget0.05")
 # torch.compile with min-cut recomputation under an activation memory budget
 # (torch._functorch.config.activation_memory_budget): the strongest memory alternative in torch
@@ -86,7 +86,7 @@ def build(case: Case, provider: str, device) -> torch.nn.Module:
 
     if provider not in PROVIDERS:
         raise ValueError(f"unknown provider {provider!r}; expected one of {PROVIDERS}")
-    fused = provider in ("fused", "fused_keep_b", "fused_triton3x3")
+    fused = provider in ("fused", "fused_keep_b", "fused_aten3x3")
     me = provider == "torchvision_me"
     if case.kind == "block":
         cls = FusedDenseBlock if fused else _DenseBlock
@@ -101,8 +101,8 @@ def build(case: Case, provider: str, device) -> torch.nn.Module:
         if isinstance(block, FusedDenseBlock):
             # the memory mode that keeps each layer's bottleneck output
             block.keep_bottleneck = provider == "fused_keep_b"
-            # the Triton implicit-GEMM 3x3 kernels instead of cuDNN (CUDA only)
-            block.conv3x3_impl = "triton" if provider == "fused_triton3x3" else ""
+            # cuDNN on a transient relu(bn2(B)) instead of the default Triton 3x3 kernels (CUDA only)
+            block.conv3x3_impl = "aten" if provider == "fused_aten3x3" else ""
     m = m.to(device).to(memory_format=torch.channels_last).train()
     if provider == "torchvision_compile":
         m = torch.compile(m)
