@@ -11,6 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import on_tensor_device
 
 
 @triton.jit
@@ -76,4 +77,4 @@ def bn_scale_shift(gamma, beta, mean, var, eps: float) -> Tuple[torch.Tensor, to
 
 
 _lib = torch.library.Library("densenet_fused", "IMPL")
-_lib.impl("bn_scale_shift", _cuda, "CUDA")
+_lib.impl("bn_scale_shift", on_tensor_device(_cuda), "CUDA")

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_dtype
+from ._common import acc_dtype, on_tensor_device
 from ._triton_common import bnrelu_tile, dot_precision, merge_stats, store_tile_stats
 from .bn_scale_shift import bn_scale_shift
 from .channel_stats import channel_stats
@@ -393,5 +393,5 @@ def _cuda_bwd(dout, x, scale, shift, weight, mean, rstd, G, P=None, Q=None, coun
     return triton_bwd(dout, x, scale, shift, weight, mean, rstd, G, P, Q, count)
 
 
-_lib.impl("bnrelu_conv1x1_fwd", _cuda_fwd, "CUDA")
-_lib.impl("bnrelu_conv1x1_bwd", _cuda_bwd, "CUDA")
+_lib.impl("bnrelu_conv1x1_fwd", on_tensor_device(_cuda_fwd), "CUDA")
+_lib.impl("bnrelu_conv1x1_bwd", on_tensor_device(_cuda_bwd), "CUDA")

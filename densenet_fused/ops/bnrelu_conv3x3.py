@@ -25,7 +25,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import acc_dtype
+from ._common import acc_dtype, on_tensor_device
 from ._triton_common import bnrelu_tile, dot_precision, merge_stats, store_tile_stats
 from .bn_grad_finish import bn_grad_finish
 from .bn_scale_shift import bn_scale_shift
@@ -419,8 +419,8 @@ def _bwd_impl(dy, b, scale, shift, weight, nhw, mean, rstd, impl="", count=0, dy
 
 _lib = torch.library.Library("densenet_fused", "IMPL")
 for _key in ("CPU", "CUDA"):
-    _lib.impl("bnrelu_conv3x3_fwd", _fwd_impl, _key)
-    _lib.impl("bnrelu_conv3x3_bwd", _bwd_impl, _key)
+    _lib.impl("bnrelu_conv3x3_fwd", on_tensor_device(_fwd_impl), _key)
+    _lib.impl("bnrelu_conv3x3_bwd", on_tensor_device(_bwd_impl), _key)
 
 
 @torch.library.register_fake("densenet_fused::bnrelu_conv3x3_fwd")
