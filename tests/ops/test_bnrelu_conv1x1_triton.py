@@ -17,7 +17,11 @@ else:
     pytest.skip("Triton kernels need TRITON_INTERPRET=1 or a CUDA device", allow_module_level=True)
 
 # (M, C_total, C, COUT): odd sizes, several row tiles / K blocks / N blocks, strided slices
-SHAPES = [(1, 5, 5, 3), (37, 20, 13, 9), (100, 41, 29, 20), (130, 64, 50, 48)]
+# (m, c_total, c, cout). Row tiles (32 rows under the interpreter) against backward splits (at
+# most 4 there): 130 -> 5 tiles / 4 splits, 200 -> 7 / 4, 290 -> 10 / 4: tile counts that are not
+# a multiple of the splits, and last tiles partly filled (the statistics epilogue's edge).
+SHAPES = [(1, 5, 5, 3), (37, 20, 13, 9), (100, 41, 29, 20), (130, 64, 50, 48), (200, 33, 31, 24),
+          (290, 24, 17, 12)]
 
 
 def _args(m, c_total, c, cout, dtype, gen_offset=0.3):
