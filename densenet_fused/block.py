@@ -122,7 +122,7 @@ def block_forward(spec: BlockSpec, x: torch.Tensor, params: Sequence[torch.Tenso
         eps0 = spec.layers[0].norm1.eps if num_layers else 1e-5
         mu, v, _ = channel_stats(buf2[:, :c0], eps0)
         if sync is not None:
-            count, mu, v = sync.merge_moments(m, mu, v)
+            count, mu, v = sync.merge_moments(m, mu, v, want_count=True)
         mean[:c0], var[:c0] = mu, v
     seeds: List[Optional[int]] = []
     kept: List[torch.Tensor] = []

@@ -27,10 +27,11 @@ class StatsGroup:
         self.group = group
         self.world_size = world_size
 
-    def merge_moments(self, count: int, mean: torch.Tensor, var: torch.Tensor) -> Tuple[int, torch.Tensor,
-                                                                                      torch.Tensor]:
+    def merge_moments(self, count: int, mean: torch.Tensor, var: torch.Tensor,
+                      want_count: bool = False) -> Tuple[Optional[int], torch.Tensor, torch.Tensor]:
         """(global count, global mean, global biased variance) from this rank's count, mean and biased
-        variance of the same channels: one all_gather, merged exactly; results in mean's dtype."""
+        variance of the same channels: one all_gather, merged exactly; results in mean's dtype.  The
+        global count (a host int: one device sync on CUDA) only with ``want_count``, else None."""
         c = mean.numel()
         mine = torch.empty(1 + 2 * c, dtype=torch.float64, device=mean.device)
         mine[0] = float(count)
@@ -44,7 +45,8 @@ class StatsGroup:
         means, variances = every[:, 1:1 + c], every[:, 1 + c:]
         g_mean = (counts * means).sum(0) / total
         g_var = (counts * (variances + (means - g_mean) ** 2)).sum(0) / total
-        return int(round(total.item())), g_mean.to(mean.dtype), g_var.to(var.dtype)
+        n = int(round(total.item())) if want_count else None
+        return n, g_mean.to(mean.dtype), g_var.to(var.dtype)
 
     def sum_(self, t: torch.Tensor) -> torch.Tensor:
         """Sum ``t`` (contiguous) over the group, in place."""
