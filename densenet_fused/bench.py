@@ -63,6 +63,7 @@ CASES: Dict[str, Case] = {c.name: c for c in (
     + [Case("densenet_bc100_k12_block1_n64", "block", 64, 32, 16, 24, 12),
        Case("densenet_bc190_k40_block1_n64", "block", 64, 32, 31, 80, 40),
        Case("densenet121_n64", "model", 64, 224, arch="densenet121"),
+       Case("densenet121_n128", "model", 128, 224, arch="densenet121"),  # issue 10's model target
        Case("densenet201_n64", "model", 64, 224, arch="densenet201"),
        Case("densenet264_n64", "model", 64, 224, arch="densenet264")])}
 
