@@ -7,8 +7,8 @@
 // NaN always taken, padding never chosen.
 // Backward: g = dout routed to each window's maximum, masked by relu > 0.  Pass 1 runs over the
 // pooled outputs (reading y only at the maxima) for dbeta = sum(g), dgamma = sum(g*xhat); pass 2
-// over y's pixels gathers g from the at most 2x2 windows that contain the pixel (no scatter, no
-// atomics) and writes dy = scale*(g - dbeta/count - xhat*dgamma/count), or scale*g for running
+// over y's rows collects g of a row from the one or two pooled rows whose windows cover it (rows in
+// parallel, no atomics) and writes dy = scale*(g - dbeta/count - xhat*dgamma/count), or scale*g for running
 // statistics (count = 0).  Reductions go through fixed chunks reduced in order: deterministic.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -52,6 +52,62 @@ inline acc_t bnrelu(scalar_t y, acc_t s, acc_t h) {
   return static_cast<acc_t>(static_cast<scalar_t>(z < acc_t(0) ? acc_t(0) : z));
 }
 
+// The channel loops of the hot paths, with restrict pointers (the pointers come from tensors and
+// vectors the compiler cannot prove distinct) and unconditional loads and selects only, so that they
+// vectorize.
+template <typename scalar_t, typename acc_t>
+__attribute__((noinline)) void activate_row(const scalar_t* __restrict__ y, const acc_t* __restrict__ s,
+                                            const acc_t* __restrict__ h, int64_t C, acc_t* __restrict__ a) {
+  for (int64_t c = 0; c < C; ++c) a[c] = bnrelu<scalar_t, acc_t>(y[c], s[c], h[c]);
+}
+
+// torch's rule: strict >, a NaN always taken
+template <typename acc_t>
+inline void max_update(const acc_t* __restrict__ v, int64_t C, int32_t k, acc_t* __restrict__ best,
+                       int32_t* __restrict__ arg) {
+  for (int64_t c = 0; c < C; ++c) {
+    const acc_t x = v[c], m = best[c];
+    const int32_t i = arg[c];
+    const bool take = (x > m) | (x != x);
+    best[c] = take ? x : m;
+    arg[c] = take ? k : i;
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+inline void widen(const int8_t* __restrict__ index, const scalar_t* __restrict__ d, int64_t C,
+                  int32_t* __restrict__ kv, acc_t* __restrict__ dv) {
+  for (int64_t c = 0; c < C; ++c) {
+    kv[c] = index[c];
+    dv[c] = static_cast<acc_t>(d[c]);
+  }
+}
+
+template <typename acc_t>
+inline void route(const int32_t* __restrict__ kv, const acc_t* __restrict__ dv, int32_t code, int64_t C,
+                  acc_t* __restrict__ g) {
+  for (int64_t c = 0; c < C; ++c) {
+    const acc_t d = dv[c];
+    g[c] += kv[c] == code ? d : acc_t(0);
+  }
+}
+
+// dy = scale*(g*(relu > 0) - a - xhat*b) for one pixel
+template <typename scalar_t, typename acc_t>
+__attribute__((noinline)) void bn_backward_pixel(const scalar_t* __restrict__ y, const acc_t* __restrict__ g,
+                                                 const acc_t* __restrict__ s, const acc_t* __restrict__ h,
+                                                 const acc_t* __restrict__ mean, const acc_t* __restrict__ rstd,
+                                                 const acc_t* __restrict__ a, const acc_t* __restrict__ b, int64_t C,
+                                                 scalar_t* __restrict__ dy) {
+  for (int64_t c = 0; c < C; ++c) {
+    const scalar_t yv = y[c];
+    const acc_t gv = g[c], sc = s[c];
+    const acc_t gc = bnrelu<scalar_t, acc_t>(yv, sc, h[c]) > acc_t(0) ? gv : acc_t(0);
+    const acc_t xhat = (static_cast<acc_t>(yv) - mean[c]) * rstd[c];
+    dy[c] = static_cast<scalar_t>(sc * (gc - a[c] - xhat * b[c]));
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& y, const at::Tensor& scale, const at::Tensor& shift,
                                        at::IntArrayRef nhw) {
   const char* op = "bnrelu_maxpool_fwd";
@@ -69,39 +125,47 @@ std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& y, const at::Tensor& sc
     int8_t* ip = index.data_ptr<int8_t>();
     const int64_t ld = y.stride(0);
     at::parallel_for(0, g.N * g.Hp, 1, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> best(C);
+      // one activated input row at a time (each y value activated 1.5 times on average), running maxima of
+      // the output row with int32 window positions: same-width selects, so the channel loops vectorize
+      std::vector<acc_t> act(g.W * C), best(g.Wp * C);
+      std::vector<int32_t> arg(g.Wp * C);
       for (int64_t row = begin; row < end; ++row) {
         const int64_t n = row / g.Hp, oh = row % g.Hp;
-        for (int64_t ow = 0; ow < g.Wp; ++ow) {
-          const int64_t o = row * g.Wp + ow;
-          int8_t* io = ip + o * C;
-          bool first = true;  // the window's first valid position is taken unconditionally
-          for (int64_t kh = 0; kh < kPoolK; ++kh) {
-            const int64_t ih = oh * kPoolStride - kPoolPad + kh;
-            if (ih < 0 || ih >= g.H) continue;
+        bool first_row = true;  // a window's first valid position is taken unconditionally
+        for (int64_t kh = 0; kh < kPoolK; ++kh) {
+          const int64_t ih = oh * kPoolStride - kPoolPad + kh;
+          if (ih < 0 || ih >= g.H) continue;
+          for (int64_t iw = 0; iw < g.W; ++iw) {
+            const scalar_t* yr = yp + ((n * g.H + ih) * g.W + iw) * ld;
+            activate_row<scalar_t, acc_t>(yr, sp, hp, C, act.data() + iw * C);
+          }
+          for (int64_t ow = 0; ow < g.Wp; ++ow) {
+            acc_t* b = best.data() + ow * C;
+            int32_t* bi = arg.data() + ow * C;
+            bool first = first_row;
             for (int64_t kw = 0; kw < kPoolK; ++kw) {
               const int64_t iw = ow * kPoolStride - kPoolPad + kw;
               if (iw < 0 || iw >= g.W) continue;
-              const scalar_t* yr = yp + ((n * g.H + ih) * g.W + iw) * ld;
-              const int8_t k = static_cast<int8_t>(kh * kPoolK + kw);
+              const acc_t* v = act.data() + iw * C;
+              const int32_t k = static_cast<int32_t>(kh * kPoolK + kw);
               if (first) {
                 for (int64_t c = 0; c < C; ++c) {
-                  best[c] = bnrelu<scalar_t, acc_t>(yr[c], sp[c], hp[c]);
-                  io[c] = k;
+                  b[c] = v[c];
+                  bi[c] = k;
                 }
                 first = false;
                 continue;
               }
-              for (int64_t c = 0; c < C; ++c) {
-                const acc_t v = bnrelu<scalar_t, acc_t>(yr[c], sp[c], hp[c]);
-                const bool take = (v > best[c]) || std::isnan(v);
-                best[c] = take ? v : best[c];
-                io[c] = take ? k : io[c];
-              }
+              max_update<acc_t>(v, C, k, b, bi);
             }
           }
-          scalar_t* oo = outp + o * C;
-          for (int64_t c = 0; c < C; ++c) oo[c] = static_cast<scalar_t>(best[c]);
+          first_row = false;
+        }
+        scalar_t* oo = outp + row * g.Wp * C;
+        int8_t* io = ip + row * g.Wp * C;
+        for (int64_t e = 0; e < g.Wp * C; ++e) {
+          oo[e] = static_cast<scalar_t>(best[e]);
+          io[e] = static_cast<int8_t>(arg[e]);
         }
       }
     });
@@ -167,20 +231,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(const at::Tensor& dout, const
           std::fill(t2.begin(), t2.end(), acc_t(0));
           for (int64_t ow = 0; ow < g.Wp; ++ow) {
             const int64_t o = row * g.Wp + ow;
-            for (int64_t c = 0; c < C; ++c) {
-              const int64_t k = ip[o * C + c];
-              const int64_t ih = oh * kPoolStride - kPoolPad + k / kPoolK;
-              const int64_t iw = ow * kPoolStride - kPoolPad + k % kPoolK;
-              if (k < 0 || k >= kPoolK * kPoolK || ih < 0 || ih >= g.H || iw < 0 || iw >= g.W) {
-                bad[chunk] = 1;
-                continue;
+            // element offset of each window position's y row; -1 outside y (padding) and for k >= 9
+            int64_t off[16];
+            std::fill(off, off + 16, int64_t(-1));
+            for (int64_t kh = 0; kh < kPoolK; ++kh) {
+              const int64_t ih = oh * kPoolStride - kPoolPad + kh;
+              if (ih < 0 || ih >= g.H) continue;
+              for (int64_t kw = 0; kw < kPoolK; ++kw) {
+                const int64_t iw = ow * kPoolStride - kPoolPad + kw;
+                if (iw >= 0 && iw < g.W) off[kh * kPoolK + kw] = ((n * g.H + ih) * g.W + iw) * ld;
               }
-              const scalar_t yv = yp[((n * g.H + ih) * g.W + iw) * ld + c];
-              if (!(bnrelu<scalar_t, acc_t>(yv, sp[c], hp[c]) > acc_t(0))) continue;
-              const acc_t d = static_cast<acc_t>(dp[o * C + c]);
-              t1[c] += d;
-              t2[c] += d * ((static_cast<acc_t>(yv) - mp[c]) * rp[c]);
             }
+            const int8_t* io = ip + o * C;
+            const scalar_t* d = dp + o * C;
+            bool any_bad = false;
+            for (int64_t c = 0; c < C; ++c) {
+              const uint8_t k = static_cast<uint8_t>(io[c]);
+              const int64_t base = off[k & 15];
+              const bool ok = (k < 16) & (base >= 0);
+              any_bad |= !ok;
+              const scalar_t yv = yp[(ok ? base : 0) + c];
+              const bool on = ok & (bnrelu<scalar_t, acc_t>(yv, sp[c], hp[c]) > acc_t(0));
+              const acc_t dv = on ? static_cast<acc_t>(d[c]) : acc_t(0);
+              t1[c] += dv;
+              t2[c] += dv * ((static_cast<acc_t>(yv) - mp[c]) * rp[c]);
+            }
+            if (any_bad) bad[chunk] = 1;
           }
           for (int64_t c = 0; c < C; ++c) {
             s1[c] += static_cast<double>(t1[c]);
@@ -199,7 +275,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(const at::Tensor& dout, const
         dbp[c] += sg[chunk * C + c];
         dgp[c] += sgx[chunk * C + c];
       }
-    // pass 2 over y's pixels: gather g from the windows containing each pixel (fixed order)
+    // pass 2 over y's rows: g of a row from the (one or two) pooled rows whose windows cover it, in the
+    // order (oh0, ow0), (oh0, ow0 + 1), (oh0 + 1, ow0), (oh0 + 1, ow0 + 1) for each pixel (as the Triton
+    // kernel gathers it), then the BatchNorm input gradient
     std::vector<acc_t> a(C, acc_t(0)), b(C, acc_t(0));
     if (count > 0) {
       for (int64_t c = 0; c < C; ++c) {
@@ -209,35 +287,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(const at::Tensor& dout, const
     }
     scalar_t* dyp = dy.data_ptr<scalar_t>();
     at::parallel_for(0, g.N * g.H, 1, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> gv(C);
+      std::vector<acc_t> grow(g.W * C), dv(C);
+      std::vector<int32_t> kv(C);  // the window index widened: same-width selects vectorize
       for (int64_t row = begin; row < end; ++row) {
         const int64_t n = row / g.H, ih = row % g.H;
-        // windows containing ih: oh = ih/2 (kh = ih%2 + 1), and for odd ih also oh + 1 (kh = 0)
-        const int64_t oh0 = ih / kPoolStride, kh0 = ih % kPoolStride + kPoolPad;
-        const bool has_h1 = (ih % kPoolStride == 1) && oh0 + 1 < g.Hp;
-        for (int64_t iw = 0; iw < g.W; ++iw) {
-          const int64_t ow0 = iw / kPoolStride, kw0 = iw % kPoolStride + kPoolPad;
-          const bool has_w1 = (iw % kPoolStride == 1) && ow0 + 1 < g.Wp;
-          std::fill(gv.begin(), gv.end(), acc_t(0));
-          for (int64_t dh = 0; dh < 2; ++dh) {
-            if (dh == 1 && !has_h1) continue;
-            for (int64_t dw = 0; dw < 2; ++dw) {
-              if (dw == 1 && !has_w1) continue;
-              const int64_t o = (n * g.Hp + oh0 + dh) * g.Wp + ow0 + dw;
-              const int8_t k = static_cast<int8_t>((dh ? 0 : kh0) * kPoolK + (dw ? 0 : kw0));
-              const int8_t* io = ip + o * C;
-              const scalar_t* d = dp + o * C;
-              for (int64_t c = 0; c < C; ++c) gv[c] += io[c] == k ? static_cast<acc_t>(d[c]) : acc_t(0);
+        std::fill(grow.begin(), grow.end(), acc_t(0));
+        // windows covering ih: oh0 = ih/2 with window row kh = ih%2 + 1, and for odd ih also oh0 + 1 (kh = 0)
+        const int64_t oh0 = ih / kPoolStride;
+        for (int64_t dh = 0; dh < 2; ++dh) {
+          const int64_t oh = oh0 + dh;
+          if (dh == 1 && (ih % kPoolStride != 1 || oh >= g.Hp)) continue;
+          const int64_t kh = dh ? 0 : ih % kPoolStride + kPoolPad;
+          for (int64_t ow = 0; ow < g.Wp; ++ow) {
+            const int64_t o = (n * g.Hp + oh) * g.Wp + ow;
+            const int8_t* io = ip + o * C;
+            const scalar_t* d = dp + o * C;
+            widen<scalar_t, acc_t>(io, d, C, kv.data(), dv.data());
+            for (int64_t kw = 0; kw < kPoolK; ++kw) {
+              const int64_t iw = ow * kPoolStride - kPoolPad + kw;
+              if (iw < 0 || iw >= g.W) continue;
+              const int32_t code = static_cast<int32_t>(kh * kPoolK + kw);
+              route<acc_t>(kv.data(), dv.data(), code, C, grow.data() + iw * C);
             }
           }
+        }
+        for (int64_t iw = 0; iw < g.W; ++iw) {
           const int64_t p = (n * g.H + ih) * g.W + iw;
-          const scalar_t* yr = yp + p * ld;
-          scalar_t* dr = dyp + p * C;
-          for (int64_t c = 0; c < C; ++c) {
-            const acc_t gc = bnrelu<scalar_t, acc_t>(yr[c], sp[c], hp[c]) > acc_t(0) ? gv[c] : acc_t(0);
-            const acc_t xhat = (static_cast<acc_t>(yr[c]) - mp[c]) * rp[c];
-            dr[c] = static_cast<scalar_t>(sp[c] * (gc - a[c] - xhat * b[c]));
-          }
+          bn_backward_pixel<scalar_t, acc_t>(yp + p * ld, grow.data() + iw * C, sp, hp, mp, rp, a.data(), b.data(), C,
+                                             dyp + p * C);
         }
       }
     });
