@@ -240,3 +240,10 @@ def test_saved_bytes_vs_torchvision():
     print(f"stem saved bytes, N=4 224x224 fp32: fused {fused_bytes / 2**20:.2f} MiB, torchvision "
           f"{tv_bytes / 2**20:.2f} MiB, ratio {ratio:.3f}")
     assert ratio <= SAVED_RATIO_MAX
+    # bf16 autocast: y in bfloat16 (x is saved as given, float32: the caller's tensor, no new memory), against
+    # torchvision's bf16 copy of x, y, BN/ReLU output and int64 indices: measured 9.19 MiB vs 19.54 MiB
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        tv_half = _saved_activation_bytes(lambda s, t: s(t), ref, x)
+        fused_half = _saved_activation_bytes(run_fused, copy.deepcopy(ref), x)
+    assert fused_half == x.numel() * 4 + y_elems * 2 + y_elems // 4 + 4 * 64 * 4
+    assert fused_half / tv_half <= 0.48
