@@ -247,3 +247,28 @@ def test_saved_bytes_vs_torchvision():
         fused_half = _saved_activation_bytes(run_fused, copy.deepcopy(ref), x)
     assert fused_half == x.numel() * 4 + y_elems * 2 + y_elems // 4 + 4 * 64 * 4
     assert fused_half / tv_half <= 0.48
+
+
+# ----------------------------------------------------------------------------- torch.export
+class _FusedStem(nn.Module):
+    def __init__(self, stem):
+        super().__init__()
+        self.stem = stem
+
+    def forward(self, x):
+        return run_fused(self.stem, x)
+
+
+def test_export_eval_matches_eager():
+    model = _FusedStem(tv_stem(dtype=torch.float32)).eval()
+    x = torch.randn(2, 3, 33, 31)
+    with torch.no_grad():
+        expected = model(x)
+    ep = torch.export.export(model, (x,))
+    y = ep.module()(x)  # grad mode on, parameters requiring grad: the ops run below autograd
+    assert_close(y.detach(), expected, 1e-6, "exported program")
+    with torch.no_grad():
+        assert_close(ep.module()(x), expected, 1e-6, "exported program under no_grad")
+    # the exported graph calls the ops directly: a backward through it is refused, never a wrong gradient
+    with pytest.raises(RuntimeError, match="has no derivative of its own"):
+        y.sum().backward()
