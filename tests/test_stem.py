@@ -29,7 +29,7 @@ def run_fused(stem, x):
 def _grad(y, seed=0, round_to=None):
     """A fixed random output gradient of y's shape (its values rounded to ``round_to`` first)."""
     g = torch.randn(y.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
-    return g.to(round_to or y.dtype).to(y.dtype)
+    return g.to(round_to or y.dtype).to(y.device, y.dtype)
 
 
 def _step(fn, stem, x, seed=0, input_grad=True, round_to=None):
@@ -46,12 +46,12 @@ def _buffers(stem):
 
 @pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum", "cumulative"])
 @pytest.mark.parametrize("shape", [(3, 3, 29, 23), (2, 3, 20, 18), (1, 3, 9, 5)])
-def test_train_matches_torchvision(shape, momentum):
-    ref = tv_stem(momentum=momentum)
+def test_train_matches_torchvision(device, shape, momentum):
+    ref = tv_stem(momentum=momentum).to(device)
     ours = copy.deepcopy(ref)
     gen = torch.Generator().manual_seed(1)
     for step in range(3):
-        x = torch.randn(shape, dtype=torch.float64, generator=gen) + 0.2
+        x = (torch.randn(shape, dtype=torch.float64, generator=gen) + 0.2).to(device)
         y_r, dx_r, g_r = _step(lambda s, t: s(t), ref, x, step)
         y_o, dx_o, g_o = _step(run_fused, ours, x, step)
         assert y_o.shape == y_r.shape
@@ -67,10 +67,10 @@ def test_train_matches_torchvision(shape, momentum):
             assert_close(got, b, 1e-12, name)
 
 
-def test_eval_matches_torchvision():
-    ref = tv_stem().eval()
+def test_eval_matches_torchvision(device):
+    ref = tv_stem().to(device).eval()
     ours = copy.deepcopy(ref)
-    x = torch.randn(3, 3, 27, 31, dtype=torch.float64)
+    x = torch.randn(3, 3, 27, 31, dtype=torch.float64, device=device)
     before = _buffers(ours)
     y_r, dx_r, g_r = _step(lambda s, t: s(t), ref, x)
     y_o, dx_o, g_o = _step(run_fused, ours, x)
@@ -84,10 +84,10 @@ def test_eval_matches_torchvision():
         assert_close(run_fused(ours, x), y_r, 1e-12, "no_grad output")
 
 
-def test_float32_and_no_input_grad():
-    ref = tv_stem(features=16, dtype=torch.float32)
+def test_float32_and_no_input_grad(device, no_tf32):
+    ref = tv_stem(features=16, dtype=torch.float32).to(device)
     ours = copy.deepcopy(ref)
-    x = torch.randn(2, 3, 33, 35)
+    x = torch.randn(2, 3, 33, 35, device=device)
     y_r, _, g_r = _step(lambda s, t: s(t), ref, x, input_grad=False)
     y_o, dx_o, g_o = _step(run_fused, ours, x, input_grad=False)
     assert dx_o is None
@@ -117,16 +117,16 @@ def test_output_is_channels_last_nchw():
 
 
 @pytest.mark.parametrize("half", [torch.bfloat16, torch.float16])
-def test_autocast_error_within_twice_torchvision(half):
-    # CPU autocast: conv0 in bfloat16 / float16, statistics in float32.  Errors against a float64 run of the
+def test_autocast_error_within_twice_torchvision(device, half):
+    # autocast: conv0 in bfloat16 / float16, statistics in float32.  Errors against a float64 run of the
     # same stem: the fused stem's at most twice torchvision's under the same autocast, plus a small floor.
-    ref = tv_stem(features=16, dtype=torch.float32)
+    ref = tv_stem(features=16, dtype=torch.float32).to(device)
     ours = copy.deepcopy(ref)
     exact = copy.deepcopy(ref).double()
-    x = torch.randn(4, 3, 40, 36)
+    x = torch.randn(4, 3, 40, 36, device=device)
     # the same output gradient (rounded to the half dtype) in all three runs
     y_e, dx_e, g_e = _step(lambda s, t: s(t), exact, x.double(), round_to=half)
-    with torch.autocast("cpu", dtype=half):
+    with torch.autocast(device.type, dtype=half):
         y_r, dx_r, g_r = _step(lambda s, t: s(t), ref, x, round_to=half)
         y_o, dx_o, g_o = _step(run_fused, ours, x, round_to=half)
     assert y_o.dtype == y_r.dtype == half and dx_o.dtype == torch.float32
