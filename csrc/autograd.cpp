@@ -121,3 +121,10 @@ TORCH_LIBRARY_IMPL(densenet_fused, Autograd, m) {
   }
   m.impl("running_stats_update", torch::CppFunction::makeFromBoxedFunction<&no_gradient>());
 }
+
+// stem (issue 13): differentiated by FusedStemFunction (densenet_fused/stem.py).
+TORCH_LIBRARY_IMPL(densenet_fused, Autograd, m) {
+  for (const char* op : {"bnrelu_maxpool_fwd", "bnrelu_maxpool_bwd"}) {
+    m.impl(op, torch::CppFunction::makeFromBoxedFunction<&no_derivative>());
+  }
+}

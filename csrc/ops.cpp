@@ -67,6 +67,21 @@ TORCH_LIBRARY(densenet_fused, m) {
         "Tensor mean, Tensor rstd, str impl=\"\", int count=0, Tensor? dy_x=None, Tensor? dy_mean=None, "
         "Tensor? dy_p=None, Tensor? dy_q=None) "
         "-> (Tensor g2, Tensor dweight, Tensor dgamma, Tensor dbeta, Tensor p, Tensor q)");
+  // stem (issue 13)
+  // The stem's BatchNorm-ReLU and 3x3/2 max pool (padding 1) on conv0's output y, an (N*H*W, C)
+  // NHWC matrix (nhw = [N, H, W]): out[o, c] = the maximum over window o of relu(y*scale + shift)
+  // rounded to y's dtype, index[o, c] = kh*3 + kw of that maximum (int8; torch's max_pool2d tie
+  // rule: the first maximum in scan order, a NaN always taken, padding never chosen).  out and index
+  // are contiguous (N*Hp*Wp, C) with Hp = (H - 1)/2 + 1, Wp = (W - 1)/2 + 1.
+  // Kernels: csrc/cpu/bnrelu_maxpool.cpp (CPU), densenet_fused/ops/bnrelu_maxpool.py (Triton, CUDA).
+  m.def("bnrelu_maxpool_fwd(Tensor y, Tensor scale, Tensor shift, int[] nhw) -> (Tensor out, Tensor index)");
+  // Its backward: g = dout routed to each window's maximum (index), times the ReLU mask
+  // relu(y*scale + shift) > 0; dgamma = sum(g*(y - mean)*rstd), dbeta = sum(g) per channel, and the
+  // BatchNorm input gradient dy = scale*(g - dbeta/count - (y - mean)*rstd*dgamma/count) with batch
+  // statistics (count = values per channel), dy = scale*g with running statistics (count = 0).
+  // dy (N*H*W, C) contiguous in y's dtype; dgamma, dbeta float32 (float64 for float64 y).
+  m.def("bnrelu_maxpool_bwd(Tensor dout, Tensor index, Tensor y, Tensor scale, Tensor shift, Tensor mean, "
+        "Tensor rstd, int[] nhw, int count) -> (Tensor dy, Tensor dgamma, Tensor dbeta)");
 }
 
 extern "C" {
