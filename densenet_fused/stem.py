@@ -13,15 +13,21 @@ gradient only when x requires it).
 
 Running statistics of norm0 are updated as nn.BatchNorm2d does (momentum, momentum=None
 cumulative average, unbiased running_var, num_batches_tracked), once per forward in training.
+
+With an nn.SyncBatchNorm norm0 (or ``sync_group``, densenet_fused.convert_sync_batchnorm) the batch
+statistics are taken over the process group (distributed.py): one all_gather of y's per-channel
+(count, mean, variance) in forward, one all_reduce of the two per-channel gradient sums in backward.
 """
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from .ops import bn_scale_shift, bnrelu_maxpool_bwd, bnrelu_maxpool_fwd, channel_stats, running_stats_update
+from .distributed import StatsGroup, stats_group
+from .ops import (bn_grad_finish, bn_scale_shift, bnrelu_maxpool_bwd, bnrelu_maxpool_fwd, channel_stats,
+                  running_stats_update)
 from .ops._common import acc_dtype
 from .ops.bnrelu_maxpool import POOL_KERNEL, POOL_PADDING, POOL_STRIDE, pooled_size
 
@@ -38,6 +44,7 @@ class StemSpec:
     dilation: Tuple[int, int]
     training: bool           # batch statistics (True) or running statistics (False)
     dtype: torch.dtype       # compute dtype of conv0 and of everything saved
+    sync: Optional[StatsGroup] = None  # batch statistics over this process group
 
 
 def _pair(v):
@@ -53,20 +60,6 @@ def _compute_dtype(x: Tensor, weight: Tensor) -> torch.dtype:
         raise TypeError(f"{_WHO}: expected input of dtype {weight.dtype} (conv0.weight's dtype), got {x.dtype}; "
                         f"use torch.autocast for mixed precision")
     return weight.dtype
-
-
-def _refuse_synchronized_statistics(norm0) -> None:
-    """An nn.SyncBatchNorm norm0 over several processes asks for statistics over a process group,
-    which the fused stem does not compute: refuse rather than silently use local statistics."""
-    if not isinstance(norm0, nn.SyncBatchNorm):
-        return
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size(norm0.process_group) > 1:
-        raise NotImplementedError(
-            f"{_WHO}: norm0 is an nn.SyncBatchNorm over {dist.get_world_size(norm0.process_group)} processes; the "
-            f"fused stem computes batch statistics on the local batch only, so it would silently differ from "
-            f"SyncBatchNorm. Synchronized statistics are not supported: keep nn.BatchNorm2d as norm0, or run the "
-            f"stem unfused")
 
 
 def _validate(x, conv0, norm0, pool0) -> Tuple[bool, torch.dtype]:
@@ -123,7 +116,6 @@ def _validate(x, conv0, norm0, pool0) -> Tuple[bool, torch.dtype]:
                          f" stride {conv0.stride}, padding {conv0.padding}): output size {ho}x{wo}")
     training = norm0.training
     if training:
-        _refuse_synchronized_statistics(norm0)
         if n * ho * wo == 1:  # the error nn.BatchNorm2d raises
             raise ValueError(f"Expected more than 1 value per channel when training, got input size "
                              f"{torch.Size([n, conv0.out_channels, ho, wo])}")
@@ -131,8 +123,9 @@ def _validate(x, conv0, norm0, pool0) -> Tuple[bool, torch.dtype]:
 
 
 def stem_forward(spec: StemSpec, x: Tensor, weight: Tensor, gamma: Tensor, beta: Tensor, save: bool):
-    """Run the stem (autocast off: ``spec.dtype`` is explicit).  Returns (output, saved) where saved
-    = (y, index, mean, rstd, scale, shift) for backward, None when ``save`` is False."""
+    """Run the stem (autocast off: ``spec.dtype`` is explicit).  Returns (output, saved, count) where
+    saved = (y, index, mean, rstd, scale, shift) for backward (None when ``save`` is False) and count
+    the values per channel of the batch statistics (global with ``spec.sync``)."""
     dtype, acc = spec.dtype, acc_dtype(spec.dtype)
     w = weight.to(dtype).contiguous(memory_format=torch.channels_last)  # a channels-last y from cuDNN / oneDNN
     y = torch.ops.aten.convolution(x.to(dtype), w, None, list(spec.stride), list(spec.padding),
@@ -142,16 +135,19 @@ def stem_forward(spec: StemSpec, x: Tensor, weight: Tensor, gamma: Tensor, beta:
     m = n * h * wd
     y2 = y.permute(0, 2, 3, 1).view(m, c)
     bn = spec.norm
+    count = m
     if spec.training:
         mean, var, _ = channel_stats(y2, bn.eps)
+        if spec.sync is not None:
+            count, mean, var = spec.sync.merge_moments(m, mean, var, want_count=True)
     else:
         mean, var = bn.running_mean.to(acc, copy=True), bn.running_var.to(acc)
     scale, shift, rstd = bn_scale_shift(gamma, beta, mean, var, bn.eps)
     out, index = bnrelu_maxpool_fwd(y2, scale, shift, [n, h, wd])
     if spec.training:
-        running_stats_update([bn], [mean], [var], count=m)
+        running_stats_update([bn], [mean], [var], count=count)
     out = out.view(n, pooled_size(h), pooled_size(wd), c).permute(0, 3, 1, 2)
-    return out, ((y, index, mean, rstd, scale, shift) if save else None)
+    return out, ((y, index, mean, rstd, scale, shift) if save else None), count
 
 
 class FusedStemFunction(torch.autograd.Function):
@@ -160,7 +156,7 @@ class FusedStemFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, spec: StemSpec, x: Tensor, weight: Tensor, gamma: Tensor, beta: Tensor):
         with torch.autocast(x.device.type, enabled=False):
-            out, saved = stem_forward(spec, x, weight, gamma, beta, save=True)
+            out, saved, ctx.count = stem_forward(spec, x, weight, gamma, beta, save=True)
         ctx.spec = spec
         ctx.x_dtype = x.dtype
         ctx.param_dtypes = (weight.dtype, gamma.dtype, beta.dtype)
@@ -179,8 +175,14 @@ class FusedStemFunction(torch.autograd.Function):
         m = n * h * wd
         with torch.autocast(y.device.type, enabled=False):
             g = grad_out.to(spec.dtype).permute(0, 2, 3, 1).contiguous().view(-1, c)
-            dy, dgamma, dbeta = bnrelu_maxpool_bwd(g, index, y.permute(0, 2, 3, 1).view(m, c), scale, shift, mean,
-                                                   rstd, [n, h, wd], m if spec.training else 0)
+            y2 = y.permute(0, 2, 3, 1).view(m, c)
+            sync = spec.sync if spec.training else None
+            dy, dgamma, dbeta = bnrelu_maxpool_bwd(g, index, y2, scale, shift, mean, rstd, [n, h, wd],
+                                                   ctx.count if spec.training and sync is None else 0)
+            if sync is not None:  # dy = scale*g so far: the mean terms from the sums over the group
+                sums = sync.sum_(torch.stack((dgamma, dbeta)).to(mean.dtype))
+                dy = bn_grad_finish(dy.to(mean.dtype), y2, mean, scale * sums[1] / ctx.count,
+                                    scale * rstd * sums[0] / ctx.count, spec.dtype)
             dx = dw = None
             if need_x or need_w:
                 dy = dy.view(n, h, wd, c).permute(0, 3, 1, 2)
@@ -194,15 +196,17 @@ class FusedStemFunction(torch.autograd.Function):
                 dgamma.to(g_dtype) if need_g else None, dbeta.to(b_dtype) if need_b else None)
 
 
-def fused_stem(x: Tensor, conv0: nn.Conv2d, norm0: nn.BatchNorm2d, pool0: nn.MaxPool2d) -> Tensor:
+def fused_stem(x: Tensor, conv0: nn.Conv2d, norm0: nn.BatchNorm2d, pool0: nn.MaxPool2d, sync_group=None) -> Tensor:
     """``pool0(relu(norm0(conv0(x))))`` for torchvision's DenseNet stem (conv0 without bias,
     pool0 = MaxPool2d(3, stride 2, padding 1)), in train mode (batch statistics; norm0's running
     statistics updated as nn.BatchNorm2d does) or eval mode (running statistics), under autocast
     (conv0 in the autocast dtype, statistics in float32) or in the parameters' dtype.  Output
-    (N, C, Hp, Wp) with channels-last strides, in the compute dtype."""
+    (N, C, Hp, Wp) with channels-last strides, in the compute dtype.  Batch statistics over a process
+    group when norm0 is an nn.SyncBatchNorm or ``sync_group`` is set (see distributed.stats_group)."""
     training, dtype = _validate(x, conv0, norm0, pool0)
+    sync = stats_group([norm0], _WHO, sync_group) if training else None
     spec = StemSpec(norm=norm0, stride=_pair(conv0.stride), padding=_pair(conv0.padding),
-                    dilation=_pair(conv0.dilation), training=training, dtype=dtype)
+                    dilation=_pair(conv0.dilation), training=training, dtype=dtype, sync=sync)
     params = (conv0.weight, norm0.weight, norm0.bias)
     if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
         return FusedStemFunction.apply(spec, x, *params)

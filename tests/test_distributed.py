@@ -151,6 +151,45 @@ def _equivalence_with_hooks(rank, world, sizes, order):
     return {"errs": {"out": _rel(out.detach(), out_full.detach()[lo:hi]), "dx": _rel(xr.grad, xf.grad[lo:hi])}}
 
 
+def _stem(rank, world, sizes, order):
+    """The fused stem with an nn.SyncBatchNorm norm0 against torchvision's stem on the full batch."""
+    from collections import OrderedDict
+
+    from densenet_fused.stem import fused_stem
+    torch.manual_seed(2)
+    ref = nn.Sequential(OrderedDict(conv0=nn.Conv2d(3, 6, 7, 2, 3, bias=False), norm0=nn.BatchNorm2d(6),
+                                    relu0=nn.ReLU(inplace=True), pool0=nn.MaxPool2d(3, 2, 1))).double().train()
+    with torch.no_grad():
+        ref.norm0.weight.uniform_(0.5, 1.5)
+        ref.norm0.bias.uniform_(-0.5, 0.5)
+    mine = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(ref))
+    lo, hi = sum(sizes[:rank]), sum(sizes[:rank + 1])
+    errs, counts = {}, []
+    for step in range(3):
+        gen = torch.Generator().manual_seed(30 + step)
+        x = torch.randn(sum(sizes), 3, 17, 15, generator=gen, dtype=torch.float64)
+        wgt = torch.randn(sum(sizes), 6, 5, 4, generator=gen, dtype=torch.float64)
+        xr, xf = x[lo:hi].clone().requires_grad_(True), x.clone().requires_grad_(True)
+        ref.zero_grad()
+        mine.zero_grad()
+        out_full = ref(xf)
+        (out_full * wgt).sum().backward()
+        with _Counter() as fwd:
+            out = fused_stem(xr, mine.conv0, mine.norm0, mine.pool0)
+        with _Counter() as bwd:
+            (out * wgt[lo:hi]).sum().backward()
+        counts.append((fwd.n, bwd.n))
+        errs[f"out{step}"] = _rel(out.detach(), out_full.detach()[lo:hi])
+        errs[f"dx{step}"] = _rel(xr.grad, xf.grad[lo:hi])
+        for (name, p), q in zip(mine.named_parameters(), ref.parameters()):
+            g = p.grad.clone()
+            dist.all_reduce(g)
+            errs[f"d{name}{step}"] = _rel(g, q.grad)
+    for (name, b), c in zip(mine.named_buffers(), ref.buffers()):
+        errs[name] = _rel(b.to(torch.float64), c.to(torch.float64))
+    return {"errs": errs, "counts": counts}
+
+
 def _eval_and_world_of_one(rank, world, sizes, order):
     """Eval mode runs no collective and uses the running statistics."""
     ref, fused = _blocks(order)
@@ -191,6 +230,7 @@ def two_ranks():
     jobs["ddp"] = (_ddp_step, (2, 3), "")
     jobs["eval"] = (_eval_and_world_of_one, (3, 3), "sync_then_convert")
     jobs["hooks"] = (_equivalence_with_hooks, (3, 2), "fused_sync")
+    jobs["stem"] = (_stem, (3, 2), "")
     return _run(2, jobs)
 
 
@@ -221,6 +261,13 @@ def test_eval_mode_runs_no_collective(two_ranks):
 def test_hooked_layers_keep_the_synchronized_statistics(two_ranks):
     for res in two_ranks["hooks"]:
         assert max(res["errs"].values()) < TOL, res["errs"]
+
+
+def test_stem_with_sync_batchnorm_equals_the_full_batch(two_ranks):
+    for rank, res in enumerate(two_ranks["stem"]):
+        worst = max(res["errs"].items(), key=lambda kv: kv[1])
+        assert worst[1] < TOL, (rank, worst)
+        assert res["counts"] == [(1, 1)] * 3  # one all_gather forward, one all_reduce backward
 
 
 def test_world_of_one_runs_without_collectives():
