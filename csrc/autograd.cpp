@@ -121,3 +121,11 @@ TORCH_LIBRARY_IMPL(densenet_fused, Autograd, m) {
   }
   m.impl("running_stats_update", torch::CppFunction::makeFromBoxedFunction<&no_gradient>());
 }
+
+// transition and head (issue 13): differentiated by FusedTransitionFunction / FusedHeadFunction.
+TORCH_LIBRARY_IMPL(densenet_fused, Autograd, m) {
+  for (const char* op : {"bnrelu_avgpool_conv1x1_fwd", "bnrelu_avgpool_conv1x1_bwd", "bnrelu_global_avgpool_fwd",
+                         "bnrelu_global_avgpool_bwd"}) {
+    m.impl(op, torch::CppFunction::makeFromBoxedFunction<&no_derivative>());
+  }
+}
