@@ -9,8 +9,9 @@ from . import ops  # noqa: F401  (fake implementations, CUDA kernels from Python
 from .convert import convert
 from .models import DenseNet, densenet121, densenet161, densenet169, densenet201, densenet264, densenet_bc
 from .modules import FusedDenseBlock, FusedDenseLayer
+from .sync_batchnorm import convert_sync_batchnorm
 
 from ._version import __version__  # noqa: E402  (one source: pyproject reads it too)
 
-__all__ = ["__version__", "FusedDenseBlock", "FusedDenseLayer", "convert", "DenseNet", "densenet121", "densenet161",
+__all__ = ["__version__", "FusedDenseBlock", "FusedDenseLayer", "convert", "convert_sync_batchnorm", "DenseNet", "densenet121", "densenet161",
            "densenet169", "densenet201", "densenet264", "densenet_bc"]

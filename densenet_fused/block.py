@@ -15,6 +15,7 @@ import torch
 from .ops import (bn_grad_finish, bn_scale_shift, bnrelu_conv1x1_bwd, bnrelu_conv1x1_fwd, bnrelu_conv3x3_bwd,
                   bnrelu_conv3x3_fwd, channel_stats, running_stats_update)
 from .ops._common import acc_dtype
+from .distributed import StatsGroup
 
 PARAMS_PER_LAYER = 6  # norm1.weight, norm1.bias, conv1.weight, norm2.weight, norm2.bias, conv2.weight
 
@@ -34,6 +35,8 @@ class BlockSpec:
     dtype: torch.dtype   # buffer / compute dtype
     keep_bottleneck: bool = False  # save each layer's B (M x bn_size*k) instead of recomputing it
     conv3x3_impl: str = ""         # "aten" / "triton" on CUDA; "" follows ops.set_conv3x3_impl
+    sync: Optional[StatsGroup] = None  # batch statistics over this process group (SyncBatchNorm norms)
+    with_stats: bool = False  # the autograd node also outputs the batch (mean, var) of the output channels
 
 
 def _layer_params(params, l):
@@ -82,11 +85,19 @@ def _weights(spec: BlockSpec, params, flat: Optional[torch.Tensor], l: int):
     return flat[o1:o1 + cb * c_l].view(cb, c_l), flat[o2:o2 + w2.numel()].view(w2.shape)
 
 
-def block_forward(spec: BlockSpec, x: torch.Tensor, params: Sequence[torch.Tensor], save: bool):
+def block_forward(spec: BlockSpec, x: torch.Tensor, params: Sequence[torch.Tensor], save: bool,
+                  extra: bool = False):
     """Run the block.  Returns (output, saved) where saved = (tensors, seeds, kept) holds what
     backward needs (None when ``save`` is False): tensors = [batch mean (None in eval), the cast
     weights (None when not cast)] + PER_LAYER_SAVED folded-BN vectors per layer, so backward
-    recomputes no scale/shift and casts no weight."""
+    recomputes no scale/shift and casts no weight.  With ``extra``, returns (output, saved,
+    (count, mean, var)): the number of values per channel of the batch statistics (global with
+    ``spec.sync``; backward needs it) and the batch mean and biased variance of all output channels
+    (None in eval), for the modules that read the output with a BatchNorm of their own.
+
+    With ``spec.sync`` every channel set's statistics are merged over the process group right
+    after they are computed (block input, each layer's bottleneck, each layer's k new channels)
+    and the BatchNorm maps folded from the merged ones."""
     n, c0, h, w = x.shape
     m = n * h * w
     k = spec.growth_rate
@@ -94,6 +105,8 @@ def block_forward(spec: BlockSpec, x: torch.Tensor, params: Sequence[torch.Tenso
     c_total = c0 + num_layers * k
     dtype, acc = spec.dtype, acc_dtype(spec.dtype)
     dev = x.device
+    sync = spec.sync if spec.training else None
+    count = m
     if trace is not None:
         trace("forward", -1)
 
@@ -108,6 +121,8 @@ def block_forward(spec: BlockSpec, x: torch.Tensor, params: Sequence[torch.Tenso
         var = torch.empty(c_total, dtype=acc, device=dev)
         eps0 = spec.layers[0].norm1.eps if num_layers else 1e-5
         mu, v, _ = channel_stats(buf2[:, :c0], eps0)
+        if sync is not None:
+            count, mu, v = sync.merge_moments(m, mu, v, want_count=True)
         mean[:c0], var[:c0] = mu, v
     seeds: List[Optional[int]] = []
     kept: List[torch.Tensor] = []
@@ -130,7 +145,11 @@ def block_forward(spec: BlockSpec, x: torch.Tensor, params: Sequence[torch.Tenso
             aff2 = torch.empty((3, cb), dtype=acc, device=dev)
             bott, m2, bv = bnrelu_conv1x1_fwd(buf2[:, :c_l], scale1, shift1, w1c, True, aff2, g2, b2,
                                               layer.norm2.eps)
-            scale2, shift2, r2 = aff2.unbind(0)
+            if sync is not None:  # the op folded local statistics: fold again from the merged ones
+                _, m2, bv = sync.merge_moments(m, m2, bv)
+                scale2, shift2, r2 = bn_scale_shift(g2, b2, m2, bv, layer.norm2.eps)
+            else:
+                scale2, shift2, r2 = aff2.unbind(0)
             bn2_stats.append((m2, bv))
         else:
             bott = bnrelu_conv1x1_fwd(buf2[:, :c_l], scale1, shift1, w1c, False)[0]
@@ -148,17 +167,22 @@ def block_forward(spec: BlockSpec, x: torch.Tensor, params: Sequence[torch.Tenso
             seeds.append(seed)
             if spec.training:
                 mu, v, _ = channel_stats(new_slice, layer.norm1.eps)
+                if sync is not None:
+                    _, mu, v = sync.merge_moments(m, mu, v)
                 mean[c_l:c_l + k], var[c_l:c_l + k] = mu, v
         else:
             seeds.append(None)
             if spec.training:  # the new channels' statistics written in place, and the next layer's BN1 map
                 nxt = spec.layers[l + 1].norm1 if l + 1 < num_layers else None
                 bn = ()
-                if nxt is not None:
+                if nxt is not None and sync is None:
                     aff1 = torch.empty((3, c_l + k), dtype=acc, device=dev)
                     bn = (aff1, nxt.weight, nxt.bias, nxt.eps)
                 bnrelu_conv3x3_fwd(bott, scale2, shift2, w2c, [n, h, w], new_slice, True, spec.conv3x3_impl,
                                    mean[:c_l + k], var[:c_l + k], *bn)
+                if sync is not None:  # merged statistics; the next layer folds its map from them
+                    sl = slice(c_l, c_l + k)
+                    _, mean[sl], var[sl] = sync.merge_moments(m, mean[sl], var[sl])
             else:
                 bnrelu_conv3x3_fwd(bott, scale2, shift2, w2c, [n, h, w], new_slice, False, spec.conv3x3_impl)
 
@@ -171,21 +195,24 @@ def block_forward(spec: BlockSpec, x: torch.Tensor, params: Sequence[torch.Tenso
             bn1s + bn2s,
             [mean[:c0 + l * k] for l in range(num_layers)] + [s[0] for s in bn2_stats],
             [var[:c0 + l * k] for l in range(num_layers)] + [s[1] for s in bn2_stats],
-            count=m)
+            count=count)
     out = buf.permute(0, 3, 1, 2)  # (N, C_total, H, W), channels-last strides
-    if not save:
-        return out, None
-    return out, ([mean, flat_w] + per_layer, seeds, kept)
+    saved = ([mean, flat_w] + per_layer, seeds, kept) if save else None
+    return (out, saved, (count, mean, var)) if extra else (out, saved)
 
 
-def block_backward(spec: BlockSpec, out, grad_out, params, stats, seeds, kept, x_meta, needs_input_grad):
-    """Reverse sweep; returns (dx or None, [grad per param])."""
+def block_backward(spec: BlockSpec, out, grad_out, params, stats, seeds, kept, x_meta, needs_input_grad,
+                   count: int = 0):
+    """Reverse sweep; returns (dx or None, [grad per param]).  ``count``: values per channel of the
+    batch statistics (block_forward's; 0: the local N*H*W)."""
     n, c_total, h, w = out.shape
     m = n * h * w
     k = spec.growth_rate
     c0 = spec.num_input_features
     dtype, acc = spec.dtype, acc_dtype(spec.dtype)
     dev = out.device
+    sync = spec.sync if spec.training else None
+    count = (count or m) if spec.training else 0  # values per channel of the batch statistics
     if trace is not None:
         trace("backward", -1)
     buf2 = out.permute(0, 2, 3, 1).reshape(m, c_total)  # a view: the buffer is NHWC
@@ -195,7 +222,8 @@ def block_backward(spec: BlockSpec, out, grad_out, params, stats, seeds, kept, x
     G = torch.empty((n, h, w, c_total), dtype=acc, device=dev)
     G.copy_(grad_out.permute(0, 2, 3, 1))
     G = G.view(m, c_total)
-    P, Q = torch.zeros((2, c_total), dtype=acc, device=dev).unbind(0)  # one fill
+    PQ = torch.zeros((2, c_total), dtype=acc, device=dev)  # one fill
+    P, Q = PQ.unbind(0)
     grads: List[Optional[torch.Tensor]] = [None] * len(params)
     for l in reversed(range(len(spec.layers))):
         if trace is not None:
@@ -210,6 +238,8 @@ def block_backward(spec: BlockSpec, out, grad_out, params, stats, seeds, kept, x
         # 1. the gradient of this layer's k output channels is complete: finish it.
         # (without dropout the conv3x3 backward finishes it on the fly from G, P, Q)
         sl = slice(c_l, c_l + k)
+        if sync is not None and l + 1 < len(spec.layers):  # P, Q of these channels summed over the group
+            PQ[:, sl] = sync.sum_(PQ[:, sl].contiguous())   # (the last layer's are zeros everywhere)
         if seeds[l] is not None:
             dnew = bn_grad_finish(G[:, sl], buf2[:, sl], mean[sl], P[sl], Q[sl], dtype)
             dnew = dnew * _dropout_mask(seeds[l], dnew.shape, float(layer.drop_rate), dev, dtype)
@@ -224,12 +254,13 @@ def block_backward(spec: BlockSpec, out, grad_out, params, stats, seeds, kept, x
         # 3. conv3x3 backward through BN2-ReLU with BN2's input-gradient scalars (zeros in eval),
         # then dB = scale2 * (g2 - mean(g2) - xhat2 * mean(g2 * xhat2)) in one pass.
         g2v, dw2, dgamma2, dbeta2, p2, q2 = bnrelu_conv3x3_bwd(dnew, bott, scale2, shift2, w2c, [n, h, w], m2, r2,
-                                                               spec.conv3x3_impl, m if spec.training else 0,
-                                                               *finish)
+                                                               spec.conv3x3_impl, count, *finish)
+        if sync is not None:  # BN2's input-gradient scalars over the group
+            p2, q2 = sync.sum_(torch.stack((p2, q2))).unbind(0)
         db = bn_grad_finish(g2v, bott, m2, p2, q2, dtype, 0, scale2)
         # 4. one pass over the buffer: G += scale1*g, per-channel sums, dW1.
         # (training: also P[:c_l] += scale1*dbeta1/M and Q[:c_l] += scale1*rstd1*dgamma1/M)
-        pq = (P[:c_l], Q[:c_l], m) if spec.training else (None, None, 0)
+        pq = (P[:c_l], Q[:c_l], count) if spec.training else (None, None, 0)
         dw1, dgamma1, dbeta1 = bnrelu_conv1x1_bwd(db, buf2[:, :c_l], scale1, shift1, w1c, m1, r1, G[:, :c_l], *pq)
         base = PARAMS_PER_LAYER * l
         grads[base + 0] = dgamma1.to(g1.dtype)
@@ -243,6 +274,8 @@ def block_backward(spec: BlockSpec, out, grad_out, params, stats, seeds, kept, x
         trace("backward", -1)
     dx = None
     if needs_input_grad:
+        if sync is not None:
+            PQ[:, :c0] = sync.sum_(PQ[:, :c0].contiguous())
         x_dtype, x_channels_last = x_meta
         if x_channels_last:
             dx = bn_grad_finish(G[:, :c0], buf2[:, :c0], mean[:c0], P[:c0], Q[:c0], x_dtype)
@@ -281,13 +314,17 @@ def _first_order_only(backward):
 
 
 class FusedDenseBlockFunction(torch.autograd.Function):
-    """One autograd node for a whole dense block."""
+    """One autograd node for a whole dense block.  Outputs the block's output; with
+    ``spec.with_stats`` (out, mean, var): the batch statistics of out's channels in training
+    (non-differentiable: a module reading them differentiates its own BatchNorm through them),
+    None in eval mode."""
 
     @staticmethod
     def forward(ctx, spec: BlockSpec, x: torch.Tensor, *params: torch.Tensor):
         with torch.autocast(x.device.type, enabled=False):
-            out, saved = block_forward(spec, x, params, save=True)
+            out, saved, (count, mean, var) = block_forward(spec, x, params, save=True, extra=True)
         stats, seeds, kept = saved
+        ctx.count = count
         ctx.spec = spec
         ctx.seeds = seeds
         ctx.n_stats = len(stats)
@@ -295,11 +332,16 @@ class FusedDenseBlockFunction(torch.autograd.Function):
         ctx.x_meta = (x.dtype, x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
                       and not x.is_contiguous())
         ctx.save_for_backward(out, *stats, *kept, *params)
-        return out
+        if not spec.with_stats:
+            return out
+        if mean is None:
+            return out, None, None
+        ctx.mark_non_differentiable(mean, var)
+        return out, mean, var
 
     @staticmethod
     @_first_order_only
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, _grad_mean=None, _grad_var=None):
         saved = ctx.saved_tensors
         out = saved[0]
         stats = saved[1:1 + ctx.n_stats]
@@ -307,6 +349,6 @@ class FusedDenseBlockFunction(torch.autograd.Function):
         params = saved[1 + ctx.n_stats + ctx.n_kept:]
         with torch.autocast(out.device.type, enabled=False):
             dx, grads = block_backward(ctx.spec, out, grad_out, params, stats, ctx.seeds, kept, ctx.x_meta,
-                                       ctx.needs_input_grad[1])
+                                       ctx.needs_input_grad[1], ctx.count)
         grads = [g if need else None for g, need in zip(grads, ctx.needs_input_grad[2:])]
         return (None, dx, *grads)

@@ -116,7 +116,8 @@ def main(argv=None) -> int:
                          "size up to 64, else 224, for an ImageFolder")
     p_train.add_argument("--no-flip", action="store_true", help="no random horizontal flip (digits, text)")
     p_train.add_argument("--seed", type=int, default=0)
-    p_train.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm under torchrun (not supported yet)")
+    p_train.add_argument("--sync-bn", action="store_true", help="batch statistics over all processes under torchrun (fused blocks synchronize their own; "
+                         "other norms become nn.SyncBatchNorm, which DDP accepts on CUDA only)")
     p_cost = sub.add_parser("cost", help="GPU launches and bytes of a training step, counted without a GPU")
     p_cost.add_argument("--case", default="densenet121_block3",
                         help="densenet121_block3 (default), densenet121_block1, densenet_bc100_k12 or all")

@@ -33,8 +33,8 @@ def _source_block_types():
 
 
 def _check_bn(bn, where):
-    if not isinstance(bn, nn.BatchNorm2d):
-        raise ValueError(f"convert: {where} must be a BatchNorm2d, got {type(bn).__name__}")
+    if not isinstance(bn, (nn.BatchNorm2d, nn.SyncBatchNorm)):  # SyncBatchNorm: convert_sync_batchnorm first
+        raise ValueError(f"convert: {where} must be a BatchNorm2d or SyncBatchNorm, got {type(bn).__name__}")
     if not bn.affine or not bn.track_running_stats:
         raise ValueError(f"convert: {where} must have affine=True and track_running_stats=True, got "
                          f"affine={bn.affine}, track_running_stats={bn.track_running_stats}")

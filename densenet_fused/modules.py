@@ -4,12 +4,13 @@ Same constructor signatures, child names (``denselayer1..L`` with ``norm1, relu1
 norm2, relu2, conv2``) and state_dict keys as ``torchvision.models.densenet._DenseLayer``
 and ``_DenseBlock``; the parameters are real ``nn.BatchNorm2d`` / ``nn.Conv2d`` modules.
 """
-from typing import List, Union
+from typing import List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
 from .block import BlockSpec, FusedDenseBlockFunction, block_forward
+from .distributed import stats_group
 
 
 class FusedDenseLayer(nn.Module):
@@ -32,6 +33,7 @@ class FusedDenseLayer(nn.Module):
         self.conv2 = nn.Conv2d(bn_size * growth_rate, growth_rate, kernel_size=3, stride=1, padding=1, bias=False)
         self.drop_rate = float(drop_rate)
         self.memory_efficient = memory_efficient  # accepted for compatibility: always linear memory
+        self.sync_group = None  # see FusedDenseBlock.sync_group
 
     def forward(self, input: Union[Tensor, List[Tensor]]) -> Tensor:  # noqa: A002 (torchvision's name)
         proxy = _fx_proxy(input)
@@ -40,7 +42,7 @@ class FusedDenseLayer(nn.Module):
         _layers_with_hooks([self], ["FusedDenseLayer"])
         x = torch.cat(input, 1) if isinstance(input, (list, tuple)) else input
         c_in = self.norm1.num_features
-        out = run_block([self], x, c_in, self.conv2.out_channels, "FusedDenseLayer")
+        out = run_block([self], x, c_in, self.conv2.out_channels, "FusedDenseLayer", sync_group=self.sync_group)
         return out[:, c_in:]
 
 
@@ -83,6 +85,19 @@ class FusedDenseBlock(nn.ModuleDict):
                                     drop_rate=drop_rate, memory_efficient=memory_efficient)
             self.add_module("denselayer%d" % (i + 1), layer)
 
+    @property
+    def sync_group(self):
+        """Batch statistics over this process group in training (set by
+        densenet_fused.convert_sync_batchnorm); None: local statistics, or those of the process group
+        of nn.SyncBatchNorm norms when the norms are such.  Setting it sets it on every dense layer."""
+        layers = list(self.values())
+        return layers[0].sync_group if layers else None
+
+    @sync_group.setter
+    def sync_group(self, group) -> None:
+        for layer in self.values():
+            layer.sync_group = group
+
     def forward(self, init_features: Tensor) -> Tensor:
         proxy = _fx_proxy(init_features)
         if proxy is not None:
@@ -92,7 +107,24 @@ class FusedDenseBlock(nn.ModuleDict):
             _validate(layers, init_features, self.num_input_features, self.growth_rate, "FusedDenseBlock")
             return _run_layer_by_layer(layers, init_features)
         return run_block(layers, init_features, self.num_input_features, self.growth_rate,
-                         "FusedDenseBlock", keep_bottleneck=self.keep_bottleneck, conv3x3_impl=self.conv3x3_impl)
+                         "FusedDenseBlock", keep_bottleneck=self.keep_bottleneck, conv3x3_impl=self.conv3x3_impl,
+                         sync_group=self.sync_group)
+
+    def forward_with_stats(self, init_features: Tensor) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+        """``(out, mean, var)``: the block's output and, in training, the batch mean and biased
+        variance of its channels as the block computed them (float32, float64 for float64 input;
+        over the process group with SyncBatchNorm norms), which a BatchNorm reading the output
+        (a transition, the final norm) can use instead of a statistics pass of its own.  The
+        statistics are constants to autograd: such a module differentiates its BatchNorm through
+        them itself.  ``mean`` and ``var`` are None in eval mode.  Hooks on the dense layers are
+        not supported here (use forward)."""
+        layers = list(self.values())
+        if _layers_with_hooks(layers):
+            raise RuntimeError("FusedDenseBlock.forward_with_stats: the dense layers have hooks, which only the "
+                               "layer-by-layer forward runs; call forward instead")
+        return run_block(layers, init_features, self.num_input_features, self.growth_rate,
+                         "FusedDenseBlock", keep_bottleneck=self.keep_bottleneck, conv3x3_impl=self.conv3x3_impl,
+                         sync_group=self.sync_group, with_stats=True)
 
     def extra_repr(self) -> str:
         return (f"num_layers={len(self)}, num_input_features={self.num_input_features}, "
@@ -153,28 +185,9 @@ def _run_layer_by_layer(layers, x: Tensor) -> Tensor:
     return torch.cat(features, 1)
 
 
-def _refuse_synchronized_statistics(layers, who: str) -> None:
-    """nn.SyncBatchNorm norms (convert_sync_batchnorm) ask for batch statistics over a process
-    group, which the fused block does not compute yet: refuse rather than silently use local
-    statistics.  A world of one process has nothing to synchronize and runs."""
-    import torch.distributed as dist
-    for i, layer in enumerate(layers):
-        for bn_name in ("norm1", "norm2"):
-            bn = getattr(layer, bn_name)
-            if not isinstance(bn, torch.nn.SyncBatchNorm):
-                continue
-            if dist.is_available() and dist.is_initialized() and dist.get_world_size(bn.process_group) > 1:
-                raise NotImplementedError(
-                    f"{who}: layer {i + 1} {bn_name} is an nn.SyncBatchNorm over "
-                    f"{dist.get_world_size(bn.process_group)} processes; the fused block computes batch "
-                    f"statistics on the local batch only, so it would silently differ from SyncBatchNorm. "
-                    f"Synchronized statistics are not supported yet: keep nn.BatchNorm2d in the dense blocks "
-                    f"(DistributedDataParallel then averages gradients, as with torchvision's BatchNorm2d), "
-                    f"or leave those blocks unconverted")
-
-
 def _validate(layers, x, c_in: int, growth: int, who: str) -> bool:
-    """Check everything before any state changes; returns whether batch statistics are used."""
+    """Check everything before any state changes; returns whether batch statistics are used.
+    (nn.SyncBatchNorm norms are checked by run_block: distributed.stats_group.)"""
     if not isinstance(x, Tensor):
         raise TypeError(f"{who}: expected a torch.Tensor input, got {type(x).__name__}")
     if x.dim() != 4:
@@ -212,8 +225,6 @@ def _validate(layers, x, c_in: int, growth: int, who: str) -> bool:
     if len(modes) > 1:
         raise ValueError(f"{who}: expected all BatchNorm layers in the same mode (all train or all eval)")
     training = modes.pop() if modes else False
-    if training:
-        _refuse_synchronized_statistics(layers, who)
     n, _, h, w = x.shape
     if training and n * h * w == 1:
         # the error nn.BatchNorm2d raises
@@ -222,8 +233,12 @@ def _validate(layers, x, c_in: int, growth: int, who: str) -> bool:
 
 
 def run_block(layers, x: Tensor, c_in: int, growth: int, who: str, keep_bottleneck: bool = False,
-              conv3x3_impl: str = "") -> Tensor:
+              conv3x3_impl: str = "", with_stats: bool = False, sync_group=None):
+    """The block's output, or ``(out, mean, var)`` with ``with_stats`` (see forward_with_stats)."""
     training = _validate(layers, x, c_in, growth, who)
+    sync = None
+    if training:
+        sync = stats_group([bn for layer in layers for bn in (layer.norm1, layer.norm2)], who, sync_group)
     dev = x.device.type
     if torch.is_autocast_enabled(dev):
         dtype = torch.get_autocast_dtype(dev)
@@ -233,12 +248,16 @@ def run_block(layers, x: Tensor, c_in: int, growth: int, who: str, keep_bottlene
             raise TypeError(f"{who}: expected input of dtype {dtype} (the parameters' dtype), got {x.dtype}; "
                             f"use torch.autocast for mixed precision")
     spec = BlockSpec(layers=layers, num_input_features=c_in, growth_rate=growth, training=training, dtype=dtype,
-                     keep_bottleneck=keep_bottleneck, conv3x3_impl=conv3x3_impl)
+                     keep_bottleneck=keep_bottleneck, conv3x3_impl=conv3x3_impl, sync=sync, with_stats=with_stats)
     params = []
     for layer in layers:
         params += [layer.norm1.weight, layer.norm1.bias, layer.conv1.weight, layer.norm2.weight,
                    layer.norm2.bias, layer.conv2.weight]
     if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
-        return FusedDenseBlockFunction.apply(spec, x, *params)
-    with torch.autocast(dev, enabled=False):
-        return block_forward(spec, x, params, save=False)[0]
+        if not with_stats:
+            return FusedDenseBlockFunction.apply(spec, x, *params)
+        out, mean, var = FusedDenseBlockFunction.apply(spec, x, *params)
+    else:
+        with torch.autocast(dev, enabled=False):
+            out, _, (_, mean, var) = block_forward(spec, x, params, save=False, extra=True)
+    return (out, mean, var) if with_stats else out

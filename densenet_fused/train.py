@@ -326,8 +326,6 @@ def prepare(args) -> Plan:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise TrainError("--device cuda: CUDA is not available on this machine")
     device = torch.device("cuda", local_rank) if args.device == "cuda" else torch.device("cpu")
-    if args.sync_bn:
-        raise TrainError("--sync-bn: SyncBatchNorm in fused dense blocks is not supported yet (an open issue)")
     if args.epochs < 1:
         raise TrainError(f"--epochs {args.epochs}: expected a positive integer")
     if args.lr <= 0 or not math.isfinite(args.lr):
@@ -429,7 +427,23 @@ def prepare(args) -> Plan:
             model.load_state_dict(checkpoint["model"], strict=True)
         except (RuntimeError, KeyError) as exc:
             raise TrainError(f"--resume: {ckpt_path} does not match the model ({_first_line(exc)})") from None
+    if args.sync_bn and world > 1 and device.type == "cpu":
+        outside = _norms_outside_fused_blocks(model)
+        if outside:
+            raise TrainError(
+                f"--sync-bn on cpu: DistributedDataParallel refuses nn.SyncBatchNorm in CPU models, and "
+                f"{len(outside)} BatchNorm layers of this model are outside fused dense blocks (e.g. {outside[0]}); "
+                f"fused blocks synchronize their own statistics on gloo: use --device cuda (NCCL) for this model")
     return Plan(args, device, data, model, batch, depth, config, checkpoint, notes)
+
+
+def _norms_outside_fused_blocks(model: nn.Module) -> List[str]:
+    """Names of the BatchNorm layers that densenet_fused.convert_sync_batchnorm would turn into
+    nn.SyncBatchNorm (those outside fused dense blocks)."""
+    from .modules import FusedDenseBlock, FusedDenseLayer
+    fused = [name for name, m in model.named_modules() if isinstance(m, (FusedDenseBlock, FusedDenseLayer))]
+    return [name for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            and not any(name.startswith(f + ".") for f in fused)]
 
 
 # ------------------------------------------------------------------------------------ outputs
@@ -525,6 +539,9 @@ def fit(plan: Plan) -> int:
     model = plan.model.to(device)
     if cuda:
         model = model.to(memory_format=torch.channels_last)
+    if distributed and args.sync_bn:  # fused blocks synchronize their own statistics; other norms: SyncBatchNorm
+        from .sync_batchnorm import convert_sync_batchnorm
+        model = convert_sync_batchnorm(model)
     raw = model
     if distributed:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if cuda else None)

@@ -1,6 +1,10 @@
-"""Distributed use on gloo (CPU): SyncBatchNorm norms inside a fused block (convert_sync_batchnorm)
-are refused with a clear error over more than one process -- synchronized statistics are not
-implemented yet and must never be replaced silently by local ones -- and run in a world of one."""
+"""Distributed use on gloo (CPU, float64): a fused block whose norms are nn.SyncBatchNorm takes its
+batch statistics over the process group.  Each rank's output and input gradient must equal its
+slice of the single-process full-batch result (torchvision's _DenseBlock), the parameter
+gradients summed over the ranks the full-batch ones, and the running statistics after 3 steps
+the full-batch ones; uneven per-rank batches included; DistributedDataParallel trains it; and the
+number of collectives is what the design says (forward 1 + 2 per layer, backward 2 per layer)."""
+import copy
 import os
 import tempfile
 
@@ -8,42 +12,236 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch import nn
 
-from densenet_fused import FusedDenseBlock
+from densenet_fused import FusedDenseBlock, convert, convert_sync_batchnorm
+
+torchvision = pytest.importorskip("torchvision")
+from torchvision.models.densenet import _DenseBlock  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
+
+LAYERS, C0, BN_SIZE, K = 3, 5, 2, 3
+TOL = 1e-9
 
 
-def _worker(rank, world, init_file, result_dir):
+def _blocks(order):
+    """(torchvision reference block, the distributed fused block) with the same weights, float64."""
+    torch.manual_seed(0)
+    ref = _DenseBlock(LAYERS, C0, BN_SIZE, K, drop_rate=0.0).double()
+    with torch.no_grad():  # non-trivial affine parameters and running statistics
+        for m in ref.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+    src = copy.deepcopy(ref)
+    if order == "sync_then_convert":
+        fused = convert(nn.SyncBatchNorm.convert_sync_batchnorm(src))
+    elif order == "convert_then_sync":
+        fused = nn.SyncBatchNorm.convert_sync_batchnorm(convert(src))
+    else:  # the package's convert_sync_batchnorm: the norms stay BatchNorm2d (DDP accepts it on CPU)
+        fused = convert_sync_batchnorm(convert(src))
+        assert type(fused.denselayer1.norm1) is nn.BatchNorm2d
+    assert isinstance(fused, FusedDenseBlock)
+    if order != "fused_sync":
+        assert isinstance(fused.denselayer1.norm1, nn.SyncBatchNorm)
+    return ref.train(), fused.train()
+
+
+def _rel(a, b):
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-300)).item()
+
+
+class _Counter:
+    """Counts the collectives this process calls (patched in the spawned worker only)."""
+
+    def __init__(self):
+        self.n = 0
+        self._orig = {}
+
+    def __enter__(self):
+        for name in ("all_gather", "all_reduce", "all_gather_into_tensor", "broadcast"):
+            orig = getattr(dist, name)
+            self._orig[name] = orig
+
+            def counted(*a, _orig=orig, **kw):
+                self.n += 1
+                return _orig(*a, **kw)
+            setattr(dist, name, counted)
+        return self
+
+    def __exit__(self, *exc):
+        for name, orig in self._orig.items():
+            setattr(dist, name, orig)
+
+
+def _equivalence(rank, world, sizes, order):
+    ref, fused = _blocks(order)
+    errs = {}
+    counts = []
+    for step in range(3):
+        gen = torch.Generator().manual_seed(100 + step)
+        x = torch.randn(sum(sizes), C0, 7, 5, generator=gen, dtype=torch.float64)
+        wgt = torch.randn(sum(sizes), C0 + LAYERS * K, 7, 5, generator=gen, dtype=torch.float64)
+        lo, hi = sum(sizes[:rank]), sum(sizes[:rank + 1])
+        xr = x[lo:hi].clone().requires_grad_(True)
+        xf = x.clone().requires_grad_(True)
+        ref.zero_grad()
+        fused.zero_grad()
+        out_full = ref(xf)
+        (out_full * wgt).sum().backward()
+        with _Counter() as fwd:
+            out = fused(xr)
+        with _Counter() as bwd:
+            (out * wgt[lo:hi]).sum().backward()
+        counts.append((fwd.n, bwd.n))
+        errs[f"out{step}"] = _rel(out.detach(), out_full.detach()[lo:hi])
+        errs[f"dx{step}"] = _rel(xr.grad, xf.grad[lo:hi])
+        for (name, p), q in zip(fused.named_parameters(), ref.parameters()):
+            g = p.grad.clone()
+            dist.all_reduce(g)
+            errs[f"d{name}{step}"] = _rel(g, q.grad)
+    for (name, b), c in zip(fused.named_buffers(), ref.buffers()):
+        errs[name] = _rel(b.to(torch.float64), c.to(torch.float64))
+    return {"errs": errs, "counts": counts}
+
+
+def _ddp_step(rank, world, sizes, order):
+    """Two SGD steps of DDP(stem conv -> fused block -> pool -> linear) against the same model
+    trained on the full batch in this process (torchvision block, plain BatchNorm2d)."""
+    torch.manual_seed(1)
+    body = nn.Sequential(nn.Conv2d(3, C0, 3, padding=1, bias=False), _DenseBlock(LAYERS, C0, BN_SIZE, K, 0.0),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(C0 + LAYERS * K, 4)).double()
+    ref = copy.deepcopy(body)
+    # DDP refuses nn.SyncBatchNorm in CPU models: the package's conversion keeps BatchNorm2d norms
+    model = convert_sync_batchnorm(convert(body))
+    ddp = nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
+    lo, hi = sum(sizes[:rank]), sum(sizes[:rank + 1])
+    for step in range(2):
+        gen = torch.Generator().manual_seed(7 + step)
+        x = torch.randn(sum(sizes), 3, 6, 6, generator=gen, dtype=torch.float64)
+        y = torch.randint(0, 4, (sum(sizes),), generator=gen)
+        opt.zero_grad()
+        # DDP averages the ranks' gradients: scale so the average is the full-batch sum's gradient
+        (world * nn.functional.cross_entropy(ddp(x[lo:hi]), y[lo:hi], reduction="sum")).backward()
+        opt.step()
+        ref_opt.zero_grad()
+        nn.functional.cross_entropy(ref(x), y, reduction="sum").backward()
+        ref_opt.step()
+    errs = {name: _rel(p.detach(), q.detach()) for (name, p), q in zip(model.named_parameters(), ref.parameters())}
+    for (name, b), c in zip(model.named_buffers(), ref.buffers()):
+        errs[name] = _rel(b.to(torch.float64), c.to(torch.float64))
+    return {"errs": errs}
+
+
+def _equivalence_with_hooks(rank, world, sizes, order):
+    """A hook on a dense layer makes the block run layer by layer: still synchronized."""
+    ref, fused = _blocks(order)
+    fired = []
+    fused.denselayer2.register_forward_hook(lambda *a: fired.append(1))
+    lo, hi = sum(sizes[:rank]), sum(sizes[:rank + 1])
+    x = torch.randn(sum(sizes), C0, 5, 4, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    xr, xf = x[lo:hi].clone().requires_grad_(True), x.clone().requires_grad_(True)
+    out, out_full = fused(xr), ref(xf)
+    out.square().sum().backward()
+    out_full.square().sum().backward()
+    assert fired
+    return {"errs": {"out": _rel(out.detach(), out_full.detach()[lo:hi]), "dx": _rel(xr.grad, xf.grad[lo:hi])}}
+
+
+def _eval_and_world_of_one(rank, world, sizes, order):
+    """Eval mode runs no collective and uses the running statistics."""
+    ref, fused = _blocks(order)
+    ref.eval()
+    fused.eval()
+    x = torch.randn(3, C0, 4, 6, dtype=torch.float64, requires_grad=True)
+    with _Counter() as c:
+        out = fused(x)
+        out.sum().backward()
+    return {"errs": {"out": _rel(out.detach(), ref(x).detach())}, "counts": [(c.n, 0)]}
+
+
+def _worker(rank, world, init_file, result_file, jobs):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        torch.manual_seed(0)
-        block = torch.nn.SyncBatchNorm.convert_sync_batchnorm(FusedDenseBlock(2, 5, 2, 3)).train()
-        before = block.denselayer1.norm1.running_mean.clone()
-        x = torch.randn(2, 5, 4, 4)
-        try:
-            block(x).sum().backward()
-            outcome = "ran"
-        except NotImplementedError as exc:
-            unchanged = torch.equal(before, block.denselayer1.norm1.running_mean)
-            outcome = f"refused unchanged={unchanged}: {exc}"
-        with open(os.path.join(result_dir, f"rank{rank}.txt"), "w") as f:
-            f.write(outcome)
+        results = {name: job(rank, world, sizes, order) for name, (job, sizes, order) in jobs.items()}
+        torch.save(results, f"{result_file}.{rank}")
     finally:
         dist.destroy_process_group()
 
 
-def _run(world):
+def _run(world, jobs):
+    """Run every job in one spawned group of ``world`` processes: {job name: [result per rank]}."""
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_worker, args=(world, os.path.join(tmp, "init"), tmp), nprocs=world, join=True)
-        return [open(os.path.join(tmp, f"rank{r}.txt")).read() for r in range(world)]
+        mp.spawn(_worker, args=(world, os.path.join(tmp, "init"), os.path.join(tmp, "res"), jobs),
+                 nprocs=world, join=True)
+        per_rank = [torch.load(os.path.join(tmp, f"res.{r}")) for r in range(world)]
+    return {name: [res[name] for res in per_rank] for name in jobs}
 
 
-@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
-def test_sync_batchnorm_over_two_processes_is_refused_before_any_state_change():
-    for outcome in _run(2):
-        assert outcome.startswith("refused unchanged=True"), outcome
-        assert "nn.SyncBatchNorm over 2 processes" in outcome and "not supported yet" in outcome
+ORDERS = [((3, 3), "sync_then_convert"), ((4, 1), "convert_then_sync"), ((2, 5), "fused_sync")]
 
 
-@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
-def test_sync_batchnorm_in_a_world_of_one_runs():
-    assert _run(1) == ["ran"]
+@pytest.fixture(scope="module")
+def two_ranks():
+    """All two-process jobs in one spawn (each spawn costs seconds of start-up)."""
+    jobs = {f"equivalence_{order}": (_equivalence, sizes, order) for sizes, order in ORDERS}
+    jobs["ddp"] = (_ddp_step, (2, 3), "")
+    jobs["eval"] = (_eval_and_world_of_one, (3, 3), "sync_then_convert")
+    jobs["hooks"] = (_equivalence_with_hooks, (3, 2), "fused_sync")
+    return _run(2, jobs)
+
+
+@pytest.mark.parametrize("sizes,order", ORDERS)
+def test_sync_batchnorm_block_equals_the_full_batch(two_ranks, sizes, order):
+    for rank, res in enumerate(two_ranks[f"equivalence_{order}"]):
+        worst = max(res["errs"].items(), key=lambda kv: kv[1])
+        assert worst[1] < TOL, (rank, worst)
+        assert {k for k in res["errs"] if k.startswith("d")} >= {"dx0", "ddenselayer3.conv2.weight2"}
+        # one all_gather for the block input, two per layer (bottleneck, new channels) in forward;
+        # backward: BN2's sums and the new channels' P, Q per layer (none for the last layer's,
+        # which no layer reads), and the block input's P, Q
+        assert res["counts"] == [(1 + 2 * LAYERS, LAYERS + (LAYERS - 1) + 1)] * 3, res["counts"]
+
+
+def test_ddp_trains_the_sync_batchnorm_model_as_the_full_batch(two_ranks):
+    for rank, res in enumerate(two_ranks["ddp"]):
+        worst = max(res["errs"].items(), key=lambda kv: kv[1])
+        assert worst[1] < TOL, (rank, worst)
+
+
+def test_eval_mode_runs_no_collective(two_ranks):
+    for res in two_ranks["eval"]:
+        assert res["errs"]["out"] < TOL
+        assert res["counts"] == [(0, 0)]
+
+
+def test_hooked_layers_keep_the_synchronized_statistics(two_ranks):
+    for res in two_ranks["hooks"]:
+        assert max(res["errs"].values()) < TOL, res["errs"]
+
+
+def test_world_of_one_runs_without_collectives():
+    res = _run(1, {"one": (_equivalence, (4,), "sync_then_convert")})["one"][0]
+    assert max(res["errs"].values()) < TOL
+    # (the test's own all_reduce of parameter gradients is outside the counted calls)
+    assert res["counts"] == [(0, 0)] * 3
+
+
+def test_convert_sync_batchnorm_marks_fused_blocks_and_converts_other_norms():
+    model = nn.Sequential(nn.BatchNorm2d(4), FusedDenseBlock(2, 4, 2, 3))
+    out = convert_sync_batchnorm(model)
+    assert out is model and isinstance(model[0], nn.SyncBatchNorm)
+    assert type(model[1].denselayer2.norm2) is nn.BatchNorm2d
+    assert model[1].sync_group is not None and model[1].denselayer2.sync_group is model[1].sync_group
+
+
+def test_mixed_norms_are_refused_before_any_state_change():
+    block = FusedDenseBlock(2, 4, 2, 3)
+    block.denselayer2.norm2 = nn.SyncBatchNorm(6)
+    before = block.denselayer1.norm1.running_mean.clone()
+    with pytest.raises(ValueError, match="all norms to be nn.SyncBatchNorm or none"):
+        block(torch.randn(2, 4, 3, 3))
+    assert torch.equal(before, block.denselayer1.norm1.running_mean)

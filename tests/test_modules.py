@@ -263,3 +263,29 @@ def test_layer_mode_controls_dropout():
     y_r, y_f = ref(x), fused(x)
     assert_close(y_f, y_r, 1e-10, "output")
     assert torch.count_nonzero(y_f[:, C0:C0 + K]) == 0 and torch.count_nonzero(y_f[:, C0 + K:C0 + 2 * K]) > 0
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_forward_with_stats_returns_the_outputs_batch_statistics(grad):
+    torch.manual_seed(0)
+    block = FusedDenseBlock(3, 5, 2, 3).double().train()
+    ref = copy.deepcopy(block)
+    x = torch.randn(3, 5, 7, 6, dtype=torch.float64, requires_grad=grad)
+    out, mean, var = block.forward_with_stats(x)
+    flat = out.detach().transpose(0, 1).reshape(out.shape[1], -1)
+    assert torch.allclose(mean, flat.mean(1), rtol=0, atol=1e-12)
+    assert torch.allclose(var, flat.var(1, unbiased=False), rtol=0, atol=1e-12)
+    assert not mean.requires_grad and not var.requires_grad
+    out_ref = ref(x)
+    assert torch.equal(out, out_ref)
+    for a, b in zip(block.buffers(), ref.buffers()):  # running statistics updated once, as by forward
+        assert torch.equal(a, b)
+    if grad:
+        out.square().sum().backward()
+        gx = x.grad.clone()
+        x.grad = None
+        out_ref.square().sum().backward()
+        assert torch.equal(gx, x.grad)
+    block.eval()
+    out, mean, var = block.forward_with_stats(x)
+    assert mean is None and var is None and torch.equal(out, block(x))

@@ -124,7 +124,6 @@ def _bad_inputs(colors, tmp_path):
         "budget on cpu": ([*ok, *TINY, "--memory-budget", 1], "needs --device cuda"),
         "depth auto on cpu": (["--data", colors, "--epochs", 1, "--batch-size", 8, "--model", "densenet_bc",
                                "--depth", "auto", "--device", "cpu", "--memory-budget", 1], "needs --device cuda"),
-        "sync bn": ([*ok, *TINY, "--sync-bn"], "not supported yet"),
         "existing run": ([*ok, *TINY, "--out", run], "already holds a run"),
         "resume without checkpoint": ([*ok, *TINY, "--resume"], "no "),
         "missing weights": ([*ok, *TINY, "--weights", tmp_path / "none.pt"], "no such file"),
@@ -133,7 +132,7 @@ def _bad_inputs(colors, tmp_path):
 
 BAD = ["missing data dir", "not a data root", "empty cifar root", "unknown model", "torchvision unknown",
        "no dense block", "bad depth",
-       "depth of another model", "budget on cpu", "depth auto on cpu", "sync bn", "existing run",
+       "depth of another model", "budget on cpu", "depth auto on cpu", "existing run",
        "resume without checkpoint", "missing weights"]
 
 
@@ -150,6 +149,16 @@ def test_bad_input_is_one_line_exit_2_nothing_written(case, colors, tmp_path, ca
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
     if case == "existing run":
         assert sorted(os.listdir(tmp_path / "existing")) == ["metrics.csv"]
+
+
+def test_sync_bn_on_cpu_with_norms_outside_fused_blocks_is_bad_input(colors, tmp_path, capsys, monkeypatch):
+    """Under torchrun (WORLD_SIZE > 1) on the CPU, --sync-bn needs every BatchNorm inside fused
+    blocks: DDP refuses nn.SyncBatchNorm in CPU models.  Checked before anything starts."""
+    monkeypatch.setenv("WORLD_SIZE", "2")  # prepare() reads it; no process group is started
+    assert train("--data", colors, "--epochs", 1, "--batch-size", 8, *TINY, "--sync-bn", "--out", tmp_path / "o") == 2
+    err = capsys.readouterr().err
+    assert "--sync-bn on cpu" in err and "features.transition1.norm" in err and "Traceback" not in err, err
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.gpu
