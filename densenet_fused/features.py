@@ -28,9 +28,9 @@ def _hooked(module: nn.Module) -> bool:
 
 
 def _block_with_stats(block: FusedDenseBlock, x: Tensor) -> Tuple[Tensor, Optional[Tuple[Tensor, Tensor]]]:
-    """The block's output and its batch statistics (None in eval, or when the block has hooks: then it
-    is called as a module so that they fire)."""
-    if _hooked(block) or not hasattr(block, "forward_with_stats"):  # TEMPORARY until main has forward_with_stats
+    """The block's output and its batch statistics (None in eval, or when the block or a dense layer has
+    hooks: then it is called as a module so that they fire)."""
+    if _hooked(block) or any(_hooked(layer) for layer in block.values()):
         return block(x), None
     out, mean, var = block.forward_with_stats(x)
     return out, (None if mean is None else (mean, var))

@@ -168,3 +168,22 @@ def test_saved_activation_bytes_ratio_pinned():
     x = torch.randn(4, 3, 64, 64)
     ratio = _saved_bytes(ours, x) / _saved_bytes(tv, x)
     assert ratio < 0.4775, f"saved-bytes ratio {ratio:.4f}"
+
+
+def test_transitions_and_head_use_the_blocks_statistics():
+    """No statistics pass over a block's output: the transitions and the head take the block's
+    batch statistics (their own channel_stats pass runs only when called alone)."""
+    import densenet_fused.transition as transition
+    from flags import patched
+    calls = []
+
+    def counting(x, eps):
+        calls.append(x.shape)
+        return densenet_fused.ops.channel_stats(x, eps)
+    _, ours = _pair(**SMALL)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    with patched(transition, channel_stats=counting):
+        ours(x).sum().backward()
+        assert calls == []
+        ours.features.transition1(torch.randn(2, 32, 8, 8, dtype=torch.float64))
+        assert calls == [(128, 32)]
