@@ -269,8 +269,17 @@ def _dropped_kernel(X, ldx, MEAN, P, Q, DX, M, C, H, W, HO, WO, BLOCK_M: tl.cons
 
 # ----------------------------------------------------------------------------- launchers
 def _tiles():
-    """(BLOCK_M, BLOCK_N, BLOCK_K) of the GEMM kernels: small under the interpreter."""
+    """(BLOCK_M, BLOCK_N, BLOCK_K) of the forward: small under the interpreter.  Fixed tiles, from
+    sm_90a ptxas resources (triton.compile for GPUTarget("cuda", 90), bf16 and fp32): the forward
+    (64, 64, 32) with 4 warps uses 156/218 registers, no spills."""
     return (16, 16, 16) if _INTERPRET else (64, 64, 32)
+
+
+# Backward tiles and warps, spill-free on sm_90a in bf16 and fp32 (ptxas -v): _dw_kernel (32, 64, 32)
+# with 4 warps (86/194 registers; (64, 64, 32) spilled 532-708 B in fp32); _dx_kernel (64, 64, 32)
+# with 8 warps (187-229/143-150 registers; with 4 warps it spilled 40-208 B).
+_DW_TILES = (16, 16, 16, 4) if _INTERPRET else (32, 64, 32, 4)
+_DX_TILES = (16, 16, 16, 4) if _INTERPRET else (64, 64, 32, 8)
 
 
 def triton_fwd(x, scale, shift, weight, nhw):
@@ -313,13 +322,14 @@ def triton_bwd(dout, x, scale, shift, weight, nhw, mean, rstd, batch_stats):
     if mo == 0 or c == 0:
         z = torch.zeros(c, dtype=torch.float32, device=x.device)
         return dx.zero_(), torch.zeros((cout, c), dtype=torch.float32, device=x.device), z, z.clone()
-    bm, bn, bc = _tiles()
     prec = dot_precision(x.dtype)
+    bm, bn, bc, warps = _DW_TILES
     splits = _splits(mo, bm)
     pdw = torch.empty((splits, cout, c), dtype=torch.float32, device=x.device)
     _dw_kernel[(triton.cdiv(cout, bn), triton.cdiv(c, bc), splits)](
         dout, dout.stride(0), x, x.stride(0), scale, shift, pdw, mo, c, cout, h, w, ho, wo, splits,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_C=bc, PRECISION=prec, num_warps=4)
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_C=bc, PRECISION=prec, num_warps=warps)
+    bm, bn, bc, warps = _DX_TILES
     dweight = pdw.sum(0)  # fixed order over the splits
     tiles = triton.cdiv(mo, bm)
     psum = torch.empty((2, tiles, c), dtype=torch.float32, device=x.device)
@@ -328,13 +338,13 @@ def triton_bwd(dout, x, scale, shift, weight, nhw, mean, rstd, batch_stats):
     args = (dout, dout.stride(0), x, x.stride(0), scale, shift, weight, weight.stride(0), mean, rstd)
     geo = (mo, c, cout, h, w, ho, wo)
     _dx_kernel[grid](*args, zeros[0], zeros[1], dx, psum[0], psum[1], *geo, BLOCK_M=bm, BLOCK_N=bn, BLOCK_C=bc,
-                     PASS=1, BATCH=batch_stats, PRECISION=prec, num_warps=4)
+                     PASS=1, BATCH=batch_stats, PRECISION=prec, num_warps=warps)
     dbeta, dgamma = psum.sum(1).unbind(0)  # fixed order over the tiles
     if batch_stats:
         p = scale * dbeta / m
         q = scale * rstd * dgamma / m
         _dx_kernel[grid](*args, p, q, dx, psum[0], psum[1], *geo, BLOCK_M=bm, BLOCK_N=bn, BLOCK_C=bc,
-                         PASS=2, BATCH=True, PRECISION=prec, num_warps=4)
+                         PASS=2, BATCH=True, PRECISION=prec, num_warps=warps)
         if dropped:
             bmd = 32 if _INTERPRET else 64
             _dropped_kernel[(triton.cdiv(m, bmd), triton.cdiv(c, bc))](
