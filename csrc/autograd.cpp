@@ -84,10 +84,11 @@ void run_below_autograd(const c10::OperatorHandle& op, c10::DispatchKeySet ks, t
   if (!track) return;
   const std::string msg =
       "densenet_fused::" + schema.name().substr(schema.name().find("::") + 2) +
-      " has no derivative of its own: FusedDenseBlock is differentiated as a whole block by its "
-      "autograd.Function (eager and torch.compile), first order only.  A double backward through "
-      "FusedDenseBlock, or a backward through a graph that calls the op directly (a torch.export "
-      "program: run it for inference, e.g. under torch.no_grad()), is not supported.";
+      " has no derivative of its own: the fused module calling it (FusedDenseBlock, the fused stem, "
+      "transition or head) is differentiated as a whole by its autograd.Function (eager and "
+      "torch.compile), first order only.  A double backward through it, or a backward through a "
+      "graph that calls the op directly (a torch.export program: run it for inference, e.g. under "
+      "torch.no_grad()), is not supported.";
   NodePtr node = make_error(msg, requiring);
   for (const c10::IValue& v : torch::jit::last(*stack, schema.returns().size())) {
     for_each_tensor(v, [&](const at::Tensor& t) {
@@ -114,17 +115,16 @@ void no_gradient(const c10::OperatorHandle& op, c10::DispatchKeySet ks, torch::j
 
 }  // namespace
 
+// Ops differentiated as a whole by an autograd.Function: the block's (FusedDenseBlockFunction, block.py),
+// the stem's (FusedStemFunction, stem.py), the transition's and the head's (FusedTransitionFunction,
+// FusedHeadFunction in transition.py / head.py).
 TORCH_LIBRARY_IMPL(densenet_fused, Autograd, m) {
   for (const char* op : {"channel_stats", "bn_grad_finish", "bn_scale_shift", "bnrelu_conv1x1_fwd",
-                         "bnrelu_conv1x1_bwd", "bnrelu_conv3x3_fwd", "bnrelu_conv3x3_bwd"}) {
+                         "bnrelu_conv1x1_bwd", "bnrelu_conv3x3_fwd", "bnrelu_conv3x3_bwd",
+                         "bnrelu_maxpool_fwd", "bnrelu_maxpool_bwd",
+                         "bnrelu_avgpool_conv1x1_fwd", "bnrelu_avgpool_conv1x1_bwd",
+                         "bnrelu_global_avgpool_fwd", "bnrelu_global_avgpool_bwd"}) {
     m.impl(op, torch::CppFunction::makeFromBoxedFunction<&no_derivative>());
   }
   m.impl("running_stats_update", torch::CppFunction::makeFromBoxedFunction<&no_gradient>());
-}
-
-// stem (issue 13): differentiated by FusedStemFunction (densenet_fused/stem.py).
-TORCH_LIBRARY_IMPL(densenet_fused, Autograd, m) {
-  for (const char* op : {"bnrelu_maxpool_fwd", "bnrelu_maxpool_bwd"}) {
-    m.impl(op, torch::CppFunction::makeFromBoxedFunction<&no_derivative>());
-  }
 }

@@ -82,6 +82,23 @@ TORCH_LIBRARY(densenet_fused, m) {
   // dy (N*H*W, C) contiguous in y's dtype; dgamma, dbeta float32 (float64 for float64 y).
   m.def("bnrelu_maxpool_bwd(Tensor dout, Tensor index, Tensor y, Tensor scale, Tensor shift, Tensor mean, "
         "Tensor rstd, int[] nhw, int count) -> (Tensor dy, Tensor dgamma, Tensor dbeta)");
+  // transition and head (issue 13)
+  // The fused transition (BN-ReLU-conv1x1-avgpool2x2) with the pool applied first, in the GEMM's
+  // prologue: out = avgpool2x2(relu(x*scale + shift)) @ weight^T, x (N*H*W, C) NHWC rows (strided),
+  // nhw = [N, H, W]; out (N*(H/2)*(W/2), Cout) in x's dtype, odd H/W floored as nn.AvgPool2d(2, 2).
+  m.def("bnrelu_avgpool_conv1x1_fwd(Tensor x, Tensor scale, Tensor shift, Tensor weight, int[] nhw) -> Tensor");
+  // Its backward: g = (dout @ weight)/4 on the 4 pixels of each window * (x*scale+shift > 0);
+  // dweight = dout^T @ the pooled activation (fp32/fp64), dgamma = sum(g*(x - mean)*rstd), dbeta = sum(g);
+  // dx (N*H*W, C) contiguous in x's dtype: scale*g, and with batch_stats the whole BatchNorm input
+  // gradient scale*(g - mean(g) - xhat*mean(g*xhat)) over every pixel (the floored ones included).
+  m.def("bnrelu_avgpool_conv1x1_bwd(Tensor dout, Tensor x, Tensor scale, Tensor shift, Tensor weight, int[] nhw, "
+        "Tensor mean, Tensor rstd, bool batch_stats) -> (Tensor dx, Tensor dweight, Tensor dgamma, Tensor dbeta)");
+  // The fused head (norm5, ReLU, global average pool): pooled (N, C) in x's dtype, the mean over each
+  // image's H*W rows of relu(x*scale + shift).
+  m.def("bnrelu_global_avgpool_fwd(Tensor x, Tensor scale, Tensor shift, int[] nhw) -> Tensor");
+  // Its backward: g = dpooled/(H*W) * (x*scale+shift > 0); dx as bnrelu_avgpool_conv1x1_bwd's.
+  m.def("bnrelu_global_avgpool_bwd(Tensor dpooled, Tensor x, Tensor scale, Tensor shift, int[] nhw, Tensor mean, "
+        "Tensor rstd, bool batch_stats) -> (Tensor dx, Tensor dgamma, Tensor dbeta)");
 }
 
 extern "C" {

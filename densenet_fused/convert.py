@@ -1,15 +1,23 @@
-"""convert(model): swap torchvision ``_DenseBlock`` and timm ``DenseBlock`` for FusedDenseBlock.
+"""convert(model): swap torchvision ``_DenseBlock`` and timm ``DenseBlock`` for FusedDenseBlock,
+and torchvision ``_Transition`` for FusedTransition.
 
-The new block holds the very same BatchNorm and Conv2d modules (so the same parameters
+The new modules hold the very same BatchNorm and Conv2d modules (so the same parameters
 and buffers: optimizers built before the conversion keep working), the same eps and
-momentum, and the same train/eval mode.
+momentum, and the same train/eval mode.  A torchvision ``DenseNet``'s ``features`` becomes a
+FusedFeatures holding the same children, which threads each block's batch statistics into the
+transition that reads its output.  (torchvision's ``DenseNet.forward`` applies ReLU and the
+global pool itself after ``features``: norm5 stays an nn.BatchNorm2d there; the package's own
+DenseNet fuses norm5, ReLU and the pool.)  timm transitions are left as they are.
 """
 import sys
+from collections import OrderedDict
 
 import torch
 from torch import nn
 
+from .features import FusedFeatures
 from .modules import FusedDenseBlock
+from .transition import FusedTransition
 
 
 def _source_block_types():
@@ -37,6 +45,22 @@ def _check_bn(bn, where):
     if drop is not None and not isinstance(drop, nn.Identity):
         raise ValueError(f"convert: {where} has dropout inside its norm layer ({type(drop).__name__}), "
                          f"which the fused block does not implement")
+
+
+def _torchvision_types():
+    """(_Transition, DenseNet) of torchvision when it is imported, else None."""
+    if "torchvision.models.densenet" in sys.modules or "torchvision" in sys.modules:
+        from torchvision.models.densenet import DenseNet, _Transition
+        return _Transition, DenseNet
+    return None
+
+
+def convert_transition(trans: nn.Module) -> FusedTransition:
+    """A FusedTransition sharing a torchvision ``_Transition``'s modules."""
+    _check_bn(trans.norm, "transition norm")
+    fused = FusedTransition.from_modules(trans.norm, trans.relu, trans.conv, trans.pool)
+    fused.training = trans.training
+    return fused
 
 
 def convert_block(block: nn.Module, keep_bottleneck: bool = False) -> FusedDenseBlock:
@@ -75,17 +99,36 @@ def convert_block(block: nn.Module, keep_bottleneck: bool = False) -> FusedDense
 
 def convert(model: nn.Module, keep_bottleneck: bool = False) -> nn.Module:
     """Replace, in place, every torchvision ``_DenseBlock`` / timm ``DenseBlock`` inside
-    ``model`` by a :class:`FusedDenseBlock` holding the same modules; returns ``model``
-    (or the new block, when ``model`` itself is a dense block).  ``keep_bottleneck`` is
-    passed to every new block (see FusedDenseBlock)."""
+    ``model`` by a :class:`FusedDenseBlock` holding the same modules, every torchvision
+    ``_Transition`` by a :class:`FusedTransition`, and a torchvision DenseNet's ``features`` by a
+    :class:`FusedFeatures` with the same children; returns ``model`` (or the new block /
+    transition, when ``model`` itself is one).  ``keep_bottleneck`` is passed to every new block
+    (see FusedDenseBlock).  Every module is checked before anything is replaced."""
     types = _source_block_types()
     if not types:
         return model
+    tv = _torchvision_types()
+    _check_all(model, types, tv)
+    return _convert(model, keep_bottleneck, types, tv)
+
+
+def _check_all(model, types, tv):
+    """Raise on any module convert would refuse, before replacing anything."""
+    for name, m in model.named_modules():
+        if tv is not None and isinstance(m, tv[0]):
+            _check_bn(m.norm, f"{name or 'model'} norm")
+            FusedTransition.from_modules(m.norm, m.relu, m.conv, m.pool)
+
+
+def _convert(model, keep_bottleneck, types, tv):
     if isinstance(model, types):
         return convert_block(model, keep_bottleneck)
+    if tv is not None and isinstance(model, tv[0]):
+        return convert_transition(model)
     for name, child in list(model.named_children()):
-        if isinstance(child, types):
-            setattr(model, name, convert_block(child, keep_bottleneck))
-        else:
-            convert(child, keep_bottleneck)
+        setattr(model, name, _convert(child, keep_bottleneck, types, tv))
+    if tv is not None and isinstance(model, tv[1]) and type(model.features) is nn.Sequential:
+        features = FusedFeatures(OrderedDict(model.features.named_children()))
+        features.training = model.features.training
+        model.features = features
     return model

@@ -1,4 +1,5 @@
-"""DenseNet models on FusedDenseBlock, state_dict-compatible with torchvision's.
+"""DenseNet models on FusedDenseBlock, FusedTransition and the fused head, state_dict-compatible
+with torchvision's.
 
 ``DenseNet``, ``densenet121/161/169/201/264`` mirror ``torchvision.models.densenet``
 (module names, initialization, forward), so torchvision checkpoints load with
@@ -12,16 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .features import FusedFeatures
 from .modules import FusedDenseBlock
-
-
-class _Transition(nn.Sequential):
-    def __init__(self, num_input_features: int, num_output_features: int) -> None:
-        super().__init__()
-        self.norm = nn.BatchNorm2d(num_input_features)
-        self.relu = nn.ReLU(inplace=True)
-        self.conv = nn.Conv2d(num_input_features, num_output_features, kernel_size=1, stride=1, bias=False)
-        self.pool = nn.AvgPool2d(kernel_size=2, stride=2)
+from .transition import FusedTransition
 
 
 class DenseNet(nn.Module):
@@ -44,7 +38,7 @@ class DenseNet(nn.Module):
                 ("relu0", nn.ReLU(inplace=True)),
                 ("pool0", nn.MaxPool2d(kernel_size=3, stride=2, padding=1)),
             ]
-        self.features = nn.Sequential(OrderedDict(stem))
+        self.features = FusedFeatures(OrderedDict(stem))
         num_features = num_init_features
         for i, num_layers in enumerate(block_config):
             block = FusedDenseBlock(num_layers=num_layers, num_input_features=num_features, bn_size=bn_size,
@@ -52,7 +46,7 @@ class DenseNet(nn.Module):
             self.features.add_module("denseblock%d" % (i + 1), block)
             num_features = num_features + num_layers * growth_rate
             if i != len(block_config) - 1:
-                trans = _Transition(num_input_features=num_features, num_output_features=num_features // 2)
+                trans = FusedTransition(num_input_features=num_features, num_output_features=num_features // 2)
                 self.features.add_module("transition%d" % (i + 1), trans)
                 num_features = num_features // 2
         self.features.add_module("norm5", nn.BatchNorm2d(num_features))
@@ -68,7 +62,9 @@ class DenseNet(nn.Module):
                 nn.init.constant_(m.bias, 0)
 
     def forward(self, x: Tensor) -> Tensor:
-        features = self.features(x)
+        if isinstance(self.features, FusedFeatures):  # norm5, ReLU and the global pool fused
+            return self.classifier(self.features.forward_pooled(x))
+        features = self.features(x)  # features replaced by the user: torchvision's head
         out = F.relu(features, inplace=True)
         out = F.adaptive_avg_pool2d(out, (1, 1))
         out = torch.flatten(out, 1)

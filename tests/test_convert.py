@@ -89,3 +89,48 @@ def test_convert_keeps_each_layers_mode():
     fused = convert(copy.deepcopy(block))
     assert not fused.training and not any(m.training for m in fused.modules())
     assert_close(fused(x), block(x), 1e-10, "eval block with drop_rate > 0")
+
+
+def test_convert_torchvision_densenet_fuses_transitions_and_matches_the_package_model():
+    """convert() of a torchvision DenseNet: FusedTransitions holding the very same modules, features a
+    FusedFeatures (block statistics threaded into the transitions), equal to torchvision's model and to
+    the package's DenseNet in float64 over 3 training steps; the package model's fused head gives the
+    same logits as torchvision's relu/pool after the converted features."""
+    import densenet_fused
+    from torchvision.models.densenet import _Transition
+    from densenet_fused.features import FusedFeatures
+    from densenet_fused.transition import FusedTransition
+    torch.manual_seed(0)
+    cfg = dict(growth_rate=6, block_config=(2, 3, 2), num_init_features=10, bn_size=2, num_classes=4)
+    tv = randomize_bn(torchvision.models.DenseNet(**cfg)).double().train()
+    original = copy.deepcopy(tv)
+    package = densenet_fused.DenseNet(**cfg).double().train()
+    package.load_state_dict(tv.state_dict(), strict=True)
+    norms = [tv.features.transition1.norm, tv.features.transition2.conv]
+    convert(tv)
+    assert isinstance(tv.features, FusedFeatures)
+    assert isinstance(tv.features.transition1, FusedTransition) and isinstance(tv.features.transition2, FusedTransition)
+    assert not any(isinstance(m, _Transition) for m in tv.modules())
+    assert tv.features.transition1.norm is norms[0] and tv.features.transition2.conv is norms[1]
+    assert list(tv.state_dict()) == list(original.state_dict())
+    for step in range(3):
+        x = torch.randn(2, 3, 35, 33, dtype=torch.float64)
+        results = [_step(m, x) for m in (original, tv, package)]
+        for name, (y, dx) in zip(("converted", "package"), results[1:]):
+            assert_close(y, results[0][0], 1e-10, f"step {step} {name} logits")
+            assert_close(dx, results[0][1], 1e-10, f"step {step} {name} input grad")
+        for (name, p_o), p_c, p_p in zip(original.named_parameters(), tv.parameters(), package.parameters()):
+            assert_close(p_c.grad, p_o.grad, 1e-10, f"step {step} converted {name}")
+            assert_close(p_p.grad, p_o.grad, 1e-10, f"step {step} package {name}")
+            p_o.grad = p_c.grad = p_p.grad = None
+        for (name, b_o), b_c, b_p in zip(original.named_buffers(), tv.buffers(), package.buffers()):
+            assert_close(b_c.double(), b_o.double(), 1e-10, f"step {step} converted {name}")
+            assert_close(b_p.double(), b_o.double(), 1e-10, f"step {step} package {name}")
+
+
+def test_convert_refuses_an_unsupported_transition_before_replacing_anything():
+    model = torchvision.models.DenseNet(growth_rate=4, block_config=(2, 2), num_init_features=8, bn_size=2)
+    model.features.transition1.pool = torch.nn.AvgPool2d(3, 2)
+    with pytest.raises(ValueError, match=r"AvgPool2d\(kernel_size=2, stride=2\)"):
+        convert(model)
+    assert isinstance(model.features.denseblock1, _DenseBlock)  # nothing replaced

@@ -1,0 +1,256 @@
+// bnrelu_avgpool_conv1x1 on the CPU: the fused DenseNet transition (DESIGN section 9).
+// Forward: out = avgpool2x2(relu(x*scale + shift)) @ W^T, the pool applied before the 1x1
+// convolution (both linear: they commute), inside the GEMM's prologue: each pooled row is the
+// average of its 4 pixels' BN-ReLU, built in a small per-thread tile (rounded to the feature
+// dtype, as the GPU kernel feeds the MMA) and multiplied with ATen's GEMM.  Odd H/W are floored
+// (the last row/column dropped) as nn.AvgPool2d(2, 2) does.
+// Backward: dW = dout^T @ pooled activation (recomputed), g = (dout @ W)/4 spread to the 4
+// pixels times the ReLU mask; dx = scale*g in eval, and with batch statistics the whole
+// BatchNorm input gradient dx = scale*(g - mean(g) - xhat*mean(g*xhat)) over every pixel of x
+// (second pass; the dropped pixels get only the mean terms).  Reductions go through fixed
+// chunks reduced in order: deterministic results.
+#include <ATen/Parallel.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <vector>
+
+#include "../common.h"
+
+namespace densenet_fused {
+namespace cpu {
+namespace {
+
+constexpr int64_t kTile = 64;        // pooled rows per tile
+constexpr int64_t kMaxChunks = 16;   // dweight / per-channel sum partials in the backward
+
+struct Geometry {
+  int64_t n, h, w, ho, wo, mo;
+  // first pixel (row of x) of pooled row r
+  int64_t base(int64_t r) const {
+    const int64_t img = r / (ho * wo), rem = r % (ho * wo);
+    return (img * h + 2 * (rem / wo)) * w + 2 * (rem % wo);
+  }
+};
+
+Geometry check_args(const char* op, const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift,
+                    const at::Tensor& weight, at::IntArrayRef nhw) {
+  check_matrix(x, op, "x");
+  TORCH_CHECK(nhw.size() == 3, op, ": expected nhw = [N, H, W] (3 ints), got ", nhw.size(), " values");
+  const int64_t n = nhw[0], h = nhw[1], w = nhw[2];
+  TORCH_CHECK(n >= 0 && h >= 0 && w >= 0 && n * h * w == x.size(0), op, ": expected nhw = [N, H, W] with N*H*W = ",
+              x.size(0), " (the rows of x), got ", nhw);
+  TORCH_CHECK(h >= 2 && w >= 2, op, ": expected H >= 2 and W >= 2 (a 2x2 average pool), got H=", h, ", W=", w);
+  const int64_t C = x.size(1);
+  const auto acc = acc_type(x.scalar_type());
+  check_vector(scale, C, acc, x, op, "scale");
+  check_vector(shift, C, acc, x, op, "shift");
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == C, op, ": expected weight of shape (out_channels, ", C,
+              ") for x with ", C, " channels, got ", weight.sizes());
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), op, ": expected weight of dtype ", x.scalar_type(),
+              " (the dtype of x), got ", weight.scalar_type());
+  check_same_device(weight, x, op, "weight");
+  return {n, h, w, h / 2, w / 2, n * (h / 2) * (w / 2)};
+}
+
+// a[r, c] = mean over the 2x2 window of pooled row r0 + r of relu(x*scale + shift), rounded to scalar_t.
+template <typename scalar_t, typename acc_t>
+void pooled_rows(const scalar_t* x, int64_t ldx, const Geometry& g, int64_t r0, int64_t rows, int64_t C,
+                 const acc_t* scale, const acc_t* shift, scalar_t* a) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t p = g.base(r0 + r);
+    const scalar_t* x00 = x + p * ldx;
+    const scalar_t* x01 = x00 + ldx;
+    const scalar_t* x10 = x + (p + g.w) * ldx;
+    const scalar_t* x11 = x10 + ldx;
+    scalar_t* ar = a + r * C;
+    for (int64_t c = 0; c < C; ++c) {
+      const acc_t s = scale[c], h = shift[c];
+      const acc_t y00 = static_cast<acc_t>(x00[c]) * s + h, y01 = static_cast<acc_t>(x01[c]) * s + h;
+      const acc_t y10 = static_cast<acc_t>(x10[c]) * s + h, y11 = static_cast<acc_t>(x11[c]) * s + h;
+      const acc_t sum = (y00 > 0 ? y00 : acc_t(0)) + (y01 > 0 ? y01 : acc_t(0)) + (y10 > 0 ? y10 : acc_t(0)) +
+                        (y11 > 0 ? y11 : acc_t(0));
+      ar[c] = static_cast<scalar_t>(sum * acc_t(0.25));
+    }
+  }
+}
+
+at::Tensor fwd(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& weight,
+               at::IntArrayRef nhw) {
+  const Geometry g = check_args("bnrelu_avgpool_conv1x1_fwd", x, scale, shift, weight, nhw);
+  const int64_t C = x.size(1), Cout = weight.size(0);
+  at::Tensor out = at::empty({g.mo, Cout}, x.options());
+  if (C == 0) out.zero_();
+  if (g.mo == 0 || C == 0) return out;
+  const at::Tensor wt = weight.t();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bnrelu_avgpool_conv1x1_fwd_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const acc_t* sp = scale.const_data_ptr<acc_t>();
+    const acc_t* hp = shift.const_data_ptr<acc_t>();
+    at::parallel_for(0, ceil_div(g.mo, kTile), 1, [&](int64_t begin, int64_t end) {
+      at::Tensor a = at::empty({kTile, C}, x.options());
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t r0 = t * kTile, rows = std::min(kTile, g.mo - r0);
+        pooled_rows<scalar_t, acc_t>(xp, x.stride(0), g, r0, rows, C, sp, hp, a.data_ptr<scalar_t>());
+        at::Tensor o = out.narrow(0, r0, rows);
+        at::mm_out(o, a.narrow(0, 0, rows), wt);
+      }
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd(const at::Tensor& dout, const at::Tensor& x,
+                                                               const at::Tensor& scale, const at::Tensor& shift,
+                                                               const at::Tensor& weight, at::IntArrayRef nhw,
+                                                               const at::Tensor& mean, const at::Tensor& rstd,
+                                                               bool batch_stats) {
+  const char* op = "bnrelu_avgpool_conv1x1_bwd";
+  const Geometry g = check_args(op, x, scale, shift, weight, nhw);
+  const int64_t M = x.size(0), C = x.size(1), Cout = weight.size(0);
+  const auto acc = acc_type(x.scalar_type());
+  check_matrix(dout, op, "dout");
+  TORCH_CHECK(dout.size(0) == g.mo && dout.size(1) == Cout, op, ": expected dout of shape (", g.mo, ", ", Cout,
+              ") (N*(H/2)*(W/2) pooled rows, out_channels), got ", dout.sizes());
+  TORCH_CHECK(dout.scalar_type() == x.scalar_type(), op, ": expected dout of dtype ", x.scalar_type(), ", got ",
+              dout.scalar_type());
+  check_same_device(dout, x, op, "dout");
+  check_vector(mean, C, acc, x, op, "mean");
+  check_vector(rstd, C, acc, x, op, "rstd");
+
+  // every pixel is written, except the ones the floor drops in eval mode (their gradient is 0)
+  const bool dropped = g.h != 2 * g.ho || g.w != 2 * g.wo;
+  at::Tensor dx = batch_stats || !dropped ? at::empty({M, C}, x.options()) : at::zeros({M, C}, x.options());
+  const int64_t ntiles = ceil_div(g.mo, kTile);
+  const int64_t nchunks = std::max<int64_t>(1, std::min(kMaxChunks, ntiles));
+  const int64_t tiles_per_chunk = std::max<int64_t>(1, ceil_div(ntiles, nchunks));
+  at::Tensor dw_part = at::zeros({nchunks, Cout, C}, x.options().dtype(acc));
+  std::vector<double> sg(nchunks * C, 0.0), sgx(nchunks * C, 0.0);
+  at::Tensor dgamma = at::zeros({C}, x.options().dtype(at::kDouble));
+  at::Tensor dbeta = at::zeros({C}, x.options().dtype(at::kDouble));
+  if (g.mo == 0 || C == 0) {
+    dx.zero_();
+    return {dx, at::zeros({Cout, C}, x.options().dtype(acc)), dgamma.to(acc), dbeta.to(acc)};
+  }
+  const at::Tensor w_acc = weight.to(acc);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bnrelu_avgpool_conv1x1_bwd_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const acc_t* sp = scale.const_data_ptr<acc_t>();
+    const acc_t* hp = shift.const_data_ptr<acc_t>();
+    const acc_t* mp = mean.const_data_ptr<acc_t>();
+    const acc_t* rp = rstd.const_data_ptr<acc_t>();
+    scalar_t* dxp = dx.data_ptr<scalar_t>();
+    const int64_t ldx = x.stride(0);
+    // pass 1: dW, the per-channel sums (and dx = scale*g without batch statistics)
+    at::parallel_for(0, nchunks, 1, [&](int64_t begin, int64_t end) {
+      at::Tensor a = at::empty({kTile, C}, x.options().dtype(acc));
+      std::vector<acc_t> tsg(C), tsgx(C);
+      for (int64_t chunk = begin; chunk < end; ++chunk) {
+        at::Tensor dw = dw_part[chunk];
+        double* s1 = sg.data() + chunk * C;
+        double* s2 = sgx.data() + chunk * C;
+        const int64_t t_end = std::min(ntiles, (chunk + 1) * tiles_per_chunk);
+        for (int64_t t = chunk * tiles_per_chunk; t < t_end; ++t) {
+          const int64_t r0 = t * kTile, rows = std::min(kTile, g.mo - r0);
+          const at::Tensor db = dout.narrow(0, r0, rows).to(acc);
+          const at::Tensor da = at::mm(db, w_acc).contiguous();  // (rows, C): dA = dout @ W
+          const acc_t* dap = da.const_data_ptr<acc_t>();
+          acc_t* ap = a.data_ptr<acc_t>();
+          std::fill(tsg.begin(), tsg.end(), acc_t(0));
+          std::fill(tsgx.begin(), tsgx.end(), acc_t(0));
+          for (int64_t r = 0; r < rows; ++r) {
+            const int64_t p = g.base(r0 + r);
+            const int64_t pix[4] = {p, p + 1, p + g.w, p + g.w + 1};
+            acc_t* ar = ap + r * C;
+            std::fill(ar, ar + C, acc_t(0));
+            for (int q = 0; q < 4; ++q) {
+              const scalar_t* xr = xp + pix[q] * ldx;
+              scalar_t* dxr = dxp + pix[q] * C;
+              for (int64_t c = 0; c < C; ++c) {
+                const acc_t xv = static_cast<acc_t>(xr[c]);
+                const acc_t y = xv * sp[c] + hp[c];
+                const bool on = y > acc_t(0);
+                const acc_t gv = on ? dap[r * C + c] * acc_t(0.25) : acc_t(0);
+                ar[c] += on ? y : acc_t(0);
+                tsg[c] += gv;
+                tsgx[c] += gv * ((xv - mp[c]) * rp[c]);
+                if (!batch_stats) dxr[c] = static_cast<scalar_t>(sp[c] * gv);
+              }
+            }
+            for (int64_t c = 0; c < C; ++c)  // the pooled activation as the forward fed the GEMM
+              ar[c] = static_cast<acc_t>(static_cast<scalar_t>(ar[c] * acc_t(0.25)));
+          }
+          for (int64_t c = 0; c < C; ++c) {
+            s1[c] += static_cast<double>(tsg[c]);
+            s2[c] += static_cast<double>(tsgx[c]);
+          }
+          dw.addmm_(db.t(), a.narrow(0, 0, rows));  // dW += dout^T @ pooled relu(bn(x))
+        }
+      }
+    });
+    double* dg = dgamma.data_ptr<double>();
+    double* dbp = dbeta.data_ptr<double>();
+    for (int64_t chunk = 0; chunk < nchunks; ++chunk)
+      for (int64_t c = 0; c < C; ++c) {
+        dbp[c] += sg[chunk * C + c];
+        dg[c] += sgx[chunk * C + c];
+      }
+    if (!batch_stats) return;
+    // pass 2: dx = scale*g - P - (x - mean)*Q with P = scale*mean(g), Q = scale*rstd*mean(g*xhat)
+    std::vector<acc_t> P(C), Q(C);
+    for (int64_t c = 0; c < C; ++c) {
+      P[c] = static_cast<acc_t>(static_cast<double>(sp[c]) * dbp[c] / static_cast<double>(M));
+      Q[c] = static_cast<acc_t>(static_cast<double>(sp[c]) * static_cast<double>(rp[c]) * dg[c] /
+                                static_cast<double>(M));
+    }
+    at::parallel_for(0, ntiles, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t r0 = t * kTile, rows = std::min(kTile, g.mo - r0);
+        const at::Tensor da = at::mm(dout.narrow(0, r0, rows).to(acc), w_acc).contiguous();
+        const acc_t* dap = da.const_data_ptr<acc_t>();
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t p = g.base(r0 + r);
+          const int64_t pix[4] = {p, p + 1, p + g.w, p + g.w + 1};
+          for (int q = 0; q < 4; ++q) {
+            const scalar_t* xr = xp + pix[q] * ldx;
+            scalar_t* dxr = dxp + pix[q] * C;
+            for (int64_t c = 0; c < C; ++c) {
+              const acc_t xv = static_cast<acc_t>(xr[c]);
+              const acc_t y = xv * sp[c] + hp[c];
+              const acc_t gv = y > acc_t(0) ? dap[r * C + c] * acc_t(0.25) : acc_t(0);
+              dxr[c] = static_cast<scalar_t>(sp[c] * gv - P[c] - (xv - mp[c]) * Q[c]);
+            }
+          }
+        }
+      }
+    });
+    // the pixels the floor dropped (last row / column of odd H / W): g = 0, only the mean terms
+    if (!dropped) return;
+    at::parallel_for(0, g.n * g.h, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t nh = begin; nh < end; ++nh) {
+        const int64_t hh = nh % g.h;
+        for (int64_t ww = (hh >= 2 * g.ho ? 0 : 2 * g.wo); ww < g.w; ++ww) {
+          const int64_t pix = nh * g.w + ww;
+          const scalar_t* xr = xp + pix * ldx;
+          scalar_t* dxr = dxp + pix * C;
+          for (int64_t c = 0; c < C; ++c)
+            dxr[c] = static_cast<scalar_t>(-P[c] - (static_cast<acc_t>(xr[c]) - mp[c]) * Q[c]);
+        }
+      }
+    });
+  });
+  at::Tensor dweight = dw_part.sum(0);  // fixed order over chunks
+  return {dx, dweight, dgamma.to(acc), dbeta.to(acc)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(densenet_fused, CPU, m) {
+  m.impl("bnrelu_avgpool_conv1x1_fwd", &fwd);
+  m.impl("bnrelu_avgpool_conv1x1_bwd", &bwd);
+}
+
+}  // namespace cpu
+}  // namespace densenet_fused

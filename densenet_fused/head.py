@@ -1,0 +1,89 @@
+"""The fused DenseNet head: norm5, ReLU and the global average pool as one op (DESIGN section 9).
+
+``fused_head(norm5, x, stats)`` returns ``flatten(adaptive_avg_pool2d(relu(norm5(x)), 1), 1)``
+(N, C), reading x (the last block's buffer) once; with the block's batch statistics
+(``stats=(mean, var)``) there is no statistics pass.  Backward is elementwise from the saved
+input: nothing of activation size is saved besides it.  norm5's running statistics are updated
+exactly as ``nn.BatchNorm2d`` does.
+"""
+from dataclasses import dataclass
+from typing import Tuple
+
+import torch
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+
+from .ops import bn_scale_shift, bnrelu_global_avgpool_bwd, bnrelu_global_avgpool_fwd
+from .ops._common import acc_dtype
+from .transition import (batch_or_running, check_input, check_norm, check_stats, compute_dtype, nhwc_rows,
+                         refuse_synchronized_statistics)
+
+
+@dataclass
+class HeadSpec:
+    nhw: Tuple[int, int, int]
+    eps: float
+    training: bool
+    dtype: torch.dtype
+
+
+def _head_forward(spec: HeadSpec, x, gamma, beta, mean, var):
+    scale, shift, rstd = bn_scale_shift(gamma, beta, mean, var, spec.eps)
+    return bnrelu_global_avgpool_fwd(nhwc_rows(x), scale, shift, spec.nhw), (mean, rstd, scale, shift)
+
+
+class FusedHeadFunction(torch.autograd.Function):
+    """One autograd node: BN (given statistics), ReLU, global average pool, flatten."""
+
+    @staticmethod
+    def forward(ctx, spec: HeadSpec, x: Tensor, gamma: Tensor, beta: Tensor, mean: Tensor, var: Tensor):
+        with torch.autocast(x.device.type, enabled=False):
+            out, saved = _head_forward(spec, x, gamma, beta, mean, var)
+        ctx.spec = spec
+        ctx.param_dtypes = (gamma.dtype, beta.dtype)
+        ctx.save_for_backward(x, *saved)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dpooled):
+        spec = ctx.spec
+        x, mean, rstd, scale, shift = ctx.saved_tensors
+        n, h, w = spec.nhw
+        with torch.autocast(x.device.type, enabled=False):
+            dx, dgamma, dbeta = bnrelu_global_avgpool_bwd(dpooled.to(x.dtype), nhwc_rows(x), scale, shift, spec.nhw,
+                                                          mean, rstd, spec.training)
+        dx = dx.view(n, h, w, -1).permute(0, 3, 1, 2)  # channels-last, as the input
+        return None, dx, dgamma.to(ctx.param_dtypes[0]), dbeta.to(ctx.param_dtypes[1]), None, None
+
+
+def fused_head(norm5: nn.Module, x: Tensor, stats=None) -> Tensor:
+    """``torch.flatten(F.adaptive_avg_pool2d(F.relu(norm5(x)), 1), 1)`` as one op; ``stats`` = the
+    batch (mean, biased var) of x's channels when known (the last block's), else None."""
+    who = "fused head (norm5, ReLU, global average pool)"
+    if any(getattr(norm5, attr) for attr in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
+                                             "_backward_pre_hooks")):
+        raise RuntimeError(f"{who}: norm5 has hooks, which the fused head would never call; run norm5 as a module")
+    c = norm5.num_features
+    check_norm(norm5, c, who)
+    check_input(x, c, who, 1)
+    if norm5.weight.device != x.device:
+        raise ValueError(f"{who}: expected the input on the device of norm5's parameters, got the input on "
+                         f"{x.device} and norm5.weight on {norm5.weight.device}")
+    dtype = compute_dtype(x, norm5.weight, who)
+    acc = acc_dtype(dtype)
+    training = norm5.training
+    stats = check_stats(stats, c, acc, x.device, who) if training else None
+    n, _, h, w = x.shape
+    if training:
+        refuse_synchronized_statistics(norm5, who)
+        if n * h * w == 1:
+            raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.size()}")
+    xin = x.to(dtype) if x.dtype != dtype else x
+    xin = xin.contiguous(memory_format=torch.channels_last)  # a view of a block's output
+    mean, var = batch_or_running(norm5, nhwc_rows(xin), stats, training, acc)
+    spec = HeadSpec(nhw=(n, h, w), eps=float(norm5.eps), training=training, dtype=dtype)
+    if torch.is_grad_enabled() and (xin.requires_grad or norm5.weight.requires_grad or norm5.bias.requires_grad):
+        return FusedHeadFunction.apply(spec, xin, norm5.weight, norm5.bias, mean, var)
+    with torch.autocast(x.device.type, enabled=False):
+        return _head_forward(spec, xin, norm5.weight, norm5.bias, mean, var)[0]

@@ -1,0 +1,368 @@
+"""bnrelu_avgpool_conv1x1: the fused DenseNet transition (DESIGN section 9),
+``out = avgpool2x2(relu(x*scale + shift)) @ W^T`` straight from a block's NHWC buffer, and its
+backward with the whole BatchNorm input gradient.
+
+The 1x1 convolution and the 2x2 average pool are both linear and act on different axes, so they
+commute: the pool is applied first, in the GEMM's prologue (each pooled row is the average of its
+four pixels' BN-ReLU), which makes the GEMM 4x smaller; the normalized activations never exist in
+memory.  Odd H/W are floored (last row/column dropped) as ``nn.AvgPool2d(2, 2)`` does.
+
+- CPU kernel: ``csrc/cpu/bnrelu_avgpool_conv1x1.cpp``.
+- CUDA kernel: the Triton kernels below (float32, float16, bfloat16); fixed tile sizes (not
+  autotuned yet).  Backward: ``_dw_kernel`` (dW = dout^T @ pooled activation, per-split partials
+  reduced in a fixed order), ``_dx_kernel`` pass 1 (per-tile partial sums of g and g*xhat, and dx
+  in eval), pass 2 (dx with the batch-statistics terms), ``_dropped_kernel`` (the floored pixels).
+  float64 on CUDA runs ``aten_fwd`` / ``aten_bwd``: an accuracy dtype, not a speed one.
+Under ``TRITON_INTERPRET=1`` the Triton launchers run on CPU tensors (the CI tests).
+"""
+import os
+from typing import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import acc_dtype, on_tensor_device
+from ._triton_common import dot_precision
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_lib = torch.library.Library("densenet_fused", "IMPL")
+
+
+# ----------------------------------------------------------------------------- fakes and entry points
+@torch.library.register_fake("densenet_fused::bnrelu_avgpool_conv1x1_fwd")
+def _(x, scale, shift, weight, nhw):
+    n, h, w = nhw
+    return x.new_empty((n * (h // 2) * (w // 2), weight.shape[0]))
+
+
+@torch.library.register_fake("densenet_fused::bnrelu_avgpool_conv1x1_bwd")
+def _(dout, x, scale, shift, weight, nhw, mean, rstd, batch_stats):
+    c = x.shape[1]
+    acc = acc_dtype(x.dtype)
+    return (x.new_empty(x.shape), x.new_empty((weight.shape[0], c), dtype=acc), x.new_empty(c, dtype=acc),
+            x.new_empty(c, dtype=acc))
+
+
+def bnrelu_avgpool_conv1x1_fwd(x, scale, shift, weight, nhw: Sequence[int]) -> torch.Tensor:
+    """(N*(H/2)*(W/2), Cout) = avgpool2x2(relu(x*scale + shift)) @ weight^T, x (N*H*W, C) NHWC rows."""
+    return torch.ops.densenet_fused.bnrelu_avgpool_conv1x1_fwd(x, scale, shift, weight, list(nhw))
+
+
+def bnrelu_avgpool_conv1x1_bwd(dout, x, scale, shift, weight, nhw: Sequence[int], mean, rstd, batch_stats: bool):
+    """(dx, dweight, dgamma, dbeta); see the op schema in csrc/ops.cpp."""
+    return torch.ops.densenet_fused.bnrelu_avgpool_conv1x1_bwd(dout, x, scale, shift, weight, list(nhw), mean, rstd,
+                                                               batch_stats)
+
+
+# ----------------------------------------------------------------------------- checks (Python launchers)
+def _check(x, scale, shift, weight, nhw, op):
+    if x.dim() != 2 or (x.shape[1] > 1 and x.stride(1) != 1):
+        raise RuntimeError(f"{op}: expected x to be a 2-D (rows = N*H*W, channels) matrix with unit channel "
+                           f"stride, got shape {tuple(x.shape)} strides {x.stride()}")
+    if len(nhw) != 3 or min(nhw) < 0 or nhw[0] * nhw[1] * nhw[2] != x.shape[0]:
+        raise RuntimeError(f"{op}: expected nhw = [N, H, W] with N*H*W = {x.shape[0]} (the rows of x), got {nhw}")
+    if nhw[1] < 2 or nhw[2] < 2:
+        raise RuntimeError(f"{op}: expected H >= 2 and W >= 2 (a 2x2 average pool), got H={nhw[1]}, W={nhw[2]}")
+    c = x.shape[1]
+    acc = acc_dtype(x.dtype)
+    for name, t in (("scale", scale), ("shift", shift)):
+        if t.shape != (c,) or t.dtype != acc or t.device != x.device:
+            raise RuntimeError(f"{op}: expected {name} to be a 1-D tensor of {c} channels, dtype {acc} on "
+                               f"{x.device}, got {tuple(t.shape)} {t.dtype} on {t.device}")
+    if weight.dim() != 2 or weight.shape[1] != c or weight.dtype != x.dtype or weight.device != x.device:
+        raise RuntimeError(f"{op}: expected weight of shape (out_channels, {c}) and dtype {x.dtype} on "
+                           f"{x.device}, got {tuple(weight.shape)} {weight.dtype} on {weight.device}")
+
+
+def _check_bwd(dout, x, weight, nhw, mean, rstd):
+    op = "bnrelu_avgpool_conv1x1_bwd"
+    n, h, w = nhw
+    mo = n * (h // 2) * (w // 2)
+    c = x.shape[1]
+    acc = acc_dtype(x.dtype)
+    if dout.shape != (mo, weight.shape[0]) or dout.dtype != x.dtype or (dout.shape[1] > 1 and dout.stride(1) != 1):
+        raise RuntimeError(f"{op}: expected dout of shape ({mo}, {weight.shape[0]}) and dtype {x.dtype} with unit "
+                           f"channel stride, got {tuple(dout.shape)} {dout.dtype} strides {dout.stride()}")
+    for name, t in (("mean", mean), ("rstd", rstd)):
+        if t.shape != (c,) or t.dtype != acc or t.device != x.device:
+            raise RuntimeError(f"{op}: expected {name} to be a 1-D tensor of {c} channels and dtype {acc} on "
+                               f"{x.device}, got {tuple(t.shape)} {t.dtype} on {t.device}")
+
+
+# ----------------------------------------------------------------------------- ATen (float64 on CUDA)
+def _pooled_activation(x, scale, shift, nhw):
+    n, h, w = nhw
+    c = x.shape[1]
+    a = torch.relu(torch.addcmul(shift, x.to(scale.dtype), scale)).view(n, h, w, c)
+    a = a[:, :h // 2 * 2, :w // 2 * 2]
+    return a.reshape(n, h // 2, 2, w // 2, 2, c).mean((2, 4)).reshape(-1, c), a
+
+
+def aten_fwd(x, scale, shift, weight, nhw):
+    """ATen forward: the float64 CUDA path."""
+    _check(x, scale, shift, weight, nhw, "bnrelu_avgpool_conv1x1_fwd")
+    return (_pooled_activation(x, scale, shift, nhw)[0].to(x.dtype) @ weight.t()).to(x.dtype)
+
+
+def aten_bwd(dout, x, scale, shift, weight, nhw, mean, rstd, batch_stats):
+    """ATen backward: the float64 CUDA path."""
+    _check(x, scale, shift, weight, nhw, "bnrelu_avgpool_conv1x1_bwd")
+    _check_bwd(dout, x, weight, nhw, mean, rstd)
+    n, h, w = nhw
+    c = x.shape[1]
+    acc = scale.dtype
+    pooled = _pooled_activation(x, scale, shift, nhw)[0].to(x.dtype).to(acc)
+    db = dout.to(acc)
+    dweight = db.t() @ pooled
+    da = (db @ weight.to(acc)).view(n, h // 2, 1, w // 2, 1, c) * 0.25
+    g = torch.zeros((n, h, w, c), dtype=acc, device=x.device)
+    g[:, :h // 2 * 2, :w // 2 * 2] = da.expand(n, h // 2, 2, w // 2, 2, c).reshape(n, h // 2 * 2, w // 2 * 2, c)
+    g = g.view(-1, c)
+    xa = x.to(acc)
+    g = torch.where(torch.addcmul(shift, xa, scale) > 0, g, 0)
+    xhat = (xa - mean) * rstd
+    dbeta, dgamma = g.sum(0), (g * xhat).sum(0)
+    dx = scale * g
+    if batch_stats:
+        m = x.shape[0]
+        dx = dx - scale * dbeta / m - (xa - mean) * (scale * rstd * dgamma / m)
+    return dx.to(x.dtype), dweight, dgamma, dbeta
+
+
+# ----------------------------------------------------------------------------- Triton kernels
+@triton.jit
+def _window_base(r, H, W, HO, WO):
+    """Row of x (NHWC pixel index) of the top-left pixel of pooled row r, as int64."""
+    r64 = r.to(tl.int64)
+    img = r64 // (HO * WO)
+    rem = r64 % (HO * WO)
+    return (img * H + 2 * (rem // WO)) * W + 2 * (rem % WO)
+
+
+@triton.jit
+def _pooled_tile(X, ldx, base, W, rk, mask, s, h):
+    """avgpool2x2(relu(x*scale + shift)) of a (pooled rows, channels) tile in fp32 (0 off ``mask``)."""
+    p = X + base[:, None] * ldx + rk[None, :]
+    a = tl.maximum(tl.load(p, mask=mask, other=0.0).to(tl.float32) * s[None, :] + h[None, :], 0.0)
+    a += tl.maximum(tl.load(p + ldx, mask=mask, other=0.0).to(tl.float32) * s[None, :] + h[None, :], 0.0)
+    a += tl.maximum(tl.load(p + W * ldx, mask=mask, other=0.0).to(tl.float32) * s[None, :] + h[None, :], 0.0)
+    a += tl.maximum(tl.load(p + (W + 1) * ldx, mask=mask, other=0.0).to(tl.float32) * s[None, :] + h[None, :], 0.0)
+    return tl.where(mask, a * 0.25, 0.0)
+
+
+@triton.jit
+def _fwd_kernel(X, ldx, SCALE, SHIFT, Wt, ldw, OUT, MO, C, COUT, H, W, HO, WO,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rm < MO
+    col_ok = rn < COUT
+    base = _window_base(tl.where(row_ok, rm, 0), H, W, HO, WO)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, C, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        k_ok = rk < C
+        s = tl.load(SCALE + rk, mask=k_ok, other=0.0)
+        h = tl.load(SHIFT + rk, mask=k_ok, other=0.0)
+        a = _pooled_tile(X, ldx, base, W, rk, row_ok[:, None] & k_ok[None, :], s, h).to(X.dtype.element_ty)
+        wt = tl.load(Wt + rn[None, :] * ldw + rk[:, None], mask=col_ok[None, :] & k_ok[:, None], other=0.0)
+        acc = tl.dot(a, wt, acc, input_precision=PRECISION)
+    tl.store(OUT + rm.to(tl.int64)[:, None] * COUT + rn[None, :], acc.to(OUT.dtype.element_ty),
+             mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _dw_kernel(DOUT, lddo, X, ldx, SCALE, SHIFT, PDW, MO, C, COUT, H, W, HO, WO, SPLITS,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, PRECISION: tl.constexpr):
+    """Per-split partial of dW[n-tile, c-tile] = dout^T @ pooled activation (recomputed)."""
+    pid_n = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    split = tl.program_id(2)
+    tiles_per_split = tl.cdiv(tl.cdiv(MO, BLOCK_M), SPLITS)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rc = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    n_ok = rn < COUT
+    c_ok = rc < C
+    s = tl.load(SCALE + rc, mask=c_ok, other=0.0)
+    h = tl.load(SHIFT + rc, mask=c_ok, other=0.0)
+    dw = tl.zeros((BLOCK_N, BLOCK_C), dtype=tl.float32)
+    for i in range(0, tiles_per_split):
+        rm = (split * tiles_per_split + i) * BLOCK_M + tl.arange(0, BLOCK_M)
+        r_ok = rm < MO
+        base = _window_base(tl.where(r_ok, rm, 0), H, W, HO, WO)
+        a = _pooled_tile(X, ldx, base, W, rc, r_ok[:, None] & c_ok[None, :], s, h).to(X.dtype.element_ty)
+        db = tl.load(DOUT + rm.to(tl.int64)[:, None] * lddo + rn[None, :], mask=r_ok[:, None] & n_ok[None, :],
+                     other=0.0)
+        dw = tl.dot(tl.trans(db), a, dw, input_precision=PRECISION)
+    tl.store(PDW + split * COUT * C + rn[:, None] * C + rc[None, :], dw, mask=n_ok[:, None] & c_ok[None, :])
+
+
+@triton.jit
+def _dx_kernel(DOUT, lddo, X, ldx, SCALE, SHIFT, Wt, ldw, MEAN, RSTD, P, Q, DX, PSG, PSGX, MO, C, COUT, H, W, HO, WO,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, PASS: tl.constexpr,
+               BATCH: tl.constexpr, PRECISION: tl.constexpr):
+    """g = (dout @ W)/4 on the 4 pixels of each window of a (pooled rows, channels) tile, times the
+    ReLU mask.  Pass 1: per-tile partial sums of g and g*xhat (and dx = scale*g without batch
+    statistics); pass 2: dx = scale*g - P - (x - mean)*Q."""
+    pid_m = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rc = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    r_ok = rm < MO
+    c_ok = rc < C
+    rm64 = rm.to(tl.int64)
+    da = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
+    for n0 in range(0, COUT, BLOCK_N):
+        rn = n0 + tl.arange(0, BLOCK_N)
+        n_ok = rn < COUT
+        db = tl.load(DOUT + rm64[:, None] * lddo + rn[None, :], mask=r_ok[:, None] & n_ok[None, :], other=0.0)
+        w = tl.load(Wt + rn[:, None] * ldw + rc[None, :], mask=n_ok[:, None] & c_ok[None, :], other=0.0)
+        da = tl.dot(db, w, da, input_precision=PRECISION)
+    da = da * 0.25
+    s = tl.load(SCALE + rc, mask=c_ok, other=0.0)
+    h = tl.load(SHIFT + rc, mask=c_ok, other=0.0)
+    mu = tl.load(MEAN + rc, mask=c_ok, other=0.0)
+    rs = tl.load(RSTD + rc, mask=c_ok, other=0.0)
+    pp = tl.load(P + rc, mask=c_ok, other=0.0)
+    qq = tl.load(Q + rc, mask=c_ok, other=0.0)
+    mask = r_ok[:, None] & c_ok[None, :]
+    base = _window_base(tl.where(r_ok, rm, 0), H, W, HO, WO)
+    sg = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    sgx = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for q in tl.static_range(4):
+        pix = base + (q // 2) * W + (q % 2)
+        x = tl.load(X + pix[:, None] * ldx + rc[None, :], mask=mask, other=0.0).to(tl.float32)
+        g = tl.where(mask & (x * s[None, :] + h[None, :] > 0.0), da, 0.0)
+        if PASS == 1:
+            sg += tl.sum(g, axis=0)
+            sgx += tl.sum(g * ((x - mu[None, :]) * rs[None, :]), axis=0)
+            if not BATCH:
+                tl.store(DX + pix[:, None] * C + rc[None, :], (s[None, :] * g).to(DX.dtype.element_ty), mask=mask)
+        else:
+            dx = s[None, :] * g - pp[None, :] - (x - mu[None, :]) * qq[None, :]
+            tl.store(DX + pix[:, None] * C + rc[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+    if PASS == 1:
+        tl.store(PSG + pid_m * C + rc, sg, mask=c_ok)
+        tl.store(PSGX + pid_m * C + rc, sgx, mask=c_ok)
+
+
+@triton.jit
+def _dropped_kernel(X, ldx, MEAN, P, Q, DX, M, C, H, W, HO, WO, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """dx = -P - (x - mean)*Q on the pixels the floor dropped (last row / column of odd H / W)."""
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rc = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    rm64 = rm.to(tl.int64)
+    hw = rm64 % (H * W)
+    dropped = (rm < M) & ((hw // W >= 2 * HO) | (hw % W >= 2 * WO))
+    c_ok = rc < C
+    mask = dropped[:, None] & c_ok[None, :]
+    x = tl.load(X + rm64[:, None] * ldx + rc[None, :], mask=mask, other=0.0).to(tl.float32)
+    mu = tl.load(MEAN + rc, mask=c_ok, other=0.0)
+    pp = tl.load(P + rc, mask=c_ok, other=0.0)
+    qq = tl.load(Q + rc, mask=c_ok, other=0.0)
+    dx = -pp[None, :] - (x - mu[None, :]) * qq[None, :]
+    tl.store(DX + rm64[:, None] * C + rc[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------- launchers
+def _tiles():
+    """(BLOCK_M, BLOCK_N, BLOCK_K) of the forward: small under the interpreter.  Fixed tiles, from
+    sm_90a ptxas resources (triton.compile for GPUTarget("cuda", 90), bf16 and fp32): the forward
+    (64, 64, 32) with 4 warps uses 156/218 registers, no spills."""
+    return (16, 16, 16) if _INTERPRET else (64, 64, 32)
+
+
+# Backward tiles and warps, spill-free on sm_90a in bf16 and fp32 (ptxas -v): _dw_kernel (32, 64, 32)
+# with 4 warps (86/194 registers; (64, 64, 32) spilled 532-708 B in fp32); _dx_kernel (64, 64, 32)
+# with 8 warps (187-229/143-150 registers; with 4 warps it spilled 40-208 B).
+_DW_TILES = (16, 16, 16, 4) if _INTERPRET else (32, 64, 32, 4)
+_DX_TILES = (16, 16, 16, 4) if _INTERPRET else (64, 64, 32, 8)
+
+
+def triton_fwd(x, scale, shift, weight, nhw):
+    """Triton forward launcher (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1)."""
+    _check(x, scale, shift, weight, nhw, "bnrelu_avgpool_conv1x1_fwd")
+    if x.dtype == torch.float64:
+        raise RuntimeError("bnrelu_avgpool_conv1x1_fwd: the Triton kernel takes float32/float16/bfloat16; "
+                           "float64 runs aten_fwd")
+    n, h, w = nhw
+    mo, c, cout = n * (h // 2) * (w // 2), x.shape[1], weight.shape[0]
+    out = x.new_empty((mo, cout))
+    if mo == 0:
+        return out
+    if c == 0:
+        return out.zero_()
+    bm, bn, bk = _tiles()
+    _fwd_kernel[(triton.cdiv(mo, bm), triton.cdiv(cout, bn))](
+        x, x.stride(0), scale, shift, weight, weight.stride(0), out, mo, c, cout, h, w, h // 2, w // 2,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PRECISION=dot_precision(x.dtype), num_warps=4)
+    return out
+
+
+def _splits(mo, block_m):
+    return max(1, min(4 if _INTERPRET else 64, triton.cdiv(mo, block_m)))
+
+
+def triton_bwd(dout, x, scale, shift, weight, nhw, mean, rstd, batch_stats):
+    """Triton backward launcher (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1)."""
+    _check(x, scale, shift, weight, nhw, "bnrelu_avgpool_conv1x1_bwd")
+    _check_bwd(dout, x, weight, nhw, mean, rstd)
+    if x.dtype == torch.float64:
+        raise RuntimeError("bnrelu_avgpool_conv1x1_bwd: the Triton kernel takes float32/float16/bfloat16; "
+                           "float64 runs aten_bwd")
+    n, h, w = nhw
+    ho, wo = h // 2, w // 2
+    m, c = x.shape
+    mo, cout = n * ho * wo, weight.shape[0]
+    dropped = h != 2 * ho or w != 2 * wo
+    dx = torch.zeros((m, c), dtype=x.dtype, device=x.device) if dropped and not batch_stats else x.new_empty((m, c))
+    if mo == 0 or c == 0:
+        z = torch.zeros(c, dtype=torch.float32, device=x.device)
+        return dx.zero_(), torch.zeros((cout, c), dtype=torch.float32, device=x.device), z, z.clone()
+    prec = dot_precision(x.dtype)
+    bm, bn, bc, warps = _DW_TILES
+    splits = _splits(mo, bm)
+    pdw = torch.empty((splits, cout, c), dtype=torch.float32, device=x.device)
+    _dw_kernel[(triton.cdiv(cout, bn), triton.cdiv(c, bc), splits)](
+        dout, dout.stride(0), x, x.stride(0), scale, shift, pdw, mo, c, cout, h, w, ho, wo, splits,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_C=bc, PRECISION=prec, num_warps=warps)
+    bm, bn, bc, warps = _DX_TILES
+    dweight = pdw.sum(0)  # fixed order over the splits
+    tiles = triton.cdiv(mo, bm)
+    psum = torch.empty((2, tiles, c), dtype=torch.float32, device=x.device)
+    zeros = torch.zeros((2, c), dtype=torch.float32, device=x.device)
+    grid = (tiles, triton.cdiv(c, bc))
+    args = (dout, dout.stride(0), x, x.stride(0), scale, shift, weight, weight.stride(0), mean, rstd)
+    geo = (mo, c, cout, h, w, ho, wo)
+    _dx_kernel[grid](*args, zeros[0], zeros[1], dx, psum[0], psum[1], *geo, BLOCK_M=bm, BLOCK_N=bn, BLOCK_C=bc,
+                     PASS=1, BATCH=batch_stats, PRECISION=prec, num_warps=warps)
+    dbeta, dgamma = psum.sum(1).unbind(0)  # fixed order over the tiles
+    if batch_stats:
+        p = scale * dbeta / m
+        q = scale * rstd * dgamma / m
+        _dx_kernel[grid](*args, p, q, dx, psum[0], psum[1], *geo, BLOCK_M=bm, BLOCK_N=bn, BLOCK_C=bc,
+                         PASS=2, BATCH=True, PRECISION=prec, num_warps=warps)
+        if dropped:
+            bmd = 32 if _INTERPRET else 64
+            _dropped_kernel[(triton.cdiv(m, bmd), triton.cdiv(c, bc))](
+                x, x.stride(0), mean, p, q, dx, m, c, h, w, ho, wo, BLOCK_M=bmd, BLOCK_C=bc, num_warps=4)
+    return dx, dweight, dgamma, dbeta
+
+
+def _cuda_fwd(x, scale, shift, weight, nhw):
+    if x.dtype == torch.float64:
+        return aten_fwd(x, scale, shift, weight, nhw)
+    return triton_fwd(x, scale, shift, weight, nhw)
+
+
+def _cuda_bwd(dout, x, scale, shift, weight, nhw, mean, rstd, batch_stats):
+    if x.dtype == torch.float64:
+        return aten_bwd(dout, x, scale, shift, weight, nhw, mean, rstd, batch_stats)
+    return triton_bwd(dout, x, scale, shift, weight, nhw, mean, rstd, batch_stats)
+
+
+_lib.impl("bnrelu_avgpool_conv1x1_fwd", on_tensor_device(_cuda_fwd), "CUDA")
+_lib.impl("bnrelu_avgpool_conv1x1_bwd", on_tensor_device(_cuda_bwd), "CUDA")

@@ -1,0 +1,239 @@
+"""FusedTransition: torchvision's ``_Transition`` (BN-ReLU-conv1x1-avgpool2x2) as one fused op
+(DESIGN section 9).
+
+Same children (``norm, relu, conv, pool``) and state_dict keys as
+``torchvision.models.densenet._Transition``.  The 2x2 average pool runs before the 1x1
+convolution, inside its GEMM's prologue (they commute), so the GEMM is 4x smaller and the
+normalized activations never exist; backward recomputes them from the input, which is all it
+saves besides per-channel vectors.  Inside a DenseNet (``features.FusedFeatures``) the input is the
+block's buffer and its batch statistics come from the block (``stats=(mean, var)``): no
+statistics pass.  Called alone it computes them (one ``channel_stats`` pass).
+"""
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+
+from .ops import (bn_scale_shift, bnrelu_avgpool_conv1x1_bwd, bnrelu_avgpool_conv1x1_fwd, channel_stats,
+                  running_stats_update)
+from .ops._common import acc_dtype
+
+_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+def refuse_inner_hooks(module: nn.Module, who: str) -> None:
+    """Hooks on the modules inside a fused module would never fire (nothing calls them): refuse."""
+    for name, sub in module.named_children():
+        if any(getattr(sub, attr) for attr in _HOOKS):
+            raise RuntimeError(f"{who}: hooks on its {name} are not supported: the fused op never calls the modules "
+                               f"inside it. Hook the {who} itself instead.")
+
+
+def refuse_synchronized_statistics(bn: nn.Module, who: str) -> None:
+    """An nn.SyncBatchNorm over more than one process asks for global batch statistics, which the
+    fused op does not compute yet: refuse rather than silently use local statistics."""
+    if not isinstance(bn, nn.SyncBatchNorm):
+        return
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size(bn.process_group) > 1:
+        raise NotImplementedError(
+            f"{who}: its norm is an nn.SyncBatchNorm over {dist.get_world_size(bn.process_group)} processes; "
+            f"synchronized statistics are not supported by the fused transition and head yet (they would silently "
+            f"use the local batch): keep nn.BatchNorm2d there")
+
+
+def check_norm(bn: nn.Module, channels: int, who: str) -> None:
+    if not isinstance(bn, nn.BatchNorm2d) and not isinstance(bn, nn.SyncBatchNorm):
+        raise TypeError(f"{who}: expected its norm to be an nn.BatchNorm2d, got {type(bn).__name__}")
+    if not bn.affine or not bn.track_running_stats:
+        raise ValueError(f"{who}: its norm must have affine=True and track_running_stats=True, got "
+                         f"affine={bn.affine}, track_running_stats={bn.track_running_stats}")
+    if bn.num_features != channels:
+        raise ValueError(f"{who}: its norm has {bn.num_features} features, expected {channels}")
+
+
+def check_input(x, channels: int, who: str, min_hw: int) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{who}: expected a torch.Tensor input, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"{who}: expected a 4-D input (N, C, H, W), got a {x.dim()}-D tensor of shape "
+                         f"{tuple(x.shape)}")
+    if x.shape[1] != channels:
+        raise ValueError(f"{who}: expected input with {channels} channels, got {x.shape[1]} "
+                         f"(input shape {tuple(x.shape)})")
+    if not x.is_floating_point():
+        raise TypeError(f"{who}: expected a floating-point input, got {x.dtype}")
+    if x.shape[2] < min_hw or x.shape[3] < min_hw:
+        raise ValueError(f"{who}: expected H and W >= {min_hw}, got input shape {tuple(x.shape)}")
+
+
+def check_stats(stats, channels: int, acc: torch.dtype, device, who: str):
+    """Validated (mean, var) from the block, or None."""
+    if stats is None or stats[0] is None:
+        return None
+    mean, var = stats
+    for name, t in (("mean", mean), ("var", var)):
+        if not isinstance(t, Tensor) or t.shape != (channels,) or t.dtype != acc or t.device != device:
+            got = f"{tuple(t.shape)} {t.dtype} on {t.device}" if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(f"{who}: expected stats {name} to be a 1-D {acc} tensor of {channels} channels on "
+                             f"{device}, got {got}")
+    return mean.detach(), var.detach()
+
+
+def compute_dtype(x: Tensor, param: Tensor, who: str) -> torch.dtype:
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    if x.dtype != param.dtype:
+        raise TypeError(f"{who}: expected input of dtype {param.dtype} (the parameters' dtype), got {x.dtype}; "
+                        f"use torch.autocast for mixed precision")
+    return param.dtype
+
+
+def nhwc_rows(x: Tensor) -> Tensor:
+    """x (N, C, H, W) with channels-last strides as its (N*H*W, C) NHWC row matrix (a view)."""
+    n, c, h, w = x.shape
+    return x.permute(0, 2, 3, 1).view(n * h * w, c)
+
+
+def batch_or_running(bn: nn.Module, x2: Tensor, stats, training: bool, acc: torch.dtype):
+    """(mean, var) the norm normalizes with: the block's batch statistics, or computed here, or the
+    running statistics in eval; updates the running statistics in training (once, as nn.BatchNorm2d)."""
+    if not training:
+        return bn.running_mean.detach().to(acc), bn.running_var.detach().to(acc)
+    if stats is None:
+        mean, var, _ = channel_stats(x2.detach(), bn.eps)
+    else:
+        mean, var = stats
+    running_stats_update([bn], [mean], [var], count=x2.shape[0])
+    return mean, var
+
+
+@dataclass
+class TransitionSpec:
+    nhw: Tuple[int, int, int]
+    eps: float
+    training: bool
+    dtype: torch.dtype
+
+
+class FusedTransitionFunction(torch.autograd.Function):
+    """One autograd node: BN (given statistics), ReLU, 2x2 average pool, 1x1 convolution."""
+
+    @staticmethod
+    def forward(ctx, spec: TransitionSpec, x: Tensor, gamma: Tensor, beta: Tensor, weight: Tensor, mean: Tensor,
+                var: Tensor):
+        with torch.autocast(x.device.type, enabled=False):
+            out, saved = _transition_forward(spec, x, gamma, beta, weight, mean, var)
+        ctx.spec = spec
+        ctx.param_dtypes = (gamma.dtype, beta.dtype, weight.dtype)
+        ctx.save_for_backward(x, *saved)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dout):
+        spec = ctx.spec
+        x, mean, rstd, scale, shift, w2 = ctx.saved_tensors
+        n, h, w = spec.nhw
+        d2 = dout.to(spec.dtype).permute(0, 2, 3, 1).reshape(-1, w2.shape[0])
+        with torch.autocast(x.device.type, enabled=False):
+            dx, dweight, dgamma, dbeta = bnrelu_avgpool_conv1x1_bwd(d2, nhwc_rows(x), scale, shift, w2, spec.nhw,
+                                                                    mean, rstd, spec.training)
+        dx = dx.view(n, h, w, -1).permute(0, 3, 1, 2)  # channels-last, as the input
+        gamma_dtype, beta_dtype, weight_dtype = ctx.param_dtypes
+        return (None, dx, dgamma.to(gamma_dtype), dbeta.to(beta_dtype),
+                dweight.view(w2.shape[0], w2.shape[1], 1, 1).to(weight_dtype), None, None)
+
+
+def _transition_forward(spec: TransitionSpec, x, gamma, beta, weight, mean, var):
+    n, h, w = spec.nhw
+    x2 = nhwc_rows(x)
+    scale, shift, rstd = bn_scale_shift(gamma, beta, mean, var, spec.eps)
+    w2 = weight.view(weight.shape[0], -1).to(spec.dtype)
+    out = bnrelu_avgpool_conv1x1_fwd(x2, scale, shift, w2, spec.nhw)
+    out = out.view(n, h // 2, w // 2, -1).permute(0, 3, 1, 2)
+    return out, (mean, rstd, scale, shift, w2)
+
+
+def transition_forward(module: "FusedTransition", x: Tensor, stats=None) -> Tensor:
+    """The fused transition of ``module`` (norm, relu, conv, pool) on x; ``stats`` = the batch
+    (mean, biased var) of x's channels when known (a block's), else None."""
+    who = "FusedTransition"
+    norm, conv = module.norm, module.conv
+    refuse_inner_hooks(module, who)
+    c = conv.in_channels
+    check_norm(norm, c, who)
+    check_input(x, c, who, 2)
+    for name, p in (("norm.weight", norm.weight), ("norm.running_mean", norm.running_mean),
+                    ("conv.weight", conv.weight)):
+        if p.device != x.device:
+            raise ValueError(f"{who}: expected the input on the device of the parameters and buffers, got the input "
+                             f"on {x.device} and {name} on {p.device}")
+    dtype = compute_dtype(x, conv.weight, who)
+    acc = acc_dtype(dtype)
+    training = norm.training
+    stats = check_stats(stats, c, acc, x.device, who) if training else None
+    n, _, h, w = x.shape
+    if training:
+        refuse_synchronized_statistics(norm, who)
+        if n * h * w == 1:
+            raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.size()}")
+    xin = x.to(dtype) if x.dtype != dtype else x
+    # NHWC rows: a view of a block's output; other layouts get one (autograd-tracked) channels-last copy
+    xin = xin.contiguous(memory_format=torch.channels_last)
+    x2 = nhwc_rows(xin)
+    mean, var = batch_or_running(norm, x2, stats, training, acc)
+    spec = TransitionSpec(nhw=(n, h, w), eps=float(norm.eps), training=training, dtype=dtype)
+    params = (norm.weight, norm.bias, conv.weight)
+    if torch.is_grad_enabled() and (xin.requires_grad or any(p.requires_grad for p in params)):
+        return FusedTransitionFunction.apply(spec, xin, *params, mean, var)
+    with torch.autocast(x.device.type, enabled=False):
+        return _transition_forward(spec, xin, *params, mean, var)[0]
+
+
+def _check_structure(module: "FusedTransition") -> None:
+    conv, pool = module.conv, module.pool
+    if (not isinstance(conv, nn.Conv2d) or conv.kernel_size != (1, 1) or conv.stride != (1, 1)
+            or conv.padding not in ((0, 0), "valid") or conv.groups != 1 or conv.bias is not None):
+        raise ValueError(f"FusedTransition: expected conv to be a bias-free 1x1 nn.Conv2d (stride 1, no padding, "
+                         f"groups 1), got {conv}")
+    if (not isinstance(pool, nn.AvgPool2d) or pool.kernel_size not in (2, (2, 2)) or pool.stride not in (2, (2, 2))
+            or pool.padding not in (0, (0, 0)) or pool.ceil_mode or pool.divisor_override is not None):
+        raise ValueError(f"FusedTransition: expected pool to be nn.AvgPool2d(kernel_size=2, stride=2), got {pool}")
+    if not isinstance(module.relu, nn.ReLU):
+        raise ValueError(f"FusedTransition: expected relu to be an nn.ReLU, got {type(module.relu).__name__}")
+
+
+class FusedTransition(nn.Sequential):
+    """Drop-in replacement for ``torchvision.models.densenet._Transition``: BN-ReLU-conv1x1-avgpool2x2
+    as one op (pool first, in the GEMM's prologue), saving only its input for backward.
+
+    ``forward(x, stats=None)``: ``stats = (mean, var)``, the batch mean and biased variance of x's
+    channels (what ``FusedDenseBlock.forward_with_stats`` returns), spare the statistics pass in
+    training; running statistics are updated exactly as ``nn.BatchNorm2d`` does.  Under torch.fx
+    symbolic tracing it runs its four modules one by one (so they appear as nodes)."""
+
+    def __init__(self, num_input_features: int, num_output_features: int) -> None:
+        super().__init__()
+        self.norm = nn.BatchNorm2d(num_input_features)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv = nn.Conv2d(num_input_features, num_output_features, kernel_size=1, stride=1, bias=False)
+        self.pool = nn.AvgPool2d(kernel_size=2, stride=2)
+
+    @classmethod
+    def from_modules(cls, norm: nn.Module, relu: nn.Module, conv: nn.Module, pool: nn.Module) -> "FusedTransition":
+        """A FusedTransition holding these very modules (convert())."""
+        with torch.device("meta"):
+            new = cls(1, 1)
+        new.norm, new.relu, new.conv, new.pool = norm, relu, conv, pool
+        _check_structure(new)
+        return new
+
+    def forward(self, x: Tensor, stats: Optional[Tuple[Optional[Tensor], Optional[Tensor]]] = None) -> Tensor:
+        if isinstance(x, torch.fx.Proxy):
+            return super().forward(x)
+        _check_structure(self)
+        return transition_forward(self, x, stats)
