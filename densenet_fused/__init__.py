@@ -8,10 +8,15 @@ from ._loader import WITH_CUDA, TORCH_VERSION_BUILT  # noqa: F401  (loads the op
 from . import ops  # noqa: F401  (fake implementations, CUDA kernels from Python)
 from .convert import convert
 from .models import DenseNet, densenet121, densenet161, densenet169, densenet201, densenet264, densenet_bc
+from .features import FusedFeatures
+from .head import fused_head
 from .modules import FusedDenseBlock, FusedDenseLayer
+from .stem import fused_stem
+from .transition import FusedTransition
 from .sync_batchnorm import convert_sync_batchnorm
 
 from ._version import __version__  # noqa: E402  (one source: pyproject reads it too)
 
-__all__ = ["__version__", "FusedDenseBlock", "FusedDenseLayer", "convert", "convert_sync_batchnorm", "DenseNet", "densenet121", "densenet161",
+__all__ = ["__version__", "FusedDenseBlock", "FusedDenseLayer", "FusedTransition", "FusedFeatures", "fused_stem",
+           "fused_head", "convert", "convert_sync_batchnorm", "DenseNet", "densenet121", "densenet161",
            "densenet169", "densenet201", "densenet264", "densenet_bc"]

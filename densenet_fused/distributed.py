@@ -48,13 +48,20 @@ class StatsGroup:
         n = int(round(total.item())) if want_count else None
         return n, g_mean.to(mean.dtype), g_var.to(var.dtype)
 
+    def total_count(self, count: int) -> int:
+        """The sum of every rank's ``count`` (one all_reduce; a host sync on CUDA)."""
+        t = torch.tensor([float(count)], dtype=torch.float64,
+                         device="cuda" if dist.get_backend(self.group) == "nccl" else "cpu")
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)
+        return int(round(t.item()))
+
     def sum_(self, t: torch.Tensor) -> torch.Tensor:
         """Sum ``t`` (contiguous) over the group, in place."""
         dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.group)
         return t
 
 
-_WORLD = object()  # marker: synchronize over the default group (process_group=None, as nn.SyncBatchNorm)
+_WORLD = "default process group"  # marker (a str: deepcopy- and pickle-stable) for process_group=None
 
 
 def stats_group(norms: Iterable[nn.Module], who: str, group=None) -> Optional[StatsGroup]:
@@ -71,7 +78,7 @@ def stats_group(norms: Iterable[nn.Module], who: str, group=None) -> Optional[St
                              f"(densenet_fused.convert_sync_batchnorm), got both")
         if not (dist.is_available() and dist.is_initialized()):
             return None
-        group = None if group is _WORLD else group
+        group = None if isinstance(group, str) and group == _WORLD else group
         world = dist.get_world_size(group)
         return StatsGroup(group, world) if world > 1 else None
     if not any(sync):

@@ -7,7 +7,12 @@ over a block's output).
 is ``flatten(adaptive_avg_pool2d(relu(features(x)), 1), 1)`` with norm5, ReLU and the pool fused
 (what the package's ``DenseNet.forward`` uses).  Modules with hooks are called as modules (their
 hooks fire; a hooked block's statistics are then recomputed by its reader).  Under torch.fx symbolic
-tracing the container runs its modules one by one.
+tracing the container runs its modules one by one.  A full ImageNet stem (conv0, norm0, relu0,
+pool0 without hooks) runs as one fused op (stem.fused_stem).
+
+``sync_group`` (set by densenet_fused.convert_sync_batchnorm): norm0 and norm5, run fused, take their
+batch statistics over that process group; where one of them would have to run as a module (hooks, or
+norm5 in ``forward``, whose output is norm5's) it raises instead of silently using local statistics.
 """
 from typing import Optional, Tuple
 
@@ -17,6 +22,7 @@ from torch import Tensor, nn
 
 from .head import fused_head
 from .modules import FusedDenseBlock
+from .stem import fused_stem
 from .transition import FusedTransition
 
 _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
@@ -48,11 +54,25 @@ class FusedFeatures(nn.Sequential):
         k = 0
         while k < len(names) and k < len(STEM) and names[k] == STEM[k]:
             k += 1
-        # STEM (issue 13): when densenet_fused.stem lands, a full stem (conv0, norm0, relu0, pool0 without hooks)
-        # runs as `fused_stem(x, mods["conv0"], mods["norm0"], mods["pool0"])` here instead of module by module.
+        if k == len(STEM) and not any(_hooked(mods[name]) for name in STEM):
+            return fused_stem(x, mods["conv0"], mods["norm0"], mods["pool0"], self._sync_group()), k
         for name in names[:k]:
+            self._refuse_unsynced(name, mods[name])
             x = mods[name](x)
         return x, k
+
+    def _sync_group(self):
+        return getattr(self, "sync_group", None)
+
+    def _refuse_unsynced(self, name: str, module: nn.Module) -> None:
+        """A plain BatchNorm run as a module while the container synchronizes its statistics would
+        silently use the local batch: refuse."""
+        if self._sync_group() is not None and module.training and type(module) is nn.BatchNorm2d:
+            raise NotImplementedError(
+                f"FusedFeatures: {name} would run as a module with local batch statistics, but the container "
+                f"synchronizes them over a process group (densenet_fused.convert_sync_batchnorm). It runs fused "
+                f"only without hooks (norm5: in forward_pooled, as the package's DenseNet calls it); on CUDA, "
+                f"torch.nn.SyncBatchNorm.convert_sync_batchnorm synchronizes every norm instead")
 
     def _run(self, x: Tensor, pooled: bool) -> Tensor:
         x, start = self._stem(x)
@@ -68,8 +88,10 @@ class FusedFeatures(nn.Sequential):
             if isinstance(m, FusedTransition):
                 x = m(x, stats=stats)
             elif pooled and last and _is_head_norm(m):
-                return fused_head(m, x, stats)
+                return fused_head(m, x, stats, self._sync_group())
             else:
+                if isinstance(m, nn.BatchNorm2d):
+                    self._refuse_unsynced(list(self._modules)[start + i], m)
                 x = m(x)
             stats = None
         if pooled:  # the container does not end with a hook-free norm5: torchvision's head, module by module
@@ -90,4 +112,4 @@ class FusedFeatures(nn.Sequential):
 
 
 def _is_head_norm(m) -> bool:
-    return isinstance(m, nn.BatchNorm2d) and not _hooked(m)
+    return isinstance(m, (nn.BatchNorm2d, nn.SyncBatchNorm)) and not _hooked(m)

@@ -4,19 +4,21 @@
 (N, C), reading x (the last block's buffer) once; with the block's batch statistics
 (``stats=(mean, var)``) there is no statistics pass.  Backward is elementwise from the saved
 input: nothing of activation size is saved besides it.  norm5's running statistics are updated
-exactly as ``nn.BatchNorm2d`` does.
+exactly as ``nn.BatchNorm2d`` does.  With an nn.SyncBatchNorm norm5 (or ``sync_group``) the batch
+statistics and the backward's two gradient sums are over the process group.
 """
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from .distributed import StatsGroup, stats_group
 from .ops import bn_scale_shift, bnrelu_global_avgpool_bwd, bnrelu_global_avgpool_fwd
 from .ops._common import acc_dtype
 from .transition import (batch_or_running, check_input, check_norm, check_stats, compute_dtype, nhwc_rows,
-                         refuse_synchronized_statistics)
+                         synced_grad_finish)
 
 
 @dataclass
@@ -25,6 +27,8 @@ class HeadSpec:
     eps: float
     training: bool
     dtype: torch.dtype
+    sync: Optional[StatsGroup] = None  # batch statistics over this process group
+    count: int = 0                     # values per channel of the batch statistics (over the group)
 
 
 def _head_forward(spec: HeadSpec, x, gamma, beta, mean, var):
@@ -51,13 +55,17 @@ class FusedHeadFunction(torch.autograd.Function):
         x, mean, rstd, scale, shift = ctx.saved_tensors
         n, h, w = spec.nhw
         with torch.autocast(x.device.type, enabled=False):
-            dx, dgamma, dbeta = bnrelu_global_avgpool_bwd(dpooled.to(x.dtype), nhwc_rows(x), scale, shift, spec.nhw,
-                                                          mean, rstd, spec.training)
+            sync = spec.sync if spec.training else None
+            x2 = nhwc_rows(x)
+            dx, dgamma, dbeta = bnrelu_global_avgpool_bwd(dpooled.to(x.dtype), x2, scale, shift, spec.nhw,
+                                                          mean, rstd, spec.training and sync is None)
+            if sync is not None:
+                dx = synced_grad_finish(sync, dx, x2, mean, rstd, scale, dgamma, dbeta, spec.count, x.dtype)
         dx = dx.view(n, h, w, -1).permute(0, 3, 1, 2)  # channels-last, as the input
         return None, dx, dgamma.to(ctx.param_dtypes[0]), dbeta.to(ctx.param_dtypes[1]), None, None
 
 
-def fused_head(norm5: nn.Module, x: Tensor, stats=None) -> Tensor:
+def fused_head(norm5: nn.Module, x: Tensor, stats=None, sync_group=None) -> Tensor:
     """``torch.flatten(F.adaptive_avg_pool2d(F.relu(norm5(x)), 1), 1)`` as one op; ``stats`` = the
     batch (mean, biased var) of x's channels when known (the last block's), else None."""
     who = "fused head (norm5, ReLU, global average pool)"
@@ -75,14 +83,14 @@ def fused_head(norm5: nn.Module, x: Tensor, stats=None) -> Tensor:
     training = norm5.training
     stats = check_stats(stats, c, acc, x.device, who) if training else None
     n, _, h, w = x.shape
+    sync = stats_group([norm5], who, sync_group) if training else None
     if training:
-        refuse_synchronized_statistics(norm5, who)
         if n * h * w == 1:
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.size()}")
     xin = x.to(dtype) if x.dtype != dtype else x
     xin = xin.contiguous(memory_format=torch.channels_last)  # a view of a block's output
-    mean, var = batch_or_running(norm5, nhwc_rows(xin), stats, training, acc)
-    spec = HeadSpec(nhw=(n, h, w), eps=float(norm5.eps), training=training, dtype=dtype)
+    mean, var, count = batch_or_running(norm5, nhwc_rows(xin), stats, training, acc, sync)
+    spec = HeadSpec(nhw=(n, h, w), eps=float(norm5.eps), training=training, dtype=dtype, sync=sync, count=count)
     if torch.is_grad_enabled() and (xin.requires_grad or norm5.weight.requires_grad or norm5.bias.requires_grad):
         return FusedHeadFunction.apply(spec, xin, norm5.weight, norm5.bias, mean, var)
     with torch.autocast(x.device.type, enabled=False):

@@ -11,15 +11,28 @@ import torch
 from torch import nn
 
 from .distributed import _WORLD
+from .features import STEM, FusedFeatures
 from .modules import FusedDenseBlock, FusedDenseLayer
+from .transition import FusedTransition
 
 
 def convert_sync_batchnorm(module: nn.Module, process_group=None) -> nn.Module:
     """Like ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` (same arguments; returns the converted
-    module), but fused dense blocks and layers keep their nn.BatchNorm2d norms and synchronize their
-    batch statistics over ``process_group`` (None: the default group) themselves."""
-    if isinstance(module, (FusedDenseBlock, FusedDenseLayer)):
-        module.sync_group = _WORLD if process_group is None else process_group
+    module), but fused modules (dense blocks and layers, transitions, and a FusedFeatures container
+    for its fused stem and head) keep their nn.BatchNorm2d norms and synchronize their batch
+    statistics over ``process_group`` (None: the default group) themselves."""
+    group = _WORLD if process_group is None else process_group
+    if isinstance(module, (FusedDenseBlock, FusedDenseLayer, FusedTransition)):
+        module.sync_group = group
+        return module
+    if isinstance(module, FusedFeatures):  # norm0 (fused stem) and norm5 (fused head) synchronized by it
+        module.sync_group = group
+        for name, child in list(module.named_children()):
+            if name in (STEM[1], "norm5") and type(child) is nn.BatchNorm2d:
+                continue
+            new = convert_sync_batchnorm(child, process_group)
+            if new is not child:
+                module.add_module(name, new)
         return module
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
         return torch.nn.SyncBatchNorm.convert_sync_batchnorm(module, process_group)

@@ -439,11 +439,12 @@ def prepare(args) -> Plan:
 
 def _norms_outside_fused_blocks(model: nn.Module) -> List[str]:
     """Names of the BatchNorm layers that densenet_fused.convert_sync_batchnorm would turn into
-    nn.SyncBatchNorm (those outside fused dense blocks)."""
-    from .modules import FusedDenseBlock, FusedDenseLayer
-    fused = [name for name, m in model.named_modules() if isinstance(m, (FusedDenseBlock, FusedDenseLayer))]
-    return [name for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-            and not any(name.startswith(f + ".") for f in fused)]
+    nn.SyncBatchNorm (those no fused module synchronizes itself), from a conversion of a copy."""
+    import copy
+
+    from .sync_batchnorm import convert_sync_batchnorm
+    converted = convert_sync_batchnorm(copy.deepcopy(model))
+    return [name for name, m in converted.named_modules() if isinstance(m, nn.SyncBatchNorm)]
 
 
 # ------------------------------------------------------------------------------------ outputs

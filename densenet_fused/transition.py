@@ -16,8 +16,9 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from .ops import (bn_scale_shift, bnrelu_avgpool_conv1x1_bwd, bnrelu_avgpool_conv1x1_fwd, channel_stats,
-                  running_stats_update)
+from .distributed import StatsGroup, stats_group
+from .ops import (bn_grad_finish, bn_scale_shift, bnrelu_avgpool_conv1x1_bwd, bnrelu_avgpool_conv1x1_fwd,
+                  channel_stats, running_stats_update)
 from .ops._common import acc_dtype
 
 _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
@@ -31,17 +32,13 @@ def refuse_inner_hooks(module: nn.Module, who: str) -> None:
                                f"inside it. Hook the {who} itself instead.")
 
 
-def refuse_synchronized_statistics(bn: nn.Module, who: str) -> None:
-    """An nn.SyncBatchNorm over more than one process asks for global batch statistics, which the
-    fused op does not compute yet: refuse rather than silently use local statistics."""
-    if not isinstance(bn, nn.SyncBatchNorm):
-        return
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size(bn.process_group) > 1:
-        raise NotImplementedError(
-            f"{who}: its norm is an nn.SyncBatchNorm over {dist.get_world_size(bn.process_group)} processes; "
-            f"synchronized statistics are not supported by the fused transition and head yet (they would silently "
-            f"use the local batch): keep nn.BatchNorm2d there")
+def synced_grad_finish(sync: StatsGroup, dx, x2, mean, rstd, scale, dgamma, dbeta, count: int, dtype):
+    """The BatchNorm input gradient over a process group: ``dx`` = scale*g (the op run without the mean
+    terms), ``dgamma``/``dbeta`` this rank's sums of g*xhat and g; the mean terms from the sums over the
+    group (one all_reduce), as nn.SyncBatchNorm's backward.  Returns dx (M, C) in ``dtype``."""
+    sums = sync.sum_(torch.stack((dgamma, dbeta)).to(mean.dtype))
+    return bn_grad_finish(dx.to(mean.dtype), x2, mean, scale * sums[1] / count, scale * rstd * sums[0] / count,
+                          dtype)
 
 
 def check_norm(bn: nn.Module, channels: int, who: str) -> None:
@@ -98,17 +95,25 @@ def nhwc_rows(x: Tensor) -> Tensor:
     return x.permute(0, 2, 3, 1).view(n * h * w, c)
 
 
-def batch_or_running(bn: nn.Module, x2: Tensor, stats, training: bool, acc: torch.dtype):
-    """(mean, var) the norm normalizes with: the block's batch statistics, or computed here, or the
-    running statistics in eval; updates the running statistics in training (once, as nn.BatchNorm2d)."""
+def batch_or_running(bn: nn.Module, x2: Tensor, stats, training: bool, acc: torch.dtype,
+                     sync: Optional[StatsGroup] = None):
+    """(mean, var, count) the norm normalizes with: the block's batch statistics, or computed here, or
+    the running statistics in eval; updates the running statistics in training (once, as
+    nn.BatchNorm2d).  With ``sync`` the statistics are over the process group (a block's given
+    statistics already are; count = values per channel over the group)."""
+    count = x2.shape[0]
     if not training:
-        return bn.running_mean.detach().to(acc), bn.running_var.detach().to(acc)
+        return bn.running_mean.detach().to(acc), bn.running_var.detach().to(acc), count
     if stats is None:
         mean, var, _ = channel_stats(x2.detach(), bn.eps)
+        if sync is not None:
+            count, mean, var = sync.merge_moments(count, mean, var, want_count=True)
     else:
         mean, var = stats
-    running_stats_update([bn], [mean], [var], count=x2.shape[0])
-    return mean, var
+        if sync is not None:
+            count = sync.total_count(count)
+    running_stats_update([bn], [mean], [var], count=count)
+    return mean, var, count
 
 
 @dataclass
@@ -117,6 +122,8 @@ class TransitionSpec:
     eps: float
     training: bool
     dtype: torch.dtype
+    sync: Optional[StatsGroup] = None  # batch statistics over this process group
+    count: int = 0                     # values per channel of the batch statistics (over the group)
 
 
 class FusedTransitionFunction(torch.autograd.Function):
@@ -140,8 +147,12 @@ class FusedTransitionFunction(torch.autograd.Function):
         n, h, w = spec.nhw
         d2 = dout.to(spec.dtype).permute(0, 2, 3, 1).reshape(-1, w2.shape[0])
         with torch.autocast(x.device.type, enabled=False):
-            dx, dweight, dgamma, dbeta = bnrelu_avgpool_conv1x1_bwd(d2, nhwc_rows(x), scale, shift, w2, spec.nhw,
-                                                                    mean, rstd, spec.training)
+            sync = spec.sync if spec.training else None
+            x2 = nhwc_rows(x)
+            dx, dweight, dgamma, dbeta = bnrelu_avgpool_conv1x1_bwd(d2, x2, scale, shift, w2, spec.nhw,
+                                                                    mean, rstd, spec.training and sync is None)
+            if sync is not None:
+                dx = synced_grad_finish(sync, dx, x2, mean, rstd, scale, dgamma, dbeta, spec.count, spec.dtype)
         dx = dx.view(n, h, w, -1).permute(0, 3, 1, 2)  # channels-last, as the input
         gamma_dtype, beta_dtype, weight_dtype = ctx.param_dtypes
         return (None, dx, dgamma.to(gamma_dtype), dbeta.to(beta_dtype),
@@ -177,16 +188,17 @@ def transition_forward(module: "FusedTransition", x: Tensor, stats=None) -> Tens
     training = norm.training
     stats = check_stats(stats, c, acc, x.device, who) if training else None
     n, _, h, w = x.shape
+    sync = stats_group([norm], who, getattr(module, "sync_group", None)) if training else None
     if training:
-        refuse_synchronized_statistics(norm, who)
         if n * h * w == 1:
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.size()}")
     xin = x.to(dtype) if x.dtype != dtype else x
     # NHWC rows: a view of a block's output; other layouts get one (autograd-tracked) channels-last copy
     xin = xin.contiguous(memory_format=torch.channels_last)
     x2 = nhwc_rows(xin)
-    mean, var = batch_or_running(norm, x2, stats, training, acc)
-    spec = TransitionSpec(nhw=(n, h, w), eps=float(norm.eps), training=training, dtype=dtype)
+    mean, var, count = batch_or_running(norm, x2, stats, training, acc, sync)
+    spec = TransitionSpec(nhw=(n, h, w), eps=float(norm.eps), training=training, dtype=dtype, sync=sync,
+                          count=count)
     params = (norm.weight, norm.bias, conv.weight)
     if torch.is_grad_enabled() and (xin.requires_grad or any(p.requires_grad for p in params)):
         return FusedTransitionFunction.apply(spec, xin, *params, mean, var)
@@ -222,6 +234,7 @@ class FusedTransition(nn.Sequential):
         self.relu = nn.ReLU(inplace=True)
         self.conv = nn.Conv2d(num_input_features, num_output_features, kernel_size=1, stride=1, bias=False)
         self.pool = nn.AvgPool2d(kernel_size=2, stride=2)
+        self.sync_group = None  # batch statistics over a process group (densenet_fused.convert_sync_batchnorm)
 
     @classmethod
     def from_modules(cls, norm: nn.Module, relu: nn.Module, conv: nn.Module, pool: nn.Module) -> "FusedTransition":

@@ -190,6 +190,54 @@ def _stem(rank, world, sizes, order):
     return {"errs": errs, "counts": counts}
 
 
+def _model(rank, world, sizes, order):
+    """Two SGD steps of the package's DenseNet (fused stem, blocks, transition, head) trained over the
+    ranks, against torchvision's DenseNet (same weights) on the full batch in this process.
+    order "fused_sync_ddp": densenet_fused.convert_sync_batchnorm + DDP (gloo); "torch_sync":
+    nn.SyncBatchNorm norms everywhere (DDP refuses them on the CPU: gradients summed by hand)."""
+    import densenet_fused
+    torch.manual_seed(3)
+    ref = torchvision.models.DenseNet(4, (2, 2), 8, bn_size=2, num_classes=3).double()
+    with torch.no_grad():
+        for m in ref.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+    model = densenet_fused.DenseNet(4, (2, 2), 8, bn_size=2, num_classes=3).double()
+    model.load_state_dict(ref.state_dict())
+    if order == "fused_sync_ddp":
+        model = convert_sync_batchnorm(model)
+        assert not any(isinstance(m, nn.SyncBatchNorm) for m in model.modules())
+        run = nn.parallel.DistributedDataParallel(model)
+        scale = world  # DDP averages the ranks' gradients
+    else:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        run, scale = model, 1
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9)
+    lo, hi = sum(sizes[:rank]), sum(sizes[:rank + 1])
+    counts = []
+    for step in range(2):
+        gen = torch.Generator().manual_seed(50 + step)
+        x = torch.randn(sum(sizes), 3, 35, 29, generator=gen, dtype=torch.float64)
+        y = torch.randint(0, 3, (sum(sizes),), generator=gen)
+        opt.zero_grad()
+        with _Counter() as c:
+            (scale * nn.functional.cross_entropy(run(x[lo:hi]), y[lo:hi], reduction="sum")).backward()
+        counts.append(c.n)
+        if order != "fused_sync_ddp":
+            for p in model.parameters():
+                dist.all_reduce(p.grad)
+        opt.step()
+        ref_opt.zero_grad()
+        nn.functional.cross_entropy(ref(x), y, reduction="sum").backward()
+        ref_opt.step()
+    errs = {name: _rel(p.detach(), q.detach()) for (name, p), q in zip(model.named_parameters(), ref.parameters())}
+    for (name, b), c in zip(model.named_buffers(), ref.buffers()):
+        errs[name] = _rel(b.to(torch.float64), c.to(torch.float64))
+    return {"errs": errs, "counts": counts}
+
+
 def _eval_and_world_of_one(rank, world, sizes, order):
     """Eval mode runs no collective and uses the running statistics."""
     ref, fused = _blocks(order)
@@ -231,6 +279,8 @@ def two_ranks():
     jobs["eval"] = (_eval_and_world_of_one, (3, 3), "sync_then_convert")
     jobs["hooks"] = (_equivalence_with_hooks, (3, 2), "fused_sync")
     jobs["stem"] = (_stem, (3, 2), "")
+    jobs["model_ddp"] = (_model, (2, 3), "fused_sync_ddp")
+    jobs["model_torch_sync"] = (_model, (3, 1), "torch_sync")
     return _run(2, jobs)
 
 
@@ -268,6 +318,14 @@ def test_stem_with_sync_batchnorm_equals_the_full_batch(two_ranks):
         worst = max(res["errs"].items(), key=lambda kv: kv[1])
         assert worst[1] < TOL, (rank, worst)
         assert res["counts"] == [(1, 1)] * 3  # one all_gather forward, one all_reduce backward
+
+
+@pytest.mark.parametrize("job", ["model_ddp", "model_torch_sync"])
+def test_whole_model_with_fused_stem_transitions_head_trains_as_the_full_batch(two_ranks, job):
+    for rank, res in enumerate(two_ranks[job]):
+        worst = max(res["errs"].items(), key=lambda kv: kv[1])
+        assert worst[1] < TOL, (rank, worst)
+        assert len(res["errs"]) > 40  # every parameter and buffer compared
 
 
 def test_world_of_one_runs_without_collectives():

@@ -155,9 +155,11 @@ def test_sync_bn_on_cpu_with_norms_outside_fused_blocks_is_bad_input(colors, tmp
     """Under torchrun (WORLD_SIZE > 1) on the CPU, --sync-bn needs every BatchNorm inside fused
     blocks: DDP refuses nn.SyncBatchNorm in CPU models.  Checked before anything starts."""
     monkeypatch.setenv("WORLD_SIZE", "2")  # prepare() reads it; no process group is started
-    assert train("--data", colors, "--epochs", 1, "--batch-size", 8, *TINY, "--sync-bn", "--out", tmp_path / "o") == 2
+    assert train("--data", colors, "--epochs", 1, "--batch-size", 8, *TINY, "--baseline", "--sync-bn",
+                 "--out", tmp_path / "o") == 2
     err = capsys.readouterr().err
-    assert "--sync-bn on cpu" in err and "features.transition1.norm" in err and "Traceback" not in err, err
+    assert "--sync-bn on cpu" in err and "outside fused" in err and "features.denseblock1" in err, err
+    assert "Traceback" not in err
     assert not (tmp_path / "o").exists()
 
 
@@ -184,12 +186,12 @@ def test_digits_validation_accuracy_well_above_chance(tmp_path):
     assert float(rows[-1]["val_acc"]) >= 0.3, rows  # chance is 0.1; measured 0.46
 
 
-def test_torchrun_gloo_two_processes_rank0_writes(colors, tmp_path):
+def test_torchrun_gloo_two_processes_sync_bn_rank0_writes(colors, tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "densenet_fused.cli", "train", "--data", str(colors), "--out", str(out), "--epochs", "2",
-           "--batch-size", "8", *map(str, TINY)]
+           "--batch-size", "8", *map(str, TINY), "--sync-bn"]  # the fused model synchronizes on gloo
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = read_metrics(out / "metrics.csv")
