@@ -108,7 +108,11 @@ for key, (fn, sig, constexprs, attrs, options) in variants.items():
     if key[0] in small and key[0] not in done:
         done[key[0]] = cost.compile_kernel(fn, sig, constexprs, attrs, options)
 fwd = [dict(k[2]) for k in variants if k[0] == "bnrelu_conv1x1._fwd_kernel"]
-print(json.dumps(dict(launched=launched, variants=sorted({k[0] for k in variants}), compiled=done, fwd=fwd)))
+from densenet_fused.ops import bnrelu_conv1x1 as op1
+tuned = {n: dict(keys=t.keys, cache=t.cache_results, args=t.arg_names)
+         for n, t in (("fwd", op1._fwd_tuned), ("bwd", op1._bwd_tuned))}
+print(json.dumps(dict(launched=launched, variants=sorted({k[0] for k in variants}), compiled=done, fwd=fwd,
+                      tuned=tuned)))
 """
 
 
@@ -132,6 +136,12 @@ def test_kernel_variants_cover_every_launch_and_compile_for_sm90():
     # the 1x1 forward's configs as its autotuner prunes them: none wider than the 48 output channels
     assert len(got["fwd"]) >= 2 and all(int(c[str(op1._fwd_kernel.arg_names.index("BLOCK_N"))]) == 64
                                         for c in got["fwd"])
+    # autotuning: keyed by the tile height and the product precision (Triton adds the tensors' dtypes;
+    # it skips key names that are not arguments, so they are checked here), cached across processes
+    for name, want in (("fwd", {"C_BUCKET", "COUT", "STATS", "BLOCK_M", "PRECISION"}),
+                       ("bwd", {"C_BUCKET", "COUT", "PRECISION"})):
+        t = got["tuned"][name]
+        assert set(t["keys"]) == want and want <= set(t["args"]) and t["cache"] is True, (name, t)
     assert len(got["compiled"]) == 3
     for name, r in got["compiled"].items():
         assert r["regs"] > 0 and r["spills"] == 0 and r["shared"] <= 227 * 1024, (name, r)

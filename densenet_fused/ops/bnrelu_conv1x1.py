@@ -277,11 +277,15 @@ def _bwd_finish_kernel(PDW, DW, NW, PSG, PSGX, SPLITS, C, SCALE, RSTD, DBETA, DG
 
 
 # Autotuned on CUDA (Hopper and Ampere candidates), keyed by the power-of-two bucket of the
-# input channels so a block's layers share a few tunings; fixed small tiles under the
-# interpreter.  BLOCK_M of the forward is chosen from the shape (it sets the statistics
-# workspace), and the backward's split count is a function of the shape only.  Configs are
-# pruned per launch by ``_fwd_fits`` / ``_bwd_fits`` (the device's shared memory and
-# architecture, registers).
+# input channels so a block's layers share a few tunings, by the forward's tile height (a config
+# tuned at BLOCK_M=64 may not fit at 128) and by the product precision (the tensors' dtypes are
+# part of Triton's key); fixed small tiles under the interpreter.  BLOCK_M of the forward is chosen
+# from the shape (it sets the statistics workspace), and the backward's split count is a function
+# of the shape only.  Configs are pruned per key by ``_fwd_fits`` / ``_bwd_fits`` (the device's
+# shared memory and architecture, registers).  Tunings are cached on disk across processes by
+# Triton (``cache_results``, in triton 3.6 and 3.8 alike: one JSON per key in Triton's cache
+# directory, keyed by the Triton version, the device's target, the kernel source, the key and
+# the configs), so a new process reuses them instead of benchmarking again.
 _FWD_CONFIGS = [triton.Config(dict(BLOCK_N=bn, BLOCK_K=bk), num_warps=w, num_stages=st)
                 for bn, bk, w, st in [(128, 64, 8, 3), (128, 64, 4, 4), (128, 32, 4, 4), (64, 64, 4, 4),
                                       (128, 128, 8, 3), (64, 128, 4, 3), (256, 64, 8, 3), (64, 64, 8, 3),
@@ -331,12 +335,12 @@ def _bwd_fits(cfg, args, target):
     return smem <= target.smem
 
 
-_fwd_tuned = triton.autotune(_FWD_CONFIGS, key=["C_BUCKET", "COUT", "STATS"],
-                             prune_configs_by=dict(early_config_prune=config_pruner(_fwd_fits, "bnrelu_conv1x1_fwd")))(
-    _fwd_kernel)
-_bwd_tuned = triton.autotune(_BWD_CONFIGS, key=["C_BUCKET", "COUT"], restore_value=["G"],
-                             prune_configs_by=dict(early_config_prune=config_pruner(_bwd_fits, "bnrelu_conv1x1_bwd")))(
-    _bwd_kernel)
+_fwd_tuned = triton.autotune(_FWD_CONFIGS, key=["C_BUCKET", "COUT", "STATS", "BLOCK_M", "PRECISION"],
+                             prune_configs_by=dict(early_config_prune=config_pruner(_fwd_fits, "bnrelu_conv1x1_fwd")),
+                             cache_results=True)(_fwd_kernel)
+_bwd_tuned = triton.autotune(_BWD_CONFIGS, key=["C_BUCKET", "COUT", "PRECISION"], restore_value=["G"],
+                             prune_configs_by=dict(early_config_prune=config_pruner(_bwd_fits, "bnrelu_conv1x1_bwd")),
+                             cache_results=True)(_bwd_kernel)
 
 
 def _fwd_block_m(m, cout):
