@@ -9,8 +9,9 @@ and its one-pass backward (DESIGN section 2 facts 1-3, section 3 steps 2 and 4).
   accumulates ``scale*g`` into G, and writes per-split partials of dW and of the two
   per-channel sums that are reduced in a fixed order.  No atomics, no host
   synchronization, workspace sizes depend on shapes only (CUDA-graph capturable).
-  float64 on CUDA runs ``fwd_chunked`` / ``bwd_chunked`` (ATen GEMMs over row chunks):
-  an accuracy dtype, not a speed one.
+  float64 on CUDA, and float32 without TF32, run ``fwd_chunked`` / ``bwd_chunked`` (cuBLAS
+  GEMMs over row chunks; ``_triton_common.cuda_gemm_impl`` decides): accuracy modes, not speed
+  ones (Triton's full-fp32 ``tl.dot`` is FMAs with heavy register spills).
 Under ``TRITON_INTERPRET=1`` the Triton launchers run on CPU tensors (the CI tests).
 """
 import os
@@ -20,7 +21,8 @@ import triton
 import triton.language as tl
 
 from ._common import acc_dtype, on_tensor_device
-from ._triton_common import bnrelu_tile, config_pruner, dot_precision, merge_stats, store_tile_stats
+from ._triton_common import (bnrelu_tile, config_pruner, cuda_gemm_impl, dot_precision, merge_stats,
+                             store_tile_stats)
 from .bn_scale_shift import bn_scale_shift
 from .channel_stats import channel_stats
 
@@ -129,7 +131,7 @@ def _check_bwd(dout, x, weight, mean, rstd, G):
 
 # ----------------------------------------------------------------------------- ATen (float64 on CUDA)
 def fwd_chunked(x, scale, shift, weight, stats, bn_out=None, bn_gamma=None, bn_beta=None, bn_eps=0.0):
-    """Row-chunked ATen forward: the float64 CUDA path."""
+    """Row-chunked ATen forward: the CUDA path of float64 and of float32 without TF32."""
     _check(x, scale, shift, weight, "bnrelu_conv1x1_fwd")
     _check_bn_out(x, weight.shape[0], stats, bn_out, bn_gamma, bn_beta, bn_eps)
     m = x.shape[0]
@@ -149,7 +151,7 @@ def fwd_chunked(x, scale, shift, weight, stats, bn_out=None, bn_gamma=None, bn_b
 
 
 def bwd_chunked(dout, x, scale, shift, weight, mean, rstd, G, P=None, Q=None, count=0):
-    """Row-chunked ATen backward: the float64 CUDA path."""
+    """Row-chunked ATen backward: the CUDA path of float64 and of float32 without TF32."""
     _check(x, scale, shift, weight, "bnrelu_conv1x1_bwd")
     _check_bwd(dout, x, weight, mean, rstd, G)
     _check_pq(P, Q, count, x.shape[1], scale.dtype)
@@ -433,13 +435,13 @@ def triton_bwd(dout, x, scale, shift, weight, mean, rstd, G, P=None, Q=None, cou
 
 
 def _cuda_fwd(x, scale, shift, weight, stats, bn_out=None, bn_gamma=None, bn_beta=None, bn_eps=0.0):
-    if x.dtype == torch.float64:
+    if cuda_gemm_impl(x.dtype) == "aten":
         return fwd_chunked(x, scale, shift, weight, stats, bn_out, bn_gamma, bn_beta, bn_eps)
     return triton_fwd(x, scale, shift, weight, stats, bn_out, bn_gamma, bn_beta, bn_eps)
 
 
 def _cuda_bwd(dout, x, scale, shift, weight, mean, rstd, G, P=None, Q=None, count=0):
-    if x.dtype == torch.float64:
+    if cuda_gemm_impl(x.dtype) == "aten":
         return bwd_chunked(dout, x, scale, shift, weight, mean, rstd, G, P, Q, count)
     return triton_bwd(dout, x, scale, shift, weight, mean, rstd, G, P, Q, count)
 

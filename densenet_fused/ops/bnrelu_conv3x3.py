@@ -10,7 +10,8 @@ Two implementations of the same op on CUDA:
   never exists), the statistics epilogue, a dgrad kernel with the BN2-ReLU backward and
   its two per-channel sums in its epilogue, and a split-M wgrad kernel reduced in a fixed
   order.
-``set_conv3x3_impl("triton" | "aten")`` (or ``DENSENET_FUSED_CONV3X3``) picks the CUDA one.  The
+``set_conv3x3_impl("triton" | "aten")`` (or ``DENSENET_FUSED_CONV3X3``) picks the CUDA one for
+16-bit dtypes and float32 with TF32 (float64 and float32 without TF32 always run cuDNN).  The
 default is ``triton``, measured on an H100 (torch 2.11, triton 3.6, bf16 autocast, training
 step of the block): DenseNet-121 block 3 at N=128 50.9 ms / 180 MB peak against 66.0 ms /
 227 MB with ``aten``, block 1 25.0 ms against 32.2 ms (DenseNet-BC-100 k=12 at N=64: 32.7 ms
@@ -26,7 +27,7 @@ import triton
 import triton.language as tl
 
 from ._common import acc_dtype, on_tensor_device
-from ._triton_common import bnrelu_tile, dot_precision, merge_stats, store_tile_stats
+from ._triton_common import bnrelu_tile, cuda_gemm_impl, dot_precision, merge_stats, store_tile_stats
 from .bn_grad_finish import bn_grad_finish
 from .bn_scale_shift import bn_scale_shift
 from .channel_stats import channel_stats
@@ -343,9 +344,11 @@ def _bwd_triton(dy, b, scale, shift, weight, nhw, mean, rstd, count=0, dy_x=None
 # (registered with torch.library.Library, whose dispatch costs ~2 us against ~15 us for a
 # torch.library.custom_op).
 def _use_triton(b, impl):
+    """Triton for CUDA tensors when chosen (``impl``, else ``set_conv3x3_impl``), except float64 and
+    float32 without TF32, which run cuDNN whatever the choice (``_triton_common.cuda_gemm_impl``)."""
     if impl not in ("",) + _IMPLS:
         raise RuntimeError(f"bnrelu_conv3x3: expected impl in {_IMPLS} (or empty for the default), got {impl!r}")
-    return b.is_cuda and b.dtype != torch.float64 and (impl or _cuda_impl) == "triton"
+    return b.is_cuda and cuda_gemm_impl(b.dtype) == "triton" and (impl or _cuda_impl) == "triton"
 
 
 def _fwd_impl(b, scale, shift, weight, nhw, out, stats, impl="", mean_out=None, var_out=None, bn_out=None,

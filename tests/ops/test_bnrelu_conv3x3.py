@@ -129,6 +129,23 @@ def test_default_cuda_impl_is_triton():
     assert op.conv3x3_impl() == os.environ.get("DENSENET_FUSED_CONV3X3", "triton")
 
 
+def test_cuda_routing():
+    """Triton on CUDA for 16-bit dtypes and float32 with TF32 when chosen; cuDNN for float64 and for
+    float32 without TF32 whatever the choice (fake CUDA tensors: no GPU needed)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from flags import patched
+    with FakeTensorMode():
+        b = {d: torch.empty(4, 4, dtype=d, device="cuda") for d in (torch.float64, torch.float32, torch.bfloat16)}
+    for tf32, want32 in ((False, False), (True, True)):
+        with patched(torch.backends.cuda.matmul, allow_tf32=tf32):
+            assert op._use_triton(b[torch.float32], "triton") is want32
+            assert op._use_triton(b[torch.float64], "triton") is False
+            assert op._use_triton(b[torch.bfloat16], "triton") is True
+            assert op._use_triton(b[torch.bfloat16], "aten") is False
+    assert op._use_triton(torch.empty(4, 4, dtype=torch.bfloat16), "triton") is False  # CPU: the ATen kernel
+
+
 def test_impl_switch_and_bad_input():
     with pytest.raises(ValueError, match="expected one of"):
         op.set_conv3x3_impl("cudnn")
