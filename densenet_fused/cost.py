@@ -71,6 +71,7 @@ TRITON_WRITES: Dict[str, Dict[str, str]] = {
     "bnrelu_conv3x3._dgrad_kernel": {"G2": "w", "PSG": "w", "PSGX": "w"},
     "bnrelu_conv3x3._wgrad_kernel": {"PDW": "w"},
     "bnrelu_conv3x3._bwd_finish_kernel": {"DW": "w", "DGAMMA": "w", "DBETA": "w", "P": "w", "Q": "w"},
+    "bnrelu_conv3x3._dropout_mask_kernel": {"OUT": "w"},
     "_triton_common.stats_merge_kernel": {"MEAN": "w", "VAR": "w"},
     "bn_scale_shift._scale_shift_kernel": {"SCALE": "w", "SHIFT": "w", "RSTD": "w"},
 }

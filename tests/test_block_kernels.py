@@ -31,8 +31,8 @@ def test_block_on_triton_kernels_matches_torchvision(drop_rate):
     triton_ops = dict(
         bnrelu_conv1x1_fwd=op.triton_fwd,
         bnrelu_conv1x1_bwd=op.triton_bwd,
-        bnrelu_conv3x3_fwd=lambda *args: op3._fwd_triton(*args[:7], *args[8:]),  # without the impl arg
-        bnrelu_conv3x3_bwd=lambda *args: op3._bwd_triton(*args[:8], *args[9:]),
+        bnrelu_conv3x3_fwd=lambda *args, **kw: op3._fwd_triton(*args[:7], *args[8:], **kw),  # without the impl arg
+        bnrelu_conv3x3_bwd=lambda *args, **kw: op3._bwd_triton(*args[:8], *args[9:], **kw),
         bn_scale_shift=scale_shift_mod.triton_scale_shift,
     )
     ref, fused = make_pair(torch.float32, drop_rate=drop_rate)

@@ -61,6 +61,26 @@ def test_bytes_of_the_fused_1x1_forward_are_its_operands(recordings):
     assert m * cb * 2 <= fwd[0].written <= m * cb * 2 + partials
 
 
+def test_dropout_draws_its_seeds_on_the_device(recordings):
+    """drop_rate > 0: the step records on fake CUDA tensors (a host synchronization such as .item()
+    raises there) and costs one launch more per step (every layer's seed in one draw on the device),
+    the same bytes: the conv3x3 kernels apply the masks from those seeds."""
+    import densenet_fused.modules as mods
+    from flags import patched
+    case = cost.CASES["densenet121_block3"]
+    orig = mods.FusedDenseBlock
+    with patched(mods, FusedDenseBlock=lambda *a, **k: orig(*a, drop_rate=0.2, **k)):
+        rec = cost.record_step(case)
+    plain = recordings[case.name]
+    assert sum(x.launches for x in rec.launches) == sum(x.launches for x in plain.launches) + 1
+    assert [x.kernel for x in rec.launches if x.layer == 0] == \
+        [x.kernel for x in plain.launches if x.layer == 0][:3] + ["aten.randint"] + \
+        [x.kernel for x in plain.launches if x.layer == 0][3:]  # layer 0 draws the seeds
+    assert [x.kernel for x in rec.launches if x.layer > 0] == [x.kernel for x in plain.launches if x.layer > 0]
+    got, want = cost.summarize(case, rec), cost.summarize(case, plain)
+    assert abs(got.bytes - want.bytes) < 1e6, (got.line(), want.line())
+
+
 def test_floor_matches_design_section_8():
     """DESIGN section 8: about 6.2 GB for DenseNet-121 block 3 (N=128, bf16) in its per-layer
     terms; the block-level terms (x in, grad_out in, dx out) add M*(3*C_0 + C_total)*2 bytes."""
