@@ -54,18 +54,21 @@ TORCH_LIBRARY(densenet_fused, m) {
   // their last k entries instead (the returned tensors are empty); with bn_out (3, C + k), bn_gamma, bn_beta
   // also the folded map (scale, shift, rstd) of the BatchNorm reading all C + k channels (the next layer's
   // norm1), as bn_scale_shift computes it.  impl: "aten" / "triton" on CUDA, "" for the default.
+  // drop_p > 0: dropout of out (before its statistics) with the Philox mask of drop_seed (int64, 1 element).
   // Kernels: densenet_fused/ops/bnrelu_conv3x3.py (ATen on CPU and CUDA, Triton).
   m.def("bnrelu_conv3x3_fwd(Tensor b, Tensor scale, Tensor shift, Tensor weight, int[] nhw, Tensor(a!) out, "
         "bool stats, str impl=\"\", Tensor(b!)? mean_out=None, Tensor(c!)? var_out=None, Tensor(d!)? bn_out=None, "
-        "Tensor? bn_gamma=None, Tensor? bn_beta=None, float bn_eps=0.0) -> (Tensor mean, Tensor var)");
+        "Tensor? bn_gamma=None, Tensor? bn_beta=None, float bn_eps=0.0, float drop_p=0.0, Tensor? drop_seed=None) "
+        "-> (Tensor mean, Tensor var)");
   // Backward through conv3x3 and BN2's ReLU: g2 = dA2 * (b*scale+shift > 0), dweight, and
   // dgamma = sum(g2 * (b - mean) * rstd), dbeta = sum(g2) per channel; with count > 0 also BN2's
   // input-gradient scalars p = scale*dbeta/count, q = scale*rstd*dgamma/count (zeros when count = 0).
   // With dy_x, dy_mean, dy_p, dy_q, dy is the block's fp32 gradient sum G of the new channels, finished
-  // on the fly as in bn_grad_finish: dy = G - dy_p - (dy_x - dy_mean) * dy_q (in b's dtype).
+  // on the fly as in bn_grad_finish: dy = G - dy_p - (dy_x - dy_mean) * dy_q (in b's dtype).  drop_p > 0:
+  // dy is the gradient of the forward's dropout output, masked by the same Philox mask (drop_seed).
   m.def("bnrelu_conv3x3_bwd(Tensor dy, Tensor b, Tensor scale, Tensor shift, Tensor weight, int[] nhw, "
         "Tensor mean, Tensor rstd, str impl=\"\", int count=0, Tensor? dy_x=None, Tensor? dy_mean=None, "
-        "Tensor? dy_p=None, Tensor? dy_q=None) "
+        "Tensor? dy_p=None, Tensor? dy_q=None, float drop_p=0.0, Tensor? drop_seed=None) "
         "-> (Tensor g2, Tensor dweight, Tensor dgamma, Tensor dbeta, Tensor p, Tensor q)");
   // stem (issue 13)
   // The stem's BatchNorm-ReLU and 3x3/2 max pool (padding 1) on conv0's output y, an (N*H*W, C)

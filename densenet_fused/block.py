@@ -51,12 +51,11 @@ def _affine(bn, gamma, beta, batch, acc):
     return mean, rstd, scale, shift
 
 
-def _dropout_mask(seed, shape, p, device, dtype):
-    """Keep-mask scaled by 1/(1-p), regenerated bit for bit from its seed."""
-    gen = torch.Generator(device=device)
-    gen.manual_seed(seed)
-    keep = torch.empty(shape, device=device, dtype=dtype).bernoulli_(1.0 - p, generator=gen)
-    return keep.mul_(0.0 if p >= 1.0 else 1.0 / (1.0 - p))
+def _dropout_seeds(num_layers, device):
+    """One dropout seed per layer, drawn on the device in one launch (no host synchronization, CUDA-graph
+    capturable); the conv3x3 ops regenerate a layer's Philox mask from its seed in the forward and the
+    backward (ops.bnrelu_conv3x3.dropout_mask)."""
+    return torch.randint(0, 2 ** 62, (num_layers,), dtype=torch.int64, device=device)
 
 
 PER_LAYER_SAVED = 7  # scale1, shift1, rstd1, mean2, rstd2, scale2, shift2
@@ -124,7 +123,7 @@ def block_forward(spec: BlockSpec, x: torch.Tensor, params: Sequence[torch.Tenso
         if sync is not None:
             count, mu, v = sync.merge_moments(m, mu, v, want_count=True)
         mean[:c0], var[:c0] = mu, v
-    seeds: List[Optional[int]] = []
+    seeds: List[Optional[torch.Tensor]] = []  # per layer: its dropout seed (a 1-element device tensor)
     kept: List[torch.Tensor] = []
     per_layer: List[torch.Tensor] = []
     cb = spec.layers[0].conv1.out_channels if num_layers else 0
@@ -159,32 +158,28 @@ def block_forward(spec: BlockSpec, x: torch.Tensor, params: Sequence[torch.Tenso
         per_layer += [scale1, shift1, r1, m2, r2, scale2, shift2]
         p = float(layer.drop_rate)
         new_slice = buf2[:, c_l:c_l + k]
-        if p > 0 and layer.training:
-            seed = int(torch.randint(0, 2 ** 62, (1,)).item())
-            new = torch.empty((m, k), dtype=dtype, device=dev)
-            bnrelu_conv3x3_fwd(bott, scale2, shift2, w2c, [n, h, w], new, False, spec.conv3x3_impl)
-            torch.mul(new, _dropout_mask(seed, new.shape, p, dev, dtype), out=new_slice)
+        drop = {}
+        if p > 0 and layer.training:  # the mask applied by the conv3x3 op, before the statistics
+            if all(s is None for s in seeds):  # the step's first dropout layer draws every layer's seed
+                step_seeds = _dropout_seeds(num_layers, dev)
+            seed = step_seeds[l:l + 1]
             seeds.append(seed)
-            if spec.training:
-                mu, v, _ = channel_stats(new_slice, layer.norm1.eps)
-                if sync is not None:
-                    _, mu, v = sync.merge_moments(m, mu, v)
-                mean[c_l:c_l + k], var[c_l:c_l + k] = mu, v
+            drop = dict(drop_p=p, drop_seed=seed)
         else:
             seeds.append(None)
-            if spec.training:  # the new channels' statistics written in place, and the next layer's BN1 map
-                nxt = spec.layers[l + 1].norm1 if l + 1 < num_layers else None
-                bn = ()
-                if nxt is not None and sync is None:
-                    aff1 = torch.empty((3, c_l + k), dtype=acc, device=dev)
-                    bn = (aff1, nxt.weight, nxt.bias, nxt.eps)
-                bnrelu_conv3x3_fwd(bott, scale2, shift2, w2c, [n, h, w], new_slice, True, spec.conv3x3_impl,
-                                   mean[:c_l + k], var[:c_l + k], *bn)
-                if sync is not None:  # merged statistics; the next layer folds its map from them
-                    sl = slice(c_l, c_l + k)
-                    _, mean[sl], var[sl] = sync.merge_moments(m, mean[sl], var[sl])
-            else:
-                bnrelu_conv3x3_fwd(bott, scale2, shift2, w2c, [n, h, w], new_slice, False, spec.conv3x3_impl)
+        if spec.training:  # the new channels' statistics written in place, and the next layer's BN1 map
+            nxt = spec.layers[l + 1].norm1 if l + 1 < num_layers else None
+            bn = ()
+            if nxt is not None and sync is None:
+                aff1 = torch.empty((3, c_l + k), dtype=acc, device=dev)
+                bn = (aff1, nxt.weight, nxt.bias, nxt.eps)
+            bnrelu_conv3x3_fwd(bott, scale2, shift2, w2c, [n, h, w], new_slice, True, spec.conv3x3_impl,
+                               mean[:c_l + k], var[:c_l + k], *bn, **drop)
+            if sync is not None:  # merged statistics; the next layer folds its map from them
+                sl = slice(c_l, c_l + k)
+                _, mean[sl], var[sl] = sync.merge_moments(m, mean[sl], var[sl])
+        else:
+            bnrelu_conv3x3_fwd(bott, scale2, shift2, w2c, [n, h, w], new_slice, False, spec.conv3x3_impl, **drop)
 
     if trace is not None:
         trace("forward", -1)
@@ -240,10 +235,8 @@ def block_backward(spec: BlockSpec, out, grad_out, params, stats, seeds, kept, x
         sl = slice(c_l, c_l + k)
         if sync is not None and l + 1 < len(spec.layers):  # P, Q of these channels summed over the group
             PQ[:, sl] = sync.sum_(PQ[:, sl].contiguous())   # (the last layer's are zeros everywhere)
-        if seeds[l] is not None:
-            dnew = bn_grad_finish(G[:, sl], buf2[:, sl], mean[sl], P[sl], Q[sl], dtype)
-            dnew = dnew * _dropout_mask(seeds[l], dnew.shape, float(layer.drop_rate), dev, dtype)
-            finish = ()
+        if seeds[l] is not None:  # and through the forward's dropout mask, regenerated from its seed
+            dnew, finish = G[:, sl], (buf2[:, sl], mean[sl], P[sl], Q[sl], float(layer.drop_rate), seeds[l])
         else:
             dnew, finish = G[:, sl], (buf2[:, sl], mean[sl], P[sl], Q[sl])
         # 2. the bottleneck (recomputed, or kept from the forward).

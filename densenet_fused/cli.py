@@ -123,10 +123,12 @@ def main(argv=None) -> int:
                         help="densenet121_block3 (default), densenet121_block1, densenet_bc100_k12 or all")
     p_cost.add_argument("--kernels", action="store_true",
                         help="compile every Triton kernel and autotuner config for sm_90a: registers, spills, smem")
+    p_cost.add_argument("--arch", type=int, default=90, choices=[80, 90],
+                        help="with --kernels: compile for sm_90a (90, default) or sm_80 (80)")
     args = parser.parse_args(argv)
     if args.cmd == "cost":
         from .cost import main as cost_main
-        return cost_main(args.case, args.kernels)
+        return cost_main(args.case, args.kernels, args.arch)
     if args.cmd == "demo":
         from .demo import demo
         return demo(args.device)

@@ -71,6 +71,7 @@ TRITON_WRITES: Dict[str, Dict[str, str]] = {
     "bnrelu_conv3x3._dgrad_kernel": {"G2": "w", "PSG": "w", "PSGX": "w"},
     "bnrelu_conv3x3._wgrad_kernel": {"PDW": "w"},
     "bnrelu_conv3x3._bwd_finish_kernel": {"DW": "w", "DGAMMA": "w", "DBETA": "w", "P": "w", "Q": "w"},
+    "bnrelu_conv3x3._dropout_mask_kernel": {"OUT": "w"},
     "_triton_common.stats_merge_kernel": {"MEAN": "w", "VAR": "w"},
     "bn_scale_shift._scale_shift_kernel": {"SCALE": "w", "SHIFT": "w", "RSTD": "w"},
 }
@@ -381,17 +382,24 @@ _TL_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16
              torch.int64: "i64", torch.int32: "i32"}
 
 
-def kernel_variants(rec: Recording) -> Dict[tuple, tuple]:
-    """Every distinct compilation a recorded step needs, with every config an autotuner can pick:
+def kernel_variants(rec: Recording, arch: int = 90) -> Dict[tuple, tuple]:
+    """Every distinct compilation a recorded step needs, with every config an autotuner can pick on
+    sm_<arch> (its ``early_config_prune`` applied for that architecture):
     key -> (jit function, signature, constexprs, attrs, options).  Pointer and integer arguments
     get the tt.divisibility 16 attribute where the real launch satisfies it (a 16-byte aligned
     address assuming 16-byte aligned allocations; a multiple of 16), as Triton specializes them."""
     import triton.runtime.autotuner as autotuner
+
+    from .ops._triton_common import cost_target
     out: Dict[tuple, tuple] = {}
     for obj, args, kwargs in rec.triton_calls:
         configs = obj.configs if isinstance(obj, autotuner.Autotuner) else [None]
         fn = obj.fn if isinstance(obj, autotuner.Autotuner) else obj
         names = list(fn.arg_names)
+        fits = getattr(getattr(obj, "early_config_prune", None), "fits", None)
+        if fits is not None:
+            launch = {**dict(zip(names, args)), **kwargs}
+            configs = [c for c in configs if fits(c, launch, cost_target(arch))]
         for cfg in configs:
             values = dict(zip(names, args))
             values.update({k: v for k, v in kwargs.items() if k in names})
@@ -458,11 +466,14 @@ def compile_kernel(fn, sig, constexprs, attrs, options, arch: int = 90) -> dict:
 
 
 def kernels_report(case: CostCase, arch: int = 90) -> str:
-    """Every Triton kernel variant of the case's step, every autotuner config, compiled for sm_<arch>."""
+    """Every Triton kernel variant of the case's step, every autotuner config it can pick there,
+    compiled for sm_<arch>; a kernel using more shared memory than the architecture has per
+    block counts as an error (it compiles but cannot load)."""
     import os
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise SystemExit("cost --kernels: unset TRITON_INTERPRET (the kernels are compiled, not interpreted)")
-    variants = kernel_variants(record_step(case))
+    from .ops._triton_common import SMEM_PER_BLOCK
+    variants = kernel_variants(record_step(case), arch)
     gpu = f"sm_{arch}a" if arch == 90 else f"sm_{arch}"
     lines = [f"{case.name}: Triton kernels of a training step, every autotuner config, compiled for {gpu}",
              f"    {'kernel':<36} {'config':<44} {'regs':>5} {'spill B':>8} {'smem KB':>8} wgmma cp.async"]
@@ -477,21 +488,25 @@ def kernels_report(case: CostCase, arch: int = 90) -> str:
             errors += 1
             lines.append(f"    {name:<36} {cfg:<44} ERROR {type(e).__name__}: {str(e).splitlines()[0][:80]}")
             continue
+        over = r["shared"] > SMEM_PER_BLOCK[arch]  # it compiles, but would not load (OutOfResources)
         n += 1
         spilled += r["spills"] > 0
+        errors += over
         lines.append(f"    {name:<36} {cfg:<44} {r['regs']:5d} {r['spills']:8d} {r['shared'] / 1024:8.1f} "
-                     f"{'yes' if r['wgmma'] else 'no':>5} {'yes' if r['cp_async'] else 'no':>8}")
+                     f"{'yes' if r['wgmma'] else 'no':>5} {'yes' if r['cp_async'] else 'no':>8}"
+                     + (f"  ERROR shared memory over {SMEM_PER_BLOCK[arch]} B" if over else ""))
     lines.append(f"kernels: {n} compiled for {gpu}, {spilled} with spills, {errors} errors")
     return "\n".join(lines)
 
 
-def main(case: str = "densenet121_block3", kernels: bool = False) -> int:
-    """Print the report of one case (or of every case with "all"): the last line is the summary."""
+def main(case: str = "densenet121_block3", kernels: bool = False, arch: int = 90) -> int:
+    """Print the report of one case (or of every case with "all"): the last line is the summary.
+    ``arch``: the compute capability --kernels compiles for (90: sm_90a, 80: sm_80)."""
     names = list(CASES) if case == "all" else [case]
     for i, name in enumerate(names):
         if name not in CASES:
             raise SystemExit(f"cost: unknown case {name!r}; expected one of {', '.join(CASES)} or all")
         if i:
             print()
-        print(kernels_report(CASES[name]) if kernels else report(CASES[name], record_step(CASES[name])))
+        print(kernels_report(CASES[name], arch) if kernels else report(CASES[name], record_step(CASES[name])))
     return 0

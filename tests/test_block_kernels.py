@@ -26,12 +26,13 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 @pytest.mark.skipif(not INTERPRET, reason="substitutes interpreted Triton kernels on CPU tensors")
 @pytest.mark.parametrize("drop_rate", [0.0, 0.25])
 def test_block_on_triton_kernels_matches_torchvision(drop_rate):
-    """The block with its Triton kernels (1x1, 3x3, scale/shift) in place of the CPU kernels."""
+    """The block with its Triton kernels (1x1, 3x3, scale/shift) in place of the CPU kernels (the
+    launchers themselves: on CUDA, float32 without TF32 runs cuBLAS/cuDNN instead)."""
     triton_ops = dict(
-        bnrelu_conv1x1_fwd=op._cuda_fwd,
-        bnrelu_conv1x1_bwd=op._cuda_bwd,
-        bnrelu_conv3x3_fwd=lambda *args: op3._fwd_triton(*args[:7], *args[8:]),  # without the impl arg
-        bnrelu_conv3x3_bwd=lambda *args: op3._bwd_triton(*args[:8], *args[9:]),
+        bnrelu_conv1x1_fwd=op.triton_fwd,
+        bnrelu_conv1x1_bwd=op.triton_bwd,
+        bnrelu_conv3x3_fwd=lambda *args, **kw: op3._fwd_triton(*args[:7], *args[8:], **kw),  # without the impl arg
+        bnrelu_conv3x3_bwd=lambda *args, **kw: op3._bwd_triton(*args[:8], *args[9:], **kw),
         bn_scale_shift=scale_shift_mod.triton_scale_shift,
     )
     ref, fused = make_pair(torch.float32, drop_rate=drop_rate)

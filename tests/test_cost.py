@@ -61,6 +61,26 @@ def test_bytes_of_the_fused_1x1_forward_are_its_operands(recordings):
     assert m * cb * 2 <= fwd[0].written <= m * cb * 2 + partials
 
 
+def test_dropout_draws_its_seeds_on_the_device(recordings):
+    """drop_rate > 0: the step records on fake CUDA tensors (a host synchronization such as .item()
+    raises there) and costs one launch more per step (every layer's seed in one draw on the device),
+    the same bytes: the conv3x3 kernels apply the masks from those seeds."""
+    import densenet_fused.modules as mods
+    from flags import patched
+    case = cost.CASES["densenet121_block3"]
+    orig = mods.FusedDenseBlock
+    with patched(mods, FusedDenseBlock=lambda *a, **k: orig(*a, drop_rate=0.2, **k)):
+        rec = cost.record_step(case)
+    plain = recordings[case.name]
+    assert sum(x.launches for x in rec.launches) == sum(x.launches for x in plain.launches) + 1
+    assert [x.kernel for x in rec.launches if x.layer == 0] == \
+        [x.kernel for x in plain.launches if x.layer == 0][:3] + ["aten.randint"] + \
+        [x.kernel for x in plain.launches if x.layer == 0][3:]  # layer 0 draws the seeds
+    assert [x.kernel for x in rec.launches if x.layer > 0] == [x.kernel for x in plain.launches if x.layer > 0]
+    got, want = cost.summarize(case, rec), cost.summarize(case, plain)
+    assert abs(got.bytes - want.bytes) < 1e6, (got.line(), want.line())
+
+
 def test_floor_matches_design_section_8():
     """DESIGN section 8: about 6.2 GB for DenseNet-121 block 3 (N=128, bf16) in its per-layer
     terms; the block-level terms (x in, grad_out in, dx out) add M*(3*C_0 + C_total)*2 bytes."""
@@ -107,8 +127,12 @@ done = {}
 for key, (fn, sig, constexprs, attrs, options) in variants.items():
     if key[0] in small and key[0] not in done:
         done[key[0]] = cost.compile_kernel(fn, sig, constexprs, attrs, options)
-fwd = len([k for k in variants if k[0] == "bnrelu_conv1x1._fwd_kernel"])
-print(json.dumps(dict(launched=launched, variants=sorted({k[0] for k in variants}), compiled=done, fwd=fwd)))
+fwd = [dict(k[2]) for k in variants if k[0] == "bnrelu_conv1x1._fwd_kernel"]
+from densenet_fused.ops import bnrelu_conv1x1 as op1
+tuned = {n: dict(keys=t.keys, cache=t.cache_results, args=t.arg_names)
+         for n, t in (("fwd", op1._fwd_tuned), ("bwd", op1._bwd_tuned))}
+print(json.dumps(dict(launched=launched, variants=sorted({k[0] for k in variants}), compiled=done, fwd=fwd,
+                      tuned=tuned)))
 """
 
 
@@ -129,10 +153,61 @@ def test_kernel_variants_cover_every_launch_and_compile_for_sm90():
     assert res.returncode == 0, res.stderr[-3000:]
     got = json.loads(res.stdout.strip().splitlines()[-1])
     assert got["launched"] == got["variants"]
-    assert got["fwd"] >= len(op1._FWD_CONFIGS)  # every autotuner config of the 1x1 forward
+    # the 1x1 forward's configs as its autotuner prunes them: none wider than the 48 output channels
+    assert len(got["fwd"]) >= 2 and all(int(c[str(op1._fwd_kernel.arg_names.index("BLOCK_N"))]) == 64
+                                        for c in got["fwd"])
+    # autotuning: keyed by the tile height and the product precision (Triton adds the tensors' dtypes;
+    # it skips key names that are not arguments, so they are checked here), cached across processes
+    for name, want in (("fwd", {"C_BUCKET", "COUT", "STATS", "BLOCK_M", "PRECISION"}),
+                       ("bwd", {"C_BUCKET", "COUT", "PRECISION"})):
+        t = got["tuned"][name]
+        assert set(t["keys"]) == want and want <= set(t["args"]) and t["cache"] is True, (name, t)
     assert len(got["compiled"]) == 3
     for name, r in got["compiled"].items():
         assert r["regs"] > 0 and r["spills"] == 0 and r["shared"] <= 227 * 1024, (name, r)
+
+
+def _fwd_args(dtype, block_m, cout=128, ldw=256):
+    x = torch.empty(0, dtype=dtype)
+    return dict(X=x, BLOCK_M=block_m, COUT=cout, ldw=ldw)
+
+
+def test_autotuner_configs_are_pruned_by_the_hardware():
+    """The 1x1 autotuners' early_config_prune (what `cost --kernels` compiles): float32 tiles of 128 rows
+    that exceed a GPU's shared memory, spilling register loads and tiles wider than the output never
+    run; every launch keeps at least one config."""
+    from densenet_fused.ops import bnrelu_conv1x1 as op1
+    from densenet_fused.ops._triton_common import SMEM_PER_BLOCK, cost_target
+    fits = op1._fwd_tuned.early_config_prune.fits
+
+    def kept(args, arch):
+        return [(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages) for c in op1._FWD_CONFIGS
+                if fits(c, args, cost_target(arch))]
+
+    bf16_64 = kept(_fwd_args(torch.bfloat16, 64), 90)
+    assert (256, 64, 8, 3) not in bf16_64 and (128, 128, 8, 3) in bf16_64  # 256 columns for 128 outputs
+    assert (128, 128, 8, 3) not in kept(_fwd_args(torch.float32, 128), 90)  # 288 KB of shared memory
+    assert (128, 128, 8, 3) in kept(_fwd_args(torch.bfloat16, 128), 90)
+    assert (128, 128, 8, 3) not in kept(_fwd_args(torch.bfloat16, 128), 80)  # 224 KB > 163 KB
+    assert (64, 128, 4, 3) not in kept(_fwd_args(torch.bfloat16, 128), 90)  # 256 registers' worth per thread
+    assert (64, 128, 4, 3) in kept(_fwd_args(torch.bfloat16, 64), 90)
+    assert (64, 128, 4, 3) not in kept(_fwd_args(torch.bfloat16, 64), 80)  # mma.sync: A tile in registers
+    assert (128, 32, 4, 4) in kept(_fwd_args(torch.bfloat16, 64), 90)
+    assert (128, 32, 4, 4) not in kept(_fwd_args(torch.bfloat16, 64), 80)
+    assert kept(_fwd_args(torch.bfloat16, 128, cout=48, ldw=24), 90) == [(64, 64, 8, 3), (64, 32, 4, 4)]
+    for dtype in (torch.float32, torch.bfloat16):
+        for bm in (64, 128):
+            for arch in SMEM_PER_BLOCK:
+                for cout, ldw in ((48, 24), (128, 256), (256, 1000)):
+                    assert kept(_fwd_args(dtype, bm, cout, ldw), arch), (dtype, bm, arch, cout)
+    bwd = op1._bwd_tuned.early_config_prune.fits
+    for dtype in (torch.float32, torch.bfloat16):
+        for arch in SMEM_PER_BLOCK:
+            args = dict(X=torch.empty(0, dtype=dtype), COUT_PAD=128)
+            bwd_kept = [c for c in op1._BWD_CONFIGS if bwd(c, args, cost_target(arch))]
+            assert bwd_kept, (dtype, arch)
+            if arch < 90:  # mma.sync: wider or taller tiles spill
+                assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_C"]) for c in bwd_kept] == [(64, 32)]
 
 
 def test_kernels_report_refuses_the_interpreter():

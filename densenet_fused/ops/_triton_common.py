@@ -1,6 +1,9 @@
 """Triton building blocks shared by the GEMM-shaped ops (bnrelu_conv1x1, bnrelu_conv3x3):
-the BN-ReLU prologue, the per-tile statistics epilogue and its deterministic merge."""
+the BN-ReLU prologue, the per-tile statistics epilogue and its deterministic merge, and the
+autotuners' config pruning by the hardware (shared memory per block)."""
+import functools
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -134,8 +137,60 @@ def merge_stats(part, m, tile_rows, mean=None, var=None, affine=None):
     return mean, var
 
 
+def cuda_gemm_impl(dtype) -> str:
+    """The implementation a GEMM-shaped op (bnrelu_conv1x1, bnrelu_conv3x3) runs on CUDA tensors of
+    ``dtype``: "triton", or "aten" (cuBLAS / cuDNN) for float64 and for float32 without TF32
+    (``torch.backends.cuda.matmul.allow_tf32`` False, PyTorch's default): full fp32 products
+    lower ``tl.dot`` to FMAs, slow and spilling 7.5-18.8 KB of stack per thread in the 1x1 backward,
+    where cuBLAS / cuDNN compute them at full speed.  16-bit dtypes and float32 with TF32 run Triton."""
+    if dtype == torch.float64 or (dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32):
+        return "aten"
+    return "triton"
+
+
 def dot_precision(dtype):
     """Full fp32 products unless TF32 is allowed for matmuls (ignored for 16-bit inputs)."""
     if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
         return "ieee"
     return "tf32"
+
+
+# The GPUs a config is checked for: shared memory a block may use (opt-in maximum, bytes) per
+# compute capability, what `densenet-fused cost --kernels` checks compiled kernels against.  On a
+# GPU the autotuners prune with the device's own values (``device_target``).
+SMEM_PER_BLOCK = {80: 166912, 90: 232448}  # A100; H100 / H200
+
+
+class Target(NamedTuple):
+    arch: int   # compute capability, major * 10 + minor
+    smem: int   # shared memory per block, bytes
+
+
+def cost_target(arch: int) -> Target:
+    return Target(arch, SMEM_PER_BLOCK[arch])
+
+
+@functools.lru_cache(maxsize=None)
+def device_target(index: int) -> Target:
+    """Compute capability and shared memory per block (opt-in maximum) of CUDA device ``index``."""
+    major, minor = torch.cuda.get_device_capability(index)
+    smem = int(triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"])
+    return Target(major * 10 + minor, smem)
+
+
+def config_pruner(fits, name):
+    """An autotuner ``early_config_prune`` keeping the configs for which ``fits(config, args, target)``
+    holds on the launch's device (args: the kernel's named arguments and the launch's keyword
+    arguments; target: a ``Target``).  The predicate is kept as ``.fits`` for `cost --kernels`,
+    which applies it for each architecture it compiles for."""
+    def prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        dev = next(v.device for v in args.values() if isinstance(v, torch.Tensor))
+        target = device_target(dev.index if dev.index is not None else torch.cuda.current_device())
+        kept = [c for c in configs if fits(c, args, target)]
+        if not kept:
+            raise RuntimeError(f"{name}: no autotuner config fits this launch on {dev} ({target}); configs: {configs}")
+        return kept
+
+    prune.fits = fits
+    return prune

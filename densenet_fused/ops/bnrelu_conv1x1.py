@@ -9,8 +9,9 @@ and its one-pass backward (DESIGN section 2 facts 1-3, section 3 steps 2 and 4).
   accumulates ``scale*g`` into G, and writes per-split partials of dW and of the two
   per-channel sums that are reduced in a fixed order.  No atomics, no host
   synchronization, workspace sizes depend on shapes only (CUDA-graph capturable).
-  float64 on CUDA runs ``fwd_chunked`` / ``bwd_chunked`` (ATen GEMMs over row chunks):
-  an accuracy dtype, not a speed one.
+  float64 on CUDA, and float32 without TF32, run ``fwd_chunked`` / ``bwd_chunked`` (cuBLAS
+  GEMMs over row chunks; ``_triton_common.cuda_gemm_impl`` decides): accuracy modes, not speed
+  ones (Triton's full-fp32 ``tl.dot`` is FMAs with heavy register spills).
 Under ``TRITON_INTERPRET=1`` the Triton launchers run on CPU tensors (the CI tests).
 """
 import os
@@ -20,7 +21,8 @@ import triton
 import triton.language as tl
 
 from ._common import acc_dtype, on_tensor_device
-from ._triton_common import bnrelu_tile, dot_precision, merge_stats, store_tile_stats
+from ._triton_common import (bnrelu_tile, config_pruner, cuda_gemm_impl, dot_precision, merge_stats,
+                             store_tile_stats)
 from .bn_scale_shift import bn_scale_shift
 from .channel_stats import channel_stats
 
@@ -129,7 +131,7 @@ def _check_bwd(dout, x, weight, mean, rstd, G):
 
 # ----------------------------------------------------------------------------- ATen (float64 on CUDA)
 def fwd_chunked(x, scale, shift, weight, stats, bn_out=None, bn_gamma=None, bn_beta=None, bn_eps=0.0):
-    """Row-chunked ATen forward: the float64 CUDA path."""
+    """Row-chunked ATen forward: the CUDA path of float64 and of float32 without TF32."""
     _check(x, scale, shift, weight, "bnrelu_conv1x1_fwd")
     _check_bn_out(x, weight.shape[0], stats, bn_out, bn_gamma, bn_beta, bn_eps)
     m = x.shape[0]
@@ -149,7 +151,7 @@ def fwd_chunked(x, scale, shift, weight, stats, bn_out=None, bn_gamma=None, bn_b
 
 
 def bwd_chunked(dout, x, scale, shift, weight, mean, rstd, G, P=None, Q=None, count=0):
-    """Row-chunked ATen backward: the float64 CUDA path."""
+    """Row-chunked ATen backward: the CUDA path of float64 and of float32 without TF32."""
     _check(x, scale, shift, weight, "bnrelu_conv1x1_bwd")
     _check_bwd(dout, x, weight, mean, rstd, G)
     _check_pq(P, Q, count, x.shape[1], scale.dtype)
@@ -277,19 +279,70 @@ def _bwd_finish_kernel(PDW, DW, NW, PSG, PSGX, SPLITS, C, SCALE, RSTD, DBETA, DG
 
 
 # Autotuned on CUDA (Hopper and Ampere candidates), keyed by the power-of-two bucket of the
-# input channels so a block's layers share a few tunings; fixed small tiles under the
-# interpreter.  BLOCK_M of the forward is chosen from the shape (it sets the statistics
-# workspace), and the backward's split count is a function of the shape only.
+# input channels so a block's layers share a few tunings, by the forward's tile height (a config
+# tuned at BLOCK_M=64 may not fit at 128) and by the product precision (the tensors' dtypes are
+# part of Triton's key); fixed small tiles under the interpreter.  BLOCK_M of the forward is chosen
+# from the shape (it sets the statistics workspace), and the backward's split count is a function
+# of the shape only.  Configs are pruned per key by ``_fwd_fits`` / ``_bwd_fits`` (the device's
+# shared memory and architecture, registers).  Tunings are cached on disk across processes by
+# Triton (``cache_results``, in triton 3.6 and 3.8 alike: one JSON per key in Triton's cache
+# directory, keyed by the Triton version, the device's target, the kernel source, the key and
+# the configs), so a new process reuses them instead of benchmarking again.
 _FWD_CONFIGS = [triton.Config(dict(BLOCK_N=bn, BLOCK_K=bk), num_warps=w, num_stages=st)
                 for bn, bk, w, st in [(128, 64, 8, 3), (128, 64, 4, 4), (128, 32, 4, 4), (64, 64, 4, 4),
-                                      (128, 128, 8, 3), (64, 128, 4, 3), (256, 64, 8, 3)]]
+                                      (128, 128, 8, 3), (64, 128, 4, 3), (256, 64, 8, 3), (64, 64, 8, 3),
+                                      (64, 32, 4, 4)]]
 # (64, 64) with 4 warps and 3 stages is not offered: compiled for sm_90a in bf16 it spills 444-952 B per
 # thread at 255 registers (`densenet-fused cost --kernels`); (64, 64) with 8 warps covers the tile.
 _BWD_CONFIGS = [triton.Config(dict(BLOCK_M=bm, BLOCK_C=bc), num_warps=w, num_stages=st)
                 for bm, bc, w, st in [(64, 64, 8, 2), (64, 32, 4, 3), (32, 64, 4, 3), (128, 32, 8, 2),
                                       (32, 128, 8, 2)]]
-_fwd_tuned = triton.autotune(_FWD_CONFIGS, key=["C_BUCKET", "COUT", "STATS"])(_fwd_kernel)
-_bwd_tuned = triton.autotune(_BWD_CONFIGS, key=["C_BUCKET", "COUT"], restore_value=["G"])(_bwd_kernel)
+
+
+def _fwd_fits(cfg, args, target):
+    """Whether a forward config suits a launch (compiled resources checked by `cost --kernels`):
+    - no column tile wider than the output (a BLOCK_N of 256 for 128 channels computes zeros);
+    - registers: the fp32 accumulator, the BN-ReLU'd A tile and the W tile held per thread,
+      at most 192 values, or 128 when W's rows are not 16-element aligned (its tile is then
+      loaded through registers): above that, sm_90a spills (BLOCK_M=128: up to 2.6 KB); before
+      sm_90 (mma.sync's A operand in registers) also at most 32 values of the A tile per thread
+      (64: 12 B spilled on sm_80), and no 128 x 32 column tile with 4 warps (ptxas holds some of
+      its variants to 128 registers and spills 12 B, triton 3.6);
+    - shared memory: num_stages buffers of the A and W tiles, plus the A tile once more after its
+      prologue (the MMA operand), in the input dtype, within the device's limit (float32 tiles of
+      128 rows exceed 227 KB in several configs)."""
+    bm, bn, bk = args["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
+    if bn > max(16, triton.next_power_of_2(args["COUT"])):
+        return False
+    threads = 32 * cfg.num_warps
+    if (bm * bn + bm * bk + bk * bn) / threads > (192 if args["ldw"] % 16 == 0 else 128):
+        return False
+    if target.arch < 90 and (bm * bk / threads > 32 or (bn, bk, cfg.num_warps) == (128, 32, 4)):
+        return False
+    smem = (cfg.num_stages * (bm * bk + bk * bn) + bm * bk) * args["X"].element_size()
+    return smem <= target.smem
+
+
+def _bwd_fits(cfg, args, target):
+    """Whether a backward config suits a launch:
+    - before sm_90 (mma.sync: the dW accumulator and the resident W tile in registers) only
+      BLOCK_C = 32 and BLOCK_M = 64: on sm_80 BLOCK_C of 64 and 128 spill 244-2964 B at 255
+      registers, and BLOCK_M = 128 36 B with triton 3.6;
+    - shared memory: num_stages buffers of the dout and x tiles, the resident W tile and the
+      activated x tile (the dW product's operand), within the device's limit."""
+    bm, bc, cp = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_C"], args["COUT_PAD"]
+    if target.arch < 90 and (bc > 32 or bm > 64):
+        return False
+    smem = (cfg.num_stages * (bm * cp + bm * bc) + cp * bc + bm * bc) * args["X"].element_size()
+    return smem <= target.smem
+
+
+_fwd_tuned = triton.autotune(_FWD_CONFIGS, key=["C_BUCKET", "COUT", "STATS", "BLOCK_M", "PRECISION"],
+                             prune_configs_by=dict(early_config_prune=config_pruner(_fwd_fits, "bnrelu_conv1x1_fwd")),
+                             cache_results=True)(_fwd_kernel)
+_bwd_tuned = triton.autotune(_BWD_CONFIGS, key=["C_BUCKET", "COUT", "PRECISION"], restore_value=["G"],
+                             prune_configs_by=dict(early_config_prune=config_pruner(_bwd_fits, "bnrelu_conv1x1_bwd")),
+                             cache_results=True)(_bwd_kernel)
 
 
 def _fwd_block_m(m, cout):
@@ -382,13 +435,13 @@ def triton_bwd(dout, x, scale, shift, weight, mean, rstd, G, P=None, Q=None, cou
 
 
 def _cuda_fwd(x, scale, shift, weight, stats, bn_out=None, bn_gamma=None, bn_beta=None, bn_eps=0.0):
-    if x.dtype == torch.float64:
+    if cuda_gemm_impl(x.dtype) == "aten":
         return fwd_chunked(x, scale, shift, weight, stats, bn_out, bn_gamma, bn_beta, bn_eps)
     return triton_fwd(x, scale, shift, weight, stats, bn_out, bn_gamma, bn_beta, bn_eps)
 
 
 def _cuda_bwd(dout, x, scale, shift, weight, mean, rstd, G, P=None, Q=None, count=0):
-    if x.dtype == torch.float64:
+    if cuda_gemm_impl(x.dtype) == "aten":
         return bwd_chunked(dout, x, scale, shift, weight, mean, rstd, G, P, Q, count)
     return triton_bwd(dout, x, scale, shift, weight, mean, rstd, G, P, Q, count)
 

@@ -10,7 +10,8 @@ Two implementations of the same op on CUDA:
   never exists), the statistics epilogue, a dgrad kernel with the BN2-ReLU backward and
   its two per-channel sums in its epilogue, and a split-M wgrad kernel reduced in a fixed
   order.
-``set_conv3x3_impl("triton" | "aten")`` (or ``DENSENET_FUSED_CONV3X3``) picks the CUDA one.  The
+``set_conv3x3_impl("triton" | "aten")`` (or ``DENSENET_FUSED_CONV3X3``) picks the CUDA one for
+16-bit dtypes and float32 with TF32 (float64 and float32 without TF32 always run cuDNN).  The
 default is ``triton``, measured on an H100 (torch 2.11, triton 3.6, bf16 autocast, training
 step of the block): DenseNet-121 block 3 at N=128 50.9 ms / 180 MB peak against 66.0 ms /
 227 MB with ``aten``, block 1 25.0 ms against 32.2 ms (DenseNet-BC-100 k=12 at N=64: 32.7 ms
@@ -26,7 +27,7 @@ import triton
 import triton.language as tl
 
 from ._common import acc_dtype, on_tensor_device
-from ._triton_common import bnrelu_tile, dot_precision, merge_stats, store_tile_stats
+from ._triton_common import bnrelu_tile, cuda_gemm_impl, dot_precision, merge_stats, store_tile_stats
 from .bn_grad_finish import bn_grad_finish
 from .bn_scale_shift import bn_scale_shift
 from .channel_stats import channel_stats
@@ -75,11 +76,103 @@ def _nchw(t, nhw):
     return t.view(n, h, w, -1).permute(0, 3, 1, 2)
 
 
+# ----------------------------------------------------------------------------- dropout masks
+# Element (row r, channel j) of the k new channels (M x k) is kept when the top 24 bits of
+# Philox-4x32-10(key = seed, counter = (r*k + j, 0, 0, 0)) -- Triton's tl.randint(seed, r*k + j) --
+# are >= round(p * 2^24), and then scaled by 1/(1-p).  The seed is a one-element int64 tensor on the
+# device (drawn there, no host synchronization); the forward and the backward regenerate the same
+# mask from it, bit for bit, in the Triton kernels (in their epilogue / as dy is loaded), in
+# ``_dropout_mask_kernel`` (ATen path on CUDA) and in ``philox_randint`` (plain torch, CPU).
+_PHILOX_ROUND_A, _PHILOX_ROUND_B = 0xD2511F53, 0xCD9E8D57
+_PHILOX_KEY_A, _PHILOX_KEY_B = 0x9E3779B9, 0xBB67AE85
+_M32 = 0xFFFFFFFF
+
+
+def _mulhilo(a: int, b):
+    """(high, low) 32 bits of a * b for a 32-bit constant a and int64 tensor b of 32-bit values."""
+    t = a * (b & 0xFFFF)                  # < 2^48
+    u = a * (b >> 16) + (t >> 16)         # a*b = u*2^16 + (t & 0xFFFF)
+    return u >> 16, ((u & 0xFFFF) << 16) | (t & 0xFFFF)
+
+
+def philox_randint(seed: int, offsets: torch.Tensor) -> torch.Tensor:
+    """tl.randint(seed, offsets) (Philox-4x32, 10 rounds) in plain torch: int64 tensor of 32-bit values."""
+    c0 = offsets.to(torch.int64) & _M32
+    c1 = torch.zeros_like(c0)
+    c2 = torch.zeros_like(c0)
+    c3 = torch.zeros_like(c0)
+    k0, k1 = seed & _M32, (seed >> 32) & _M32
+    for _ in range(10):
+        hi_b, lo_b = _mulhilo(_PHILOX_ROUND_B, c2)
+        hi_a, lo_a = _mulhilo(_PHILOX_ROUND_A, c0)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0, k1 = (k0 + _PHILOX_KEY_A) & _M32, (k1 + _PHILOX_KEY_B) & _M32
+    return c0
+
+
+def _drop_threshold(p: float) -> int:
+    return min(1 << 24, max(0, round(p * (1 << 24))))
+
+
+def _drop_scale(p: float) -> float:
+    return 0.0 if p >= 1.0 else 1.0 / (1.0 - p)
+
+
+@triton.jit
+def _keep(SEED, rows64, cols, K, DROP_T):
+    """Whether dropout keeps the elements (rows, cols) of the (M x K) new channels."""
+    r = tl.randint(tl.load(SEED), (rows64[:, None] * K + cols[None, :]).to(tl.int32))
+    return (r >> 8).to(tl.int32) >= DROP_T
+
+
+@triton.jit
+def _dropout_mask_kernel(SEED, OUT, NUMEL, DROP_T, drop_scale, BLOCK: tl.constexpr):
+    """OUT (M x K, contiguous) = the dropout mask: element e = r*K + j is _keep's (r, j)."""
+    e = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    keep = (tl.randint(tl.load(SEED), e) >> 8).to(tl.int32) >= DROP_T
+    tl.store(OUT + e, tl.where(keep, drop_scale, 0.0).to(OUT.dtype.element_ty), mask=e < NUMEL)
+
+
+def triton_dropout_mask(seed: torch.Tensor, p: float, m: int, k: int, dtype) -> torch.Tensor:
+    """``dropout_mask`` by the Triton kernel (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1)."""
+    out = torch.empty((m, k), dtype=dtype, device=seed.device)
+    if m * k > 0:
+        _dropout_mask_kernel[(triton.cdiv(m * k, 1024),)](seed, out, m * k, _drop_threshold(p), _drop_scale(p),
+                                                          BLOCK=1024)
+    return out
+
+
+def dropout_mask(seed: torch.Tensor, p: float, m: int, k: int, dtype) -> torch.Tensor:
+    """The (m, k) dropout mask of ``seed`` (0 or 1/(1-p), in ``dtype``): a Triton kernel on CUDA (one
+    launch, no host synchronization), plain torch on the CPU."""
+    if seed.is_cuda:
+        return triton_dropout_mask(seed, p, m, k, dtype)
+    r = philox_randint(int(seed.item()), torch.arange(m * k, device=seed.device).view(m, k))
+    return ((r >> 8) >= _drop_threshold(p)).to(dtype) * _drop_scale(p)
+
+
+def _check_drop(drop_p, drop_seed, m, k, device, op):
+    if not 0.0 <= drop_p <= 1.0:
+        raise RuntimeError(f"{op}: expected 0 <= drop_p <= 1, got {drop_p}")
+    if drop_p == 0.0:
+        return False
+    if drop_seed is None or drop_seed.shape != (1,) or drop_seed.dtype != torch.int64 or drop_seed.device != device:
+        got = None if drop_seed is None else (tuple(drop_seed.shape), drop_seed.dtype, str(drop_seed.device))
+        raise RuntimeError(f"{op}: expected drop_seed, a 1-element int64 tensor on {device}, with drop_p > 0; "
+                           f"got {got}")
+    if m * k >= 2 ** 31:
+        raise RuntimeError(f"{op}: dropout counts elements in 31 bits: expected N*H*W*k < 2^31, got {m * k}")
+    return True
+
+
 def _fwd_aten(b, scale, shift, weight, nhw, out, stats, mean_out=None, var_out=None, bn_out=None, bn_gamma=None,
-              bn_beta=None, bn_eps=0.0):
+              bn_beta=None, bn_eps=0.0, drop_p=0.0, drop_seed=None):
     _check(b, scale, shift, weight, nhw, "bnrelu_conv3x3_fwd")
     y = F.conv2d(_nchw(_activated(b, scale, shift), nhw), weight, padding=1)
-    out.copy_(y.permute(0, 2, 3, 1).reshape(b.shape[0], -1))
+    y = y.permute(0, 2, 3, 1).reshape(b.shape[0], -1)
+    if _check_drop(drop_p, drop_seed, b.shape[0], weight.shape[0], b.device, "bnrelu_conv3x3_fwd"):
+        y = y * dropout_mask(drop_seed, drop_p, b.shape[0], weight.shape[0], y.dtype)
+    out.copy_(y)
     empty = out.new_empty(0, dtype=acc_dtype(out.dtype))
     if not stats:
         return empty, torch.empty_like(empty)  # two distinct outputs, no kernel
@@ -102,10 +195,12 @@ def _pq(scale, rstd, dgamma, dbeta, count):
 
 
 def _bwd_aten(dy, b, scale, shift, weight, nhw, mean, rstd, count=0, dy_x=None, dy_mean=None, dy_p=None,
-              dy_q=None):
+              dy_q=None, drop_p=0.0, drop_seed=None):
     _check(b, scale, shift, weight, nhw, "bnrelu_conv3x3_bwd")
     if dy_x is not None:
         dy = bn_grad_finish(dy, dy_x, dy_mean, dy_p, dy_q, b.dtype)
+    if _check_drop(drop_p, drop_seed, b.shape[0], weight.shape[0], b.device, "bnrelu_conv3x3_bwd"):
+        dy = dy * dropout_mask(drop_seed, drop_p, b.shape[0], weight.shape[0], dy.dtype)
     acc = scale.dtype
     y2 = torch.addcmul(shift, b.to(acc), scale)
     on = y2 > 0
@@ -131,11 +226,12 @@ def _neighbour(rm, row_ok, H, Wd, dh, dw):
 
 
 @triton.jit
-def _fwd_kernel(B, SCALE, SHIFT, W, OUT, ldo, PMEAN, PM2, M, H, Wd, CB, K,
+def _fwd_kernel(B, SCALE, SHIFT, W, OUT, ldo, PMEAN, PM2, M, H, Wd, CB, K, SEED, DROP_T, drop_scale,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                STATS: tl.constexpr, PRECISION: tl.constexpr):
+                STATS: tl.constexpr, PRECISION: tl.constexpr, DROP: tl.constexpr):
     """out[m, n] = sum_{tap, ci} relu(bn2(B))[m + tap, ci] * W[n, ci, tap], zero outside the image
-    (W in its own (k, Cb, 3, 3) layout: no permuted copy per call)."""
+    (W in its own (k, Cb, 3, 3) layout: no permuted copy per call); with DROP, dropout's mask and
+    scale applied before the store and the statistics."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -152,17 +248,21 @@ def _fwd_kernel(B, SCALE, SHIFT, W, OUT, ldo, PMEAN, PM2, M, H, Wd, CB, K,
             w = tl.load(W + rn[None, :] * (CB * 9) + rk[:, None] * 9 + tap, mask=k_ok[:, None] & n_ok[None, :],
                         other=0.0)
             acc = tl.dot(a, w, acc, input_precision=PRECISION)
-    out = acc.to(OUT.dtype.element_ty)
     rm64 = rm.to(tl.int64)
+    if DROP:
+        acc = tl.where(_keep(SEED, rm64, rn, K, DROP_T), acc * drop_scale, 0.0)
+    out = acc.to(OUT.dtype.element_ty)
     tl.store(OUT + rm64[:, None] * ldo + rn[None, :], out, mask=row_ok[:, None] & n_ok[None, :])
     if STATS:
         store_tile_stats(out, row_ok, n_ok, rn, pid_m, M, K, PMEAN, PM2, BLOCK_M)
 
 
 @triton.jit
-def _dy_tile(DY, lddy, X, ldx, XMEAN, XP, XQ, rows64, cols, mask, cols_ok, FINISH: tl.constexpr, OUT_TY: tl.constexpr):
+def _dy_tile(DY, lddy, X, ldx, XMEAN, XP, XQ, rows64, cols, mask, cols_ok, SEED, K, DROP_T, drop_scale,
+             FINISH: tl.constexpr, OUT_TY: tl.constexpr, DROP: tl.constexpr):
     """A (rows, cols) tile of dy in b's dtype: loaded, or with FINISH the block's BatchNorm input
-    gradient of the new channels finished on the fly, dy = G - P - (x - mean) * Q (DY = G, fp32)."""
+    gradient of the new channels finished on the fly, dy = G - P - (x - mean) * Q (DY = G, fp32);
+    with DROP, through the forward's dropout mask (regenerated from its seed) and scale."""
     g = tl.load(DY + rows64[:, None] * lddy + cols[None, :], mask=mask, other=0.0)
     if FINISH:
         x = tl.load(X + rows64[:, None] * ldx + cols[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -170,13 +270,16 @@ def _dy_tile(DY, lddy, X, ldx, XMEAN, XP, XQ, rows64, cols, mask, cols_ok, FINIS
         p = tl.load(XP + cols, mask=cols_ok, other=0.0)
         q = tl.load(XQ + cols, mask=cols_ok, other=0.0)
         g = tl.where(mask, g - p[None, :] - (x - mu[None, :]) * q[None, :], 0.0)
+    if DROP:
+        g = tl.where(mask & _keep(SEED, rows64, cols, K, DROP_T), g.to(OUT_TY).to(tl.float32) * drop_scale, 0.0)
     return g.to(OUT_TY)
 
 
 @triton.jit
 def _dgrad_kernel(DY, lddy, X, ldx, XMEAN, XP, XQ, B, SCALE, SHIFT, MEAN, RSTD, W, G2, PSG, PSGX, M, H, Wd, CB, K,
+                  SEED, DROP_T, drop_scale,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
-                  FINISH: tl.constexpr):
+                  FINISH: tl.constexpr, DROP: tl.constexpr):
     """g2[m, ci] = (y2 > 0) * sum_{tap, co} dy[m - tap, co] * W[co, ci, tap]; per-tile sums of g2, g2*xhat2."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -191,8 +294,8 @@ def _dgrad_kernel(DY, lddy, X, ldx, XMEAN, XP, XQ, B, SCALE, SHIFT, MEAN, RSTD, 
         for k0 in range(0, K, BLOCK_K):
             rk = k0 + tl.arange(0, BLOCK_K)
             k_ok = rk < K
-            d = _dy_tile(DY, lddy, X, ldx, XMEAN, XP, XQ, src, rk, ok[:, None] & k_ok[None, :], k_ok, FINISH,
-                         B.dtype.element_ty)
+            d = _dy_tile(DY, lddy, X, ldx, XMEAN, XP, XQ, src, rk, ok[:, None] & k_ok[None, :], k_ok, SEED, K, DROP_T,
+                         drop_scale, FINISH, B.dtype.element_ty, DROP)
             w = tl.load(W + rk[:, None] * (CB * 9) + rn[None, :] * 9 + tap, mask=k_ok[:, None] & n_ok[None, :],
                         other=0.0)
             acc = tl.dot(d, w, acc, input_precision=PRECISION)
@@ -211,8 +314,9 @@ def _dgrad_kernel(DY, lddy, X, ldx, XMEAN, XP, XQ, B, SCALE, SHIFT, MEAN, RSTD, 
 
 @triton.jit
 def _wgrad_kernel(DY, lddy, X, ldx, XMEAN, XP, XQ, B, SCALE, SHIFT, PDW, M, H, Wd, CB, K, TILES_PER_SPLIT,
+                  SEED, DROP_T, drop_scale,
                   BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, KPAD: tl.constexpr, PRECISION: tl.constexpr,
-                  FINISH: tl.constexpr):
+                  FINISH: tl.constexpr, DROP: tl.constexpr):
     """Partial dW[split, tap, co, ci] = sum over the split's rows of dy[m, co] * relu(bn2(B))[m + tap, ci]."""
     pid = tl.program_id(0)
     split = tl.program_id(1)
@@ -228,7 +332,7 @@ def _wgrad_kernel(DY, lddy, X, ldx, XMEAN, XP, XQ, B, SCALE, SHIFT, PDW, M, H, W
         row_ok = rm < M
         ok, src = _neighbour(rm, row_ok, H, Wd, tap // 3 - 1, tap % 3 - 1)
         d = _dy_tile(DY, lddy, X, ldx, XMEAN, XP, XQ, rm.to(tl.int64), rk, row_ok[:, None] & k_ok[None, :], k_ok,
-                     FINISH, B.dtype.element_ty)
+                     SEED, K, DROP_T, drop_scale, FINISH, B.dtype.element_ty, DROP)
         a = bnrelu_tile(B, src, CB, rc, ok[:, None] & c_ok[None, :], SCALE, SHIFT, c_ok).to(B.dtype.element_ty)
         acc = tl.dot(tl.trans(d), a, acc, input_precision=PRECISION)
     tl.store(PDW + ((split * 9 + tap) * K + rk[:, None]) * CB + rc[None, :], acc, mask=k_ok[:, None] & c_ok[None, :])
@@ -287,15 +391,25 @@ def _triton_shapes(b, scale, shift, weight, nhw, op):
     return nhw[1], nhw[2], b.shape[0], b.shape[1], weight.shape[0]
 
 
+def _drop_args(drop, drop_p, drop_seed, like):
+    """(SEED, DROP_T, drop_scale) kernel arguments; without dropout, placeholders (``like``: a tensor the
+    kernel already takes, so that `densenet-fused cost` counts no extra bytes)."""
+    if not drop:
+        return like, 0, 1.0
+    return drop_seed, _drop_threshold(drop_p), _drop_scale(drop_p)
+
+
 def _fwd_triton(b, scale, shift, weight, nhw, out, stats, mean_out=None, var_out=None, bn_out=None, bn_gamma=None,
-                bn_beta=None, bn_eps=0.0):
+                bn_beta=None, bn_eps=0.0, drop_p=0.0, drop_seed=None):
     h, w, m, cb, k = _triton_shapes(b, scale, shift, weight, nhw, "bnrelu_conv3x3_fwd")
+    drop = _check_drop(drop_p, drop_seed, m, k, b.device, "bnrelu_conv3x3_fwd")
     bm, bn, bk = _tiles(32, 128), max(16, min(64, triton.next_power_of_2(k))), _tiles(16, 64)
     tiles = triton.cdiv(m, bm)
     part = torch.empty((2, tiles, k), dtype=torch.float32, device=b.device)
     _fwd_kernel[(tiles, triton.cdiv(k, bn))](b, scale, shift, weight, out, out.stride(0), part[0], part[1], m, h, w,
-                                            cb, k, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, STATS=stats,
-                                            PRECISION=dot_precision(b.dtype), num_warps=4)
+                                            cb, k, *_drop_args(drop, drop_p, drop_seed, scale), BLOCK_M=bm,
+                                            BLOCK_N=bn, BLOCK_K=bk, STATS=stats, PRECISION=dot_precision(b.dtype),
+                                            DROP=drop, num_warps=4)
     empty = out.new_empty(0, dtype=torch.float32)
     if not stats:
         return empty, torch.empty_like(empty)  # two distinct outputs, no kernel
@@ -307,8 +421,10 @@ def _fwd_triton(b, scale, shift, weight, nhw, out, stats, mean_out=None, var_out
 
 
 def _bwd_triton(dy, b, scale, shift, weight, nhw, mean, rstd, count=0, dy_x=None, dy_mean=None, dy_p=None,
-                dy_q=None):
+                dy_q=None, drop_p=0.0, drop_seed=None):
     h, w, m, cb, k = _triton_shapes(b, scale, shift, weight, nhw, "bnrelu_conv3x3_bwd")
+    drop = _check_drop(drop_p, drop_seed, m, k, b.device, "bnrelu_conv3x3_bwd")
+    dargs = _drop_args(drop, drop_p, drop_seed, dy)
     finish = dy_x is not None
     fin = (dy_x, dy_x.stride(0), dy_mean, dy_p, dy_q) if finish else (dy, 0, scale, scale, scale)  # unused: dy
     kpad = max(16, triton.next_power_of_2(k))
@@ -317,16 +433,17 @@ def _bwd_triton(dy, b, scale, shift, weight, nhw, mean, rstd, count=0, dy_x=None
     g2 = torch.empty((m, cb), dtype=torch.float32, device=b.device)
     psum = torch.empty((2, tiles, cb), dtype=torch.float32, device=b.device)
     _dgrad_kernel[(tiles, triton.cdiv(cb, bn))](dy, dy.stride(0), *fin, b, scale, shift, mean, rstd, weight, g2,
-                                               psum[0], psum[1], m, h, w, cb, k, BLOCK_M=bm, BLOCK_N=bn,
+                                               psum[0], psum[1], m, h, w, cb, k, *dargs, BLOCK_M=bm, BLOCK_N=bn,
                                                BLOCK_K=min(kpad, 64), PRECISION=dot_precision(b.dtype), FINISH=finish,
-                                               num_warps=4)
+                                               DROP=drop, num_warps=4)
     bmw, bc = _tiles(32, 128), _tiles(16, 64)
     splits = max(1, min(triton.cdiv(m, bmw), _tiles(3, 1024 // (9 * triton.cdiv(cb, bc)) + 1)))
     tiles_per_split = triton.cdiv(triton.cdiv(m, bmw), splits)
     pdw = torch.empty((splits, 9, k, cb), dtype=torch.float32, device=b.device)
     _wgrad_kernel[(9 * triton.cdiv(cb, bc), splits)](dy, dy.stride(0), *fin, b, scale, shift, pdw, m, h, w, cb, k,
-                                                     tiles_per_split, BLOCK_M=bmw, BLOCK_C=bc, KPAD=kpad,
-                                                     PRECISION=dot_precision(b.dtype), FINISH=finish, num_warps=4)
+                                                     tiles_per_split, *dargs, BLOCK_M=bmw, BLOCK_C=bc, KPAD=kpad,
+                                                     PRECISION=dot_precision(b.dtype), FINISH=finish, DROP=drop,
+                                                     num_warps=4)
     dweight = torch.empty((k, cb, 3, 3), dtype=torch.float32, device=b.device)
     vec = torch.empty((4, cb), dtype=torch.float32, device=b.device)  # dgamma, dbeta, p, q
     block_w, block_c = 1024, _tiles(16, 64)
@@ -343,18 +460,21 @@ def _bwd_triton(dy, b, scale, shift, weight, nhw, mean, rstd, count=0, dy_x=None
 # (registered with torch.library.Library, whose dispatch costs ~2 us against ~15 us for a
 # torch.library.custom_op).
 def _use_triton(b, impl):
+    """Triton for CUDA tensors when chosen (``impl``, else ``set_conv3x3_impl``), except float64 and
+    float32 without TF32, which run cuDNN whatever the choice (``_triton_common.cuda_gemm_impl``)."""
     if impl not in ("",) + _IMPLS:
         raise RuntimeError(f"bnrelu_conv3x3: expected impl in {_IMPLS} (or empty for the default), got {impl!r}")
-    return b.is_cuda and b.dtype != torch.float64 and (impl or _cuda_impl) == "triton"
+    return b.is_cuda and cuda_gemm_impl(b.dtype) == "triton" and (impl or _cuda_impl) == "triton"
 
 
 def _fwd_impl(b, scale, shift, weight, nhw, out, stats, impl="", mean_out=None, var_out=None, bn_out=None,
-              bn_gamma=None, bn_beta=None, bn_eps=0.0):
+              bn_gamma=None, bn_beta=None, bn_eps=0.0, drop_p=0.0, drop_seed=None):
     if out.shape != (b.shape[0], weight.shape[0]) or out.dtype != b.dtype or out.stride(1) != 1:
         raise RuntimeError(f"bnrelu_conv3x3_fwd: expected out of shape ({b.shape[0]}, {weight.shape[0]}), dtype "
                            f"{b.dtype}, unit channel stride; got {tuple(out.shape)} {out.dtype} {out.stride()}")
     _check_stats_out(out, stats, mean_out, var_out, bn_out, bn_gamma, bn_beta, bn_eps)
-    bn = (bn_out, bn_gamma, bn_beta, bn_eps)
+    _check_drop(drop_p, drop_seed, b.shape[0], weight.shape[0], b.device, "bnrelu_conv3x3_fwd")
+    bn = (bn_out, bn_gamma, bn_beta, bn_eps, drop_p, drop_seed)
     if _use_triton(b, impl):
         return _fwd_triton(b, scale, shift, weight, nhw, out, stats, mean_out, var_out, *bn)
     return _fwd_aten(b, scale, shift, weight, nhw, out, stats, mean_out, var_out, *bn)
@@ -393,7 +513,7 @@ def _check_stats_out(out, stats, mean_out, var_out, bn_out, bn_gamma, bn_beta, b
 
 
 def _bwd_impl(dy, b, scale, shift, weight, nhw, mean, rstd, impl="", count=0, dy_x=None, dy_mean=None, dy_p=None,
-              dy_q=None):
+              dy_q=None, drop_p=0.0, drop_seed=None):
     finish = (dy_x, dy_mean, dy_p, dy_q)
     if any(t is not None for t in finish) and any(t is None for t in finish):
         raise RuntimeError("bnrelu_conv3x3_bwd: expected dy_x, dy_mean, dy_p and dy_q together (or none)")
@@ -412,9 +532,10 @@ def _bwd_impl(dy, b, scale, shift, weight, nhw, mean, rstd, impl="", count=0, dy
                                    f"{dy.shape[1]} channels and dtype {dy_dtype}, got {tuple(t.shape)} {t.dtype}")
     if count < 0:
         raise RuntimeError(f"bnrelu_conv3x3_bwd: expected count >= 0 (values per channel, 0: no p, q), got {count}")
+    _check_drop(drop_p, drop_seed, b.shape[0], weight.shape[0], b.device, "bnrelu_conv3x3_bwd")
     if _use_triton(b, impl):
-        return _bwd_triton(dy, b, scale, shift, weight, nhw, mean, rstd, count, *finish)
-    return _bwd_aten(dy, b, scale, shift, weight, nhw, mean, rstd, count, *finish)
+        return _bwd_triton(dy, b, scale, shift, weight, nhw, mean, rstd, count, *finish, drop_p, drop_seed)
+    return _bwd_aten(dy, b, scale, shift, weight, nhw, mean, rstd, count, *finish, drop_p, drop_seed)
 
 
 _lib = torch.library.Library("densenet_fused", "IMPL")
@@ -425,7 +546,7 @@ for _key in ("CPU", "CUDA"):
 
 @torch.library.register_fake("densenet_fused::bnrelu_conv3x3_fwd")
 def _(b, scale, shift, weight, nhw, out, stats, impl="", mean_out=None, var_out=None, bn_out=None, bn_gamma=None,
-      bn_beta=None, bn_eps=0.0):
+      bn_beta=None, bn_eps=0.0, drop_p=0.0, drop_seed=None):
     n = weight.shape[0] if stats and mean_out is None else 0
     acc = acc_dtype(b.dtype)
     return b.new_empty(n, dtype=acc), b.new_empty(n, dtype=acc)
@@ -433,7 +554,7 @@ def _(b, scale, shift, weight, nhw, out, stats, impl="", mean_out=None, var_out=
 
 @torch.library.register_fake("densenet_fused::bnrelu_conv3x3_bwd")
 def _(dy, b, scale, shift, weight, nhw, mean, rstd, impl="", count=0, dy_x=None, dy_mean=None, dy_p=None,
-      dy_q=None):
+      dy_q=None, drop_p=0.0, drop_seed=None):
     acc = acc_dtype(b.dtype)
     cb = b.shape[1]
     return (b.new_empty(b.shape, dtype=acc), weight.new_empty(weight.shape, dtype=acc),
@@ -441,25 +562,31 @@ def _(dy, b, scale, shift, weight, nhw, mean, rstd, impl="", count=0, dy_x=None,
 
 
 def bnrelu_conv3x3_fwd(b, scale, shift, weight, nhw, out, stats: bool, impl: str = "", mean_out=None, var_out=None,
-                       bn_out=None, bn_gamma=None, bn_beta=None, bn_eps: float = 0.0):
+                       bn_out=None, bn_gamma=None, bn_beta=None, bn_eps: float = 0.0, drop_p: float = 0.0,
+                       drop_seed=None):
     """Write conv3x3(relu(b*scale+shift)) into ``out`` (an (N*H*W, k) channel slice of the
     buffer); returns (mean, var) of the values as stored when ``stats`` (else empty).  With
     ``mean_out``/``var_out`` (vectors of C + k channels: the buffer's statistics up to and including
     out) they go into their last k entries instead (empty tensors returned); with ``bn_out``
     (3, C + k), ``bn_gamma``, ``bn_beta``, ``bn_eps`` also the folded map (scale, shift, rstd) of the
     BatchNorm reading all C + k channels (the next layer's norm1).  ``impl`` ("aten" / "triton")
-    overrides the CUDA default of ``set_conv3x3_impl``."""
+    overrides the CUDA default of ``set_conv3x3_impl``.  ``drop_p`` > 0: dropout of the output (before
+    its statistics) with the Philox mask of ``drop_seed`` (a 1-element int64 tensor on b's device;
+    ``dropout_mask`` gives the mask)."""
     return torch.ops.densenet_fused.bnrelu_conv3x3_fwd(b, scale, shift, weight, list(nhw), out, stats, impl,
-                                                       mean_out, var_out, bn_out, bn_gamma, bn_beta, bn_eps)
+                                                       mean_out, var_out, bn_out, bn_gamma, bn_beta, bn_eps,
+                                                       drop_p, drop_seed)
 
 
 def bnrelu_conv3x3_bwd(dy, b, scale, shift, weight, nhw, mean, rstd, impl: str = "", count: int = 0, dy_x=None,
-                       dy_mean=None, dy_p=None, dy_q=None):
+                       dy_mean=None, dy_p=None, dy_q=None, drop_p: float = 0.0, drop_seed=None):
     """Backward through conv3x3 and the ReLU of BN2: (g2, dweight, dgamma, dbeta, p, q) with
     g2 = dA2 * (b*scale+shift > 0) (fp32), dweight of weight's shape (fp32), dgamma = sum(g2*xhat2),
     dbeta = sum(g2) per channel, xhat2 = (b - mean) * rstd, and BN2's input-gradient scalars
     p = scale*dbeta/count, q = scale*rstd*dgamma/count (zeros when count is 0).  With dy_x, dy_mean,
     dy_p, dy_q, ``dy`` is the block's fp32 gradient sum G of the new channels and the op finishes
-    their input gradient dy = G - dy_p - (dy_x - dy_mean) * dy_q itself (rounded to b's dtype)."""
+    their input gradient dy = G - dy_p - (dy_x - dy_mean) * dy_q itself (rounded to b's dtype).  With
+    ``drop_p`` > 0, dy is the gradient of the forward's dropout output: it goes through the same mask
+    (regenerated from ``drop_seed``) and scale."""
     return torch.ops.densenet_fused.bnrelu_conv3x3_bwd(dy, b, scale, shift, weight, list(nhw), mean, rstd, impl,
-                                                       count, dy_x, dy_mean, dy_p, dy_q)
+                                                       count, dy_x, dy_mean, dy_p, dy_q, drop_p, drop_seed)

@@ -7,6 +7,8 @@ import torch
 
 import oracle
 from densenet_fused.ops import bnrelu_conv1x1 as op
+from densenet_fused.ops._triton_common import cuda_gemm_impl
+from flags import patched
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 if INTERPRET:
@@ -128,14 +130,48 @@ def test_backward_deterministic():
         assert torch.equal(a, b)
 
 
-def test_cuda_registration_routes_to_triton():
-    # the functions registered for the CUDA dispatch key: Triton for 32/16-bit, ATen for float64
+def test_cuda_registration_routes_by_dtype_and_tf32():
+    # the functions registered for the CUDA dispatch key: Triton for 16-bit and float32 with TF32;
+    # ATen (cuBLAS) for float64 and float32 without TF32 (the autouse fixture turns TF32 off)
+    calls = []
+
+    def spy(name, fn):
+        return lambda *a, **k: calls.append(name) or fn(*a, **k)
+
     x, scale, shift, weight, _, _ = _args(37, 20, 13, 9, torch.float32)
-    out, _, _ = op._cuda_fwd(x, scale, shift, weight, False)
-    assert torch.equal(out, op.triton_fwd(x, scale, shift, weight, False)[0])
-    x64, s64, h64 = x.double(), scale.double(), shift.double()
-    out64, _, _ = op._cuda_fwd(x64, s64, h64, weight.double(), False)
+    x16, w16 = x.half(), weight.half()
+    want16 = op.triton_fwd(x16, scale, shift, w16, False)[0]
+    with patched(op, triton_fwd=spy("triton", op.triton_fwd), fwd_chunked=spy("aten", op.fwd_chunked)):
+        out, _, _ = op._cuda_fwd(x, scale, shift, weight, False)
+        assert calls == ["aten"]
+        assert _err(out, oracle.bnrelu_conv1x1_fwd(x, scale, shift, weight)) <= 2e-6
+        out16, _, _ = op._cuda_fwd(x16, scale, shift, w16, False)
+        assert calls == ["aten", "triton"]
+        assert torch.equal(out16, want16)
+        with patched(torch.backends.cuda.matmul, allow_tf32=True):
+            op._cuda_fwd(x, scale, shift, weight, False)
+        assert calls[2] == "triton"
+        x64, s64, h64 = x.double(), scale.double(), shift.double()
+        out64, _, _ = op._cuda_fwd(x64, s64, h64, weight.double(), False)
+        assert calls[3] == "aten"
     assert _err(out64, oracle.bnrelu_conv1x1_fwd(x64, s64, h64, weight.double())) <= 1e-12
+    G = torch.zeros(37, 13, device=DEVICE)
+    dout = torch.randn(37, 9, device=DEVICE)
+    _, _, _, _, mean, rstd = _args(37, 20, 13, 9, torch.float32)
+    with patched(op, triton_bwd=spy("triton", op.triton_bwd), bwd_chunked=spy("aten", op.bwd_chunked)):
+        op._cuda_bwd(dout, x, scale, shift, weight, mean, rstd, G)
+        op._cuda_bwd(dout.half(), x16, scale, shift, w16, mean, rstd, G)
+    assert calls[4:] == ["aten", "triton"]
+
+
+def test_cuda_gemm_impl():
+    """The choice is a pure function of the dtype and the TF32 flag (no GPU needed to observe it)."""
+    with patched(torch.backends.cuda.matmul, allow_tf32=False):
+        assert [cuda_gemm_impl(d) for d in (torch.float64, torch.float32, torch.float16, torch.bfloat16)] == \
+            ["aten", "aten", "triton", "triton"]
+    with patched(torch.backends.cuda.matmul, allow_tf32=True):
+        assert [cuda_gemm_impl(d) for d in (torch.float64, torch.float32, torch.float16, torch.bfloat16)] == \
+            ["aten", "triton", "triton", "triton"]
 
 
 def test_bad_input():

@@ -129,6 +129,23 @@ def test_default_cuda_impl_is_triton():
     assert op.conv3x3_impl() == os.environ.get("DENSENET_FUSED_CONV3X3", "triton")
 
 
+def test_cuda_routing():
+    """Triton on CUDA for 16-bit dtypes and float32 with TF32 when chosen; cuDNN for float64 and for
+    float32 without TF32 whatever the choice (fake CUDA tensors: no GPU needed)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from flags import patched
+    with FakeTensorMode():
+        b = {d: torch.empty(4, 4, dtype=d, device="cuda") for d in (torch.float64, torch.float32, torch.bfloat16)}
+    for tf32, want32 in ((False, False), (True, True)):
+        with patched(torch.backends.cuda.matmul, allow_tf32=tf32):
+            assert op._use_triton(b[torch.float32], "triton") is want32
+            assert op._use_triton(b[torch.float64], "triton") is False
+            assert op._use_triton(b[torch.bfloat16], "triton") is True
+            assert op._use_triton(b[torch.bfloat16], "aten") is False
+    assert op._use_triton(torch.empty(4, 4, dtype=torch.bfloat16), "triton") is False  # CPU: the ATen kernel
+
+
 def test_impl_switch_and_bad_input():
     with pytest.raises(ValueError, match="expected one of"):
         op.set_conv3x3_impl("cudnn")
@@ -154,3 +171,72 @@ def test_impl_switch_and_bad_input():
                               scale, "", 24, torch.empty(24, 5), *torch.empty(3, 5))
     with pytest.raises(RuntimeError, match=r"expected count >= 0"):
         op.bnrelu_conv3x3_bwd(torch.empty(24, 5), b, scale, shift, weight, [2, 3, 4], scale, scale, "", -1)
+
+
+# ----------------------------------------------------------------------------- dropout
+@pytest.mark.skipif(not INTERPRET, reason="the Triton mask kernel on CPU tensors (TRITON_INTERPRET=1)")
+@pytest.mark.parametrize("seed", [0, 12345, 2 ** 40 + 7, 2 ** 62 - 1])  # the key's high word too
+def test_dropout_mask_in_torch_is_tritons_philox(seed):
+    """philox_randint (the CPU mask) is tl.randint bit for bit: the Triton kernels and the CPU draw the
+    same mask from the same seed."""
+    s = torch.tensor([seed], dtype=torch.int64)
+    for p in (0.0, 0.1, 0.5, 1.0):
+        want = op.triton_dropout_mask(s, p, 37, 11, torch.float32)
+        assert torch.equal(op.dropout_mask(s, p, 37, 11, torch.float32), want)
+    mask = op.dropout_mask(s, 0.3, 1000, 40, torch.float64)
+    assert set(mask.unique().tolist()) <= {0.0, 1 / 0.7}
+    frac = (mask == 0).double().mean().item()
+    assert abs(frac - 0.3) < 5 * (0.3 * 0.7 / mask.numel()) ** 0.5
+
+
+def _impls():
+    out = [("aten", "cpu")]
+    if TRITON_DEVICE is not None:
+        out.append(("triton", TRITON_DEVICE))
+    return out
+
+
+@pytest.mark.parametrize("impl,device", _impls())
+def test_dropout_forward_and_backward_use_the_seed_mask(impl, device, no_tf32):
+    """The forward stores out * mask (its statistics over the stored values); the backward takes dy
+    through the same mask, regenerated from the seed (dy finished on the fly from G, P, Q too)."""
+    torch.manual_seed(0)
+    n, h, w, cb, k = 2, 5, 7, 20, 7
+    m, p = n * h * w, 0.4
+    dtype = torch.float32
+    b, scale, shift, weight, mean, rstd = _args(n, h, w, cb, k, dtype, device)
+    fwd = op._fwd_triton if impl == "triton" else op._fwd_aten
+    bwd = op._bwd_triton if impl == "triton" else op._bwd_aten
+    seed = torch.tensor([987654321], dtype=torch.int64, device=device)
+    mask = op.dropout_mask(seed.cpu(), p, m, k, dtype).to(device)
+    plain, dropped = torch.empty(m, k, device=device), torch.empty(m, k, device=device)
+    fwd(b, scale, shift, weight, [n, h, w], plain, False)
+    mu, var = fwd(b, scale, shift, weight, [n, h, w], dropped, True, drop_p=p, drop_seed=seed)
+    assert torch.equal((dropped == 0) | (plain == 0), (mask == 0) | (plain == 0))
+    assert _err(dropped, (plain * mask).double()) <= 1e-6
+    assert _err(mu, dropped.double().mean(0)) <= 1e-5 and _err(var, dropped.double().var(0, unbiased=False)) <= 1e-5
+    dy = torch.randn(m, k, device=device)
+    got = bwd(dy, b, scale, shift, weight, [n, h, w], mean, rstd, m, drop_p=p, drop_seed=seed)
+    want = bwd(dy * mask, b, scale, shift, weight, [n, h, w], mean, rstd, m)
+    for g, wnt in zip(got, want):
+        assert _err(g, wnt.double()) <= 1e-6
+    Gs = torch.randn(m, k, device=device)
+    xs, xm, xp, xq = torch.randn(m, k, device=device), *(torch.randn(k, device=device) for _ in range(3))
+    got = bwd(Gs, b, scale, shift, weight, [n, h, w], mean, rstd, m, xs, xm, xp, xq, p, seed)
+    dyf = Gs - xp - (xs - xm) * xq
+    want = bwd(dyf * mask, b, scale, shift, weight, [n, h, w], mean, rstd, m)
+    for g, wnt in zip(got, want):
+        assert _err(g, wnt.double()) <= 1e-5
+
+
+def test_dropout_bad_input():
+    b, scale, shift, weight, _, _ = _args(2, 3, 4, 16, 5, torch.float32, "cpu")
+    out = torch.empty(24, 5)
+    with pytest.raises(RuntimeError, match="expected drop_seed, a 1-element int64 tensor"):
+        op.bnrelu_conv3x3_fwd(b, scale, shift, weight, [2, 3, 4], out, False, drop_p=0.5)
+    with pytest.raises(RuntimeError, match="expected drop_seed, a 1-element int64 tensor"):
+        op.bnrelu_conv3x3_bwd(out, b, scale, shift, weight, [2, 3, 4], scale, scale, drop_p=0.5,
+                              drop_seed=torch.zeros(1, dtype=torch.int32))
+    with pytest.raises(RuntimeError, match="expected 0 <= drop_p <= 1"):
+        op.bnrelu_conv3x3_fwd(b, scale, shift, weight, [2, 3, 4], out, False, drop_p=1.5,
+                              drop_seed=torch.zeros(1, dtype=torch.int64))
