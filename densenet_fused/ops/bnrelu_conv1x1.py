@@ -254,11 +254,10 @@ def _bwd_kernel(DOUT, lddo, X, ldx, SCALE, SHIFT, W, ldw, MEAN, RSTD, G, ldg,
     dw = tl.zeros((COUT_PAD, BLOCK_C), dtype=tl.float32)
     sg = tl.zeros((BLOCK_C,), dtype=tl.float32)
     sgx = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    if FINISH:  # BN2's per-channel input-gradient terms, for dB = scale2*g2 - p2 - (b - mean2)*q2
-        f_s = tl.load(DB_SCALE + rn, mask=n_ok, other=0.0)
-        f_p = tl.load(DB_P + rn, mask=n_ok, other=0.0)
-        f_q = tl.load(DB_Q + rn, mask=n_ok, other=0.0)
-        f_mu = tl.load(DB_MEAN + rn, mask=n_ok, other=0.0)
+    if FINISH:  # BN2's per-channel input-gradient terms: dB = scale2*g2 - p2 - (b - mean2)*q2
+        f_s = tl.load(DB_SCALE + rn, mask=n_ok, other=0.0)  # = scale2*g2 - q2*b + (mean2*q2 - p2): three
+        f_q = tl.load(DB_Q + rn, mask=n_ok, other=0.0)      # vectors held per thread, not four (registers)
+        f_c = tl.load(DB_MEAN + rn, mask=n_ok, other=0.0) * f_q - tl.load(DB_P + rn, mask=n_ok, other=0.0)
     for i in range(0, TILES_PER_SPLIT):
         rm = (split * TILES_PER_SPLIT + i) * BLOCK_M + tl.arange(0, BLOCK_M)
         r_ok = rm < M
@@ -267,8 +266,7 @@ def _bwd_kernel(DOUT, lddo, X, ldx, SCALE, SHIFT, W, ldw, MEAN, RSTD, G, ldg,
         db = tl.load(DOUT + rm64[:, None] * lddo + rn[None, :], mask=dbm, other=0.0)
         if FINISH:  # DOUT = g2 (fp32): BN2's input gradient in x's dtype, as bn_grad_finish writes it
             bb = tl.load(DB_B + rm64[:, None] * lddb + rn[None, :], mask=dbm, other=0.0).to(tl.float32)
-            db = tl.where(dbm, db * f_s[None, :] - f_p[None, :] - (bb - f_mu[None, :]) * f_q[None, :],
-                          0.0).to(X.dtype.element_ty)
+            db = tl.where(dbm, db * f_s[None, :] - bb * f_q[None, :] + f_c[None, :], 0.0).to(X.dtype.element_ty)
         xm = r_ok[:, None] & c_ok[None, :]
         x = tl.load(X + rm64[:, None] * ldx + rc[None, :], mask=xm, other=0.0).to(tl.float32)
         y = x * s[None, :] + h[None, :]
@@ -336,7 +334,10 @@ _FWD_CONFIGS = [triton.Config(dict(BLOCK_N=bn, BLOCK_K=bk), num_warps=w, num_sta
 # thread at 255 registers (`densenet-fused cost --kernels`); (64, 64) with 8 warps covers the tile.
 _BWD_CONFIGS = [triton.Config(dict(BLOCK_M=bm, BLOCK_C=bc), num_warps=w, num_stages=st)
                 for bm, bc, w, st in [(64, 64, 8, 2), (64, 32, 4, 3), (32, 64, 4, 3), (128, 32, 8, 2),
-                                      (32, 128, 8, 2)]]
+                                      (32, 128, 8, 2), (64, 32, 8, 2), (32, 32, 4, 3)]]
+# Offered only with FINISH (dB formed from g2): the sm_80 tiles that hold the fp32 g2 tile without
+# spilling in bf16 (64 x 32 with 4 warps spills 48 B there, 8 warps none).
+_BWD_FINISH_ONLY = {(64, 32, 8, 2), (32, 32, 4, 3)}
 
 
 def _fwd_fits(cfg, args, target):
@@ -369,16 +370,29 @@ def _bwd_fits(cfg, args, target):
       BLOCK_C = 32 and BLOCK_M = 64: on sm_80 BLOCK_C of 64 and 128 spill 244-2964 B at 255
       registers, and BLOCK_M = 128 36 B with triton 3.6;
     - shared memory: num_stages buffers of the dout and x tiles, the resident W tile and the
-      activated x tile (the dW product's operand), within the device's limit; with FINISH the
-      buffered dout tile is g2 (fp32) and the bottleneck tile, and the finished dB tile is held
-      once more (the products' operand)."""
+      activated x tile (the dW product's operand), within the device's limit;
+    - with FINISH (dB formed from g2 in the kernel): num_stages buffers of the fp32 g2 tile, the
+      bottleneck tile and the x tile, and the activated x tile (as the compiled kernels use:
+      224 KB for float32 64 x 32 with 3 stages on sm_80); registers: at most 32 values of the dB
+      tile per thread and at most 144 of the dB, W and dW tiles together (bf16, sm_90a: 64 x 32 and
+      128 x 32 tiles spill 140-224 B, 32 x 64 with 4 warps 48 B; sm_80: 64 x 32 with 4 warps 48 B),
+      with 4 warps at most 32 x 32 (64 x 32 spills 36 B with 48 bottleneck channels), and when W's
+      rows are not 16-element aligned (its tile loaded through registers) at most 64 x 32 (64 x 64
+      spills 24 B there); the configs of ``_BWD_FINISH_ONLY`` only there."""
     bm, bc, cp = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_C"], args["COUT_PAD"]
     if target.arch < 90 and (bc > 32 or bm > 64):
         return False
     s = args["X"].element_size()
     if args.get("FINISH"):
-        smem = cfg.num_stages * (bm * cp * (4 + s) + bm * bc * s) + (cp * bc + bm * bc + bm * cp) * s
+        threads = 32 * cfg.num_warps
+        if bm * cp / threads > 32 or (bm * cp + 2 * cp * bc) / threads > 144:
+            return False
+        if (cfg.num_warps < 8 and bm * bc > 1024) or (args["ldw"] % 16 != 0 and bm * bc > 2048):
+            return False
+        smem = cfg.num_stages * (bm * cp * (4 + s) + bm * bc * s) + bm * bc * s
     else:
+        if (bm, bc, cfg.num_warps, cfg.num_stages) in _BWD_FINISH_ONLY:
+            return False
         smem = (cfg.num_stages * (bm * cp + bm * bc) + cp * bc + bm * bc) * s
     return smem <= target.smem
 
