@@ -264,7 +264,7 @@ def _bwd_kernel(DOUT, lddo, X, ldx, SCALE, SHIFT, W, ldw, MEAN, RSTD, G, ldg,
         rm64 = rm.to(tl.int64)
         dbm = r_ok[:, None] & n_ok[None, :]
         db = tl.load(DOUT + rm64[:, None] * lddo + rn[None, :], mask=dbm, other=0.0)
-        if FINISH:  # DOUT = g2 (fp32): BN2's input gradient in x's dtype, as bn_grad_finish writes it
+        if FINISH:  # DOUT = g2 (fp32): BN2's input gradient rounded to x's dtype (bn_grad_finish's, regrouped)
             bb = tl.load(DB_B + rm64[:, None] * lddb + rn[None, :], mask=dbm, other=0.0).to(tl.float32)
             db = tl.where(dbm, db * f_s[None, :] - bb * f_q[None, :] + f_c[None, :], 0.0).to(X.dtype.element_ty)
         xm = r_ok[:, None] & c_ok[None, :]
