@@ -45,8 +45,13 @@ TORCH_LIBRARY(densenet_fused, m) {
   // dgamma = sum(g * (x - mean) * rstd), dbeta = sum(g) per channel.  With P and Q (the
   // block's per-channel BN-gradient scalars, DESIGN section 2 fact 3) it also accumulates
   // P += scale*dbeta/count and Q += scale*rstd*dgamma/count in place.
+  // With db_b, db_mean, db_p, db_q, db_scale, dout is the fp32 (fp64) gradient g2 after BN2's ReLU and the
+  // op finishes BN2's input gradient tile by tile as bn_grad_finish does (one launch and a write and read
+  // of dB less): dB = db_scale*dout - db_p - (db_b - db_mean)*db_q, rounded to x's dtype, is the dout of
+  // the formulas above (db_b: the bottleneck, x's dtype; the vectors: Cout channels, fp32/fp64).
   m.def("bnrelu_conv1x1_bwd(Tensor dout, Tensor x, Tensor scale, Tensor shift, Tensor weight, "
-        "Tensor mean, Tensor rstd, Tensor(a!) G, Tensor(b!)? P=None, Tensor(c!)? Q=None, int count=0) "
+        "Tensor mean, Tensor rstd, Tensor(a!) G, Tensor(b!)? P=None, Tensor(c!)? Q=None, int count=0, "
+        "Tensor? db_b=None, Tensor? db_mean=None, Tensor? db_p=None, Tensor? db_q=None, Tensor? db_scale=None) "
         "-> (Tensor dweight, Tensor dgamma, Tensor dbeta)");
   // out (a channel slice of the buffer) = conv3x3(relu(b*scale + shift), weight), pad 1 applied to the
   // activated values; (mean, var) of out as stored when stats.  With mean_out/var_out (contiguous vectors of

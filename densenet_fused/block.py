@@ -204,7 +204,7 @@ def block_backward(spec: BlockSpec, out, grad_out, params, stats, seeds, kept, x
     m = n * h * w
     k = spec.growth_rate
     c0 = spec.num_input_features
-    dtype, acc = spec.dtype, acc_dtype(spec.dtype)
+    acc = acc_dtype(spec.dtype)
     dev = out.device
     sync = spec.sync if spec.training else None
     count = (count or m) if spec.training else 0  # values per channel of the batch statistics
@@ -244,17 +244,17 @@ def block_backward(spec: BlockSpec, out, grad_out, params, stats, seeds, kept, x
             bott = kept[l]
         else:
             bott = bnrelu_conv1x1_fwd(buf2[:, :c_l], scale1, shift1, w1c, False)[0]
-        # 3. conv3x3 backward through BN2-ReLU with BN2's input-gradient scalars (zeros in eval),
-        # then dB = scale2 * (g2 - mean(g2) - xhat2 * mean(g2 * xhat2)) in one pass.
+        # 3. conv3x3 backward through BN2-ReLU: g2 and BN2's input-gradient scalars (zeros in eval).
         g2v, dw2, dgamma2, dbeta2, p2, q2 = bnrelu_conv3x3_bwd(dnew, bott, scale2, shift2, w2c, [n, h, w], m2, r2,
                                                                spec.conv3x3_impl, count, *finish)
         if sync is not None:  # BN2's input-gradient scalars over the group
             p2, q2 = sync.sum_(torch.stack((p2, q2))).unbind(0)
-        db = bn_grad_finish(g2v, bott, m2, p2, q2, dtype, 0, scale2)
-        # 4. one pass over the buffer: G += scale1*g, per-channel sums, dW1.
-        # (training: also P[:c_l] += scale1*dbeta1/M and Q[:c_l] += scale1*rstd1*dgamma1/M)
+        # 4. one pass over the buffer: dB = scale2 * (g2 - mean(g2) - xhat2 * mean(g2 * xhat2)) formed
+        # tile by tile from g2 (in the compute dtype, as bn_grad_finish writes it), G += scale1*g,
+        # per-channel sums, dW1.  (training: also P[:c_l] += scale1*dbeta1/M and Q[:c_l] += scale1*rstd1*dgamma1/M)
         pq = (P[:c_l], Q[:c_l], count) if spec.training else (None, None, 0)
-        dw1, dgamma1, dbeta1 = bnrelu_conv1x1_bwd(db, buf2[:, :c_l], scale1, shift1, w1c, m1, r1, G[:, :c_l], *pq)
+        dw1, dgamma1, dbeta1 = bnrelu_conv1x1_bwd(g2v, buf2[:, :c_l], scale1, shift1, w1c, m1, r1, G[:, :c_l], *pq,
+                                                  bott, m2, p2, q2, scale2)
         base = PARAMS_PER_LAYER * l
         grads[base + 0] = dgamma1.to(g1.dtype)
         grads[base + 1] = dbeta1.to(b1.dtype)

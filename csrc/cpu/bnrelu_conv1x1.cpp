@@ -26,6 +26,60 @@ void check_pq_args(const char* op, const std::optional<at::Tensor>& P, const std
   TORCH_CHECK(count > 0, op, ": expected count > 0 (values per channel) with P and Q, got ", count);
 }
 
+// The optional on-the-fly finish of the bottleneck's gradient (dout = g2, fp32/fp64):
+// dB = db_scale*g2 - db_p - (db_b - db_mean)*db_q rounded to x's dtype, as bn_grad_finish writes it.
+struct DbFinish {
+  at::Tensor b, mean, p, q, scale;  // vectors contiguous
+};
+
+std::optional<DbFinish> check_db_finish(const char* op, const at::Tensor& dout, const at::Tensor& x, int64_t Cout,
+                                        at::ScalarType acc, const std::optional<at::Tensor>& b,
+                                        const std::optional<at::Tensor>& mean, const std::optional<at::Tensor>& p,
+                                        const std::optional<at::Tensor>& q, const std::optional<at::Tensor>& scale) {
+  const int given = b.has_value() + mean.has_value() + p.has_value() + q.has_value() + scale.has_value();
+  TORCH_CHECK(given == 0 || given == 5, op,
+              ": expected db_b, db_mean, db_p, db_q and db_scale together (or none), got ", given, " of them");
+  const at::ScalarType dout_dtype = given ? acc : x.scalar_type();
+  TORCH_CHECK(dout.scalar_type() == dout_dtype, op, ": expected dout of dtype ", dout_dtype,
+              given ? " (the fp32 gradient g2 when db_b is given)" : " (the dtype of x)", ", got ",
+              dout.scalar_type());
+  if (!given) return std::nullopt;
+  check_matrix(*b, op, "db_b");
+  TORCH_CHECK(b->size(0) == dout.size(0) && b->size(1) == Cout, op, ": expected db_b of shape (", dout.size(0), ", ",
+              Cout, "), got ", b->sizes());
+  TORCH_CHECK(b->scalar_type() == x.scalar_type(), op, ": expected db_b of dtype ", x.scalar_type(),
+              " (the dtype of x), got ", b->scalar_type());
+  check_same_device(*b, x, op, "db_b");
+  check_vector(*mean, Cout, acc, x, op, "db_mean");
+  check_vector(*p, Cout, acc, x, op, "db_p");
+  check_vector(*q, Cout, acc, x, op, "db_q");
+  check_vector(*scale, Cout, acc, x, op, "db_scale");
+  return DbFinish{*b, mean->contiguous(), p->contiguous(), q->contiguous(), scale->contiguous()};
+}
+
+// The dB rows [r0, r0 + rows) in acc_t: finished from g2 (fin) or dout converted.
+template <typename scalar_t, typename acc_t>
+at::Tensor db_rows(const at::Tensor& dout, const std::optional<DbFinish>& fin, int64_t r0, int64_t rows) {
+  if (!fin.has_value()) return dout.narrow(0, r0, rows).to(c10::CppTypeToScalarType<acc_t>::value);
+  const int64_t Cout = dout.size(1);
+  at::Tensor out = at::empty({rows, Cout}, dout.options());
+  const acc_t* gp = dout.const_data_ptr<acc_t>();
+  const scalar_t* bp = fin->b.const_data_ptr<scalar_t>();
+  const acc_t *mp = fin->mean.const_data_ptr<acc_t>(), *pp = fin->p.const_data_ptr<acc_t>();
+  const acc_t *qp = fin->q.const_data_ptr<acc_t>(), *sp = fin->scale.const_data_ptr<acc_t>();
+  acc_t* o = out.data_ptr<acc_t>();
+  const int64_t ldd = dout.stride(0), ldb = fin->b.stride(0);
+  for (int64_t r = 0; r < rows; ++r) {
+    const acc_t* grow = gp + (r0 + r) * ldd;
+    const scalar_t* brow = bp + (r0 + r) * ldb;
+    acc_t* orow = o + r * Cout;
+    for (int64_t c = 0; c < Cout; ++c)  // bn_grad_finish's expression, rounded to the feature dtype
+      orow[c] = static_cast<acc_t>(
+          static_cast<scalar_t>(grow[c] * sp[c] - pp[c] - (static_cast<acc_t>(brow[c]) - mp[c]) * qp[c]));
+  }
+  return out;
+}
+
 constexpr int64_t kTile = 128;       // rows per BN-ReLU tile
 constexpr int64_t kMaxChunks = 16;   // dweight partials in the backward
 
@@ -163,7 +217,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(const at::Tensor& dout, const
                                                    const at::Tensor& weight, const at::Tensor& mean,
                                                    const at::Tensor& rstd, const at::Tensor& G,
                                                    const std::optional<at::Tensor>& P,
-                                                   const std::optional<at::Tensor>& Q, int64_t count) {
+                                                   const std::optional<at::Tensor>& Q, int64_t count,
+                                                   const std::optional<at::Tensor>& db_b,
+                                                   const std::optional<at::Tensor>& db_mean,
+                                                   const std::optional<at::Tensor>& db_p,
+                                                   const std::optional<at::Tensor>& db_q,
+                                                   const std::optional<at::Tensor>& db_scale) {
   const char* op = "bnrelu_conv1x1_bwd";
   check_args(op, x, scale, shift, weight);
   const int64_t M = x.size(0), C = x.size(1), Cout = weight.size(0);
@@ -171,8 +230,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(const at::Tensor& dout, const
   check_matrix(dout, op, "dout");
   TORCH_CHECK(dout.size(0) == M && dout.size(1) == Cout, op, ": expected dout of shape (", M, ", ", Cout,
               "), got ", dout.sizes());
-  TORCH_CHECK(dout.scalar_type() == x.scalar_type(), op, ": expected dout of dtype ", x.scalar_type(), ", got ",
-              dout.scalar_type());
+  const std::optional<DbFinish> fin = check_db_finish(op, dout, x, Cout, acc, db_b, db_mean, db_p, db_q, db_scale);
   check_same_device(dout, x, op, "dout");
   check_vector(mean, C, acc, x, op, "mean");
   check_vector(rstd, C, acc, x, op, "rstd");
@@ -208,7 +266,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(const at::Tensor& dout, const
         const int64_t t_end = std::min(ntiles, (chunk + 1) * tiles_per_chunk);
         for (int64_t t = chunk * tiles_per_chunk; t < t_end; ++t) {
           const int64_t r0 = t * kTile, rows = std::min(kTile, M - r0);
-          const at::Tensor db = dout.narrow(0, r0, rows).to(acc);
+          const at::Tensor db = db_rows<scalar_t, acc_t>(dout, fin, r0, rows);
           const at::Tensor da = at::mm(db, w_acc).contiguous();  // (rows, C): dA = dout @ W
           std::fill(tsg.begin(), tsg.end(), acc_t(0));
           std::fill(tsgx.begin(), tsgx.end(), acc_t(0));

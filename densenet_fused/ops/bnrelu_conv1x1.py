@@ -42,7 +42,8 @@ def _(x, scale, shift, weight, stats, bn_out=None, bn_gamma=None, bn_beta=None, 
 
 
 @torch.library.register_fake("densenet_fused::bnrelu_conv1x1_bwd")
-def _(dout, x, scale, shift, weight, mean, rstd, G, P=None, Q=None, count=0):
+def _(dout, x, scale, shift, weight, mean, rstd, G, P=None, Q=None, count=0, db_b=None, db_mean=None, db_p=None,
+      db_q=None, db_scale=None):
     c = x.shape[1]
     acc = acc_dtype(x.dtype)
     return (x.new_empty((weight.shape[0], c), dtype=acc), x.new_empty(c, dtype=acc),
@@ -79,10 +80,14 @@ def _check_bn_out(x, cout, stats, bn_out, gamma, beta, eps):
         raise RuntimeError(f"{op}: expected bn_eps >= 0, got {eps}")
 
 
-def bnrelu_conv1x1_bwd(dout, x, scale, shift, weight, mean, rstd, G, P=None, Q=None, count: int = 0):
+def bnrelu_conv1x1_bwd(dout, x, scale, shift, weight, mean, rstd, G, P=None, Q=None, count: int = 0, db_b=None,
+                       db_mean=None, db_p=None, db_q=None, db_scale=None):
     """(dweight, dgamma, dbeta); accumulates scale * g into G in place, and with P, Q also
-    P += scale*dbeta/count, Q += scale*rstd*dgamma/count."""
-    return torch.ops.densenet_fused.bnrelu_conv1x1_bwd(dout, x, scale, shift, weight, mean, rstd, G, P, Q, count)
+    P += scale*dbeta/count, Q += scale*rstd*dgamma/count.  With db_b, db_mean, db_p, db_q, db_scale,
+    dout is the fp32 gradient g2 after BN2's ReLU and the gradient used is its BatchNorm input gradient
+    dB = db_scale*dout - db_p - (db_b - db_mean)*db_q in x's dtype, formed tile by tile (bn_grad_finish's)."""
+    return torch.ops.densenet_fused.bnrelu_conv1x1_bwd(dout, x, scale, shift, weight, mean, rstd, G, P, Q, count,
+                                                       db_b, db_mean, db_p, db_q, db_scale)
 
 
 def _check(x, scale, shift, weight, op):
@@ -113,13 +118,32 @@ def _check_pq(P, Q, count, c, acc):
         raise RuntimeError(f"bnrelu_conv1x1_bwd: expected count > 0 (values per channel) with P and Q, got {count}")
 
 
-def _check_bwd(dout, x, weight, mean, rstd, G):
+def _check_bwd(dout, x, weight, mean, rstd, G, fin=(None,) * 5):
     op = "bnrelu_conv1x1_bwd"
     m, c = x.shape
+    cout = weight.shape[0]
     acc = acc_dtype(x.dtype)
-    if dout.shape != (m, weight.shape[0]) or dout.dtype != x.dtype or (dout.shape[1] > 1 and dout.stride(1) != 1):
-        raise RuntimeError(f"{op}: expected dout of shape ({m}, {weight.shape[0]}) and dtype {x.dtype} with unit "
+    given = sum(t is not None for t in fin)
+    if given not in (0, 5):
+        raise RuntimeError(f"{op}: expected db_b, db_mean, db_p, db_q and db_scale together (or none), got {given} "
+                           f"of them")
+    dout_dtype = acc if given else x.dtype
+    if dout.shape != (m, cout) or dout.dtype != dout_dtype or (dout.shape[1] > 1 and dout.stride(1) != 1):
+        raise RuntimeError(f"{op}: expected dout of shape ({m}, {cout}) and dtype {dout_dtype}"
+                           f"{' (the fp32 gradient g2 when db_b is given)' if given else ''} with unit "
                            f"channel stride, got {tuple(dout.shape)} {dout.dtype} strides {dout.stride()}")
+    if given:
+        db_b = fin[0]
+        if db_b.shape != (m, cout) or db_b.dtype != x.dtype or (cout > 1 and db_b.stride(1) != 1) \
+                or db_b.device != x.device:
+            raise RuntimeError(f"{op}: expected db_b of shape ({m}, {cout}) and dtype {x.dtype} on {x.device} with "
+                               f"unit channel stride, got {tuple(db_b.shape)} {db_b.dtype} on {db_b.device} "
+                               f"strides {db_b.stride()}")
+        for name, t in zip(("db_mean", "db_p", "db_q", "db_scale"), fin[1:]):
+            if t.shape != (cout,) or t.dtype != acc or t.device != x.device or (cout > 1 and t.stride(0) != 1):
+                raise RuntimeError(f"{op}: expected {name} to be a contiguous 1-D tensor of {cout} channels, dtype "
+                                   f"{acc} on {x.device}, got {tuple(t.shape)} {t.dtype} on {t.device} "
+                                   f"strides {t.stride()}")
     for name, t in (("mean", mean), ("rstd", rstd)):
         if t.shape != (c,) or t.dtype != acc:
             raise RuntimeError(f"{op}: expected {name} to be a 1-D tensor of {c} channels and dtype {acc}, "
@@ -150,10 +174,12 @@ def fwd_chunked(x, scale, shift, weight, stats, bn_out=None, bn_gamma=None, bn_b
     return out, mean, var
 
 
-def bwd_chunked(dout, x, scale, shift, weight, mean, rstd, G, P=None, Q=None, count=0):
+def bwd_chunked(dout, x, scale, shift, weight, mean, rstd, G, P=None, Q=None, count=0, db_b=None, db_mean=None,
+                db_p=None, db_q=None, db_scale=None):
     """Row-chunked ATen backward: the CUDA path of float64 and of float32 without TF32."""
     _check(x, scale, shift, weight, "bnrelu_conv1x1_bwd")
-    _check_bwd(dout, x, weight, mean, rstd, G)
+    fin = (db_b, db_mean, db_p, db_q, db_scale)
+    _check_bwd(dout, x, weight, mean, rstd, G, fin)
     _check_pq(P, Q, count, x.shape[1], scale.dtype)
     acc = scale.dtype
     c = x.shape[1]
@@ -162,7 +188,11 @@ def bwd_chunked(dout, x, scale, shift, weight, mean, rstd, G, P=None, Q=None, co
     dbeta = torch.zeros(c, dtype=acc, device=x.device)
     w = weight.to(acc)
     for r0 in range(0, x.shape[0], _CHUNK_ROWS):
-        db = dout[r0:r0 + _CHUNK_ROWS].to(acc)
+        if db_b is None:
+            db = dout[r0:r0 + _CHUNK_ROWS].to(acc)
+        else:  # bn_grad_finish's dB, rounded to x's dtype
+            bs = db_b[r0:r0 + _CHUNK_ROWS].to(acc)
+            db = (dout[r0:r0 + _CHUNK_ROWS] * db_scale - db_p - (bs - db_mean) * db_q).to(x.dtype).to(acc)
         xs = x[r0:r0 + _CHUNK_ROWS].to(acc)
         y = torch.addcmul(shift, xs, scale)
         on = y > 0
@@ -205,9 +235,9 @@ def _fwd_kernel(X, ldx, SCALE, SHIFT, W, ldw, OUT, PMEAN, PM2, M, C, COUT, C_BUC
 
 @triton.jit
 def _bwd_kernel(DOUT, lddo, X, ldx, SCALE, SHIFT, W, ldw, MEAN, RSTD, G, ldg,
-                PDW, PSG, PSGX, M, C, COUT, C_BUCKET, SPLITS,
+                PDW, PSG, PSGX, M, C, COUT, C_BUCKET, SPLITS, DB_B, lddb, DB_MEAN, DB_P, DB_Q, DB_SCALE,
                 BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, COUT_PAD: tl.constexpr,
-                PRECISION: tl.constexpr):
+                PRECISION: tl.constexpr, FINISH: tl.constexpr):
     pid_c = tl.program_id(0)
     split = tl.program_id(1)
     TILES_PER_SPLIT = tl.cdiv(tl.cdiv(M, BLOCK_M), SPLITS)
@@ -224,11 +254,19 @@ def _bwd_kernel(DOUT, lddo, X, ldx, SCALE, SHIFT, W, ldw, MEAN, RSTD, G, ldg,
     dw = tl.zeros((COUT_PAD, BLOCK_C), dtype=tl.float32)
     sg = tl.zeros((BLOCK_C,), dtype=tl.float32)
     sgx = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    if FINISH:  # BN2's per-channel input-gradient terms: dB = scale2*g2 - p2 - (b - mean2)*q2
+        f_s = tl.load(DB_SCALE + rn, mask=n_ok, other=0.0)  # = scale2*g2 - q2*b + (mean2*q2 - p2): three
+        f_q = tl.load(DB_Q + rn, mask=n_ok, other=0.0)      # vectors held per thread, not four (registers)
+        f_c = tl.load(DB_MEAN + rn, mask=n_ok, other=0.0) * f_q - tl.load(DB_P + rn, mask=n_ok, other=0.0)
     for i in range(0, TILES_PER_SPLIT):
         rm = (split * TILES_PER_SPLIT + i) * BLOCK_M + tl.arange(0, BLOCK_M)
         r_ok = rm < M
         rm64 = rm.to(tl.int64)
-        db = tl.load(DOUT + rm64[:, None] * lddo + rn[None, :], mask=r_ok[:, None] & n_ok[None, :], other=0.0)
+        dbm = r_ok[:, None] & n_ok[None, :]
+        db = tl.load(DOUT + rm64[:, None] * lddo + rn[None, :], mask=dbm, other=0.0)
+        if FINISH:  # DOUT = g2 (fp32): BN2's input gradient rounded to x's dtype (bn_grad_finish's, regrouped)
+            bb = tl.load(DB_B + rm64[:, None] * lddb + rn[None, :], mask=dbm, other=0.0).to(tl.float32)
+            db = tl.where(dbm, db * f_s[None, :] - bb * f_q[None, :] + f_c[None, :], 0.0).to(X.dtype.element_ty)
         xm = r_ok[:, None] & c_ok[None, :]
         x = tl.load(X + rm64[:, None] * ldx + rc[None, :], mask=xm, other=0.0).to(tl.float32)
         y = x * s[None, :] + h[None, :]
@@ -296,7 +334,10 @@ _FWD_CONFIGS = [triton.Config(dict(BLOCK_N=bn, BLOCK_K=bk), num_warps=w, num_sta
 # thread at 255 registers (`densenet-fused cost --kernels`); (64, 64) with 8 warps covers the tile.
 _BWD_CONFIGS = [triton.Config(dict(BLOCK_M=bm, BLOCK_C=bc), num_warps=w, num_stages=st)
                 for bm, bc, w, st in [(64, 64, 8, 2), (64, 32, 4, 3), (32, 64, 4, 3), (128, 32, 8, 2),
-                                      (32, 128, 8, 2)]]
+                                      (32, 128, 8, 2), (64, 32, 8, 2), (32, 32, 4, 3)]]
+# Offered only with FINISH (dB formed from g2): the sm_80 tiles that hold the fp32 g2 tile without
+# spilling in bf16 (64 x 32 with 4 warps spills 48 B there, 8 warps none).
+_BWD_FINISH_ONLY = {(64, 32, 8, 2), (32, 32, 4, 3)}
 
 
 def _fwd_fits(cfg, args, target):
@@ -329,18 +370,37 @@ def _bwd_fits(cfg, args, target):
       BLOCK_C = 32 and BLOCK_M = 64: on sm_80 BLOCK_C of 64 and 128 spill 244-2964 B at 255
       registers, and BLOCK_M = 128 36 B with triton 3.6;
     - shared memory: num_stages buffers of the dout and x tiles, the resident W tile and the
-      activated x tile (the dW product's operand), within the device's limit."""
+      activated x tile (the dW product's operand), within the device's limit;
+    - with FINISH (dB formed from g2 in the kernel): num_stages buffers of the fp32 g2 tile, the
+      bottleneck tile and the x tile, and the activated x tile (as the compiled kernels use:
+      224 KB for float32 64 x 32 with 3 stages on sm_80); registers: at most 32 values of the dB
+      tile per thread and at most 144 of the dB, W and dW tiles together (bf16, sm_90a: 64 x 32 and
+      128 x 32 tiles spill 140-224 B, 32 x 64 with 4 warps 48 B; sm_80: 64 x 32 with 4 warps 48 B),
+      with 4 warps at most 32 x 32 (64 x 32 spills 36 B with 48 bottleneck channels), and when W's
+      rows are not 16-element aligned (its tile loaded through registers) at most 64 x 32 (64 x 64
+      spills 24 B there); the configs of ``_BWD_FINISH_ONLY`` only there."""
     bm, bc, cp = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_C"], args["COUT_PAD"]
     if target.arch < 90 and (bc > 32 or bm > 64):
         return False
-    smem = (cfg.num_stages * (bm * cp + bm * bc) + cp * bc + bm * bc) * args["X"].element_size()
+    s = args["X"].element_size()
+    if args.get("FINISH"):
+        threads = 32 * cfg.num_warps
+        if bm * cp / threads > 32 or (bm * cp + 2 * cp * bc) / threads > 144:
+            return False
+        if (cfg.num_warps < 8 and bm * bc > 1024) or (args["ldw"] % 16 != 0 and bm * bc > 2048):
+            return False
+        smem = cfg.num_stages * (bm * cp * (4 + s) + bm * bc * s) + bm * bc * s
+    else:
+        if (bm, bc, cfg.num_warps, cfg.num_stages) in _BWD_FINISH_ONLY:
+            return False
+        smem = (cfg.num_stages * (bm * cp + bm * bc) + cp * bc + bm * bc) * s
     return smem <= target.smem
 
 
 _fwd_tuned = triton.autotune(_FWD_CONFIGS, key=["C_BUCKET", "COUT", "STATS", "BLOCK_M", "PRECISION"],
                              prune_configs_by=dict(early_config_prune=config_pruner(_fwd_fits, "bnrelu_conv1x1_fwd")),
                              cache_results=True)(_fwd_kernel)
-_bwd_tuned = triton.autotune(_BWD_CONFIGS, key=["C_BUCKET", "COUT", "PRECISION"], restore_value=["G"],
+_bwd_tuned = triton.autotune(_BWD_CONFIGS, key=["C_BUCKET", "COUT", "PRECISION", "FINISH"], restore_value=["G"],
                              prune_configs_by=dict(early_config_prune=config_pruner(_bwd_fits, "bnrelu_conv1x1_bwd")),
                              cache_results=True)(_bwd_kernel)
 
@@ -393,10 +453,12 @@ def _splits(m, c):
     return max(1, min(triton.cdiv(m, 128), triton.cdiv(264, triton.cdiv(c, 64))))
 
 
-def triton_bwd(dout, x, scale, shift, weight, mean, rstd, G, P=None, Q=None, count=0):
+def triton_bwd(dout, x, scale, shift, weight, mean, rstd, G, P=None, Q=None, count=0, db_b=None, db_mean=None,
+               db_p=None, db_q=None, db_scale=None):
     """Triton one-pass backward launcher (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1)."""
     _check(x, scale, shift, weight, "bnrelu_conv1x1_bwd")
-    _check_bwd(dout, x, weight, mean, rstd, G)
+    fin = (db_b, db_mean, db_p, db_q, db_scale)
+    _check_bwd(dout, x, weight, mean, rstd, G, fin)
     _check_pq(P, Q, count, x.shape[1], scale.dtype)
     if x.dtype == torch.float64:
         raise RuntimeError("bnrelu_conv1x1_bwd: the Triton kernel takes float32/float16/bfloat16; "
@@ -410,12 +472,15 @@ def triton_bwd(dout, x, scale, shift, weight, mean, rstd, G, P=None, Q=None, cou
     if m > 0 and c > 0:
         args = (dout, dout.stride(0), x, x.stride(0), scale, shift, weight, weight.stride(0), mean, rstd,
                 G, G.stride(0), pdw, psum[0], psum[1], m, c, cout, triton.next_power_of_2(c), splits)
+        finish = db_b is not None
+        args += (db_b, db_b.stride(0), db_mean, db_p, db_q, db_scale) if finish else (dout, 0, scale, scale, scale,
+                                                                                      scale)  # unused
         if _INTERPRET:
             _bwd_kernel[(triton.cdiv(c, 16), splits)](*args, BLOCK_M=32, BLOCK_C=16, COUT_PAD=cout_pad,
-                                                      PRECISION=dot_precision(x.dtype))
+                                                      PRECISION=dot_precision(x.dtype), FINISH=finish)
         else:
             grid = lambda meta: (triton.cdiv(c, meta["BLOCK_C"]), splits)  # noqa: E731
-            _bwd_tuned[grid](*args, COUT_PAD=cout_pad, PRECISION=dot_precision(x.dtype))
+            _bwd_tuned[grid](*args, COUT_PAD=cout_pad, PRECISION=dot_precision(x.dtype), FINISH=finish)
     else:
         pdw.zero_()
         psum.zero_()
@@ -440,10 +505,12 @@ def _cuda_fwd(x, scale, shift, weight, stats, bn_out=None, bn_gamma=None, bn_bet
     return triton_fwd(x, scale, shift, weight, stats, bn_out, bn_gamma, bn_beta, bn_eps)
 
 
-def _cuda_bwd(dout, x, scale, shift, weight, mean, rstd, G, P=None, Q=None, count=0):
+def _cuda_bwd(dout, x, scale, shift, weight, mean, rstd, G, P=None, Q=None, count=0, db_b=None, db_mean=None,
+              db_p=None, db_q=None, db_scale=None):
+    fin = (db_b, db_mean, db_p, db_q, db_scale)
     if cuda_gemm_impl(x.dtype) == "aten":
-        return bwd_chunked(dout, x, scale, shift, weight, mean, rstd, G, P, Q, count)
-    return triton_bwd(dout, x, scale, shift, weight, mean, rstd, G, P, Q, count)
+        return bwd_chunked(dout, x, scale, shift, weight, mean, rstd, G, P, Q, count, *fin)
+    return triton_bwd(dout, x, scale, shift, weight, mean, rstd, G, P, Q, count, *fin)
 
 
 _lib.impl("bnrelu_conv1x1_fwd", on_tensor_device(_cuda_fwd), "CUDA")

@@ -3,6 +3,7 @@ import torch
 
 import oracle
 from densenet_fused.ops import bnrelu_conv1x1 as op
+from densenet_fused.ops.bn_grad_finish import bn_grad_finish
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-4}
 SHAPES = [(1, 5, 0, 5, 3), (37, 20, 0, 13, 9), (300, 41, 0, 29, 12), (517, 64, 0, 50, 17)]
@@ -157,3 +158,75 @@ def test_backward_accumulates_p_and_q(device, impl, dtype):
     _close(Q - Q0, scale.double().cpu() * rstd.double().cpu() * dgamma_ref.cpu() / 300, dtype)
     with pytest.raises(RuntimeError, match="P and Q together"):
         bwd(dout, x, scale, shift, weight, mean, rstd, torch.zeros(300, 29, dtype=acc, device=device), P, None, 300)
+
+
+def _db_finish_args(m, cout, dtype, device):
+    """g2 (fp32/fp64, M x Cout), the bottleneck b (a strided slice in dtype) and BN2's per-channel
+    terms (mean, p, q, scale) for the op's on-the-fly dB = scale*g2 - p - (b - mean)*q."""
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    g2 = torch.randn(m, cout, dtype=acc).to(device)
+    b = oracle.strided_slice(m, cout + 5, 2, cout, dtype, offset=0.2, device=device)
+    vec = [(torch.randn(cout, dtype=acc) * s).to(device) for s in (0.3, 0.1, 0.2)]
+    db_scale = (torch.rand(cout, dtype=acc) + 0.5).to(device)
+    return g2, b, vec[0], vec[1], vec[2], db_scale
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("m,c_total,c_begin,c,cout", SHAPES)
+def test_backward_finishes_db(device, impl, dtype, m, c_total, c_begin, c, cout, monkeypatch):
+    # dout = g2 and BN2's terms: the op forms dB itself; the oracle gets dB from plain PyTorch in
+    # float64, rounded to the feature dtype
+    monkeypatch.setattr(op, "_CHUNK_ROWS", 128)
+    _, bwd = IMPLS[impl]
+    x, scale, shift, weight, mean, rstd = _args(m, c_total, c_begin, c, cout, dtype, device)
+    g2, b, mu2, p2, q2, s2 = _db_finish_args(m, cout, dtype, device)
+    acc = scale.dtype
+    P0, Q0 = torch.randn(c, dtype=acc, device=device), torch.randn(c, dtype=acc, device=device)
+    P, Q = P0.clone(), Q0.clone()
+    G = torch.zeros(m, c, dtype=acc, device=device)
+    dweight, dgamma, dbeta = bwd(g2, x, scale, shift, weight, mean, rstd, G, P, Q, m, b, mu2, p2, q2, s2)
+    d = [t.double().cpu() for t in (g2, b, mu2, p2, q2, s2)]
+    db = (d[0] * d[5] - d[3] - (d[1] - d[2]) * d[4]).to(dtype)
+    dG, dw_ref, dgamma_ref, dbeta_ref = oracle.bnrelu_conv1x1_bwd(db, x.cpu(), scale.cpu(), shift.cpu(),
+                                                                   weight.cpu(), mean.cpu(), rstd.cpu())
+    _close(G, dG, dtype)
+    _close(dweight, dw_ref, dtype)
+    _close(dgamma, dgamma_ref, dtype)
+    _close(dbeta, dbeta_ref, dtype)
+    _close(P - P0, scale.double().cpu() * dbeta_ref / m, dtype)
+    _close(Q - Q0, scale.double().cpu() * rstd.double().cpu() * dgamma_ref / m, dtype)
+    # the same dB as bn_grad_finish writes (the block's previous two launches): identical results
+    db_op = bn_grad_finish(g2, b, mu2, p2, q2, dtype, 0, s2)
+    G2 = torch.zeros(m, c, dtype=acc, device=device)
+    P2, Q2 = P0.clone(), Q0.clone()
+    want = bwd(db_op, x, scale, shift, weight, mean, rstd, G2, P2, Q2, m)
+    for got, ref in zip((G, P, Q, dweight, dgamma, dbeta), (G2, P2, Q2) + tuple(want)):
+        assert torch.equal(got, ref)
+
+
+def test_backward_finishes_db_bad_input():
+    x, scale, shift, weight, mean, rstd = _args(37, 20, 0, 13, 9, torch.float32, "cpu")
+    g2, b, mu2, p2, q2, s2 = _db_finish_args(37, 9, torch.float32, "cpu")
+    G = torch.zeros(37, 13)
+    for impl in (op.bnrelu_conv1x1_bwd, op.bwd_chunked):
+        with pytest.raises(RuntimeError, match="db_b, db_mean, db_p, db_q and db_scale together"):
+            impl(g2, x, scale, shift, weight, mean, rstd, G, None, None, 0, b, mu2, p2, q2)
+        with pytest.raises(RuntimeError, match=r"dout of .*dtype (Float|torch\.float32) \(the fp32 gradient g2"):
+            impl(g2.double(), x, scale, shift, weight, mean, rstd, G, None, None, 0, b, mu2, p2, q2, s2)
+        with pytest.raises(RuntimeError, match=r"expected db_b of shape \(37, 9\)"):
+            impl(g2, x, scale, shift, weight, mean, rstd, G, None, None, 0, b[:, :8], mu2, p2, q2, s2)
+        with pytest.raises(RuntimeError, match=r"expected db_b of .*dtype (Float|torch\.float32)"):
+            impl(g2, x, scale, shift, weight, mean, rstd, G, None, None, 0, b.double(), mu2, p2, q2, s2)
+        with pytest.raises(RuntimeError, match="db_q .*9 channels"):
+            impl(g2, x, scale, shift, weight, mean, rstd, G, None, None, 0, b, mu2, p2, q2[:8], s2)
+    assert torch.equal(G, torch.zeros(37, 13))  # nothing written before the errors
+
+
+def test_opcheck_finishes_db(device):
+    x, scale, shift, weight, mean, rstd = _args(45, 20, 0, 11, 6, torch.float32, device)
+    g2, b, mu2, p2, q2, s2 = _db_finish_args(45, 6, torch.float32, device)
+    G = torch.zeros(45, 11, device=device)
+    P, Q = torch.zeros(11, device=device), torch.zeros(11, device=device)
+    torch.library.opcheck(torch.ops.densenet_fused.bnrelu_conv1x1_bwd.default,
+                          (g2, x, scale, shift, weight, mean, rstd, G, P, Q, 45, b, mu2, p2, q2, s2))

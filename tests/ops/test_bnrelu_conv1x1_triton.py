@@ -107,6 +107,38 @@ def test_backward(dtype, m, c_total, c, cout):
     assert torch.equal(gbuf[:, c:], untouched)  # only the slice is written
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,c_total,c,cout", SHAPES)
+def test_backward_finishes_db(dtype, m, c_total, c, cout):
+    # dout = g2 (fp32) and BN2's terms: dB = scale2*g2 - p2 - (b - mean2)*q2 formed in the kernel
+    x, scale, shift, weight, mean, rstd = _args(m, c_total, c, cout, dtype)
+    g2 = torch.randn(m, cout, device=DEVICE)
+    b = oracle.strided_slice(m, cout + 3, 1, cout, dtype, offset=0.2, device=DEVICE)
+    mu2, p2, q2 = [(torch.randn(cout) * s).to(DEVICE) for s in (0.3, 0.1, 0.2)]
+    s2 = (torch.rand(cout) + 0.5).to(DEVICE)
+    G = torch.zeros(m, c, device=DEVICE)
+    P, Q = torch.zeros(c, device=DEVICE), torch.zeros(c, device=DEVICE)
+    dweight, dgamma, dbeta = op.triton_bwd(g2, x, scale, shift, weight, mean, rstd, G, P, Q, m, b, mu2, p2, q2, s2)
+    d = [t.double().cpu() for t in (g2, b, mu2, p2, q2, s2)]
+    db = (d[0] * d[5] - d[3] - (d[1] - d[2]) * d[4]).to(dtype)
+    dG, dw_ref, dgamma_ref, dbeta_ref = oracle.bnrelu_conv1x1_bwd(db, x.cpu(), scale.cpu(), shift.cpu(),
+                                                                   weight.cpu(), mean.cpu(), rstd.cpu())
+    tol = _tol(dtype)
+    assert _err(G, dG) <= tol
+    assert _err(dweight, dw_ref) <= tol
+    assert _err(dgamma, dgamma_ref) <= tol
+    assert _err(dbeta, dbeta_ref) <= tol
+    assert _err(P, scale.double().cpu() * dbeta_ref / m) <= tol
+    assert _err(Q, scale.double().cpu() * rstd.double().cpu() * dgamma_ref / m) <= tol
+    # against the unfused pair (bn_grad_finish, then the op on its dB)
+    from densenet_fused.ops.bn_grad_finish import bn_grad_finish
+    G2 = torch.zeros(m, c, device=DEVICE)
+    want = op.triton_bwd(bn_grad_finish(g2, b, mu2, p2, q2, dtype, 0, s2), x, scale, shift, weight, mean, rstd, G2)
+    assert _err(G, G2.double().cpu()) <= tol
+    for got, ref in zip((dweight, dgamma, dbeta), want):
+        assert _err(got, ref.double().cpu()) <= tol
+
+
 def test_backward_finish_accumulates_p_and_q():
     x, scale, shift, weight, mean, rstd = _args(100, 41, 29, 20, torch.float32)
     dout = torch.randn(100, 20, device=DEVICE)
@@ -162,6 +194,19 @@ def test_cuda_registration_routes_by_dtype_and_tf32():
         op._cuda_bwd(dout, x, scale, shift, weight, mean, rstd, G)
         op._cuda_bwd(dout.half(), x16, scale, shift, w16, mean, rstd, G)
     assert calls[4:] == ["aten", "triton"]
+    # with dB finished from g2: the same routes, the same results as the unfused pair
+    g2, b = torch.randn(37, 9, device=DEVICE), torch.randn(37, 9, device=DEVICE)
+    mu2, p2, q2, s2 = (torch.randn(9, device=DEVICE) for _ in range(4))
+    with patched(op, triton_bwd=spy("triton", op.triton_bwd), bwd_chunked=spy("aten", op.bwd_chunked)):
+        got = op._cuda_bwd(g2, x, scale, shift, weight, mean, rstd, torch.zeros(37, 13, device=DEVICE), None, None, 0,
+                           b, mu2, p2, q2, s2)
+        op._cuda_bwd(g2, x16, scale, shift, w16, mean, rstd, torch.zeros(37, 13, device=DEVICE), None, None, 0,
+                     b.half(), mu2, p2, q2, s2)
+    assert calls[6:] == ["aten", "triton"]
+    db = g2 * s2 - p2 - (b - mu2) * q2
+    want = op.bwd_chunked(db, x, scale, shift, weight, mean, rstd, torch.zeros(37, 13, device=DEVICE))
+    for a, w in zip(got, want):
+        assert torch.equal(a, w)
 
 
 def test_cuda_gemm_impl():
