@@ -93,8 +93,11 @@ TORCH_LIBRARY(densenet_fused, m) {
   // transition and head (issue 13)
   // The fused transition (BN-ReLU-conv1x1-avgpool2x2) with the pool applied first, in the GEMM's
   // prologue: out = avgpool2x2(relu(x*scale + shift)) @ weight^T, x (N*H*W, C) NHWC rows (strided),
-  // nhw = [N, H, W]; out (N*(H/2)*(W/2), Cout) in x's dtype, odd H/W floored as nn.AvgPool2d(2, 2).
-  m.def("bnrelu_avgpool_conv1x1_fwd(Tensor x, Tensor scale, Tensor shift, Tensor weight, int[] nhw) -> Tensor");
+  // nhw = [N, H, W]; out (N*(H/2)*(W/2), Cout) in x's dtype, odd H/W floored as nn.AvgPool2d(2, 2), written
+  // in place: a contiguous matrix or rows of a wider one with unit channel stride (the first C_0 channels of
+  // the next dense block's NHWC buffer, so the block copies nothing).
+  m.def("bnrelu_avgpool_conv1x1_fwd(Tensor x, Tensor scale, Tensor shift, Tensor weight, int[] nhw, "
+        "Tensor(a!) out) -> ()");
   // Its backward: g = (dout @ weight)/4 on the 4 pixels of each window * (x*scale+shift > 0);
   // dweight = dout^T @ the pooled activation (fp32/fp64), dgamma = sum(g*(x - mean)*rstd), dbeta = sum(g);
   // dx (N*H*W, C) contiguous in x's dtype: scale*g, and with batch_stats the whole BatchNorm input

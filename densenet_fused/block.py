@@ -84,8 +84,8 @@ def _weights(spec: BlockSpec, params, flat: Optional[torch.Tensor], l: int):
     return flat[o1:o1 + cb * c_l].view(cb, c_l), flat[o2:o2 + w2.numel()].view(w2.shape)
 
 
-def block_forward(spec: BlockSpec, x: torch.Tensor, params: Sequence[torch.Tensor], save: bool,
-                  extra: bool = False):
+def block_forward(spec: BlockSpec, x: Optional[torch.Tensor], params: Sequence[torch.Tensor], save: bool,
+                  extra: bool = False, buf: Optional[torch.Tensor] = None):
     """Run the block.  Returns (output, saved) where saved = (tensors, seeds, kept) holds what
     backward needs (None when ``save`` is False): tensors = [batch mean (None in eval), the cast
     weights (None when not cast)] + PER_LAYER_SAVED folded-BN vectors per layer, so backward
@@ -96,21 +96,32 @@ def block_forward(spec: BlockSpec, x: torch.Tensor, params: Sequence[torch.Tenso
 
     With ``spec.sync`` every channel set's statistics are merged over the process group right
     after they are computed (block input, each layer's bottleneck, each layer's k new channels)
-    and the BatchNorm maps folded from the merged ones."""
-    n, c0, h, w = x.shape
+    and the BatchNorm maps folded from the merged ones.
+
+    ``buf``: the block's (N, H, W, C_total) buffer with the input already written into its first
+    C_0 channels (by a transition: transition_block.py); x is then not read (None)."""
+    if buf is not None:
+        n, h, w, _ = buf.shape
+        c0 = spec.num_input_features
+    else:
+        n, c0, h, w = x.shape
     m = n * h * w
     k = spec.growth_rate
     num_layers = len(spec.layers)
     c_total = c0 + num_layers * k
     dtype, acc = spec.dtype, acc_dtype(spec.dtype)
-    dev = x.device
+    dev = (x if buf is None else buf).device
     sync = spec.sync if spec.training else None
     count = m
     if trace is not None:
         trace("forward", -1)
 
-    buf = torch.empty((n, h, w, c_total), dtype=dtype, device=dev)
-    buf[..., :c0].copy_(x.permute(0, 2, 3, 1))
+    if buf is None:
+        buf = torch.empty((n, h, w, c_total), dtype=dtype, device=dev)
+        buf[..., :c0].copy_(x.permute(0, 2, 3, 1))
+    elif buf.shape != (n, h, w, c_total) or buf.dtype != dtype or not buf.is_contiguous():
+        raise ValueError(f"block_forward: expected a contiguous ({n}, {h}, {w}, {c_total}) {dtype} buffer, got "
+                         f"{tuple(buf.shape)} {buf.dtype}")
     buf2 = buf.view(m, c_total)
     flat_w = _compute_weights(spec, params)
     mean = var = None

@@ -7,7 +7,9 @@ over a block's output).
 is ``flatten(adaptive_avg_pool2d(relu(features(x)), 1), 1)`` with norm5, ReLU and the pool fused
 (what the package's ``DenseNet.forward`` uses).  Modules with hooks are called as modules (their
 hooks fire; a hooked block's statistics are then recomputed by its reader).  Under torch.fx symbolic
-tracing the container runs its modules one by one.  A full ImageNet stem (conv0, norm0, relu0,
+tracing the container runs its modules one by one.  A transition and the block after it (neither
+hooked) run as one node that writes the transition's output straight into the block's buffer
+(transition_block.py).  A full ImageNet stem (conv0, norm0, relu0,
 pool0 without hooks) runs as one fused op (stem.fused_stem).
 
 ``sync_group`` (set by densenet_fused.convert_sync_batchnorm): norm0 and norm5, run fused, take their
@@ -24,6 +26,7 @@ from .head import fused_head
 from .modules import FusedDenseBlock
 from .stem import fused_stem
 from .transition import FusedTransition
+from .transition_block import transition_into_block
 
 _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 STEM = ("conv0", "norm0", "relu0", "pool0")
@@ -76,24 +79,39 @@ class FusedFeatures(nn.Sequential):
 
     def _run(self, x: Tensor, pooled: bool) -> Tensor:
         x, start = self._stem(x)
+        names = list(self._modules)[start:]
         mods = list(self._modules.values())[start:]
+
+        def reads_stats(j: int) -> bool:  # module j normalizes its input with the previous block's statistics
+            return j < len(mods) and (isinstance(mods[j], FusedTransition)
+                                      or (pooled and j + 1 == len(mods) and _is_head_norm(mods[j])))
         stats = None
-        for i, m in enumerate(mods):
-            nxt = mods[i + 1] if i + 1 < len(mods) else None
-            last = nxt is None
-            reader = isinstance(nxt, FusedTransition) or (pooled and i + 2 == len(mods) and _is_head_norm(nxt))
-            if isinstance(m, FusedDenseBlock) and reader:
+        i = 0
+        while i < len(mods):
+            m = mods[i]
+            if isinstance(m, FusedTransition) and i + 1 < len(mods) and _fusable_pair(m, mods[i + 1]):
+                # the transition writes into the next block's buffer: one node for both
+                if reads_stats(i + 2):
+                    x, mean, var = transition_into_block(m, mods[i + 1], x, stats, with_stats=True)
+                    stats = None if mean is None else (mean, var)
+                else:
+                    x, stats = transition_into_block(m, mods[i + 1], x, stats), None
+                i += 2
+                continue
+            if isinstance(m, FusedDenseBlock) and reads_stats(i + 1):
                 x, stats = _block_with_stats(m, x)
+                i += 1
                 continue
             if isinstance(m, FusedTransition):
                 x = m(x, stats=stats)
-            elif pooled and last and _is_head_norm(m):
+            elif pooled and i + 1 == len(mods) and _is_head_norm(m):
                 return fused_head(m, x, stats, self._sync_group())
             else:
                 if isinstance(m, nn.BatchNorm2d):
-                    self._refuse_unsynced(list(self._modules)[start + i], m)
+                    self._refuse_unsynced(names[i], m)
                 x = m(x)
             stats = None
+            i += 1
         if pooled:  # the container does not end with a hook-free norm5: torchvision's head, module by module
             return torch.flatten(F.adaptive_avg_pool2d(F.relu(x), (1, 1)), 1)
         return x
@@ -109,6 +127,12 @@ class FusedFeatures(nn.Sequential):
         if isinstance(x, torch.fx.Proxy) or _hooked(self):
             return torch.flatten(F.adaptive_avg_pool2d(F.relu(self(x)), (1, 1)), 1)
         return self._run(x, pooled=True)
+
+
+def _fusable_pair(transition: FusedTransition, block: nn.Module) -> bool:
+    """Whether a transition and the block after it run as one node (neither, nor a dense layer, hooked)."""
+    return (isinstance(block, FusedDenseBlock) and not _hooked(transition) and not _hooked(block)
+            and not any(_hooked(layer) for layer in block.values()))
 
 
 def _is_head_norm(m) -> bool:

@@ -232,9 +232,9 @@ def _validate(layers, x, c_in: int, growth: int, who: str) -> bool:
     return training
 
 
-def run_block(layers, x: Tensor, c_in: int, growth: int, who: str, keep_bottleneck: bool = False,
-              conv3x3_impl: str = "", with_stats: bool = False, sync_group=None):
-    """The block's output, or ``(out, mean, var)`` with ``with_stats`` (see forward_with_stats)."""
+def block_setup(layers, x: Tensor, c_in: int, growth: int, who: str, keep_bottleneck: bool = False,
+                conv3x3_impl: str = "", with_stats: bool = False, sync_group=None):
+    """(spec, params) of a block call on x, every check done before any state changes."""
     training = _validate(layers, x, c_in, growth, who)
     sync = None
     if training:
@@ -253,6 +253,25 @@ def run_block(layers, x: Tensor, c_in: int, growth: int, who: str, keep_bottlene
     for layer in layers:
         params += [layer.norm1.weight, layer.norm1.bias, layer.conv1.weight, layer.norm2.weight,
                    layer.norm2.bias, layer.conv2.weight]
+    return spec, params
+
+
+def fused_block_setup(block: "FusedDenseBlock", x: Tensor, with_stats: bool = False):
+    """block_setup for a FusedDenseBlock run as one fused node (raises on hooks inside its layers)."""
+    layers = list(block.values())
+    if _layers_with_hooks(layers):
+        raise RuntimeError("FusedDenseBlock: the dense layers have hooks, which only the layer-by-layer forward "
+                           "runs; call forward instead")
+    return block_setup(layers, x, block.num_input_features, block.growth_rate, "FusedDenseBlock",
+                       keep_bottleneck=block.keep_bottleneck, conv3x3_impl=block.conv3x3_impl,
+                       sync_group=block.sync_group, with_stats=with_stats)
+
+
+def run_block(layers, x: Tensor, c_in: int, growth: int, who: str, keep_bottleneck: bool = False,
+              conv3x3_impl: str = "", with_stats: bool = False, sync_group=None):
+    """The block's output, or ``(out, mean, var)`` with ``with_stats`` (see forward_with_stats)."""
+    spec, params = block_setup(layers, x, c_in, growth, who, keep_bottleneck, conv3x3_impl, with_stats, sync_group)
+    dev = x.device.type
     if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
         if not with_stats:
             return FusedDenseBlockFunction.apply(spec, x, *params)

@@ -142,36 +142,60 @@ class FusedTransitionFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, dout):
-        spec = ctx.spec
-        x, mean, rstd, scale, shift, w2 = ctx.saved_tensors
-        n, h, w = spec.nhw
-        d2 = dout.to(spec.dtype).permute(0, 2, 3, 1).reshape(-1, w2.shape[0])
+        x, *saved = ctx.saved_tensors
         with torch.autocast(x.device.type, enabled=False):
-            sync = spec.sync if spec.training else None
-            x2 = nhwc_rows(x)
-            dx, dweight, dgamma, dbeta = bnrelu_avgpool_conv1x1_bwd(d2, x2, scale, shift, w2, spec.nhw,
-                                                                    mean, rstd, spec.training and sync is None)
-            if sync is not None:
-                dx = synced_grad_finish(sync, dx, x2, mean, rstd, scale, dgamma, dbeta, spec.count, spec.dtype)
-        dx = dx.view(n, h, w, -1).permute(0, 3, 1, 2)  # channels-last, as the input
-        gamma_dtype, beta_dtype, weight_dtype = ctx.param_dtypes
-        return (None, dx, dgamma.to(gamma_dtype), dbeta.to(beta_dtype),
-                dweight.view(w2.shape[0], w2.shape[1], 1, 1).to(weight_dtype), None, None)
+            dx, dgamma, dbeta, dweight = transition_backward(ctx.spec, x, saved, dout, ctx.param_dtypes)
+        return None, dx, dgamma, dbeta, dweight, None, None
 
 
-def _transition_forward(spec: TransitionSpec, x, gamma, beta, weight, mean, var):
+def _transition_forward(spec: TransitionSpec, x, gamma, beta, weight, mean, var, out: Optional[Tensor] = None):
+    """(output (N, Cout, H/2, W/2) with channels-last strides, what backward needs).  ``out``: the
+    (N*(H/2)*(W/2), Cout) rows to write it into (the first channels of the next block's buffer)."""
     n, h, w = spec.nhw
     x2 = nhwc_rows(x)
     scale, shift, rstd = bn_scale_shift(gamma, beta, mean, var, spec.eps)
     w2 = weight.view(weight.shape[0], -1).to(spec.dtype)
-    out = bnrelu_avgpool_conv1x1_fwd(x2, scale, shift, w2, spec.nhw)
-    out = out.view(n, h // 2, w // 2, -1).permute(0, 3, 1, 2)
+    out = bnrelu_avgpool_conv1x1_fwd(x2, scale, shift, w2, spec.nhw, out)
+    out = out.view(n, h // 2, w // 2, -1).permute(0, 3, 1, 2)  # also a view of strided rows
     return out, (mean, rstd, scale, shift, w2)
 
 
-def transition_forward(module: "FusedTransition", x: Tensor, stats=None) -> Tensor:
-    """The fused transition of ``module`` (norm, relu, conv, pool) on x; ``stats`` = the batch
-    (mean, biased var) of x's channels when known (a block's), else None."""
+def transition_backward(spec: TransitionSpec, x: Tensor, saved, dout: Tensor, param_dtypes):
+    """(dx, dgamma, dbeta, dweight) of the transition from its input x (channels-last), what
+    _transition_forward saved and the output gradient dout (N, Cout, H/2, W/2)."""
+    mean, rstd, scale, shift, w2 = saved
+    n, h, w = spec.nhw
+    d2 = dout.to(spec.dtype).permute(0, 2, 3, 1).reshape(-1, w2.shape[0])
+    sync = spec.sync if spec.training else None
+    x2 = nhwc_rows(x)
+    dx, dweight, dgamma, dbeta = bnrelu_avgpool_conv1x1_bwd(d2, x2, scale, shift, w2, spec.nhw,
+                                                            mean, rstd, spec.training and sync is None)
+    if sync is not None:
+        dx = synced_grad_finish(sync, dx, x2, mean, rstd, scale, dgamma, dbeta, spec.count, spec.dtype)
+    dx = dx.view(n, h, w, -1).permute(0, 3, 1, 2)  # channels-last, as the input
+    gamma_dtype, beta_dtype, weight_dtype = param_dtypes
+    return (dx, dgamma.to(gamma_dtype), dbeta.to(beta_dtype),
+            dweight.view(w2.shape[0], w2.shape[1], 1, 1).to(weight_dtype))
+
+
+@dataclass
+class Prepared:
+    """A checked transition call: nothing has changed yet."""
+    module: nn.Module
+    x: Tensor              # the input in the compute dtype, channels-last
+    stats: Optional[Tuple[Tensor, Tensor]]  # the given batch statistics (training), or None
+    sync: Optional[StatsGroup]
+    dtype: torch.dtype
+    acc: torch.dtype
+
+    @property
+    def out_shape(self) -> Tuple[int, int, int, int]:
+        n, _, h, w = self.x.shape
+        return n, self.module.conv.out_channels, h // 2, w // 2
+
+
+def prepare_transition(module: "FusedTransition", x: Tensor, stats=None) -> Prepared:
+    """Every check of a transition call on x, before any state changes."""
     who = "FusedTransition"
     norm, conv = module.norm, module.conv
     refuse_inner_hooks(module, who)
@@ -195,11 +219,26 @@ def transition_forward(module: "FusedTransition", x: Tensor, stats=None) -> Tens
     xin = x.to(dtype) if x.dtype != dtype else x
     # NHWC rows: a view of a block's output; other layouts get one (autograd-tracked) channels-last copy
     xin = xin.contiguous(memory_format=torch.channels_last)
-    x2 = nhwc_rows(xin)
-    mean, var, count = batch_or_running(norm, x2, stats, training, acc, sync)
-    spec = TransitionSpec(nhw=(n, h, w), eps=float(norm.eps), training=training, dtype=dtype, sync=sync,
-                          count=count)
-    params = (norm.weight, norm.bias, conv.weight)
+    return Prepared(module, xin, stats, sync, dtype, acc)
+
+
+def begin_transition(prep: Prepared):
+    """(spec, params, mean, var) of a prepared call: the statistics it normalizes with, the running
+    statistics updated (the call's state change)."""
+    norm, conv = prep.module.norm, prep.module.conv
+    n, _, h, w = prep.x.shape
+    mean, var, count = batch_or_running(norm, nhwc_rows(prep.x), prep.stats, norm.training, prep.acc, prep.sync)
+    spec = TransitionSpec(nhw=(n, h, w), eps=float(norm.eps), training=norm.training, dtype=prep.dtype,
+                          sync=prep.sync, count=count)
+    return spec, (norm.weight, norm.bias, conv.weight), mean, var
+
+
+def transition_forward(module: "FusedTransition", x: Tensor, stats=None) -> Tensor:
+    """The fused transition of ``module`` (norm, relu, conv, pool) on x; ``stats`` = the batch
+    (mean, biased var) of x's channels when known (a block's), else None."""
+    prep = prepare_transition(module, x, stats)
+    spec, params, mean, var = begin_transition(prep)
+    xin = prep.x
     if torch.is_grad_enabled() and (xin.requires_grad or any(p.requires_grad for p in params)):
         return FusedTransitionFunction.apply(spec, xin, *params, mean, var)
     with torch.autocast(x.device.type, enabled=False):

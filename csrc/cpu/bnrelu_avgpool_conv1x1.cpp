@@ -74,13 +74,24 @@ void pooled_rows(const scalar_t* x, int64_t ldx, const Geometry& g, int64_t r0, 
   }
 }
 
-at::Tensor fwd(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& weight,
-               at::IntArrayRef nhw) {
-  const Geometry g = check_args("bnrelu_avgpool_conv1x1_fwd", x, scale, shift, weight, nhw);
+void fwd(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& weight,
+         at::IntArrayRef nhw, const at::Tensor& out) {
+  const char* op = "bnrelu_avgpool_conv1x1_fwd";
+  const Geometry g = check_args(op, x, scale, shift, weight, nhw);
   const int64_t C = x.size(1), Cout = weight.size(0);
-  at::Tensor out = at::empty({g.mo, Cout}, x.options());
-  if (C == 0) out.zero_();
-  if (g.mo == 0 || C == 0) return out;
+  check_matrix(out, op, "out");
+  TORCH_CHECK(out.size(0) == g.mo && out.size(1) == Cout, op, ": expected out of shape (", g.mo, ", ", Cout,
+              ") (N*(H/2)*(W/2) pooled rows, out_channels), got ", out.sizes());
+  TORCH_CHECK(out.scalar_type() == x.scalar_type(), op, ": expected out of dtype ", x.scalar_type(),
+              " (the dtype of x), got ", out.scalar_type());
+  TORCH_CHECK(out.size(0) <= 1 || out.stride(0) >= Cout, op, ": expected out's rows not to overlap (row stride >= ",
+              Cout, "), got strides ", out.strides());
+  check_same_device(out, x, op, "out");
+  if (g.mo == 0) return;
+  if (C == 0) {
+    out.zero_();
+    return;
+  }
   const at::Tensor wt = weight.t();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bnrelu_avgpool_conv1x1_fwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -92,12 +103,11 @@ at::Tensor fwd(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& s
       for (int64_t t = begin; t < end; ++t) {
         const int64_t r0 = t * kTile, rows = std::min(kTile, g.mo - r0);
         pooled_rows<scalar_t, acc_t>(xp, x.stride(0), g, r0, rows, C, sp, hp, a.data_ptr<scalar_t>());
-        at::Tensor o = out.narrow(0, r0, rows);
+        at::Tensor o = out.narrow(0, r0, rows);  // rows of a strided slice (a block's buffer) or contiguous
         at::mm_out(o, a.narrow(0, 0, rows), wt);
       }
     });
   });
-  return out;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd(const at::Tensor& dout, const at::Tensor& x,

@@ -16,7 +16,7 @@ memory.  Odd H/W are floored (last row/column dropped) as ``nn.AvgPool2d(2, 2)``
 Under ``TRITON_INTERPRET=1`` the Triton launchers run on CPU tensors (the CI tests).
 """
 import os
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import triton
@@ -31,9 +31,8 @@ _lib = torch.library.Library("densenet_fused", "IMPL")
 
 # ----------------------------------------------------------------------------- fakes and entry points
 @torch.library.register_fake("densenet_fused::bnrelu_avgpool_conv1x1_fwd")
-def _(x, scale, shift, weight, nhw):
-    n, h, w = nhw
-    return x.new_empty((n * (h // 2) * (w // 2), weight.shape[0]))
+def _(x, scale, shift, weight, nhw, out):
+    return None
 
 
 @torch.library.register_fake("densenet_fused::bnrelu_avgpool_conv1x1_bwd")
@@ -44,9 +43,16 @@ def _(dout, x, scale, shift, weight, nhw, mean, rstd, batch_stats):
             x.new_empty(c, dtype=acc))
 
 
-def bnrelu_avgpool_conv1x1_fwd(x, scale, shift, weight, nhw: Sequence[int]) -> torch.Tensor:
-    """(N*(H/2)*(W/2), Cout) = avgpool2x2(relu(x*scale + shift)) @ weight^T, x (N*H*W, C) NHWC rows."""
-    return torch.ops.densenet_fused.bnrelu_avgpool_conv1x1_fwd(x, scale, shift, weight, list(nhw))
+def bnrelu_avgpool_conv1x1_fwd(x, scale, shift, weight, nhw: Sequence[int],
+                               out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(N*(H/2)*(W/2), Cout) = avgpool2x2(relu(x*scale + shift)) @ weight^T, x (N*H*W, C) NHWC rows;
+    written into ``out`` when given (rows with unit channel stride, e.g. the first channels of the
+    next block's buffer) and returned."""
+    if out is None:
+        n, h, w = nhw
+        out = x.new_empty((n * (h // 2) * (w // 2), weight.shape[0]))
+    torch.ops.densenet_fused.bnrelu_avgpool_conv1x1_fwd(x, scale, shift, weight, list(nhw), out)
+    return out
 
 
 def bnrelu_avgpool_conv1x1_bwd(dout, x, scale, shift, weight, nhw: Sequence[int], mean, rstd, batch_stats: bool):
@@ -75,6 +81,17 @@ def _check(x, scale, shift, weight, nhw, op):
                            f"{x.device}, got {tuple(weight.shape)} {weight.dtype} on {weight.device}")
 
 
+def _check_out(out, x, weight, nhw):
+    op = "bnrelu_avgpool_conv1x1_fwd"
+    n, h, w = nhw
+    mo, cout = n * (h // 2) * (w // 2), weight.shape[0]
+    if (out.shape != (mo, cout) or out.dtype != x.dtype or out.device != x.device
+            or (cout > 1 and out.stride(1) != 1) or (mo > 1 and out.stride(0) < cout)):
+        raise RuntimeError(f"{op}: expected out of shape ({mo}, {cout}) and dtype {x.dtype} on {x.device} with unit "
+                           f"channel stride and non-overlapping rows, got {tuple(out.shape)} {out.dtype} on "
+                           f"{out.device} strides {out.stride()}")
+
+
 def _check_bwd(dout, x, weight, nhw, mean, rstd):
     op = "bnrelu_avgpool_conv1x1_bwd"
     n, h, w = nhw
@@ -99,10 +116,11 @@ def _pooled_activation(x, scale, shift, nhw):
     return a.reshape(n, h // 2, 2, w // 2, 2, c).mean((2, 4)).reshape(-1, c), a
 
 
-def aten_fwd(x, scale, shift, weight, nhw):
+def aten_fwd(x, scale, shift, weight, nhw, out):
     """ATen forward: the float64 CUDA path."""
     _check(x, scale, shift, weight, nhw, "bnrelu_avgpool_conv1x1_fwd")
-    return (_pooled_activation(x, scale, shift, nhw)[0].to(x.dtype) @ weight.t()).to(x.dtype)
+    _check_out(out, x, weight, nhw)
+    torch.mm(_pooled_activation(x, scale, shift, nhw)[0].to(x.dtype), weight.t(), out=out)
 
 
 def aten_bwd(dout, x, scale, shift, weight, nhw, mean, rstd, batch_stats):
@@ -152,7 +170,7 @@ def _pooled_tile(X, ldx, base, W, rk, mask, s, h):
 
 
 @triton.jit
-def _fwd_kernel(X, ldx, SCALE, SHIFT, Wt, ldw, OUT, MO, C, COUT, H, W, HO, WO,
+def _fwd_kernel(X, ldx, SCALE, SHIFT, Wt, ldw, OUT, ldo, MO, C, COUT, H, W, HO, WO,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -170,7 +188,7 @@ def _fwd_kernel(X, ldx, SCALE, SHIFT, Wt, ldw, OUT, MO, C, COUT, H, W, HO, WO,
         a = _pooled_tile(X, ldx, base, W, rk, row_ok[:, None] & k_ok[None, :], s, h).to(X.dtype.element_ty)
         wt = tl.load(Wt + rn[None, :] * ldw + rk[:, None], mask=col_ok[None, :] & k_ok[:, None], other=0.0)
         acc = tl.dot(a, wt, acc, input_precision=PRECISION)
-    tl.store(OUT + rm.to(tl.int64)[:, None] * COUT + rn[None, :], acc.to(OUT.dtype.element_ty),
+    tl.store(OUT + rm.to(tl.int64)[:, None] * ldo + rn[None, :], acc.to(OUT.dtype.element_ty),
              mask=row_ok[:, None] & col_ok[None, :])
 
 
@@ -282,24 +300,24 @@ _DW_TILES = (16, 16, 16, 4) if _INTERPRET else (32, 64, 32, 4)
 _DX_TILES = (16, 16, 16, 4) if _INTERPRET else (64, 64, 32, 8)
 
 
-def triton_fwd(x, scale, shift, weight, nhw):
-    """Triton forward launcher (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1)."""
+def triton_fwd(x, scale, shift, weight, nhw, out):
+    """Triton forward launcher (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1): writes ``out``."""
     _check(x, scale, shift, weight, nhw, "bnrelu_avgpool_conv1x1_fwd")
+    _check_out(out, x, weight, nhw)
     if x.dtype == torch.float64:
         raise RuntimeError("bnrelu_avgpool_conv1x1_fwd: the Triton kernel takes float32/float16/bfloat16; "
                            "float64 runs aten_fwd")
     n, h, w = nhw
     mo, c, cout = n * (h // 2) * (w // 2), x.shape[1], weight.shape[0]
-    out = x.new_empty((mo, cout))
     if mo == 0:
-        return out
+        return
     if c == 0:
-        return out.zero_()
+        out.zero_()
+        return
     bm, bn, bk = _tiles()
     _fwd_kernel[(triton.cdiv(mo, bm), triton.cdiv(cout, bn))](
-        x, x.stride(0), scale, shift, weight, weight.stride(0), out, mo, c, cout, h, w, h // 2, w // 2,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PRECISION=dot_precision(x.dtype), num_warps=4)
-    return out
+        x, x.stride(0), scale, shift, weight, weight.stride(0), out, out.stride(0), mo, c, cout, h, w, h // 2,
+        w // 2, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PRECISION=dot_precision(x.dtype), num_warps=4)
 
 
 def _splits(mo, block_m):
@@ -352,10 +370,11 @@ def triton_bwd(dout, x, scale, shift, weight, nhw, mean, rstd, batch_stats):
     return dx, dweight, dgamma, dbeta
 
 
-def _cuda_fwd(x, scale, shift, weight, nhw):
+def _cuda_fwd(x, scale, shift, weight, nhw, out):
     if x.dtype == torch.float64:
-        return aten_fwd(x, scale, shift, weight, nhw)
-    return triton_fwd(x, scale, shift, weight, nhw)
+        aten_fwd(x, scale, shift, weight, nhw, out)
+    else:
+        triton_fwd(x, scale, shift, weight, nhw, out)
 
 
 def _cuda_bwd(dout, x, scale, shift, weight, nhw, mean, rstd, batch_stats):

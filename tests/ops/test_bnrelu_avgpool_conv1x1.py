@@ -67,9 +67,13 @@ def _run(fwd, bwd, shape, dtype, device, batch_stats, tol):
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     vec = [t.to(acc).to(device) for t in (mean, rstd, scale, shift)]
     assert x.stride(0) == c_total
-    out = fwd(x, vec[2], vec[3], weight, [n, h, w])
-    assert out.shape == (n * (h // 2) * (w // 2), cout) and out.dtype == dtype
+    # out: columns 2..2+cout of a wider NaN-filled matrix (as the first channels of the next block's buffer)
+    mo = n * (h // 2) * (w // 2)
+    wide = torch.full((mo, cout + 5), float("nan"), dtype=dtype, device=device)
+    out = wide[:, 2:2 + cout]
+    fwd(x, vec[2], vec[3], weight, [n, h, w], out)
     assert _err(out, ref["out"]) <= tol, f"out {_err(out, ref['out']):.2e}"
+    assert wide[:, :2].isnan().all() and wide[:, 2 + cout:].isnan().all(), "wrote outside out"
     dx, dweight, dgamma, dbeta = bwd(dout, x, vec[2], vec[3], weight, [n, h, w], vec[0], vec[1], batch_stats)
     assert dx.shape == x.shape and dx.dtype == dtype and dx.is_contiguous()
     assert dweight.dtype == acc and dgamma.dtype == acc
@@ -111,18 +115,35 @@ def test_dropped_pixels_get_only_the_mean_terms():
     assert (dx[:, 2] == 0).all() and (dx[:, :, 2] == 0).all()
 
 
+def test_public_entry_allocates_out_when_not_given():
+    x, gamma, beta, weight, dout, rm, rv = _case(2, 5, 4, 9, 7, 3, torch.float32)
+    s, h = torch.rand(7) + 0.5, torch.randn(7)
+    out = bnrelu_avgpool_conv1x1_fwd(x, s, h, weight, [2, 5, 4])
+    assert out.shape == (2 * 2 * 2, 3) and out.dtype == torch.float32 and out.is_contiguous()
+    wide = torch.zeros(8, 10)
+    assert bnrelu_avgpool_conv1x1_fwd(x, s, h, weight, [2, 5, 4], wide[:, 4:7]) is not None
+    assert torch.equal(wide[:, 4:7], out) and (wide[:, :4] == 0).all() and (wide[:, 7:] == 0).all()
+
+
 @pytest.mark.parametrize("fwd", [bnrelu_avgpool_conv1x1_fwd, op.triton_fwd])
 def test_bad_input_errors_name_the_expectation(fwd):
     x, gamma, beta, weight, dout, rm, rv = _case(2, 4, 4, 6, 6, 3, torch.float32)
     s = torch.ones(6)
+    out = torch.empty(8, 3)
     with pytest.raises(RuntimeError, match=r"N\*H\*W = 32"):
-        fwd(x, s, s, weight, [2, 4, 3])
+        fwd(x, s, s, weight, [2, 4, 3], out)
     with pytest.raises(RuntimeError, match="H >= 2 and W >= 2"):
-        fwd(x[:8], s, s, weight, [8, 1, 1])
+        fwd(x[:8], s, s, weight, [8, 1, 1], out)
     with pytest.raises(RuntimeError, match="scale to be a 1-D tensor of 6 channels"):
-        fwd(x, torch.ones(5), s, weight, [2, 4, 4])
+        fwd(x, torch.ones(5), s, weight, [2, 4, 4], out)
     with pytest.raises(RuntimeError, match=r"weight of shape \(out_channels, 6\)"):
-        fwd(x, s, s, weight[:, :5], [2, 4, 4])
+        fwd(x, s, s, weight[:, :5], [2, 4, 4], out)
+    with pytest.raises(RuntimeError, match=r"out of shape \(8, 3\)"):
+        fwd(x, s, s, weight, [2, 4, 4], torch.empty(8, 4))
+    with pytest.raises(RuntimeError, match=r"out of dtype Float|out of shape \(8, 3\) and dtype torch.float32"):
+        fwd(x, s, s, weight, [2, 4, 4], torch.empty(8, 3, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="overlap"):
+        fwd(x, s, s, weight, [2, 4, 4], torch.empty(20).as_strided((8, 3), (2, 1)))
     with pytest.raises(RuntimeError, match="dout of shape"):
         bnrelu_avgpool_conv1x1_bwd(dout[:3], x, s, s, weight, [2, 4, 4], s, s, True)
 
@@ -131,7 +152,9 @@ def test_opcheck():
     x, gamma, beta, weight, dout, rm, rv = _case(2, 5, 4, 9, 7, 3, torch.float32)
     s = torch.rand(7) + 0.5
     h = torch.randn(7)
-    torch.library.opcheck(torch.ops.densenet_fused.bnrelu_avgpool_conv1x1_fwd.default, (x, s, h, weight, [2, 5, 4]))
+    for out in (torch.empty(8, 3), torch.empty(8, 5)[:, 1:4]):
+        torch.library.opcheck(torch.ops.densenet_fused.bnrelu_avgpool_conv1x1_fwd.default,
+                              (x, s, h, weight, [2, 5, 4], out))
     for batch in (True, False):
         torch.library.opcheck(torch.ops.densenet_fused.bnrelu_avgpool_conv1x1_bwd.default,
                               (dout, x, s, h, weight, [2, 5, 4], torch.zeros(7), s, batch))
