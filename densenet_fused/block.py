@@ -317,6 +317,30 @@ def _first_order_only(backward):
     return wrapper
 
 
+def save_block(ctx, spec: BlockSpec, out, saved, count: int, params, mean, var, before=()):
+    """Saves what block_backward needs on an autograd ctx (``before``: tensors of another op of the
+    same node, saved first) and returns the node's outputs: out, or (out, mean, var) with
+    ``spec.with_stats`` (statistics non-differentiable; None in eval)."""
+    stats, seeds, kept = saved
+    ctx.spec, ctx.count, ctx.seeds = spec, count, seeds
+    ctx.block_sizes = (len(before), len(stats), len(kept))
+    ctx.save_for_backward(*before, out, *stats, *kept, *params)
+    if not spec.with_stats:
+        return out
+    if mean is None:
+        return out, None, None
+    ctx.mark_non_differentiable(mean, var)
+    return out, mean, var
+
+
+def saved_block(ctx):
+    """(before, out, stats, kept, params) as save_block saved them."""
+    nb, ns, nk = ctx.block_sizes
+    saved = ctx.saved_tensors
+    rest = saved[nb + 1:]
+    return saved[:nb], saved[nb], rest[:ns], rest[ns:ns + nk], rest[ns + nk:]
+
+
 class FusedDenseBlockFunction(torch.autograd.Function):
     """One autograd node for a whole dense block.  Outputs the block's output; with
     ``spec.with_stats`` (out, mean, var): the batch statistics of out's channels in training
@@ -327,30 +351,14 @@ class FusedDenseBlockFunction(torch.autograd.Function):
     def forward(ctx, spec: BlockSpec, x: torch.Tensor, *params: torch.Tensor):
         with torch.autocast(x.device.type, enabled=False):
             out, saved, (count, mean, var) = block_forward(spec, x, params, save=True, extra=True)
-        stats, seeds, kept = saved
-        ctx.count = count
-        ctx.spec = spec
-        ctx.seeds = seeds
-        ctx.n_stats = len(stats)
-        ctx.n_kept = len(kept)
         ctx.x_meta = (x.dtype, x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
                       and not x.is_contiguous())
-        ctx.save_for_backward(out, *stats, *kept, *params)
-        if not spec.with_stats:
-            return out
-        if mean is None:
-            return out, None, None
-        ctx.mark_non_differentiable(mean, var)
-        return out, mean, var
+        return save_block(ctx, spec, out, saved, count, params, mean, var)
 
     @staticmethod
     @_first_order_only
     def backward(ctx, grad_out, _grad_mean=None, _grad_var=None):
-        saved = ctx.saved_tensors
-        out = saved[0]
-        stats = saved[1:1 + ctx.n_stats]
-        kept = saved[1 + ctx.n_stats:1 + ctx.n_stats + ctx.n_kept]
-        params = saved[1 + ctx.n_stats + ctx.n_kept:]
+        _, out, stats, kept, params = saved_block(ctx)
         with torch.autocast(out.device.type, enabled=False):
             dx, grads = block_backward(ctx.spec, out, grad_out, params, stats, ctx.seeds, kept, ctx.x_meta,
                                        ctx.needs_input_grad[1], ctx.count)

@@ -12,7 +12,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .block import _first_order_only, block_backward, block_forward
+from .block import _first_order_only, block_backward, block_forward, save_block, saved_block
 from .modules import FusedDenseBlock, fused_block_setup
 from .transition import (FusedTransition, _transition_forward, begin_transition, prepare_transition,
                          transition_backward)
@@ -37,32 +37,20 @@ class TransitionBlockFunction(torch.autograd.Function):
     def forward(ctx, tspec, bspec, x: Tensor, gamma: Tensor, beta: Tensor, weight: Tensor, t_mean: Tensor,
                 t_var: Tensor, *bparams: Tensor):
         with torch.autocast(x.device.type, enabled=False):
-            out, tsaved, (stats, seeds, kept), (count, mean, var) = _forward(
-                tspec, bspec, x, (gamma, beta, weight), t_mean, t_var, bparams, save=True)
-        ctx.tspec, ctx.bspec, ctx.seeds, ctx.count = tspec, bspec, seeds, count
+            out, tsaved, bsaved, (count, mean, var) = _forward(tspec, bspec, x, (gamma, beta, weight), t_mean, t_var,
+                                                               bparams, save=True)
+        ctx.tspec = tspec
         ctx.param_dtypes = (gamma.dtype, beta.dtype, weight.dtype)
-        ctx.sizes = (len(tsaved), len(stats), len(kept))
-        ctx.save_for_backward(x, *tsaved, out, *stats, *kept, *bparams)
-        if not bspec.with_stats:
-            return out
-        if mean is None:
-            return out, None, None
-        ctx.mark_non_differentiable(mean, var)
-        return out, mean, var
+        return save_block(ctx, bspec, out, bsaved, count, bparams, mean, var, before=(x, *tsaved))
 
     @staticmethod
     @_first_order_only
     def backward(ctx, grad_out, _grad_mean=None, _grad_var=None):
-        saved = ctx.saved_tensors
-        nt, ns, nk = ctx.sizes
-        x, tsaved = saved[0], saved[1:1 + nt]
-        out = saved[1 + nt]
-        rest = saved[2 + nt:]
-        stats, kept, bparams = rest[:ns], rest[ns:ns + nk], rest[ns + nk:]
+        (x, *tsaved), out, stats, kept, bparams = saved_block(ctx)
         need_t = any(ctx.needs_input_grad[2:6])  # x, the transition's gamma, beta, weight
         with torch.autocast(out.device.type, enabled=False):
-            dxb, grads = block_backward(ctx.bspec, out, grad_out, bparams, stats, ctx.seeds, kept,
-                                        (ctx.bspec.dtype, True), need_t, ctx.count)
+            dxb, grads = block_backward(ctx.spec, out, grad_out, bparams, stats, ctx.seeds, kept,
+                                        (ctx.spec.dtype, True), need_t, ctx.count)
             tgrads = (None,) * 4
             if need_t:
                 tgrads = transition_backward(ctx.tspec, x, tsaved, dxb, ctx.param_dtypes)
