@@ -311,7 +311,7 @@ def add_ratios(rows: List[dict]) -> None:
             r[out] = f[key] / r[key] if ok else None
 
 
-class _MemoryCap:
+class MemoryCap:
     """torch.cuda.set_per_process_memory_fraction for a budget in GB, undone on exit."""
 
     def __init__(self, device: str, budget_gb: float):
@@ -350,7 +350,10 @@ def _bc_builder(depth, growth):
     return builder
 
 
-def _one_step(case, provider, device, dtype, builder):
+def one_step(case, provider, device, dtype, builder) -> dict:
+    """One training step of ``builder(case, provider, device)``: {"status", "params", "peak_mb"} (the
+    step's peak above what was allocated before it; status "oom" when it did not fit, "error" on another
+    failure)."""
     r = Runner(case, provider, device, dtype, builder)
     r.step(record=False)
     r.measure_memory()
@@ -365,13 +368,13 @@ def depth_at_budget(device: str, budget_gb: float, growth: int, providers, depth
                     progress=None) -> List[dict]:
     """Deepest DenseNet-BC (3 blocks, 32x32) each provider trains one step of under a memory cap."""
     rows = []
-    with _MemoryCap(device, budget_gb):
+    with MemoryCap(device, budget_gb):
         for p in providers:
             for depth in depths:
                 case = Case(f"densenet_bc{depth}_k{growth}", "model", batch, 32, c0=3)
                 rows.append({"search": "depth", "provider": p, "depth": depth, "growth": growth, "batch": batch,
                              "dtype": dtype, "budget_gb": budget_gb,
-                             **_one_step(case, p, device, dtype, _bc_builder(depth, growth))})
+                             **one_step(case, p, device, dtype, _bc_builder(depth, growth))})
                 if progress is not None:
                     progress.update(1)
                 if rows[-1]["status"] != "ok":
@@ -383,13 +386,13 @@ def batch_at_budget(device: str, budget_gb: float, case: Case, providers, batche
                     progress=None) -> List[dict]:
     """Largest batch of ``case`` each provider trains one step of under a memory cap."""
     rows = []
-    with _MemoryCap(device, budget_gb):
+    with MemoryCap(device, budget_gb):
         for p in providers:
             for batch in batches:
                 c = Case(case.name, case.kind, batch, case.hw, case.layers, case.c0, case.growth, case.bn_size,
                          case.arch)
                 rows.append({"search": "batch", "case": case.name, "provider": p, "batch": batch, "dtype": dtype,
-                             "budget_gb": budget_gb, **_one_step(c, p, device, dtype, build)})
+                             "budget_gb": budget_gb, **one_step(c, p, device, dtype, build)})
                 if progress is not None:
                     progress.update(1)
                 if rows[-1]["status"] != "ok":

@@ -286,10 +286,10 @@ def search_batch(make_model, image_size: int, device: torch.device, budget_gb: f
         return make_model().to(dev).to(memory_format=torch.channels_last).train()
 
     best, batch = 0, 2
-    with bench._MemoryCap(str(device), budget_gb):
+    with bench.MemoryCap(str(device), budget_gb):
         while batch <= max_batch:
             case = bench.Case(f"train_b{batch}", "model", batch, image_size, c0=3)
-            if not _fits(bench._one_step(case, "fused", str(device), "bf16", builder), budget_gb):
+            if not _fits(bench.one_step(case, "fused", str(device), "bf16", builder), budget_gb):
                 break
             best, batch = batch, batch * 2
     torch.cuda.empty_cache()
