@@ -230,3 +230,44 @@ def test_small_densenet_float32_by_tolerance_rule(device, no_tf32):
     e_ours = _model_errors_vs_fp64(ours, tv64, x, grad)
     for what, f, r in zip(("logits", "input grad", "param grads"), e_ours, e_tv):
         assert f <= 2 * r + 1e-5, f"{what}: fused error {f:.2e} > 2 x torchvision error {r:.2e} + 1e-5"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_whole_model_training_step_replays_from_a_cuda_graph(no_tf32):
+    """No host synchronization or data-dependent allocation anywhere in a whole model's step (stem,
+    blocks, transition-into-block nodes, head; drop_rate 0): a captured forward+backward replayed on new
+    data gives eager's logits and gradients."""
+    import copy
+    torch.manual_seed(0)
+    _, ours = _pair(**SMALL)
+    ours = ours.float().cuda().to(memory_format=torch.channels_last).train()
+    eager = copy.deepcopy(ours)
+    shape = (4, 3, 40, 40)
+    static_x = torch.randn(shape, device="cuda").to(memory_format=torch.channels_last).requires_grad_()
+    grad = torch.randn(4, 5, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up: Triton autotuning, cuDNN heuristics
+        for _ in range(3):
+            ours(static_x).backward(grad)
+    torch.cuda.current_stream().wait_stream(side)
+    ours.load_state_dict(eager.state_dict())  # the warm-up steps moved the running statistics
+    ours.zero_grad(set_to_none=True)
+    static_x.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y = ours(static_x)
+        static_y.backward(grad)
+    ours.load_state_dict(eager.state_dict())  # capture recorded (did not run) one step's updates
+    new_x = torch.randn(shape, device="cuda").to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        static_x.copy_(new_x)
+    graph.replay()
+    torch.cuda.synchronize()
+    y_e, dx_e, g_e = _step_with(eager, new_x, grad)
+    assert_close(static_y, y_e, 1e-4, "graph logits")
+    assert_close(static_x.grad, dx_e, 1e-4, "graph input grad")
+    for name, p in ours.named_parameters():
+        assert_close(p.grad, g_e[name], 1e-4, f"graph grad of {name}")
+    for (name, b), b_e in zip(ours.named_buffers(), eager.buffers()):
+        assert_close(b.double(), b_e.double(), 1e-5, f"graph {name}")
