@@ -22,13 +22,13 @@ from flags import patched, tf32_disabled
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _features(dtype=torch.float64, c_in=11, c_mid=9, layers=(2, 3), k=5, bn_size=2):
+def _features(dtype=torch.float64, c_in=11, c_mid=9, layers=(2, 3), k=5, bn_size=2, drop_rate=0.0):
     """block, transition, block: the part of a DenseNet the pair node runs."""
     torch.manual_seed(0)
-    b1 = FusedDenseBlock(layers[0], c_in, bn_size, k)
+    b1 = FusedDenseBlock(layers[0], c_in, bn_size, k, drop_rate)
     c1 = c_in + layers[0] * k
     t = FusedTransition(c1, c_mid)
-    b2 = FusedDenseBlock(layers[1], c_mid, bn_size, k)
+    b2 = FusedDenseBlock(layers[1], c_mid, bn_size, k, drop_rate)
     feats = FusedFeatures(OrderedDict(denseblock1=b1, transition1=t, denseblock2=b2))
     return randomize_bn(feats).to(dtype)
 
@@ -87,19 +87,22 @@ def test_saves_no_more_than_the_two_modules_apart():
     assert acts(pair) <= acts(apart), (acts(pair), acts(apart))
 
 
-@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("mode,drop_rate", [("train", 0.0), ("eval", 0.0), ("train", 0.3)])
 @pytest.mark.parametrize("hw", [(9, 7), (8, 8)])
-def test_equals_the_two_modules_apart(mode, hw):
+def test_equals_the_two_modules_apart(mode, hw, drop_rate):
     """Against the same modules run one by one (a hook on the transition makes FusedFeatures call it
     as a module; its values are torchvision's, tests/test_transition.py): output, input gradient,
-    every parameter gradient, running statistics, over 3 steps."""
-    pair = _features().train(mode == "train")
+    every parameter gradient, running statistics, over 3 steps; with dropout the same masks (the
+    same seeds drawn in the same order)."""
+    pair = _features(drop_rate=drop_rate).train(mode == "train")
     apart = copy.deepcopy(pair)
     apart.transition1.register_forward_hook(lambda *a: None)
     for step in range(3):
         x = torch.randn(3, 11, *hw, dtype=torch.float64) * (1 + 0.2 * step)
         grad = torch.randn(3, 9 + 3 * 5, hw[0] // 2, hw[1] // 2, dtype=torch.float64)
+        torch.manual_seed(100 + step)
         y_p, dx_p, g_p = _step(pair, x, grad)
+        torch.manual_seed(100 + step)
         y_a, dx_a, g_a = _step(apart, x, grad)
         assert_close(y_p, y_a, 1e-12, f"step {step} output")
         assert_close(dx_p, dx_a, 1e-12, f"step {step} input grad")
