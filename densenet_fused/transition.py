@@ -79,6 +79,25 @@ def check_stats(stats, channels: int, acc: torch.dtype, device, who: str):
     return mean.detach(), var.detach()
 
 
+def checked_input(x: Tensor, norm: nn.Module, param: Tensor, stats, sync_group, who: str):
+    """The checks of a fused BN-ReLU op's call on x that follow the shape and device ones, before any
+    state changes: (x in the compute dtype with channels-last strides, the given batch statistics
+    checked (training) or None, the process group of the batch statistics or None, dtype, acc).
+    ``param``: the parameter whose dtype the input must have outside autocast."""
+    dtype = compute_dtype(x, param, who)
+    acc = acc_dtype(dtype)
+    training = norm.training
+    stats = check_stats(stats, norm.num_features, acc, x.device, who) if training else None
+    n, _, h, w = x.shape
+    sync = stats_group([norm], who, sync_group) if training else None
+    if training and n * h * w == 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.size()}")
+    xin = x.to(dtype) if x.dtype != dtype else x
+    # NHWC rows: a view of a block's output; other layouts get one (autograd-tracked) channels-last copy
+    xin = xin.contiguous(memory_format=torch.channels_last)
+    return xin, stats, sync, dtype, acc
+
+
 def compute_dtype(x: Tensor, param: Tensor, who: str) -> torch.dtype:
     dev = x.device.type
     if torch.is_autocast_enabled(dev):
@@ -207,18 +226,8 @@ def prepare_transition(module: "FusedTransition", x: Tensor, stats=None) -> Prep
         if p.device != x.device:
             raise ValueError(f"{who}: expected the input on the device of the parameters and buffers, got the input "
                              f"on {x.device} and {name} on {p.device}")
-    dtype = compute_dtype(x, conv.weight, who)
-    acc = acc_dtype(dtype)
-    training = norm.training
-    stats = check_stats(stats, c, acc, x.device, who) if training else None
-    n, _, h, w = x.shape
-    sync = stats_group([norm], who, getattr(module, "sync_group", None)) if training else None
-    if training:
-        if n * h * w == 1:
-            raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.size()}")
-    xin = x.to(dtype) if x.dtype != dtype else x
-    # NHWC rows: a view of a block's output; other layouts get one (autograd-tracked) channels-last copy
-    xin = xin.contiguous(memory_format=torch.channels_last)
+    xin, stats, sync, dtype, acc = checked_input(x, norm, conv.weight, stats, getattr(module, "sync_group", None),
+                                                 who)
     return Prepared(module, xin, stats, sync, dtype, acc)
 
 
