@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from ._checks import check_input
 from .distributed import StatsGroup, stats_group
 from .ops import (bn_grad_finish, bn_scale_shift, bnrelu_avgpool_conv1x1_bwd, bnrelu_avgpool_conv1x1_fwd,
                   channel_stats, running_stats_update)
@@ -49,21 +50,6 @@ def check_norm(bn: nn.Module, channels: int, who: str) -> None:
                          f"affine={bn.affine}, track_running_stats={bn.track_running_stats}")
     if bn.num_features != channels:
         raise ValueError(f"{who}: its norm has {bn.num_features} features, expected {channels}")
-
-
-def check_input(x, channels: int, who: str, min_hw: int) -> None:
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{who}: expected a torch.Tensor input, got {type(x).__name__}")
-    if x.dim() != 4:
-        raise ValueError(f"{who}: expected a 4-D input (N, C, H, W), got a {x.dim()}-D tensor of shape "
-                         f"{tuple(x.shape)}")
-    if x.shape[1] != channels:
-        raise ValueError(f"{who}: expected input with {channels} channels, got {x.shape[1]} "
-                         f"(input shape {tuple(x.shape)})")
-    if not x.is_floating_point():
-        raise TypeError(f"{who}: expected a floating-point input, got {x.dtype}")
-    if x.shape[2] < min_hw or x.shape[3] < min_hw:
-        raise ValueError(f"{who}: expected H and W >= {min_hw}, got input shape {tuple(x.shape)}")
 
 
 def check_stats(stats, channels: int, acc: torch.dtype, device, who: str):
