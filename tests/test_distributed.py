@@ -52,6 +52,25 @@ def _rel(a, b):
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-300)).item()
 
 
+def _buffer_errs(mine, ref):
+    pairs = zip(mine.named_buffers(), ref.buffers())
+    return {name: _rel(b.to(torch.float64), c.to(torch.float64)) for (name, b), c in pairs}
+
+
+def _trained_errs(model, ref):
+    """Relative errors of the parameters and buffers of ``model`` against ``ref``'s after training."""
+    errs = {name: _rel(p.detach(), q.detach()) for (name, p), q in zip(model.named_parameters(), ref.parameters())}
+    errs.update(_buffer_errs(model, ref))
+    return errs
+
+
+def _full_batch_step(ref, opt, x, y):
+    """One SGD step of the reference model on the full batch (summed cross entropy)."""
+    opt.zero_grad()
+    nn.functional.cross_entropy(ref(x), y, reduction="sum").backward()
+    opt.step()
+
+
 class _Counter:
     """Counts the collectives this process calls (patched in the spawned worker only)."""
 
@@ -103,8 +122,7 @@ def _three_steps(rank, sizes, ref, mine, run, seed, in_shape, out_shape):
             g = p.grad.clone()
             dist.all_reduce(g)
             errs[f"d{name}{step}"] = _rel(g, q.grad)
-    for (name, b), c in zip(mine.named_buffers(), ref.buffers()):
-        errs[name] = _rel(b.to(torch.float64), c.to(torch.float64))
+    errs.update(_buffer_errs(mine, ref))
     return {"errs": errs, "counts": counts}
 
 
@@ -134,13 +152,8 @@ def _ddp_step(rank, world, sizes, order):
         # DDP averages the ranks' gradients: scale so the average is the full-batch sum's gradient
         (world * nn.functional.cross_entropy(ddp(x[lo:hi]), y[lo:hi], reduction="sum")).backward()
         opt.step()
-        ref_opt.zero_grad()
-        nn.functional.cross_entropy(ref(x), y, reduction="sum").backward()
-        ref_opt.step()
-    errs = {name: _rel(p.detach(), q.detach()) for (name, p), q in zip(model.named_parameters(), ref.parameters())}
-    for (name, b), c in zip(model.named_buffers(), ref.buffers()):
-        errs[name] = _rel(b.to(torch.float64), c.to(torch.float64))
-    return {"errs": errs}
+        _full_batch_step(ref, ref_opt, x, y)
+    return {"errs": _trained_errs(model, ref)}
 
 
 def _equivalence_with_hooks(rank, world, sizes, order):
@@ -213,13 +226,8 @@ def _model(rank, world, sizes, order):
             for p in model.parameters():
                 dist.all_reduce(p.grad)
         opt.step()
-        ref_opt.zero_grad()
-        nn.functional.cross_entropy(ref(x), y, reduction="sum").backward()
-        ref_opt.step()
-    errs = {name: _rel(p.detach(), q.detach()) for (name, p), q in zip(model.named_parameters(), ref.parameters())}
-    for (name, b), c in zip(model.named_buffers(), ref.buffers()):
-        errs[name] = _rel(b.to(torch.float64), c.to(torch.float64))
-    return {"errs": errs, "counts": counts}
+        _full_batch_step(ref, ref_opt, x, y)
+    return {"errs": _trained_errs(model, ref), "counts": counts}
 
 
 def _eval_and_world_of_one(rank, world, sizes, order):
