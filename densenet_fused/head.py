@@ -7,28 +7,13 @@ input: nothing of activation size is saved besides it.  norm5's running statisti
 exactly as ``nn.BatchNorm2d`` does.  With an nn.SyncBatchNorm norm5 (or ``sync_group``) the batch
 statistics and the backward's two gradient sums are over the process group.
 """
-from dataclasses import dataclass
-from typing import Optional, Tuple
-
 import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from .distributed import StatsGroup, stats_group
 from .ops import bn_scale_shift, bnrelu_global_avgpool_bwd, bnrelu_global_avgpool_fwd
-from .ops._common import acc_dtype
-from .transition import (batch_or_running, check_input, check_norm, check_stats, compute_dtype, nhwc_rows,
-                         synced_grad_finish)
-
-
-@dataclass
-class HeadSpec:
-    nhw: Tuple[int, int, int]
-    eps: float
-    training: bool
-    dtype: torch.dtype
-    sync: Optional[StatsGroup] = None  # batch statistics over this process group
-    count: int = 0                     # values per channel of the batch statistics (over the group)
+from .transition import TransitionSpec as HeadSpec  # the same fields: nhw, eps, training, dtype, sync, count
+from .transition import batch_or_running, check_input, check_norm, checked_input, nhwc_rows, synced_grad_finish
 
 
 def _head_forward(spec: HeadSpec, x, gamma, beta, mean, var):
@@ -78,17 +63,9 @@ def fused_head(norm5: nn.Module, x: Tensor, stats=None, sync_group=None) -> Tens
     if norm5.weight.device != x.device:
         raise ValueError(f"{who}: expected the input on the device of norm5's parameters, got the input on "
                          f"{x.device} and norm5.weight on {norm5.weight.device}")
-    dtype = compute_dtype(x, norm5.weight, who)
-    acc = acc_dtype(dtype)
+    xin, stats, sync, dtype, acc = checked_input(x, norm5, norm5.weight, stats, sync_group, who)
     training = norm5.training
-    stats = check_stats(stats, c, acc, x.device, who) if training else None
     n, _, h, w = x.shape
-    sync = stats_group([norm5], who, sync_group) if training else None
-    if training:
-        if n * h * w == 1:
-            raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.size()}")
-    xin = x.to(dtype) if x.dtype != dtype else x
-    xin = xin.contiguous(memory_format=torch.channels_last)  # a view of a block's output
     mean, var, count = batch_or_running(norm5, nhwc_rows(xin), stats, training, acc, sync)
     spec = HeadSpec(nhw=(n, h, w), eps=float(norm5.eps), training=training, dtype=dtype, sync=sync, count=count)
     if torch.is_grad_enabled() and (xin.requires_grad or norm5.weight.requires_grad or norm5.bias.requires_grad):

@@ -9,6 +9,7 @@ from typing import List, Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
+from ._checks import check_input
 from .block import BlockSpec, FusedDenseBlockFunction, block_forward
 from .distributed import stats_group
 
@@ -188,16 +189,7 @@ def _run_layer_by_layer(layers, x: Tensor) -> Tensor:
 def _validate(layers, x, c_in: int, growth: int, who: str) -> bool:
     """Check everything before any state changes; returns whether batch statistics are used.
     (nn.SyncBatchNorm norms are checked by run_block: distributed.stats_group.)"""
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{who}: expected a torch.Tensor input, got {type(x).__name__}")
-    if x.dim() != 4:
-        raise ValueError(f"{who}: expected a 4-D input (N, C, H, W), got a {x.dim()}-D tensor of shape "
-                         f"{tuple(x.shape)}")
-    if x.shape[1] != c_in:
-        raise ValueError(f"{who}: expected input with {c_in} channels (num_input_features), got {x.shape[1]} "
-                         f"(input shape {tuple(x.shape)})")
-    if not x.is_floating_point():
-        raise TypeError(f"{who}: expected a floating-point input, got {x.dtype}")
+    check_input(x, c_in, who, channels_name="num_input_features")
     modes = set()
     for i, layer in enumerate(layers):
         c_l = c_in + i * growth

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from ._checks import check_input
 from .distributed import StatsGroup, stats_group
 from .ops import (bn_grad_finish, bn_scale_shift, bnrelu_avgpool_conv1x1_bwd, bnrelu_avgpool_conv1x1_fwd,
                   channel_stats, running_stats_update)
@@ -51,21 +52,6 @@ def check_norm(bn: nn.Module, channels: int, who: str) -> None:
         raise ValueError(f"{who}: its norm has {bn.num_features} features, expected {channels}")
 
 
-def check_input(x, channels: int, who: str, min_hw: int) -> None:
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{who}: expected a torch.Tensor input, got {type(x).__name__}")
-    if x.dim() != 4:
-        raise ValueError(f"{who}: expected a 4-D input (N, C, H, W), got a {x.dim()}-D tensor of shape "
-                         f"{tuple(x.shape)}")
-    if x.shape[1] != channels:
-        raise ValueError(f"{who}: expected input with {channels} channels, got {x.shape[1]} "
-                         f"(input shape {tuple(x.shape)})")
-    if not x.is_floating_point():
-        raise TypeError(f"{who}: expected a floating-point input, got {x.dtype}")
-    if x.shape[2] < min_hw or x.shape[3] < min_hw:
-        raise ValueError(f"{who}: expected H and W >= {min_hw}, got input shape {tuple(x.shape)}")
-
-
 def check_stats(stats, channels: int, acc: torch.dtype, device, who: str):
     """Validated (mean, var) from the block, or None."""
     if stats is None or stats[0] is None:
@@ -77,6 +63,25 @@ def check_stats(stats, channels: int, acc: torch.dtype, device, who: str):
             raise ValueError(f"{who}: expected stats {name} to be a 1-D {acc} tensor of {channels} channels on "
                              f"{device}, got {got}")
     return mean.detach(), var.detach()
+
+
+def checked_input(x: Tensor, norm: nn.Module, param: Tensor, stats, sync_group, who: str):
+    """The checks of a fused BN-ReLU op's call on x that follow the shape and device ones, before any
+    state changes: (x in the compute dtype with channels-last strides, the given batch statistics
+    checked (training) or None, the process group of the batch statistics or None, dtype, acc).
+    ``param``: the parameter whose dtype the input must have outside autocast."""
+    dtype = compute_dtype(x, param, who)
+    acc = acc_dtype(dtype)
+    training = norm.training
+    stats = check_stats(stats, norm.num_features, acc, x.device, who) if training else None
+    n, _, h, w = x.shape
+    sync = stats_group([norm], who, sync_group) if training else None
+    if training and n * h * w == 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.size()}")
+    xin = x.to(dtype) if x.dtype != dtype else x
+    # NHWC rows: a view of a block's output; other layouts get one (autograd-tracked) channels-last copy
+    xin = xin.contiguous(memory_format=torch.channels_last)
+    return xin, stats, sync, dtype, acc
 
 
 def compute_dtype(x: Tensor, param: Tensor, who: str) -> torch.dtype:
@@ -207,18 +212,8 @@ def prepare_transition(module: "FusedTransition", x: Tensor, stats=None) -> Prep
         if p.device != x.device:
             raise ValueError(f"{who}: expected the input on the device of the parameters and buffers, got the input "
                              f"on {x.device} and {name} on {p.device}")
-    dtype = compute_dtype(x, conv.weight, who)
-    acc = acc_dtype(dtype)
-    training = norm.training
-    stats = check_stats(stats, c, acc, x.device, who) if training else None
-    n, _, h, w = x.shape
-    sync = stats_group([norm], who, getattr(module, "sync_group", None)) if training else None
-    if training:
-        if n * h * w == 1:
-            raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.size()}")
-    xin = x.to(dtype) if x.dtype != dtype else x
-    # NHWC rows: a view of a block's output; other layouts get one (autograd-tracked) channels-last copy
-    xin = xin.contiguous(memory_format=torch.channels_last)
+    xin, stats, sync, dtype, acc = checked_input(x, norm, conv.weight, stats, getattr(module, "sync_group", None),
+                                                 who)
     return Prepared(module, xin, stats, sync, dtype, acc)
 
 

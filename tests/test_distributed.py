@@ -52,6 +52,25 @@ def _rel(a, b):
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-300)).item()
 
 
+def _buffer_errs(mine, ref):
+    pairs = zip(mine.named_buffers(), ref.buffers())
+    return {name: _rel(b.to(torch.float64), c.to(torch.float64)) for (name, b), c in pairs}
+
+
+def _trained_errs(model, ref):
+    """Relative errors of the parameters and buffers of ``model`` against ``ref``'s after training."""
+    errs = {name: _rel(p.detach(), q.detach()) for (name, p), q in zip(model.named_parameters(), ref.parameters())}
+    errs.update(_buffer_errs(model, ref))
+    return errs
+
+
+def _full_batch_step(ref, opt, x, y):
+    """One SGD step of the reference model on the full batch (summed cross entropy)."""
+    opt.zero_grad()
+    nn.functional.cross_entropy(ref(x), y, reduction="sum").backward()
+    opt.step()
+
+
 class _Counter:
     """Counts the collectives this process calls (patched in the spawned worker only)."""
 
@@ -75,35 +94,41 @@ class _Counter:
             setattr(dist, name, orig)
 
 
-def _equivalence(rank, world, sizes, order):
-    ref, fused = _blocks(order)
+def _three_steps(rank, sizes, ref, mine, run, seed, in_shape, out_shape):
+    """Three steps of ``run(rank's slice of x)`` (with ``mine``'s parameters) against ``ref`` on the
+    full batch, loss sum(out * wgt): relative errors of the outputs, input gradients, parameter
+    gradients (summed over the ranks) and buffers; the collectives (forward, backward) per step."""
     errs = {}
     counts = []
     for step in range(3):
-        gen = torch.Generator().manual_seed(100 + step)
-        x = torch.randn(sum(sizes), C0, 7, 5, generator=gen, dtype=torch.float64)
-        wgt = torch.randn(sum(sizes), C0 + LAYERS * K, 7, 5, generator=gen, dtype=torch.float64)
+        gen = torch.Generator().manual_seed(seed + step)
+        x = torch.randn(sum(sizes), *in_shape, generator=gen, dtype=torch.float64)
+        wgt = torch.randn(sum(sizes), *out_shape, generator=gen, dtype=torch.float64)
         lo, hi = sum(sizes[:rank]), sum(sizes[:rank + 1])
         xr = x[lo:hi].clone().requires_grad_(True)
         xf = x.clone().requires_grad_(True)
         ref.zero_grad()
-        fused.zero_grad()
+        mine.zero_grad()
         out_full = ref(xf)
         (out_full * wgt).sum().backward()
         with _Counter() as fwd:
-            out = fused(xr)
+            out = run(xr)
         with _Counter() as bwd:
             (out * wgt[lo:hi]).sum().backward()
         counts.append((fwd.n, bwd.n))
         errs[f"out{step}"] = _rel(out.detach(), out_full.detach()[lo:hi])
         errs[f"dx{step}"] = _rel(xr.grad, xf.grad[lo:hi])
-        for (name, p), q in zip(fused.named_parameters(), ref.parameters()):
+        for (name, p), q in zip(mine.named_parameters(), ref.parameters()):
             g = p.grad.clone()
             dist.all_reduce(g)
             errs[f"d{name}{step}"] = _rel(g, q.grad)
-    for (name, b), c in zip(fused.named_buffers(), ref.buffers()):
-        errs[name] = _rel(b.to(torch.float64), c.to(torch.float64))
+    errs.update(_buffer_errs(mine, ref))
     return {"errs": errs, "counts": counts}
+
+
+def _equivalence(rank, world, sizes, order):
+    ref, fused = _blocks(order)
+    return _three_steps(rank, sizes, ref, fused, fused, 100, (C0, 7, 5), (C0 + LAYERS * K, 7, 5))
 
 
 def _ddp_step(rank, world, sizes, order):
@@ -127,13 +152,8 @@ def _ddp_step(rank, world, sizes, order):
         # DDP averages the ranks' gradients: scale so the average is the full-batch sum's gradient
         (world * nn.functional.cross_entropy(ddp(x[lo:hi]), y[lo:hi], reduction="sum")).backward()
         opt.step()
-        ref_opt.zero_grad()
-        nn.functional.cross_entropy(ref(x), y, reduction="sum").backward()
-        ref_opt.step()
-    errs = {name: _rel(p.detach(), q.detach()) for (name, p), q in zip(model.named_parameters(), ref.parameters())}
-    for (name, b), c in zip(model.named_buffers(), ref.buffers()):
-        errs[name] = _rel(b.to(torch.float64), c.to(torch.float64))
-    return {"errs": errs}
+        _full_batch_step(ref, ref_opt, x, y)
+    return {"errs": _trained_errs(model, ref)}
 
 
 def _equivalence_with_hooks(rank, world, sizes, order):
@@ -163,31 +183,8 @@ def _stem(rank, world, sizes, order):
         ref.norm0.weight.uniform_(0.5, 1.5)
         ref.norm0.bias.uniform_(-0.5, 0.5)
     mine = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(ref))
-    lo, hi = sum(sizes[:rank]), sum(sizes[:rank + 1])
-    errs, counts = {}, []
-    for step in range(3):
-        gen = torch.Generator().manual_seed(30 + step)
-        x = torch.randn(sum(sizes), 3, 17, 15, generator=gen, dtype=torch.float64)
-        wgt = torch.randn(sum(sizes), 6, 5, 4, generator=gen, dtype=torch.float64)
-        xr, xf = x[lo:hi].clone().requires_grad_(True), x.clone().requires_grad_(True)
-        ref.zero_grad()
-        mine.zero_grad()
-        out_full = ref(xf)
-        (out_full * wgt).sum().backward()
-        with _Counter() as fwd:
-            out = fused_stem(xr, mine.conv0, mine.norm0, mine.pool0)
-        with _Counter() as bwd:
-            (out * wgt[lo:hi]).sum().backward()
-        counts.append((fwd.n, bwd.n))
-        errs[f"out{step}"] = _rel(out.detach(), out_full.detach()[lo:hi])
-        errs[f"dx{step}"] = _rel(xr.grad, xf.grad[lo:hi])
-        for (name, p), q in zip(mine.named_parameters(), ref.parameters()):
-            g = p.grad.clone()
-            dist.all_reduce(g)
-            errs[f"d{name}{step}"] = _rel(g, q.grad)
-    for (name, b), c in zip(mine.named_buffers(), ref.buffers()):
-        errs[name] = _rel(b.to(torch.float64), c.to(torch.float64))
-    return {"errs": errs, "counts": counts}
+    return _three_steps(rank, sizes, ref, mine, lambda x: fused_stem(x, mine.conv0, mine.norm0, mine.pool0), 30,
+                        (3, 17, 15), (6, 5, 4))
 
 
 def _model(rank, world, sizes, order):
@@ -229,13 +226,8 @@ def _model(rank, world, sizes, order):
             for p in model.parameters():
                 dist.all_reduce(p.grad)
         opt.step()
-        ref_opt.zero_grad()
-        nn.functional.cross_entropy(ref(x), y, reduction="sum").backward()
-        ref_opt.step()
-    errs = {name: _rel(p.detach(), q.detach()) for (name, p), q in zip(model.named_parameters(), ref.parameters())}
-    for (name, b), c in zip(model.named_buffers(), ref.buffers()):
-        errs[name] = _rel(b.to(torch.float64), c.to(torch.float64))
-    return {"errs": errs, "counts": counts}
+        _full_batch_step(ref, ref_opt, x, y)
+    return {"errs": _trained_errs(model, ref), "counts": counts}
 
 
 def _eval_and_world_of_one(rank, world, sizes, order):

@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "../common.h"
+#include "bn_grad_common.h"
 
 namespace densenet_fused {
 namespace cpu {
@@ -50,6 +51,12 @@ Geometry check_args(const char* op, const at::Tensor& x, const at::Tensor& scale
               " (the dtype of x), got ", weight.scalar_type());
   check_same_device(weight, x, op, "weight");
   return {n, h, w, h / 2, w / 2, n * (h / 2) * (w / 2)};
+}
+
+// The gradient reaching each of the 4 pixels of the windows of a tile of pooled rows, before the
+// ReLU mask: (dout @ W)/4, (rows, C) contiguous in acc_t.
+inline at::Tensor window_grad(const at::Tensor& dout_acc, const at::Tensor& w_acc) {
+  return at::mm(dout_acc, w_acc).mul_(0.25);
 }
 
 // a[r, c] = mean over the 2x2 window of pooled row r0 + r of relu(x*scale + shift), rounded to scalar_t.
@@ -135,7 +142,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd(const at::Tensor&
   const int64_t nchunks = std::max<int64_t>(1, std::min(kMaxChunks, ntiles));
   const int64_t tiles_per_chunk = std::max<int64_t>(1, ceil_div(ntiles, nchunks));
   at::Tensor dw_part = at::zeros({nchunks, Cout, C}, x.options().dtype(acc));
-  std::vector<double> sg(nchunks * C, 0.0), sgx(nchunks * C, 0.0);
+  ChannelGradSums sums(nchunks, C);
   at::Tensor dgamma = at::zeros({C}, x.options().dtype(at::kDouble));
   at::Tensor dbeta = at::zeros({C}, x.options().dtype(at::kDouble));
   if (g.mo == 0 || C == 0) {
@@ -147,10 +154,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd(const at::Tensor&
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bnrelu_avgpool_conv1x1_bwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    const acc_t* sp = scale.const_data_ptr<acc_t>();
-    const acc_t* hp = shift.const_data_ptr<acc_t>();
-    const acc_t* mp = mean.const_data_ptr<acc_t>();
-    const acc_t* rp = rstd.const_data_ptr<acc_t>();
+    const BnVectors<acc_t> bn(scale, shift, mean, rstd);
     scalar_t* dxp = dx.data_ptr<scalar_t>();
     const int64_t ldx = x.stride(0);
     // pass 1: dW, the per-channel sums (and dx = scale*g without batch statistics)
@@ -159,13 +163,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd(const at::Tensor&
       std::vector<acc_t> tsg(C), tsgx(C);
       for (int64_t chunk = begin; chunk < end; ++chunk) {
         at::Tensor dw = dw_part[chunk];
-        double* s1 = sg.data() + chunk * C;
-        double* s2 = sgx.data() + chunk * C;
         const int64_t t_end = std::min(ntiles, (chunk + 1) * tiles_per_chunk);
         for (int64_t t = chunk * tiles_per_chunk; t < t_end; ++t) {
           const int64_t r0 = t * kTile, rows = std::min(kTile, g.mo - r0);
           const at::Tensor db = dout.narrow(0, r0, rows).to(acc);
-          const at::Tensor da = at::mm(db, w_acc).contiguous();  // (rows, C): dA = dout @ W
+          const at::Tensor da = window_grad(db, w_acc);
           const acc_t* dap = da.const_data_ptr<acc_t>();
           acc_t* ap = a.data_ptr<acc_t>();
           std::fill(tsg.begin(), tsg.end(), acc_t(0));
@@ -175,64 +177,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd(const at::Tensor&
             const int64_t pix[4] = {p, p + 1, p + g.w, p + g.w + 1};
             acc_t* ar = ap + r * C;
             std::fill(ar, ar + C, acc_t(0));
-            for (int q = 0; q < 4; ++q) {
-              const scalar_t* xr = xp + pix[q] * ldx;
-              scalar_t* dxr = dxp + pix[q] * C;
-              for (int64_t c = 0; c < C; ++c) {
-                const acc_t xv = static_cast<acc_t>(xr[c]);
-                const acc_t y = xv * sp[c] + hp[c];
-                const bool on = y > acc_t(0);
-                const acc_t gv = on ? dap[r * C + c] * acc_t(0.25) : acc_t(0);
-                ar[c] += on ? y : acc_t(0);
-                tsg[c] += gv;
-                tsgx[c] += gv * ((xv - mp[c]) * rp[c]);
-                if (!batch_stats) dxr[c] = static_cast<scalar_t>(sp[c] * gv);
-              }
-            }
+            for (int q = 0; q < 4; ++q)
+              grad_sums_pixel<scalar_t, acc_t>(xp + pix[q] * ldx, dap + r * C, bn, C, tsg.data(), tsgx.data(),
+                                               batch_stats ? nullptr : dxp + pix[q] * C, ar);
             for (int64_t c = 0; c < C; ++c)  // the pooled activation as the forward fed the GEMM
               ar[c] = static_cast<acc_t>(static_cast<scalar_t>(ar[c] * acc_t(0.25)));
           }
-          for (int64_t c = 0; c < C; ++c) {
-            s1[c] += static_cast<double>(tsg[c]);
-            s2[c] += static_cast<double>(tsgx[c]);
-          }
+          sums.add(chunk, tsg, tsgx);
           dw.addmm_(db.t(), a.narrow(0, 0, rows));  // dW += dout^T @ pooled relu(bn(x))
         }
       }
     });
-    double* dg = dgamma.data_ptr<double>();
-    double* dbp = dbeta.data_ptr<double>();
-    for (int64_t chunk = 0; chunk < nchunks; ++chunk)
-      for (int64_t c = 0; c < C; ++c) {
-        dbp[c] += sg[chunk * C + c];
-        dg[c] += sgx[chunk * C + c];
-      }
+    sums.reduce(dgamma.data_ptr<double>(), dbeta.data_ptr<double>());
     if (!batch_stats) return;
-    // pass 2: dx = scale*g - P - (x - mean)*Q with P = scale*mean(g), Q = scale*rstd*mean(g*xhat)
-    std::vector<acc_t> P(C), Q(C);
-    for (int64_t c = 0; c < C; ++c) {
-      P[c] = static_cast<acc_t>(static_cast<double>(sp[c]) * dbp[c] / static_cast<double>(M));
-      Q[c] = static_cast<acc_t>(static_cast<double>(sp[c]) * static_cast<double>(rp[c]) * dg[c] /
-                                static_cast<double>(M));
-    }
+    // pass 2: dx = scale*g - P - (x - mean)*Q
+    const MeanTerms<acc_t> pq(bn, dgamma.const_data_ptr<double>(), dbeta.const_data_ptr<double>(), M, C);
     at::parallel_for(0, ntiles, 1, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
         const int64_t r0 = t * kTile, rows = std::min(kTile, g.mo - r0);
-        const at::Tensor da = at::mm(dout.narrow(0, r0, rows).to(acc), w_acc).contiguous();
+        const at::Tensor da = window_grad(dout.narrow(0, r0, rows).to(acc), w_acc);
         const acc_t* dap = da.const_data_ptr<acc_t>();
         for (int64_t r = 0; r < rows; ++r) {
           const int64_t p = g.base(r0 + r);
           const int64_t pix[4] = {p, p + 1, p + g.w, p + g.w + 1};
-          for (int q = 0; q < 4; ++q) {
-            const scalar_t* xr = xp + pix[q] * ldx;
-            scalar_t* dxr = dxp + pix[q] * C;
-            for (int64_t c = 0; c < C; ++c) {
-              const acc_t xv = static_cast<acc_t>(xr[c]);
-              const acc_t y = xv * sp[c] + hp[c];
-              const acc_t gv = y > acc_t(0) ? dap[r * C + c] * acc_t(0.25) : acc_t(0);
-              dxr[c] = static_cast<scalar_t>(sp[c] * gv - P[c] - (xv - mp[c]) * Q[c]);
-            }
-          }
+          for (int q = 0; q < 4; ++q)
+            grad_dx_pixel<scalar_t, acc_t>(xp + pix[q] * ldx, dap + r * C, bn, pq, C, dxp + pix[q] * C);
         }
       }
     });
@@ -246,7 +215,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd(const at::Tensor&
           const scalar_t* xr = xp + pix * ldx;
           scalar_t* dxr = dxp + pix * C;
           for (int64_t c = 0; c < C; ++c)
-            dxr[c] = static_cast<scalar_t>(-P[c] - (static_cast<acc_t>(xr[c]) - mp[c]) * Q[c]);
+            dxr[c] = static_cast<scalar_t>(-pq.P[c] - (static_cast<acc_t>(xr[c]) - bn.mean[c]) * pq.Q[c]);
         }
       }
     });

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "../common.h"
+#include "bn_grad_common.h"
 
 namespace densenet_fused {
 namespace cpu {
@@ -78,14 +79,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(const at::Tensor& dpooled, co
   at::Tensor dbeta = at::zeros({C}, x.options().dtype(at::kDouble));
   if (M == 0 || C == 0) return {dx, dgamma.to(acc), dbeta.to(acc)};
   const at::Tensor d = (dpooled.to(acc) / static_cast<double>(hw)).contiguous();  // dL/dy of every pixel
-  std::vector<double> sg(N * C, 0.0), sgx(N * C, 0.0);
+  ChannelGradSums sums(N, C);  // one chunk per image
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bnrelu_global_avgpool_bwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    const acc_t* sp = scale.const_data_ptr<acc_t>();
-    const acc_t* hp = shift.const_data_ptr<acc_t>();
-    const acc_t* mp = mean.const_data_ptr<acc_t>();
-    const acc_t* rp = rstd.const_data_ptr<acc_t>();
+    const BnVectors<acc_t> bn(scale, shift, mean, rstd);
     const acc_t* dp = d.const_data_ptr<acc_t>();
     scalar_t* dxp = dx.data_ptr<scalar_t>();
     const int64_t ldx = x.stride(0);
@@ -95,50 +93,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(const at::Tensor& dpooled, co
       for (int64_t n = begin; n < end; ++n) {
         std::fill(s1.begin(), s1.end(), acc_t(0));
         std::fill(s2.begin(), s2.end(), acc_t(0));
-        const acc_t* dn = dp + n * C;
-        for (int64_t p = 0; p < hw; ++p) {
-          const scalar_t* xr = xp + (n * hw + p) * ldx;
-          scalar_t* dxr = dxp + (n * hw + p) * C;
-          for (int64_t c = 0; c < C; ++c) {
-            const acc_t xv = static_cast<acc_t>(xr[c]);
-            const acc_t gv = xv * sp[c] + hp[c] > acc_t(0) ? dn[c] : acc_t(0);
-            s1[c] += gv;
-            s2[c] += gv * ((xv - mp[c]) * rp[c]);
-            if (!batch_stats) dxr[c] = static_cast<scalar_t>(sp[c] * gv);
-          }
-        }
-        for (int64_t c = 0; c < C; ++c) {
-          sg[n * C + c] = static_cast<double>(s1[c]);
-          sgx[n * C + c] = static_cast<double>(s2[c]);
-        }
+        for (int64_t r = n * hw; r < (n + 1) * hw; ++r)
+          grad_sums_pixel<scalar_t, acc_t>(xp + r * ldx, dp + n * C, bn, C, s1.data(), s2.data(),
+                                           batch_stats ? nullptr : dxp + r * C, nullptr);
+        sums.add(n, s1, s2);
       }
     });
-    double* dg = dgamma.data_ptr<double>();
-    double* db = dbeta.data_ptr<double>();
-    for (int64_t n = 0; n < N; ++n)
-      for (int64_t c = 0; c < C; ++c) {
-        db[c] += sg[n * C + c];
-        dg[c] += sgx[n * C + c];
-      }
+    sums.reduce(dgamma.data_ptr<double>(), dbeta.data_ptr<double>());
     if (!batch_stats) return;
-    // pass 2: dx = scale*g - P - (x - mean)*Q with P = scale*mean(g), Q = scale*rstd*mean(g*xhat)
-    std::vector<acc_t> P(C), Q(C);
-    for (int64_t c = 0; c < C; ++c) {
-      P[c] = static_cast<acc_t>(static_cast<double>(sp[c]) * db[c] / static_cast<double>(M));
-      Q[c] = static_cast<acc_t>(static_cast<double>(sp[c]) * static_cast<double>(rp[c]) * dg[c] /
-                                static_cast<double>(M));
-    }
+    // pass 2: dx = scale*g - P - (x - mean)*Q
+    const MeanTerms<acc_t> pq(bn, dgamma.const_data_ptr<double>(), dbeta.const_data_ptr<double>(), M, C);
     at::parallel_for(0, M, kCpuRowsPerChunk, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        const scalar_t* xr = xp + r * ldx;
-        const acc_t* dn = dp + (r / hw) * C;
-        scalar_t* dxr = dxp + r * C;
-        for (int64_t c = 0; c < C; ++c) {
-          const acc_t xv = static_cast<acc_t>(xr[c]);
-          const acc_t gv = xv * sp[c] + hp[c] > acc_t(0) ? dn[c] : acc_t(0);
-          dxr[c] = static_cast<scalar_t>(sp[c] * gv - P[c] - (xv - mp[c]) * Q[c]);
-        }
-      }
+      for (int64_t r = begin; r < end; ++r)
+        grad_dx_pixel<scalar_t, acc_t>(xp + r * ldx, dp + (r / hw) * C, bn, pq, C, dxp + r * C);
     });
   });
   return {dx, dgamma.to(acc), dbeta.to(acc)};

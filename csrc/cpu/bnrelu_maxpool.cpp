@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "../common.h"
+#include "bn_grad_common.h"
 
 namespace densenet_fused {
 namespace cpu {
@@ -207,7 +208,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(const at::Tensor& dout, const
   const int64_t rows = g.N * g.Hp;
   const int64_t rows_per_chunk = std::max<int64_t>(1, kCpuRowsPerChunk / g.Wp);
   const int64_t nchunks = ceil_div(rows, rows_per_chunk);
-  std::vector<double> sg(nchunks * C, 0.0), sgx(nchunks * C, 0.0);
+  ChannelGradSums sums(nchunks, C);
   std::vector<char> bad(nchunks, 0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "bnrelu_maxpool_bwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -222,8 +223,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(const at::Tensor& dout, const
     at::parallel_for(0, nchunks, 1, [&](int64_t begin, int64_t end) {
       std::vector<acc_t> t1(C), t2(C);  // per-row sums in acc_t, chunk sums in double
       for (int64_t chunk = begin; chunk < end; ++chunk) {
-        double* s1 = sg.data() + chunk * C;
-        double* s2 = sgx.data() + chunk * C;
         const int64_t r_end = std::min(rows, (chunk + 1) * rows_per_chunk);
         for (int64_t row = chunk * rows_per_chunk; row < r_end; ++row) {
           const int64_t n = row / g.Hp, oh = row % g.Hp;
@@ -258,10 +257,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(const at::Tensor& dout, const
             }
             if (any_bad) bad[chunk] = 1;
           }
-          for (int64_t c = 0; c < C; ++c) {
-            s1[c] += static_cast<double>(t1[c]);
-            s2[c] += static_cast<double>(t2[c]);
-          }
+          sums.add(chunk, t1, t2);
         }
       }
     });
@@ -270,11 +266,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(const at::Tensor& dout, const
                   "index), got an out-of-range entry");
     double* dgp = dgamma.data_ptr<double>();
     double* dbp = dbeta.data_ptr<double>();
-    for (int64_t chunk = 0; chunk < nchunks; ++chunk)
-      for (int64_t c = 0; c < C; ++c) {
-        dbp[c] += sg[chunk * C + c];
-        dgp[c] += sgx[chunk * C + c];
-      }
+    sums.reduce(dgp, dbp);
     // pass 2 over y's rows: g of a row from the (one or two) pooled rows whose windows cover it, in the
     // order (oh0, ow0), (oh0, ow0 + 1), (oh0 + 1, ow0), (oh0 + 1, ow0 + 1) for each pixel (as the Triton
     // kernel gathers it), then the BatchNorm input gradient

@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._bn_grad import aten_bn_grad, bn_grad_passes, bn_grad_tile, check_channel_vectors, check_rows, load_bn_vectors
 from ._common import acc_dtype, on_tensor_device
 from ._triton_common import dot_precision
 
@@ -63,19 +64,13 @@ def bnrelu_avgpool_conv1x1_bwd(dout, x, scale, shift, weight, nhw: Sequence[int]
 
 # ----------------------------------------------------------------------------- checks (Python launchers)
 def _check(x, scale, shift, weight, nhw, op):
-    if x.dim() != 2 or (x.shape[1] > 1 and x.stride(1) != 1):
-        raise RuntimeError(f"{op}: expected x to be a 2-D (rows = N*H*W, channels) matrix with unit channel "
-                           f"stride, got shape {tuple(x.shape)} strides {x.stride()}")
+    check_rows(x, op)
     if len(nhw) != 3 or min(nhw) < 0 or nhw[0] * nhw[1] * nhw[2] != x.shape[0]:
         raise RuntimeError(f"{op}: expected nhw = [N, H, W] with N*H*W = {x.shape[0]} (the rows of x), got {nhw}")
     if nhw[1] < 2 or nhw[2] < 2:
         raise RuntimeError(f"{op}: expected H >= 2 and W >= 2 (a 2x2 average pool), got H={nhw[1]}, W={nhw[2]}")
     c = x.shape[1]
-    acc = acc_dtype(x.dtype)
-    for name, t in (("scale", scale), ("shift", shift)):
-        if t.shape != (c,) or t.dtype != acc or t.device != x.device:
-            raise RuntimeError(f"{op}: expected {name} to be a 1-D tensor of {c} channels, dtype {acc} on "
-                               f"{x.device}, got {tuple(t.shape)} {t.dtype} on {t.device}")
+    check_channel_vectors(op, x, (("scale", scale), ("shift", shift)), ", ")
     if weight.dim() != 2 or weight.shape[1] != c or weight.dtype != x.dtype or weight.device != x.device:
         raise RuntimeError(f"{op}: expected weight of shape (out_channels, {c}) and dtype {x.dtype} on "
                            f"{x.device}, got {tuple(weight.shape)} {weight.dtype} on {weight.device}")
@@ -96,15 +91,10 @@ def _check_bwd(dout, x, weight, nhw, mean, rstd):
     op = "bnrelu_avgpool_conv1x1_bwd"
     n, h, w = nhw
     mo = n * (h // 2) * (w // 2)
-    c = x.shape[1]
-    acc = acc_dtype(x.dtype)
     if dout.shape != (mo, weight.shape[0]) or dout.dtype != x.dtype or (dout.shape[1] > 1 and dout.stride(1) != 1):
         raise RuntimeError(f"{op}: expected dout of shape ({mo}, {weight.shape[0]}) and dtype {x.dtype} with unit "
                            f"channel stride, got {tuple(dout.shape)} {dout.dtype} strides {dout.stride()}")
-    for name, t in (("mean", mean), ("rstd", rstd)):
-        if t.shape != (c,) or t.dtype != acc or t.device != x.device:
-            raise RuntimeError(f"{op}: expected {name} to be a 1-D tensor of {c} channels and dtype {acc} on "
-                               f"{x.device}, got {tuple(t.shape)} {t.dtype} on {t.device}")
+    check_channel_vectors(op, x, (("mean", mean), ("rstd", rstd)), " and ")
 
 
 # ----------------------------------------------------------------------------- ATen (float64 on CUDA)
@@ -134,18 +124,10 @@ def aten_bwd(dout, x, scale, shift, weight, nhw, mean, rstd, batch_stats):
     db = dout.to(acc)
     dweight = db.t() @ pooled
     da = (db @ weight.to(acc)).view(n, h // 2, 1, w // 2, 1, c) * 0.25
-    g = torch.zeros((n, h, w, c), dtype=acc, device=x.device)
-    g[:, :h // 2 * 2, :w // 2 * 2] = da.expand(n, h // 2, 2, w // 2, 2, c).reshape(n, h // 2 * 2, w // 2 * 2, c)
-    g = g.view(-1, c)
-    xa = x.to(acc)
-    g = torch.where(torch.addcmul(shift, xa, scale) > 0, g, 0)
-    xhat = (xa - mean) * rstd
-    dbeta, dgamma = g.sum(0), (g * xhat).sum(0)
-    dx = scale * g
-    if batch_stats:
-        m = x.shape[0]
-        dx = dx - scale * dbeta / m - (xa - mean) * (scale * rstd * dgamma / m)
-    return dx.to(x.dtype), dweight, dgamma, dbeta
+    d = torch.zeros((n, h, w, c), dtype=acc, device=x.device)  # 0 on the pixels the floor dropped
+    d[:, :h // 2 * 2, :w // 2 * 2] = da.expand(n, h // 2, 2, w // 2, 2, c).reshape(n, h // 2 * 2, w // 2 * 2, c)
+    dx, dgamma, dbeta = aten_bn_grad(d.view(-1, c), x, scale, shift, mean, rstd, batch_stats)
+    return dx, dweight, dgamma, dbeta
 
 
 # ----------------------------------------------------------------------------- Triton kernels
@@ -240,28 +222,14 @@ def _dx_kernel(DOUT, lddo, X, ldx, SCALE, SHIFT, Wt, ldw, MEAN, RSTD, P, Q, DX, 
         w = tl.load(Wt + rn[:, None] * ldw + rc[None, :], mask=n_ok[:, None] & c_ok[None, :], other=0.0)
         da = tl.dot(db, w, da, input_precision=PRECISION)
     da = da * 0.25
-    s = tl.load(SCALE + rc, mask=c_ok, other=0.0)
-    h = tl.load(SHIFT + rc, mask=c_ok, other=0.0)
-    mu = tl.load(MEAN + rc, mask=c_ok, other=0.0)
-    rs = tl.load(RSTD + rc, mask=c_ok, other=0.0)
-    pp = tl.load(P + rc, mask=c_ok, other=0.0)
-    qq = tl.load(Q + rc, mask=c_ok, other=0.0)
+    s, h, mu, rs, pp, qq = load_bn_vectors(SCALE, SHIFT, MEAN, RSTD, P, Q, rc, c_ok)
     mask = r_ok[:, None] & c_ok[None, :]
     base = _window_base(tl.where(r_ok, rm, 0), H, W, HO, WO)
     sg = tl.zeros((BLOCK_C,), dtype=tl.float32)
     sgx = tl.zeros((BLOCK_C,), dtype=tl.float32)
     for q in tl.static_range(4):
         pix = base + (q // 2) * W + (q % 2)
-        x = tl.load(X + pix[:, None] * ldx + rc[None, :], mask=mask, other=0.0).to(tl.float32)
-        g = tl.where(mask & (x * s[None, :] + h[None, :] > 0.0), da, 0.0)
-        if PASS == 1:
-            sg += tl.sum(g, axis=0)
-            sgx += tl.sum(g * ((x - mu[None, :]) * rs[None, :]), axis=0)
-            if not BATCH:
-                tl.store(DX + pix[:, None] * C + rc[None, :], (s[None, :] * g).to(DX.dtype.element_ty), mask=mask)
-        else:
-            dx = s[None, :] * g - pp[None, :] - (x - mu[None, :]) * qq[None, :]
-            tl.store(DX + pix[:, None] * C + rc[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+        sg, sgx = bn_grad_tile(X, ldx, DX, C, pix, rc, mask, da, s, h, mu, rs, pp, qq, sg, sgx, PASS, BATCH)
     if PASS == 1:
         tl.store(PSG + pid_m * C + rc, sg, mask=c_ok)
         tl.store(PSGX + pid_m * C + rc, sgx, mask=c_ok)
@@ -350,23 +318,19 @@ def triton_bwd(dout, x, scale, shift, weight, nhw, mean, rstd, batch_stats):
     bm, bn, bc, warps = _DX_TILES
     dweight = pdw.sum(0)  # fixed order over the splits
     tiles = triton.cdiv(mo, bm)
-    psum = torch.empty((2, tiles, c), dtype=torch.float32, device=x.device)
-    zeros = torch.zeros((2, c), dtype=torch.float32, device=x.device)
     grid = (tiles, triton.cdiv(c, bc))
     args = (dout, dout.stride(0), x, x.stride(0), scale, shift, weight, weight.stride(0), mean, rstd)
     geo = (mo, c, cout, h, w, ho, wo)
-    _dx_kernel[grid](*args, zeros[0], zeros[1], dx, psum[0], psum[1], *geo, BLOCK_M=bm, BLOCK_N=bn, BLOCK_C=bc,
-                     PASS=1, BATCH=batch_stats, PRECISION=prec, num_warps=warps)
-    dbeta, dgamma = psum.sum(1).unbind(0)  # fixed order over the tiles
-    if batch_stats:
-        p = scale * dbeta / m
-        q = scale * rstd * dgamma / m
-        _dx_kernel[grid](*args, p, q, dx, psum[0], psum[1], *geo, BLOCK_M=bm, BLOCK_N=bn, BLOCK_C=bc,
-                         PASS=2, BATCH=True, PRECISION=prec, num_warps=warps)
-        if dropped:
-            bmd = 32 if _INTERPRET else 64
-            _dropped_kernel[(triton.cdiv(m, bmd), triton.cdiv(c, bc))](
-                x, x.stride(0), mean, p, q, dx, m, c, h, w, ho, wo, BLOCK_M=bmd, BLOCK_C=bc, num_warps=4)
+
+    def launch(p, q, psg, psgx, pass_, batch):  # the partial sums per tile of pooled rows
+        _dx_kernel[grid](*args, p, q, dx, psg, psgx, *geo, BLOCK_M=bm, BLOCK_N=bn, BLOCK_C=bc,
+                         PASS=pass_, BATCH=batch, PRECISION=prec, num_warps=warps)
+
+    dgamma, dbeta, p, q = bn_grad_passes(launch, tiles, x, scale, rstd, batch_stats)
+    if batch_stats and dropped:
+        bmd = 32 if _INTERPRET else 64
+        _dropped_kernel[(triton.cdiv(m, bmd), triton.cdiv(c, bc))](
+            x, x.stride(0), mean, p, q, dx, m, c, h, w, ho, wo, BLOCK_M=bmd, BLOCK_C=bc, num_warps=4)
     return dx, dweight, dgamma, dbeta
 
 

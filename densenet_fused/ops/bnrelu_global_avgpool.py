@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._bn_grad import aten_bn_grad, bn_grad_passes, bn_grad_tile, check_channel_vectors, check_rows, load_bn_vectors
 from ._common import acc_dtype, on_tensor_device
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -46,31 +47,20 @@ def bnrelu_global_avgpool_bwd(dpooled, x, scale, shift, nhw: Sequence[int], mean
 
 
 def _check(x, scale, shift, nhw, op):
-    if x.dim() != 2 or (x.shape[1] > 1 and x.stride(1) != 1):
-        raise RuntimeError(f"{op}: expected x to be a 2-D (rows = N*H*W, channels) matrix with unit channel "
-                           f"stride, got shape {tuple(x.shape)} strides {x.stride()}")
+    check_rows(x, op)
     if len(nhw) != 3 or nhw[0] < 0 or nhw[1] < 1 or nhw[2] < 1 or nhw[0] * nhw[1] * nhw[2] != x.shape[0]:
         raise RuntimeError(f"{op}: expected nhw = [N, H, W] with H, W >= 1 and N*H*W = {x.shape[0]} (the rows of x), "
                            f"got {nhw}")
-    c = x.shape[1]
-    acc = acc_dtype(x.dtype)
-    for name, t in (("scale", scale), ("shift", shift)):
-        if t.shape != (c,) or t.dtype != acc or t.device != x.device:
-            raise RuntimeError(f"{op}: expected {name} to be a 1-D tensor of {c} channels, dtype {acc} on "
-                               f"{x.device}, got {tuple(t.shape)} {t.dtype} on {t.device}")
+    check_channel_vectors(op, x, (("scale", scale), ("shift", shift)), ", ")
 
 
 def _check_bwd(dpooled, x, nhw, mean, rstd):
     op = "bnrelu_global_avgpool_bwd"
     c = x.shape[1]
-    acc = acc_dtype(x.dtype)
     if dpooled.shape != (nhw[0], c) or dpooled.dtype != x.dtype or dpooled.device != x.device:
         raise RuntimeError(f"{op}: expected dpooled of shape ({nhw[0]}, {c}) (images, channels) and dtype {x.dtype} "
                            f"on {x.device}, got {tuple(dpooled.shape)} {dpooled.dtype} on {dpooled.device}")
-    for name, t in (("mean", mean), ("rstd", rstd)):
-        if t.shape != (c,) or t.dtype != acc or t.device != x.device:
-            raise RuntimeError(f"{op}: expected {name} to be a 1-D tensor of {c} channels and dtype {acc} on "
-                               f"{x.device}, got {tuple(t.shape)} {t.dtype} on {t.device}")
+    check_channel_vectors(op, x, (("mean", mean), ("rstd", rstd)), " and ")
 
 
 # ----------------------------------------------------------------------------- ATen (float64 on CUDA)
@@ -86,14 +76,8 @@ def aten_bwd(dpooled, x, scale, shift, nhw, mean, rstd, batch_stats):
     _check_bwd(dpooled, x, nhw, mean, rstd)
     n, h, w = nhw
     m, c = x.shape
-    xa = x.to(scale.dtype)
     d = (dpooled.to(scale.dtype) / (h * w))[:, None, :].expand(n, h * w, c).reshape(m, c)
-    g = torch.where(torch.addcmul(shift, xa, scale) > 0, d, 0)
-    dbeta, dgamma = g.sum(0), (g * (xa - mean) * rstd).sum(0)
-    dx = scale * g
-    if batch_stats:
-        dx = dx - scale * dbeta / m - (xa - mean) * (scale * rstd * dgamma / m)
-    return dx.to(x.dtype), dgamma, dbeta
+    return aten_bn_grad(d, x, scale, shift, mean, rstd, batch_stats)
 
 
 # ----------------------------------------------------------------------------- Triton kernels
@@ -120,12 +104,7 @@ def _bwd_kernel(DP, X, ldx, SCALE, SHIFT, MEAN, RSTD, P, Q, DX, PSG, PSGX, HW, C
     img = tl.program_id(0)
     rc = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = rc < C
-    s = tl.load(SCALE + rc, mask=c_ok, other=0.0)
-    h = tl.load(SHIFT + rc, mask=c_ok, other=0.0)
-    mu = tl.load(MEAN + rc, mask=c_ok, other=0.0)
-    rs = tl.load(RSTD + rc, mask=c_ok, other=0.0)
-    pp = tl.load(P + rc, mask=c_ok, other=0.0)
-    qq = tl.load(Q + rc, mask=c_ok, other=0.0)
+    s, h, mu, rs, pp, qq = load_bn_vectors(SCALE, SHIFT, MEAN, RSTD, P, Q, rc, c_ok)
     d = tl.load(DP + img * C + rc, mask=c_ok, other=0.0).to(tl.float32) / HW
     sg = tl.zeros((BLOCK_C,), dtype=tl.float32)
     sgx = tl.zeros((BLOCK_C,), dtype=tl.float32)
@@ -133,16 +112,7 @@ def _bwd_kernel(DP, X, ldx, SCALE, SHIFT, MEAN, RSTD, P, Q, DX, PSG, PSGX, HW, C
         rp = p0 + tl.arange(0, BLOCK_P)
         mask = (rp < HW)[:, None] & c_ok[None, :]
         rows = img.to(tl.int64) * HW + rp
-        x = tl.load(X + rows[:, None] * ldx + rc[None, :], mask=mask, other=0.0).to(tl.float32)
-        g = tl.where(mask & (x * s[None, :] + h[None, :] > 0.0), d[None, :], 0.0)
-        if PASS == 1:
-            sg += tl.sum(g, axis=0)
-            sgx += tl.sum(g * ((x - mu[None, :]) * rs[None, :]), axis=0)
-            if not BATCH:
-                tl.store(DX + rows[:, None] * C + rc[None, :], (s[None, :] * g).to(DX.dtype.element_ty), mask=mask)
-        else:
-            dx = s[None, :] * g - pp[None, :] - (x - mu[None, :]) * qq[None, :]
-            tl.store(DX + rows[:, None] * C + rc[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+        sg, sgx = bn_grad_tile(X, ldx, DX, C, rows, rc, mask, d[None, :], s, h, mu, rs, pp, qq, sg, sgx, PASS, BATCH)
     if PASS == 1:
         tl.store(PSG + img * C + rc, sg, mask=c_ok)
         tl.store(PSGX + img * C + rc, sgx, mask=c_ok)
@@ -182,17 +152,13 @@ def triton_bwd(dpooled, x, scale, shift, nhw, mean, rstd, batch_stats):
         return dx, z, z.clone()
     bp, bc = _blocks()
     dp = dpooled.contiguous()
-    psum = torch.empty((2, n, c), dtype=torch.float32, device=x.device)
-    zeros = torch.zeros((2, c), dtype=torch.float32, device=x.device)
     grid = (n, triton.cdiv(c, bc))
-    _bwd_kernel[grid](dp, x, x.stride(0), scale, shift, mean, rstd, zeros[0], zeros[1], dx, psum[0], psum[1],
-                      h * w, c, BLOCK_P=bp, BLOCK_C=bc, PASS=1, BATCH=batch_stats)
-    dbeta, dgamma = psum.sum(1).unbind(0)  # fixed order over the images
-    if batch_stats:
-        p = scale * dbeta / m
-        q = scale * rstd * dgamma / m
-        _bwd_kernel[grid](dp, x, x.stride(0), scale, shift, mean, rstd, p, q, dx, psum[0], psum[1],
-                          h * w, c, BLOCK_P=bp, BLOCK_C=bc, PASS=2, BATCH=True)
+
+    def launch(p, q, psg, psgx, pass_, batch):  # the partial sums per image
+        _bwd_kernel[grid](dp, x, x.stride(0), scale, shift, mean, rstd, p, q, dx, psg, psgx, h * w, c,
+                          BLOCK_P=bp, BLOCK_C=bc, PASS=pass_, BATCH=batch)
+
+    dgamma, dbeta, _, _ = bn_grad_passes(launch, n, x, scale, rstd, batch_stats)
     return dx, dgamma, dbeta
 
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from bnrelu_reference import assert_all_close, bnrelu_reference, rel_err
 from densenet_fused.ops import bnrelu_avgpool_conv1x1 as op
 from densenet_fused.ops import bnrelu_avgpool_conv1x1_bwd, bnrelu_avgpool_conv1x1_fwd
 
@@ -31,33 +32,16 @@ def _case(n, h, w, c_total, c, cout, dtype, device="cpu", gen=0):
     return x, gamma, beta, weight.to(device), dout.to(device), run_mean, run_var
 
 
-def _reference(x, nhw, gamma, beta, weight, dout, batch_stats, run_mean, run_var, eps=1e-5):
+def _reference(x, nhw, gamma, beta, weight, dout, batch_stats, run_mean, run_var):
     """float64 autograd through torch's modules' functional forms; returns everything the op
     computes and the (mean, rstd, scale, shift) it is given."""
     n, h, w = nhw
-    c = x.shape[1]
-    x4 = x.detach().double().cpu().reshape(n, h, w, c).permute(0, 3, 1, 2).requires_grad_()
-    gm = gamma.clone().requires_grad_()
-    bt = beta.clone().requires_grad_()
     wd = weight.detach().double().cpu().requires_grad_()
-    if batch_stats:
-        mean = x4.detach().mean((0, 2, 3))
-        var = x4.detach().var((0, 2, 3), unbiased=False)
-    else:
-        mean, var = run_mean, run_var
-    y = F.batch_norm(x4, mean.clone(), var.clone(), gm, bt, training=batch_stats, eps=eps)
-    out = F.avg_pool2d(F.conv2d(F.relu(y), wd[:, :, None, None]), 2)
-    out.backward(dout.detach().double().cpu().view(n, h // 2, w // 2, -1).permute(0, 3, 1, 2))
-    rstd = (var + eps).rsqrt()
-    scale = gamma * rstd
-    shift = beta - mean * scale
-    rows = out.detach().permute(0, 2, 3, 1).reshape(-1, weight.shape[0])
-    dx = x4.grad.permute(0, 2, 3, 1).reshape(-1, c)
-    return dict(out=rows, dx=dx, dweight=wd.grad, dgamma=gm.grad, dbeta=bt.grad), (mean, rstd, scale, shift)
-
-
-def _err(got, want):
-    return (got.double().cpu() - want).abs().max().item() / max(want.abs().max().item(), 1e-30)
+    out, grads, vecs = bnrelu_reference(x, nhw, gamma, beta, batch_stats, run_mean, run_var,
+                                        lambda a: F.avg_pool2d(F.conv2d(a, wd[:, :, None, None]), 2),
+                                        dout.detach().double().cpu().view(n, h // 2, w // 2, -1).permute(0, 3, 1, 2))
+    rows = out.permute(0, 2, 3, 1).reshape(-1, weight.shape[0])
+    return dict(out=rows, dweight=wd.grad, **grads), vecs
 
 
 def _run(fwd, bwd, shape, dtype, device, batch_stats, tol):
@@ -72,13 +56,12 @@ def _run(fwd, bwd, shape, dtype, device, batch_stats, tol):
     wide = torch.full((mo, cout + 5), float("nan"), dtype=dtype, device=device)
     out = wide[:, 2:2 + cout]
     fwd(x, vec[2], vec[3], weight, [n, h, w], out)
-    assert _err(out, ref["out"]) <= tol, f"out {_err(out, ref['out']):.2e}"
+    assert_all_close(ref, tol, out=out)
     assert wide[:, :2].isnan().all() and wide[:, 2 + cout:].isnan().all(), "wrote outside out"
     dx, dweight, dgamma, dbeta = bwd(dout, x, vec[2], vec[3], weight, [n, h, w], vec[0], vec[1], batch_stats)
     assert dx.shape == x.shape and dx.dtype == dtype and dx.is_contiguous()
     assert dweight.dtype == acc and dgamma.dtype == acc
-    for name, got in (("dx", dx), ("dweight", dweight), ("dgamma", dgamma), ("dbeta", dbeta)):
-        assert _err(got, ref[name]) <= tol, f"{name}: {_err(got, ref[name]):.2e} > {tol}"
+    assert_all_close(ref, tol, dx=dx, dweight=dweight, dgamma=dgamma, dbeta=dbeta)
 
 
 @pytest.mark.parametrize("batch_stats", [True, False])
@@ -110,7 +93,7 @@ def test_dropped_pixels_get_only_the_mean_terms():
     dx = bnrelu_avgpool_conv1x1_bwd(dout, x, scale, shift, weight, [n, h, w], mean, rstd, True)[0]
     dropped = dx.view(n, h, w, c)[:, 2]
     assert dropped.abs().min() > 0
-    assert _err(dx, ref["dx"]) < 1e-12
+    assert rel_err(dx, ref["dx"]) < 1e-12
     dx = bnrelu_avgpool_conv1x1_bwd(dout, x, scale, shift, weight, [n, h, w], rm, rstd, False)[0].view(n, h, w, c)
     assert (dx[:, 2] == 0).all() and (dx[:, :, 2] == 0).all()
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from bnrelu_reference import assert_all_close, bnrelu_reference
 from densenet_fused.ops import bnrelu_global_avgpool as op
 from densenet_fused.ops import bnrelu_global_avgpool_bwd, bnrelu_global_avgpool_fwd
 
@@ -28,27 +29,11 @@ def _case(n, h, w, c_total, c, dtype, device="cpu", gen=0):
     return x, gamma, beta, dp, run_mean, run_var
 
 
-def _reference(x, nhw, gamma, beta, dp, batch_stats, run_mean, run_var, eps=1e-5):
-    n, h, w = nhw
-    c = x.shape[1]
-    x4 = x.detach().double().cpu().reshape(n, h, w, c).permute(0, 3, 1, 2).requires_grad_()
-    gm = gamma.clone().requires_grad_()
-    bt = beta.clone().requires_grad_()
-    if batch_stats:
-        mean, var = x4.detach().mean((0, 2, 3)), x4.detach().var((0, 2, 3), unbiased=False)
-    else:
-        mean, var = run_mean, run_var
-    y = F.batch_norm(x4, mean.clone(), var.clone(), gm, bt, training=batch_stats, eps=eps)
-    pooled = torch.flatten(F.adaptive_avg_pool2d(F.relu(y), (1, 1)), 1)
-    pooled.backward(dp.detach().double().cpu())
-    rstd = (var + eps).rsqrt()
-    scale = gamma * rstd
-    return (dict(pooled=pooled.detach(), dx=x4.grad.permute(0, 2, 3, 1).reshape(-1, c), dgamma=gm.grad,
-                 dbeta=bt.grad), (mean, rstd, scale, beta - mean * scale))
-
-
-def _err(got, want):
-    return (got.double().cpu() - want).abs().max().item() / max(want.abs().max().item(), 1e-30)
+def _reference(x, nhw, gamma, beta, dp, batch_stats, run_mean, run_var):
+    pooled, grads, vecs = bnrelu_reference(x, nhw, gamma, beta, batch_stats, run_mean, run_var,
+                                           lambda a: torch.flatten(F.adaptive_avg_pool2d(a, (1, 1)), 1),
+                                           dp.detach().double().cpu())
+    return dict(pooled=pooled, **grads), vecs
 
 
 def _run(fwd, bwd, shape, dtype, device, batch_stats, tol):
@@ -61,11 +46,10 @@ def _run(fwd, bwd, shape, dtype, device, batch_stats, tol):
     mean, rstd, scale, shift = [t.to(acc).to(device) for t in vecs]
     pooled = fwd(x, scale, shift, [n, h, w])
     assert pooled.shape == (n, c) and pooled.dtype == dtype
-    assert _err(pooled, ref["pooled"]) <= tol, f"pooled {_err(pooled, ref['pooled']):.2e}"
+    assert_all_close(ref, tol, pooled=pooled)
     dx, dgamma, dbeta = bwd(dp, x, scale, shift, [n, h, w], mean, rstd, batch_stats)
     assert dx.shape == x.shape and dx.dtype == dtype and dx.is_contiguous() and dgamma.dtype == acc
-    for name, got in (("dx", dx), ("dgamma", dgamma), ("dbeta", dbeta)):
-        assert _err(got, ref[name]) <= tol, f"{name}: {_err(got, ref[name]):.2e} > {tol}"
+    assert_all_close(ref, tol, dx=dx, dgamma=dgamma, dbeta=dbeta)
 
 
 @pytest.mark.parametrize("batch_stats", [True, False])
