@@ -250,11 +250,11 @@ from densenet_fused import cost
 from densenet_fused.ops import bnrelu_avgpool_conv1x1 as trans
 from flags import patched
 rows = {arch: cost.compile_rows(cost.precision_recordings(cost.record_edges), arch) for arch in (90, 80)}
-# a control: the transition's dW tile of 64 rows in fp32 spills (532-708 B on sm_90a): the count sees spills
-with patched(trans, _DW_TILES=(64, 64, 32, 4)), cost._allow_tf32(True):
+# a control: the transition's dW tile of 64 rows in full fp32 spills on sm_90a: the count sees spills
+with patched(trans, _DW_TILES=(64, 64, 32, 4)), cost._allow_tf32(False):
     rec = cost.record_edges(__import__("torch").float32)
 rec.triton_calls = [c for c in rec.triton_calls if cost._triton_name(c[0]) == "bnrelu_avgpool_conv1x1._dw_kernel"][:1]
-control = cost.compile_rows([("fp32/tf32", rec)], 90)
+control = cost.compile_rows([("fp32/ieee", rec)], 90)
 print(json.dumps(dict(rows=rows, control=control)))
 """
 
@@ -281,8 +281,13 @@ def test_transition_head_and_stem_kernels_compile_without_spills():
     for arch, rows in got["rows"].items():
         assert {r["kernel"] for r in rows} == kernels, arch
         for k in kernels:
-            want = {"bf16", "fp16", "fp32/tf32", "fp32/ieee"} | ({"fp64"} if k.startswith("bnrelu_maxpool") else set())
-            assert {r["dtype"] for r in rows if r["kernel"] == k} == want, (arch, k)
+            dot = k.split(".")[1] in ("_fwd_kernel", "_dw_kernel", "_dx_kernel") and k.startswith("bnrelu_avgpool")
+            want = {"bf16", "fp16"} | ({"fp32/tf32", "fp32/ieee"} if dot else {"fp32"}) | \
+                ({"fp64"} if k.startswith("bnrelu_maxpool") else set())
+            got_k = {r["dtype"] for r in rows if r["kernel"] == k}
+            if k == "bnrelu_maxpool._bwd_finish_kernel":  # fp32 partials in every 16/32-bit dtype: one compile
+                want = {"bf16", "fp64"}
+            assert got_k == want, (arch, k, got_k)
         assert not [r for r in rows if "error" in r], arch
         # known gap: the transition's GEMM kernels spill in fp32 without TF32 (full-fp32 tl.dot is FMAs;
         # sm_90a: _fwd_kernel 296 B, _dx_kernel pass 2 8 B; sm_80: _fwd_kernel 24-232 B, _dw_kernel
