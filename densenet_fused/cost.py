@@ -74,6 +74,17 @@ TRITON_WRITES: Dict[str, Dict[str, str]] = {
     "bnrelu_conv3x3._dropout_mask_kernel": {"OUT": "w"},
     "_triton_common.stats_merge_kernel": {"MEAN": "w", "VAR": "w"},
     "bn_scale_shift._scale_shift_kernel": {"SCALE": "w", "SHIFT": "w", "RSTD": "w"},
+    # transition, head and stem (record_edges, `cost --kernels`)
+    "bnrelu_avgpool_conv1x1._fwd_kernel": {"OUT": "w"},
+    "bnrelu_avgpool_conv1x1._dw_kernel": {"PDW": "w"},
+    "bnrelu_avgpool_conv1x1._dx_kernel": {"DX": "w", "PSG": "w", "PSGX": "w"},
+    "bnrelu_avgpool_conv1x1._dropped_kernel": {"DX": "w"},
+    "bnrelu_global_avgpool._fwd_kernel": {"OUT": "w"},
+    "bnrelu_global_avgpool._bwd_kernel": {"DX": "w", "PSG": "w", "PSGX": "w"},
+    "bnrelu_maxpool._fwd_kernel": {"OUT": "w", "IDX": "w"},
+    "bnrelu_maxpool._bwd_sums_kernel": {"PSG": "w", "PSGX": "w"},
+    "bnrelu_maxpool._bwd_finish_kernel": {"DBETA": "w", "DGAMMA": "w", "AB": "w"},
+    "bnrelu_maxpool._bwd_dy_kernel": {"DY": "w"},
 }
 
 # ATen ops that launch no kernel (allocation, views, metadata).
@@ -379,7 +390,115 @@ def report(case: CostCase, rec: Recording, layer: Optional[int] = None) -> str:
 
 # ----------------------------------------------------------------------------- kernel resources
 _TL_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64",
-             torch.int64: "i64", torch.int32: "i32"}
+             torch.int64: "i64", torch.int32: "i32", torch.int8: "i8"}
+
+# The dtypes and TF32 settings `cost --kernels` runs each CUDA code path under: the Triton launches
+# each one makes (none where the path runs cuBLAS / cuDNN / ATen: float64, float32 without TF32
+# for the GEMM-shaped block ops, ``_triton_common.cuda_gemm_impl``) are what it compiles, so every
+# (dtype, dot precision) pair the CUDA path launches Triton with is covered and no other.
+_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+_TF32 = (True, False)
+
+
+@contextlib.contextmanager
+def _allow_tf32(on: bool):
+    """torch.backends.cuda.matmul.allow_tf32 set to ``on`` (the flag dot_precision and cuda_gemm_impl
+    read), restored after."""
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = on
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def _precision_label(dtype, tf32: bool) -> str:
+    """The compute dtype of a recorded path, with the dot precision for float32: "bf16", "fp16",
+    "fp32/tf32", "fp32/ieee", "fp64"."""
+    name = _TL_TYPES[dtype]
+    return f"{name}/{'tf32' if tf32 else 'ieee'}" if dtype == torch.float32 else name
+
+
+# Shapes of the transition, head and stem launches `cost --kernels` compiles (the kernels specialize
+# on pointer alignment and on which integers are multiples of 16, so the shapes differ in those):
+# DenseNet-121 (N=128, 224 px), DenseNet-BC-100 k=12 (N=64, CIFAR) and DenseNet-121 at 232 px, whose
+# second transition reads 29 x 29 pixels (odd: the floored pixels' kernel runs).
+# transition: (name, N, H, W, C, Cout, row stride of its output: the next block's channels)
+TRANSITIONS = (("densenet121_t1", 128, 56, 56, 256, 128, 512), ("densenet121_t2", 128, 28, 28, 512, 256, 1024),
+               ("densenet121_t3", 128, 14, 14, 1024, 512, 1024), ("densenet_bc100_t1", 64, 32, 32, 216, 108, 300),
+               ("densenet_bc100_t2", 64, 16, 16, 300, 150, 342), ("densenet121_232px_t2", 128, 29, 29, 512, 256, 1024))
+HEADS = (("densenet121", 128, 7, 7, 1024), ("densenet_bc100", 64, 8, 8, 342))  # (name, N, H, W, C)
+STEMS = (("densenet121", 128, 112, 112, 64), ("densenet161", 128, 112, 112, 96))  # conv0's output
+
+
+@contextlib.contextmanager
+def _edge_code_path():
+    """The transition, head and stem launchers with the GPU's tiles even where the package was
+    imported under TRITON_INTERPRET=1."""
+    import importlib
+    mods = [importlib.import_module(f"densenet_fused.ops.{m}")
+            for m in ("bnrelu_avgpool_conv1x1", "bnrelu_global_avgpool", "bnrelu_maxpool")]
+    saved = [m._INTERPRET for m in mods]
+    try:
+        for m in mods:
+            m._INTERPRET = False
+        yield mods
+    finally:
+        for m, v in zip(mods, saved):
+            m._INTERPRET = v
+
+
+def record_edges(dtype) -> Recording:
+    """Triton launches of the transition, head and stem ops' CUDA code paths (forward, backward with
+    batch statistics and without: eval, or statistics synchronized across processes) at the shapes
+    above in ``dtype``, on fake CUDA tensors (TF32 as torch.backends.cuda.matmul.allow_tf32 says)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    rec = Recording()
+    with FakeTensorMode(allow_non_fake_inputs=False) as mode, _edge_code_path() as (trans, head, stem), \
+            _intercept_triton(rec), torch.no_grad(), torch.device("cuda"):
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        vec = lambda c: torch.empty(c, dtype=acc)  # noqa: E731
+        for _, n, h, w, c, cout, ldo in TRANSITIONS:
+            x, wt = torch.empty((n * h * w, c), dtype=dtype), torch.empty((cout, c), dtype=dtype)
+            mo = n * (h // 2) * (w // 2)
+            out = torch.empty((mo, ldo), dtype=dtype)[:, :cout]
+            trans._cuda_fwd(x, vec(c), vec(c), wt, [n, h, w], out)
+            for batch in (True, False):
+                trans._cuda_bwd(torch.empty((mo, cout), dtype=dtype), x, vec(c), vec(c), wt, [n, h, w], vec(c),
+                                vec(c), batch)
+        for _, n, h, w, c in HEADS:
+            x = torch.empty((n * h * w, c), dtype=dtype)
+            head._cuda_fwd(x, vec(c), vec(c), [n, h, w])
+            for batch in (True, False):
+                head._cuda_bwd(torch.empty((n, c), dtype=dtype), x, vec(c), vec(c), [n, h, w], vec(c), vec(c), batch)
+        for _, n, h, w, c in STEMS:
+            y = torch.empty((n * h * w, c), dtype=dtype)
+            out, index = stem.triton_fwd(y, vec(c), vec(c), [n, h, w])
+            stem.triton_bwd(torch.empty_like(out), index, y, vec(c), vec(c), vec(c), vec(c), [n, h, w], n * h * w)
+    del mode
+    return rec
+
+
+def precision_recordings(record, runs_triton=None) -> List[Tuple[str, Recording]]:
+    """(label, recording) of ``record(dtype)`` under every dtype of _DTYPES and TF32 setting of _TF32
+    that launches Triton kernels (a path with no Triton launch, e.g. cuBLAS, is left out), one per
+    label ("bf16", "fp16", "fp32/tf32", "fp32/ieee", "fp64"; the TF32 flag only matters for float32).
+    ``runs_triton(dtype)``: when given, only the settings where it holds are recorded."""
+    out, seen = [], set()
+    for dtype in _DTYPES:
+        for tf32 in _TF32:
+            label = _precision_label(dtype, tf32)
+            if label in seen:
+                continue
+            seen.add(label)
+            with _allow_tf32(tf32):
+                if runs_triton is not None and not runs_triton(dtype):
+                    continue
+                rec = record(dtype)
+            if rec.triton_calls:
+                out.append((label, rec))
+    return out
 
 
 def kernel_variants(rec: Recording, arch: int = 90) -> Dict[tuple, tuple]:
@@ -465,48 +584,113 @@ def compile_kernel(fn, sig, constexprs, attrs, options, arch: int = 90) -> dict:
                 shared=int(k.metadata.shared), wgmma="wgmma" in ptx, cp_async="cp.async" in ptx)
 
 
-def kernels_report(case: CostCase, arch: int = 90) -> str:
-    """Every Triton kernel variant of the case's step, every autotuner config it can pick there,
-    compiled for sm_<arch>; a kernel using more shared memory than the architecture has per
-    block counts as an error (it compiles but cannot load)."""
-    import os
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        raise SystemExit("cost --kernels: unset TRITON_INTERPRET (the kernels are compiled, not interpreted)")
+def _config_label(fn, constexprs, options) -> str:
+    names = fn.arg_names
+    cfg = ",".join(f"{names[i]}={v}" for (i,), v in constexprs.items()
+                   if names[i].startswith(("BLOCK", "KPAD", "COUT_PAD", "PASS", "BATCH", "FINISH")))
+    return cfg + f",w{options['num_warps']}s{options['num_stages']}"
+
+
+def compile_rows(recordings: List[Tuple[str, Recording]], arch: int = 90) -> List[dict]:
+    """Every distinct variant of the labelled recordings (``precision_recordings``), every autotuner
+    config, compiled for sm_<arch>: one dict per variant with kernel, dtype (the label), config and
+    ``compile_kernel``'s resources, or ``error`` (a failed compile, or shared memory over the
+    architecture's limit per block: it compiles but cannot load)."""
     from .ops._triton_common import SMEM_PER_BLOCK
-    variants = kernel_variants(record_step(case), arch)
+    rows, seen = [], set()
+    for label, rec in recordings:
+        for key, (fn, sig, constexprs, attrs, options) in kernel_variants(rec, arch).items():
+            if key in seen:  # the same compilation under another label (e.g. an fp32 statistics merge)
+                continue
+            seen.add(key)
+            if "PRECISION" not in fn.arg_names:  # no product: the dot precision does not apply
+                label = label.split("/")[0]
+            row = dict(kernel=key[0], dtype=label, config=_config_label(fn, constexprs, options))
+            try:
+                row.update(compile_kernel(fn, sig, constexprs, attrs, options, arch))
+            except Exception as e:  # reported and counted, never hidden
+                row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"
+            else:
+                if row["shared"] > SMEM_PER_BLOCK[arch]:
+                    row["error"] = f"shared memory over {SMEM_PER_BLOCK[arch]} B"
+            rows.append(row)
+    return rows
+
+
+def _rows_report(title: str, rows: List[dict], arch: int) -> str:
     gpu = f"sm_{arch}a" if arch == 90 else f"sm_{arch}"
-    lines = [f"{case.name}: Triton kernels of a training step, every autotuner config, compiled for {gpu}",
-             f"    {'kernel':<36} {'config':<44} {'regs':>5} {'spill B':>8} {'smem KB':>8} wgmma cp.async"]
-    n = spilled = errors = 0
-    for (name, _, cx, _, opts), (fn, sig, constexprs, attrs, options) in variants.items():
-        cfg = ",".join(f"{fn.arg_names[i]}={v}" for (i,), v in constexprs.items() if fn.arg_names[i].isupper()
-                       and fn.arg_names[i].startswith(("BLOCK", "KPAD", "COUT_PAD")))
-        cfg += f",w{options['num_warps']}s{options['num_stages']}"
-        try:
-            r = compile_kernel(fn, sig, constexprs, attrs, options, arch)
-        except Exception as e:  # reported and counted, never hidden
-            errors += 1
-            lines.append(f"    {name:<36} {cfg:<44} ERROR {type(e).__name__}: {str(e).splitlines()[0][:80]}")
+    lines = [f"{title}, compiled for {gpu}",
+             f"    {'kernel':<36} {'dtype':<9} {'config':<52} {'regs':>5} {'spill B':>8} {'smem KB':>8} wgmma cp.async"]
+    for r in rows:
+        head = f"    {r['kernel']:<36} {r['dtype']:<9} {r['config']:<52}"
+        if "regs" not in r:
+            lines.append(f"{head} ERROR {r['error']}")
             continue
-        over = r["shared"] > SMEM_PER_BLOCK[arch]  # it compiles, but would not load (OutOfResources)
-        n += 1
-        spilled += r["spills"] > 0
-        errors += over
-        lines.append(f"    {name:<36} {cfg:<44} {r['regs']:5d} {r['spills']:8d} {r['shared'] / 1024:8.1f} "
+        lines.append(f"{head} {r['regs']:5d} {r['spills']:8d} {r['shared'] / 1024:8.1f} "
                      f"{'yes' if r['wgmma'] else 'no':>5} {'yes' if r['cp_async'] else 'no':>8}"
-                     + (f"  ERROR shared memory over {SMEM_PER_BLOCK[arch]} B" if over else ""))
+                     + (f"  ERROR {r['error']}" if "error" in r else ""))
+    n = sum("regs" in r for r in rows)
+    spilled = sum(r.get("spills", 0) > 0 for r in rows)
+    errors = sum("error" in r for r in rows)
     lines.append(f"kernels: {n} compiled for {gpu}, {spilled} with spills, {errors} errors")
     return "\n".join(lines)
 
 
+def _refuse_interpreter():
+    import os
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        raise SystemExit("cost --kernels: unset TRITON_INTERPRET (the kernels are compiled, not interpreted)")
+
+
+def block_recordings(case: CostCase) -> List[Tuple[str, Recording]]:
+    """The case's training step recorded in every dtype / TF32 setting whose GEMM-shaped ops run
+    Triton (``_triton_common.cuda_gemm_impl``, what their launchers decide by): bf16, fp16 and fp32
+    with TF32.  fp32 without TF32 and fp64 run cuBLAS / cuDNN for the GEMMs (their launch costs are
+    not modelled here); the small Triton kernels they may still launch (BN scale/shift, statistics
+    merges on fp32 vectors) take the same fp32 arguments in every dtype."""
+    import dataclasses
+
+    from .ops._triton_common import cuda_gemm_impl
+    return precision_recordings(lambda dtype: record_step(dataclasses.replace(case, dtype=dtype)),
+                                lambda dtype: cuda_gemm_impl(dtype) == "triton")
+
+
+def kernels_report(case: CostCase, arch: int = 90) -> str:
+    """Every Triton kernel variant of the case's step in every (dtype, dot precision) its CUDA path
+    launches Triton with, every autotuner config it can pick there, compiled for sm_<arch>; a kernel
+    using more shared memory than the architecture has per block counts as an error (it compiles but
+    cannot load)."""
+    _refuse_interpreter()
+    return _rows_report(f"{case.name}: Triton kernels of a training step, every dtype and autotuner config",
+                        compile_rows(block_recordings(case), arch), arch)
+
+
+EDGES = "transition_head_stem"
+
+
+def edges_report(arch: int = 90) -> str:
+    """The transition, head and stem kernels (``record_edges``) in every dtype / dot precision their
+    CUDA paths launch Triton with, compiled for sm_<arch>."""
+    _refuse_interpreter()
+    return _rows_report(f"{EDGES}: Triton kernels of the transitions, head and stem (fixed tiles), every dtype",
+                        compile_rows(precision_recordings(record_edges), arch), arch)
+
+
 def main(case: str = "densenet121_block3", kernels: bool = False, arch: int = 90) -> int:
     """Print the report of one case (or of every case with "all"): the last line is the summary.
-    ``arch``: the compute capability --kernels compiles for (90: sm_90a, 80: sm_80)."""
-    names = list(CASES) if case == "all" else [case]
+    ``arch``: the compute capability --kernels compiles for (90: sm_90a, 80: sm_80).  With
+    ``kernels``, the case ``transition_head_stem`` (also in "all") compiles the transition, head and
+    stem kernels."""
+    names = list(CASES) + ([EDGES] if kernels else []) if case == "all" else [case]
     for i, name in enumerate(names):
-        if name not in CASES:
-            raise SystemExit(f"cost: unknown case {name!r}; expected one of {', '.join(CASES)} or all")
+        if name == EDGES and kernels:
+            text = edges_report(arch)
+        elif name not in CASES:
+            extra = f", {EDGES} (with --kernels)" if name != EDGES or not kernels else ""
+            raise SystemExit(f"cost: unknown case {name!r}; expected one of {', '.join(CASES)}{extra} or all")
+        else:
+            text = kernels_report(CASES[name], arch) if kernels else report(CASES[name], record_step(CASES[name]))
         if i:
             print()
-        print(kernels_report(CASES[name], arch) if kernels else report(CASES[name], record_step(CASES[name])))
+        print(text)
     return 0

@@ -228,7 +228,11 @@ def test_autotuner_configs_are_pruned_by_the_hardware():
                     assert bwd_kept == [(64, 32, 4, 3)]
                 if finish:  # the fp32 g2 tile: 4-warp 64-row tiles and 128-row tiles spill
                     assert (64, 32, 4, 3) not in bwd_kept and (128, 32, 8, 2) not in bwd_kept
-                    assert (64, 32, 8, 2) in bwd_kept
+                    if dtype == torch.float32:  # TF32: 16 x-tile values per thread spill; sm_80: 32 of dB
+                        assert (64, 64, 8, 2) not in bwd_kept and (32, 128, 8, 2) not in bwd_kept
+                        assert ((64, 32, 8, 2) in bwd_kept) == (arch >= 90) and (32, 32, 8, 2) in bwd_kept
+                    else:
+                        assert (64, 32, 8, 2) in bwd_kept
                 else:
                     assert not set(bwd_kept) & op1._BWD_FINISH_ONLY
 
@@ -238,3 +242,60 @@ def test_kernels_report_refuses_the_interpreter():
         pytest.skip("checks the refusal under TRITON_INTERPRET=1")
     with pytest.raises(SystemExit, match="unset TRITON_INTERPRET"):
         cost.main("densenet_bc100_k12", kernels=True)
+
+
+_COMPILE_EDGES = """
+import json, sys
+from densenet_fused import cost
+from densenet_fused.ops import bnrelu_avgpool_conv1x1 as trans
+from flags import patched
+rows = {arch: cost.compile_rows(cost.precision_recordings(cost.record_edges), arch) for arch in (90, 80)}
+# a control: the transition's dW tile of 64 rows in full fp32 spills on sm_90a: the count sees spills
+with patched(trans, _DW_TILES=(64, 64, 32, 4)), cost._allow_tf32(False):
+    rec = cost.record_edges(__import__("torch").float32)
+rec.triton_calls = [c for c in rec.triton_calls if cost._triton_name(c[0]) == "bnrelu_avgpool_conv1x1._dw_kernel"][:1]
+control = cost.compile_rows([("fp32/ieee", rec)], 90)
+print(json.dumps(dict(rows=rows, control=control)))
+"""
+
+
+def test_transition_head_and_stem_kernels_compile_without_spills():
+    """`cost --kernels --case transition_head_stem`: the fixed tiles of the transition, head and stem
+    Triton kernels compile for sm_90a and sm_80 in every dtype / dot precision their CUDA paths launch
+    (bf16, fp16, fp32 with and without TF32; fp64 for the stem's max pool, which runs Triton in float64)
+    with no spills and within shared memory; a tile known to spill is seen spilling."""
+    import json
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(__file__)] + env.get("PYTHONPATH", "").split(os.pathsep))
+    res = subprocess.run([sys.executable, "-c", _COMPILE_EDGES], capture_output=True, text=True, env=env,
+                         timeout=1200)
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    kernels = {f"bnrelu_avgpool_conv1x1.{k}" for k in ("_fwd_kernel", "_dw_kernel", "_dx_kernel", "_dropped_kernel")}
+    kernels |= {"bnrelu_global_avgpool._fwd_kernel", "bnrelu_global_avgpool._bwd_kernel"}
+    kernels |= {f"bnrelu_maxpool.{k}" for k in ("_fwd_kernel", "_bwd_sums_kernel", "_bwd_finish_kernel",
+                                                "_bwd_dy_kernel")}
+    for arch, rows in got["rows"].items():
+        assert {r["kernel"] for r in rows} == kernels, arch
+        for k in kernels:
+            dot = k.split(".")[1] in ("_fwd_kernel", "_dw_kernel", "_dx_kernel") and k.startswith("bnrelu_avgpool")
+            want = {"bf16", "fp16"} | ({"fp32/tf32", "fp32/ieee"} if dot else {"fp32"}) | \
+                ({"fp64"} if k.startswith("bnrelu_maxpool") else set())
+            got_k = {r["dtype"] for r in rows if r["kernel"] == k}
+            if k == "bnrelu_maxpool._bwd_finish_kernel":  # fp32 partials in every 16/32-bit dtype: one compile
+                want = {"bf16", "fp64"}
+            assert got_k == want, (arch, k, got_k)
+        assert not [r for r in rows if "error" in r], arch
+        # known gap: the transition's GEMM kernels spill in fp32 without TF32 (full-fp32 tl.dot is FMAs;
+        # sm_90a: _fwd_kernel 296 B, _dx_kernel pass 2 8 B; sm_80: _fwd_kernel 24-232 B, _dw_kernel
+        # 4288 B); every other kernel and dtype compiles spill-free
+        bad = [r for r in rows if r["spills"] != 0 and not (r["dtype"] == "fp32/ieee"
+                                                            and r["kernel"].startswith("bnrelu_avgpool_conv1x1."))]
+        assert not bad, (arch, bad)
+        assert all(0 < r["regs"] <= 255 for r in rows), arch
+    (control,) = got["control"]
+    assert control["kernel"] == "bnrelu_avgpool_conv1x1._dw_kernel" and "BLOCK_M=64" in control["config"]
+    assert control["spills"] > 0, control

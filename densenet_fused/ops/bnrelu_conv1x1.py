@@ -334,10 +334,12 @@ _FWD_CONFIGS = [triton.Config(dict(BLOCK_N=bn, BLOCK_K=bk), num_warps=w, num_sta
 # thread at 255 registers (`densenet-fused cost --kernels`); (64, 64) with 8 warps covers the tile.
 _BWD_CONFIGS = [triton.Config(dict(BLOCK_M=bm, BLOCK_C=bc), num_warps=w, num_stages=st)
                 for bm, bc, w, st in [(64, 64, 8, 2), (64, 32, 4, 3), (32, 64, 4, 3), (128, 32, 8, 2),
-                                      (32, 128, 8, 2), (64, 32, 8, 2), (32, 32, 4, 3)]]
+                                      (32, 128, 8, 2), (64, 32, 8, 2), (32, 32, 4, 3), (32, 32, 8, 2)]]
 # Offered only with FINISH (dB formed from g2): the sm_80 tiles that hold the fp32 g2 tile without
-# spilling in bf16 (64 x 32 with 4 warps spills 48 B there, 8 warps none).
-_BWD_FINISH_ONLY = {(64, 32, 8, 2), (32, 32, 4, 3)}
+# spilling in bf16 (64 x 32 with 4 warps spills 48 B there, 8 warps none), and 32 x 32 with 8 warps,
+# the one tile of 128 bottleneck channels that float32 with TF32 runs spill-free on sm_80 (228
+# registers; 64 x 32 with 8 warps spills 84 B there, 32 x 32 with 4 warps 12 B).
+_BWD_FINISH_ONLY = {(64, 32, 8, 2), (32, 32, 4, 3), (32, 32, 8, 2)}
 
 
 def _fwd_fits(cfg, args, target):
@@ -388,6 +390,14 @@ def _bwd_fits(cfg, args, target):
         if bm * cp / threads > 32 or (bm * cp + 2 * cp * bc) / threads > 144:
             return False
         if (cfg.num_warps < 8 and bm * bc > 1024) or (args["ldw"] % 16 != 0 and bm * bc > 2048):
+            return False
+        # Bytes per thread in x's dtype (float32 with TF32 holds twice the bf16 registers per value):
+        # the x-side tiles (x, its activation, g and G's update: BLOCK_M x BLOCK_C) at most 32 B (fp32
+        # with TF32, sm_90a: every tile of 16 values per thread spilled 16-1148 B, every tile of 8
+        # none); before sm_90, mma.sync's A operand, the dB tile, at most 64 B in registers (fp32 on
+        # sm_80: 32 values per thread spilled 12-84 B with 128 bottleneck channels, 16 none).  In
+        # bf16/fp16 both hold for every config the rules above keep (32 values of dB, 16 of x).
+        if bm * bc * s / threads > 32 or (target.arch < 90 and bm * cp * s / threads > 64):
             return False
         smem = cfg.num_stages * (bm * cp * (4 + s) + bm * bc * s) + bm * bc * s
     else:
