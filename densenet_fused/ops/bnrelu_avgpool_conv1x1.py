@@ -254,18 +254,25 @@ def _dropped_kernel(X, ldx, MEAN, P, Q, DX, M, C, H, W, HO, WO, BLOCK_M: tl.cons
 
 
 # ----------------------------------------------------------------------------- launchers
-def _tiles():
-    """(BLOCK_M, BLOCK_N, BLOCK_K) of the forward: small under the interpreter.  Fixed tiles, from
-    sm_90a ptxas resources (triton.compile for GPUTarget("cuda", 90), bf16 and fp32): the forward
-    (64, 64, 32) with 4 warps uses 156/218 registers, no spills."""
-    return (16, 16, 16) if _INTERPRET else (64, 64, 32)
+# Tiles and warps (BLOCK_M, BLOCK_N, BLOCK_K or BLOCK_C, num_warps) per kernel and dot precision, small
+# under the interpreter.  Fixed, chosen from ptxas resources (`densenet-fused cost --kernels --case
+# transition_head_stem`, sm_90a and sm_80): 0 spills for every dtype.  With tensor cores ("tf32" covers
+# bf16/fp16 too) the forward (64, 64, 32) with 4 warps; _dw_kernel (32, 64, 32) with 4 warps ((64, 64, 32)
+# spilled 532-708 B in fp32); _dx_kernel (64, 64, 32) with 8 warps (4 warps spilled 40-208 B).  Full fp32
+# products ("ieee", float32 without TF32) become FMAs whose operands live in registers: the same tiles
+# spilled there (forward 296 B on sm_90a, _dw_kernel 4288 B on sm_80, _dx_kernel pass 2 8 B), so that
+# path spreads them over 8 warps and halves the dx tile's rows.
+_TILES = {
+    "fwd": {"mma": (64, 64, 32, 4), "ieee": (64, 64, 32, 8)},
+    "dw": {"mma": (32, 64, 32, 4), "ieee": (32, 64, 32, 8)},
+    "dx": {"mma": (64, 64, 32, 8), "ieee": (32, 64, 32, 8)},
+}
 
 
-# Backward tiles and warps, spill-free on sm_90a in bf16 and fp32 (ptxas -v): _dw_kernel (32, 64, 32)
-# with 4 warps (86/194 registers; (64, 64, 32) spilled 532-708 B in fp32); _dx_kernel (64, 64, 32)
-# with 8 warps (187-229/143-150 registers; with 4 warps it spilled 40-208 B).
-_DW_TILES = (16, 16, 16, 4) if _INTERPRET else (32, 64, 32, 4)
-_DX_TILES = (16, 16, 16, 4) if _INTERPRET else (64, 64, 32, 8)
+def _tiles(kernel: str, precision: str):
+    if _INTERPRET:
+        return (16, 16, 16, 4)
+    return _TILES[kernel]["ieee" if precision == "ieee" else "mma"]
 
 
 def triton_fwd(x, scale, shift, weight, nhw, out):
@@ -282,10 +289,11 @@ def triton_fwd(x, scale, shift, weight, nhw, out):
     if c == 0:
         out.zero_()
         return
-    bm, bn, bk = _tiles()
+    prec = dot_precision(x.dtype)
+    bm, bn, bk, warps = _tiles("fwd", prec)
     _fwd_kernel[(triton.cdiv(mo, bm), triton.cdiv(cout, bn))](
         x, x.stride(0), scale, shift, weight, weight.stride(0), out, out.stride(0), mo, c, cout, h, w, h // 2,
-        w // 2, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PRECISION=dot_precision(x.dtype), num_warps=4)
+        w // 2, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PRECISION=prec, num_warps=warps)
 
 
 def _splits(mo, block_m):
@@ -309,13 +317,13 @@ def triton_bwd(dout, x, scale, shift, weight, nhw, mean, rstd, batch_stats):
         z = torch.zeros(c, dtype=torch.float32, device=x.device)
         return dx.zero_(), torch.zeros((cout, c), dtype=torch.float32, device=x.device), z, z.clone()
     prec = dot_precision(x.dtype)
-    bm, bn, bc, warps = _DW_TILES
+    bm, bn, bc, warps = _tiles("dw", prec)
     splits = _splits(mo, bm)
     pdw = torch.empty((splits, cout, c), dtype=torch.float32, device=x.device)
     _dw_kernel[(triton.cdiv(cout, bn), triton.cdiv(c, bc), splits)](
         dout, dout.stride(0), x, x.stride(0), scale, shift, pdw, mo, c, cout, h, w, ho, wo, splits,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_C=bc, PRECISION=prec, num_warps=warps)
-    bm, bn, bc, warps = _DX_TILES
+    bm, bn, bc, warps = _tiles("dx", prec)
     dweight = pdw.sum(0)  # fixed order over the splits
     tiles = triton.cdiv(mo, bm)
     grid = (tiles, triton.cdiv(c, bc))
