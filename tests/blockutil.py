@@ -44,3 +44,32 @@ def assert_close(a, b, tol, what=""):
     scale = max(b.abs().max().item(), 1e-30)
     err = (a.double() - b.double()).abs().max().item() / scale
     assert err <= tol, f"{what}: max error {err:.3e} (relative to max |ref| {scale:.3e}) > {tol:.1e}"
+
+
+def replay_step_from_cuda_graph(module, static_x, grad, new_x, state=None):
+    """Warm up (3 eager steps on a side stream: Triton autotuning, cuDNN heuristics), capture one
+    forward+backward of ``module`` on ``static_x`` in a CUDA graph, copy ``new_x`` into static_x and
+    replay.  ``state``: a state_dict loaded (in place) after the warm-up and after the capture, which
+    moved or only recorded running-statistics updates.  Returns the graph's output; static_x.grad and
+    the parameters' .grad hold its gradients."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            module(static_x).backward(grad)
+    torch.cuda.current_stream().wait_stream(side)
+    if state is not None:
+        module.load_state_dict(state)
+    module.zero_grad(set_to_none=True)
+    static_x.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y = module(static_x)
+        static_y.backward(grad)
+    if state is not None:
+        module.load_state_dict(state)
+    with torch.no_grad():
+        static_x.copy_(new_x)
+    graph.replay()
+    torch.cuda.synchronize()
+    return static_y

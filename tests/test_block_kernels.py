@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import densenet_fused.block as block_mod
-from blockutil import assert_close, make_pair, run_step
+from blockutil import assert_close, make_pair, replay_step_from_cuda_graph, run_step
 from flags import patched, tf32_disabled
 from densenet_fused.ops import bnrelu_conv1x1 as op
 from densenet_fused.ops import bnrelu_conv3x3 as op3
@@ -128,23 +128,8 @@ def test_training_step_replays_from_a_cuda_graph():
     shape = (4, 16, 8, 8)
     static_x = torch.randn(shape, device="cuda").to(memory_format=torch.channels_last).requires_grad_()
     grad = torch.randn(4, 48, 8, 8, device="cuda")
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up: Triton autotuning, cuDNN heuristics
-        for _ in range(3):
-            fused(static_x).backward(grad)
-    torch.cuda.current_stream().wait_stream(side)
-    fused.zero_grad(set_to_none=True)
-    static_x.grad = None
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_y = fused(static_x)
-        static_y.backward(grad)
     new_x = torch.randn(shape, device="cuda").to(memory_format=torch.channels_last)
-    with torch.no_grad():
-        static_x.copy_(new_x)
-    graph.replay()
-    torch.cuda.synchronize()
+    static_y = replay_step_from_cuda_graph(fused, static_x, grad, new_x)
     y_e, dx_e, g_e = run_step(eager, new_x, grad)
     assert_close(static_y, y_e, 1e-4, "graph output")
     assert_close(static_x.grad, dx_e, 1e-4, "graph input grad")

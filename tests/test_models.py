@@ -4,7 +4,7 @@ import torch
 import torchvision
 
 import densenet_fused
-from blockutil import assert_close, randomize_bn
+from blockutil import assert_close, randomize_bn, replay_step_from_cuda_graph
 from densenet_fused import FusedDenseBlock
 
 
@@ -245,25 +245,9 @@ def test_whole_model_training_step_replays_from_a_cuda_graph(no_tf32):
     shape = (4, 3, 40, 40)
     static_x = torch.randn(shape, device="cuda").to(memory_format=torch.channels_last).requires_grad_()
     grad = torch.randn(4, 5, device="cuda")
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up: Triton autotuning, cuDNN heuristics
-        for _ in range(3):
-            ours(static_x).backward(grad)
-    torch.cuda.current_stream().wait_stream(side)
-    ours.load_state_dict(eager.state_dict())  # the warm-up steps moved the running statistics
-    ours.zero_grad(set_to_none=True)
-    static_x.grad = None
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_y = ours(static_x)
-        static_y.backward(grad)
-    ours.load_state_dict(eager.state_dict())  # capture recorded (did not run) one step's updates
     new_x = torch.randn(shape, device="cuda").to(memory_format=torch.channels_last)
-    with torch.no_grad():
-        static_x.copy_(new_x)
-    graph.replay()
-    torch.cuda.synchronize()
+    # the warm-up moved the running statistics and the capture only recorded its update: restored after each
+    static_y = replay_step_from_cuda_graph(ours, static_x, grad, new_x, state=eager.state_dict())
     y_e, dx_e, g_e = _step_with(eager, new_x, grad)
     assert_close(static_y, y_e, 1e-4, "graph logits")
     assert_close(static_x.grad, dx_e, 1e-4, "graph input grad")
