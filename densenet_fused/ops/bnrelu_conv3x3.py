@@ -403,7 +403,8 @@ def _fwd_triton(b, scale, shift, weight, nhw, out, stats, mean_out=None, var_out
                 bn_beta=None, bn_eps=0.0, drop_p=0.0, drop_seed=None):
     h, w, m, cb, k = _triton_shapes(b, scale, shift, weight, nhw, "bnrelu_conv3x3_fwd")
     drop = _check_drop(drop_p, drop_seed, m, k, b.device, "bnrelu_conv3x3_fwd")
-    bm, bn, bk = _tiles(32, 128), max(16, min(64, triton.next_power_of_2(k))), _tiles(16, 64)
+    # 4-byte inputs (fp32 with TF32): half the K step (the 64-wide one spilled 764 B on sm_80, `cost --kernels`)
+    bm, bn, bk = _tiles(32, 128), max(16, min(64, triton.next_power_of_2(k))), _tiles(16, 64 // (b.element_size() // 2))
     tiles = triton.cdiv(m, bm)
     part = torch.empty((2, tiles, k), dtype=torch.float32, device=b.device)
     _fwd_kernel[(tiles, triton.cdiv(k, bn))](b, scale, shift, weight, out, out.stride(0), part[0], part[1], m, h, w,
@@ -436,7 +437,8 @@ def _bwd_triton(dy, b, scale, shift, weight, nhw, mean, rstd, count=0, dy_x=None
                                                psum[0], psum[1], m, h, w, cb, k, *dargs, BLOCK_M=bm, BLOCK_N=bn,
                                                BLOCK_K=min(kpad, 64), PRECISION=dot_precision(b.dtype), FINISH=finish,
                                                DROP=drop, num_warps=4)
-    bmw, bc = _tiles(32, 128), _tiles(16, 64)
+    # 4-byte inputs: 64-row tiles (128 rows took 176 KB of shared memory, over sm_80's 163 KB)
+    bmw, bc = _tiles(32, 128 // (b.element_size() // 2)), _tiles(16, 64)
     splits = max(1, min(triton.cdiv(m, bmw), _tiles(3, 1024 // (9 * triton.cdiv(cb, bc)) + 1)))
     tiles_per_split = triton.cdiv(triton.cdiv(m, bmw), splits)
     pdw = torch.empty((splits, 9, k, cb), dtype=torch.float32, device=b.device)
