@@ -254,25 +254,25 @@ def _dropped_kernel(X, ldx, MEAN, P, Q, DX, M, C, H, W, HO, WO, BLOCK_M: tl.cons
 
 
 # ----------------------------------------------------------------------------- launchers
-# Tiles and warps (BLOCK_M, BLOCK_N, BLOCK_K or BLOCK_C, num_warps) per kernel and dot precision, small
+# Tiles and warps (BLOCK_M, BLOCK_N, BLOCK_K or BLOCK_C, num_warps) per kernel: "mma" for 16-bit inputs,
+# "tf32" for float32 with TF32 products, "ieee" for full fp32 products (FMAs, operands in registers); small
 # under the interpreter.  Fixed, chosen from ptxas resources (`densenet-fused cost --kernels --case
-# transition_head_stem`, sm_90a and sm_80): 0 spills for every dtype.  With tensor cores ("tf32" covers
-# bf16/fp16 too) the forward (64, 64, 32) with 4 warps; _dw_kernel (32, 64, 32) with 4 warps ((64, 64, 32)
-# spilled 532-708 B in fp32); _dx_kernel (64, 64, 32) with 8 warps (4 warps spilled 40-208 B).  Full fp32
-# products ("ieee", float32 without TF32) become FMAs whose operands live in registers: the same tiles
-# spilled there (forward 296 B on sm_90a, _dw_kernel 4288 B on sm_80, _dx_kernel pass 2 8 B), so that
-# path spreads them over 8 warps and halves the dx tile's rows.
+# transition_head_stem`, sm_90a and sm_80, triton 3.6 and 3.8): 0 spills for every dtype.  16-bit: the
+# forward (64, 64, 32) with 4 warps; _dw_kernel (32, 64, 32) with 4 warps; _dx_kernel (64, 64, 32) with 8
+# warps.  float32 spilled on those tiles (forward 296 B on sm_90a, _dw_kernel 4288 B on sm_80, _dx_kernel
+# 8-28 B on one or the other version), so it spreads the GEMM tiles over 8 warps, and its dx tiles are
+# 32 rows (TF32: also 32 output columns a step, 4 warps).
 _TILES = {
-    "fwd": {"mma": (64, 64, 32, 4), "ieee": (64, 64, 32, 8)},
-    "dw": {"mma": (32, 64, 32, 4), "ieee": (32, 64, 32, 8)},
-    "dx": {"mma": (64, 64, 32, 8), "ieee": (32, 64, 32, 8)},
+    "fwd": {"mma": (64, 64, 32, 4), "tf32": (64, 64, 32, 8), "ieee": (64, 64, 32, 8)},
+    "dw": {"mma": (32, 64, 32, 4), "tf32": (32, 64, 32, 8), "ieee": (32, 64, 32, 8)},
+    "dx": {"mma": (64, 64, 32, 8), "tf32": (32, 32, 32, 4), "ieee": (32, 64, 32, 8)},
 }
 
 
-def _tiles(kernel: str, precision: str):
+def _tiles(kernel: str, precision: str, dtype: torch.dtype):
     if _INTERPRET:
         return (16, 16, 16, 4)
-    return _TILES[kernel]["ieee" if precision == "ieee" else "mma"]
+    return _TILES[kernel]["mma" if dtype != torch.float32 else precision]
 
 
 def triton_fwd(x, scale, shift, weight, nhw, out):
@@ -290,7 +290,7 @@ def triton_fwd(x, scale, shift, weight, nhw, out):
         out.zero_()
         return
     prec = dot_precision(x.dtype)
-    bm, bn, bk, warps = _tiles("fwd", prec)
+    bm, bn, bk, warps = _tiles("fwd", prec, x.dtype)
     _fwd_kernel[(triton.cdiv(mo, bm), triton.cdiv(cout, bn))](
         x, x.stride(0), scale, shift, weight, weight.stride(0), out, out.stride(0), mo, c, cout, h, w, h // 2,
         w // 2, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PRECISION=prec, num_warps=warps)
@@ -317,13 +317,13 @@ def triton_bwd(dout, x, scale, shift, weight, nhw, mean, rstd, batch_stats):
         z = torch.zeros(c, dtype=torch.float32, device=x.device)
         return dx.zero_(), torch.zeros((cout, c), dtype=torch.float32, device=x.device), z, z.clone()
     prec = dot_precision(x.dtype)
-    bm, bn, bc, warps = _tiles("dw", prec)
+    bm, bn, bc, warps = _tiles("dw", prec, x.dtype)
     splits = _splits(mo, bm)
     pdw = torch.empty((splits, cout, c), dtype=torch.float32, device=x.device)
     _dw_kernel[(triton.cdiv(cout, bn), triton.cdiv(c, bc), splits)](
         dout, dout.stride(0), x, x.stride(0), scale, shift, pdw, mo, c, cout, h, w, ho, wo, splits,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_C=bc, PRECISION=prec, num_warps=warps)
-    bm, bn, bc, warps = _tiles("dx", prec)
+    bm, bn, bc, warps = _tiles("dx", prec, x.dtype)
     dweight = pdw.sum(0)  # fixed order over the splits
     tiles = triton.cdiv(mo, bm)
     grid = (tiles, triton.cdiv(c, bc))
