@@ -31,8 +31,8 @@ test-min:
 	$(MAKE) test DEPS=min
 
 demo: install
-	$(PYTHON) -m densenet_fused.cli demo
-	$(PYTHON) -m densenet_fused.cli bench --quick --out bench_out
+	$(PYTHON) -m densenet_fused.tools.cli demo
+	$(PYTHON) -m densenet_fused.tools.cli bench --quick --out bench_out
 
 # A release: the sdist, then a wheel built from it against the installed torch (the extension is
 # ABI-bound to that torch, hence --no-build-isolation), both in dist/.

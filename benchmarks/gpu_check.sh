@@ -38,18 +38,18 @@ if [ "$WHAT" = quick ]; then
     python -m pytest benchmarks/ops -q --benchmark-json="$OUT/kernels.json" 2>&1 | tail -5 || rc=1
     python benchmarks/summarize_kernels.py "$OUT/kernels.json" || rc=1
     echo "== bench --quick"
-    python -m densenet_fused.cli bench --quick --device cuda --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -30 || rc=1
+    python -m densenet_fused.tools.cli bench --quick --device cuda --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -30 || rc=1
 elif [ "$WHAT" = blocks ]; then
-    python -m densenet_fused.cli bench --device cuda --no-budget --cases block --tag blocks --out "$OUT" 2>&1 \
+    python -m densenet_fused.tools.cli bench --device cuda --no-budget --cases block --tag blocks --out "$OUT" 2>&1 \
         | tee "$OUT/bench.log" | tail -40 || rc=1
 elif [ "$WHAT" = models ]; then
-    python -m densenet_fused.cli bench --device cuda --no-budget --cases densenet121_n,densenet201_n,densenet264_n \
+    python -m densenet_fused.tools.cli bench --device cuda --no-budget --cases densenet121_n,densenet201_n,densenet264_n \
         --tag models --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -40 || rc=1
 elif [ "$WHAT" = budget ]; then
-    python -m densenet_fused.cli bench --device cuda --budget-only --tag budget --out "$OUT" 2>&1 \
+    python -m densenet_fused.tools.cli bench --device cuda --budget-only --tag budget --out "$OUT" 2>&1 \
         | tee "$OUT/bench.log" | tail -20 || rc=1
 elif [ "$WHAT" = results ]; then
-    python -m densenet_fused.cli bench --device cuda --out benchmarks/results 2>&1 | tee "$OUT/bench.log" | tail -40 \
+    python -m densenet_fused.tools.cli bench --device cuda --out benchmarks/results 2>&1 | tee "$OUT/bench.log" | tail -40 \
         || rc=1
     python benchmarks/make_table.py || rc=1
     cp benchmarks/results/cuda* "$OUT/" 2>/dev/null

@@ -17,7 +17,7 @@ import torchvision
 from tqdm import tqdm
 
 import densenet_fused
-from densenet_fused.bench import SavedBytes, environment
+from densenet_fused.tools.bench import SavedBytes, environment
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 START, END = "<!-- model-saved-bytes:start -->", "<!-- model-saved-bytes:end -->"

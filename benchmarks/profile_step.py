@@ -14,7 +14,7 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from densenet_fused.bench import CASES, Runner
+from densenet_fused.tools.bench import CASES, Runner
 
 
 def _kernel_events(prof):

@@ -9,7 +9,7 @@ is of the fused training step (synchronized).  On a CPU only the small CPU cases
 import pytest
 import torch
 
-from densenet_fused import bench as B
+from densenet_fused.tools import bench as B
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"

@@ -6,7 +6,7 @@ step of under an 8 GB cap, batch 64, bf16 autocast.
 import pytest
 import torch
 
-from densenet_fused import bench as B
+from densenet_fused.tools import bench as B
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (memory cap)")
 

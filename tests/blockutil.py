@@ -4,7 +4,7 @@ from torch import nn
 from torchvision.models.densenet import _DenseBlock
 
 from densenet_fused import FusedDenseBlock
-from densenet_fused.bench import SavedBytes  # noqa: F401  (re-exported for the tests)
+from densenet_fused.tools.bench import SavedBytes  # noqa: F401  (re-exported for the tests)
 
 ODD = dict(num_layers=5, num_input_features=13, growth_rate=7, bn_size=3)  # DESIGN section 6 sizes
 

@@ -91,7 +91,7 @@ def test_version_is_the_package_metadata_version():
 
 
 def test_cli_demo_runs(capsys):
-    from densenet_fused.cli import main
+    from densenet_fused.tools.cli import main
     assert main(["demo", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     for line in ("torchvision memory_efficient=True", "saved for backward MB",

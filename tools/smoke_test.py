@@ -39,7 +39,7 @@ def main() -> int:
                 + [(a - b).abs().max().item() for a, b in zip(g_f, g_r)])
     if worst > 1e-10:
         raise SystemExit(f"smoke test: fused block differs from torchvision by {worst:.2e} in float64 (expected <= 1e-10)")
-    help_text = subprocess.run([sys.executable, "-m", "densenet_fused.cli", "--help"], capture_output=True, text=True,
+    help_text = subprocess.run([sys.executable, "-m", "densenet_fused.tools.cli", "--help"], capture_output=True, text=True,
                                check=True).stdout
     if "demo" not in help_text or "bench" not in help_text:
         raise SystemExit("smoke test: `densenet-fused --help` does not list its commands:\n" + help_text)

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from densenet_fused.bench import environment
+from densenet_fused.tools.bench import environment
 from densenet_fused.ops import bnrelu_conv1x1_bwd, bnrelu_conv1x1_fwd
 
 CUDA = torch.cuda.is_available()

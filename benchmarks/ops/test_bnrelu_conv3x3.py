@@ -7,7 +7,7 @@ a copy into the buffer slice (the "aten" implementation), forward and backward.
 import pytest
 import torch
 
-from densenet_fused.bench import environment
+from densenet_fused.tools.bench import environment
 from densenet_fused.ops import bnrelu_conv3x3 as op
 
 CUDA = torch.cuda.is_available()

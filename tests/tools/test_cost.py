@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import densenet_fused.block as block_mod
-from densenet_fused import cost
-from densenet_fused.cli import main as cli_main
+from densenet_fused.tools import cost
+from densenet_fused.tools.cli import main as cli_main
 
 # case: (launches per layer forward + backward, bytes / floor)
 PINNED = {
@@ -134,7 +134,7 @@ def test_a_triton_kernel_without_a_declared_cost_is_an_error():
 
 _COMPILE_SMALL = """
 import json
-from densenet_fused import cost
+from densenet_fused.tools import cost
 rec = cost.record_step(cost.CASES["densenet_bc100_k12"])
 variants = cost.kernel_variants(rec)
 launched = sorted({cost._triton_name(fn) for fn, _, _ in rec.triton_calls})
@@ -246,7 +246,7 @@ def test_kernels_report_refuses_the_interpreter():
 
 _COMPILE_EDGES = """
 import json, sys
-from densenet_fused import cost
+from densenet_fused.tools import cost
 from densenet_fused.ops import bnrelu_avgpool_conv1x1 as trans
 from flags import patched
 rows = {arch: cost.compile_rows(cost.precision_recordings(cost.record_edges), arch) for arch in (90, 80)}

@@ -10,8 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from densenet_fused import cli, densenet_bc
-from densenet_fused.train import METRICS_COLUMNS, read_metrics, write_digits_imagefolder
+from densenet_fused import densenet_bc
+from densenet_fused.tools import cli
+from densenet_fused.tools.train import METRICS_COLUMNS, read_metrics, write_digits_imagefolder
 
 TINY = ["--model", "densenet_bc", "--depth", "10", "--growth-rate", "4", "--device", "cpu", "--workers", "0"]
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -190,7 +191,7 @@ def test_torchrun_gloo_two_processes_sync_bn_rank0_writes(colors, tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "densenet_fused.cli", "train", "--data", str(colors), "--out", str(out), "--epochs", "2",
+           "-m", "densenet_fused.tools.cli", "train", "--data", str(colors), "--out", str(out), "--epochs", "2",
            "--batch-size", "8", *map(str, TINY), "--sync-bn"]  # the fused model synchronizes on gloo
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -204,7 +205,7 @@ def test_torchrun_gloo_two_processes_sync_bn_rank0_writes(colors, tmp_path):
 @pytest.mark.parametrize("name", ["torchvision:densenet121", "timm:densenet121"])
 def test_torchvision_and_timm_models_are_converted_and_baseline_is_not(name):
     from densenet_fused import FusedDenseBlock
-    from densenet_fused.train import build_model
+    from densenet_fused.tools.train import build_model
 
     fused = build_model(name, num_classes=7)
     blocks = [m for m in fused.modules() if isinstance(m, FusedDenseBlock)]
@@ -213,7 +214,7 @@ def test_torchvision_and_timm_models_are_converted_and_baseline_is_not(name):
 
 
 def test_weights_of_another_model_are_bad_input(tmp_path):
-    from densenet_fused.train import TrainError, build_model
+    from densenet_fused.tools.train import TrainError, build_model
 
     path = tmp_path / "w.pt"
     torch.save(densenet_bc(10, 4, num_classes=5).state_dict(), path)
@@ -223,7 +224,7 @@ def test_weights_of_another_model_are_bad_input(tmp_path):
 
 
 def test_large_imagefolder_images_get_imagenet_style_224_crops(tmp_path):
-    from densenet_fused.train import load_data
+    from densenet_fused.tools.train import load_data
 
     rng = np.random.RandomState(0)
     for split in ("train", "val"):

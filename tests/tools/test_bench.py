@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from densenet_fused import bench as B
+from densenet_fused.tools import bench as B
 
 TINY = B.Case("tiny_block", "block", 2, 6, layers=3, c0=5, growth=4, bn_size=2)
 
@@ -50,7 +50,7 @@ def test_error_is_recorded_not_raised():
 
 def test_cli_bench_quick_writes_json_and_plot(tmp_path, monkeypatch):
     monkeypatch.setattr(B, "CPU_CASES", {TINY.name: TINY})
-    from densenet_fused.cli import main
+    from densenet_fused.tools.cli import main
     assert main(["bench", "--quick", "--device", "cpu", "--out", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "quick_cpu.json").read_text())
     assert {r["provider"] for r in data["results"]} == {"fused", "fused_keep_b", "torchvision", "torchvision_me"}

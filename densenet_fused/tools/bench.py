@@ -82,8 +82,8 @@ def build(case: Case, provider: str, device) -> torch.nn.Module:
     import torchvision
     from torchvision.models.densenet import _DenseBlock
 
-    from . import models
-    from .modules import FusedDenseBlock
+    from .. import models
+    from ..modules import FusedDenseBlock
 
     if provider not in PROVIDERS:
         raise ValueError(f"unknown provider {provider!r}; expected one of {PROVIDERS}")
@@ -257,7 +257,7 @@ def _cpu_name() -> str:
 def environment(device: str) -> dict:
     import triton
 
-    from . import __version__
+    from .. import __version__
     dev = torch.device(device)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_name()
     return {"device": dev.type, "device_name": name, "torch": torch.__version__, "triton": triton.__version__,
@@ -330,7 +330,7 @@ class MemoryCap:
 
 def _bc_builder(depth, growth):
     """DenseNet-BC of a depth for 32x32 inputs, fused or torchvision (with the CIFAR stem)."""
-    from . import models
+    from .. import models
     import torchvision
 
     n = (depth - 4) // 6

@@ -69,7 +69,7 @@ def _near_zero_relu_inputs(block, x) -> int:
 def accuracy(device: torch.device, case) -> Dict[str, List[float]]:
     from torchvision.models.densenet import _DenseBlock
 
-    from .modules import FusedDenseBlock
+    from ..modules import FusedDenseBlock
 
     torch.manual_seed(0)
     args = (case.layers, case.c0, case.bn_size, case.growth)

@@ -212,9 +212,9 @@ def build_model(name: str, num_classes: int, depth: Optional[int] = None, growth
                 baseline: bool = False, weights: Optional[str] = None) -> nn.Module:
     """The model to train (CPU, float32, training mode); ``weights`` is a local state_dict
     (or a checkpoint.pt of this command) loaded with strict=True."""
-    from . import models
-    from .convert import convert
-    from .modules import FusedDenseBlock
+    from .. import models
+    from ..convert import convert
+    from ..modules import FusedDenseBlock
 
     _check_model_name(name)
     if name == "densenet_bc":
@@ -442,7 +442,7 @@ def _norms_outside_fused_blocks(model: nn.Module) -> List[str]:
     nn.SyncBatchNorm (those no fused module synchronizes itself), from a conversion of a copy."""
     import copy
 
-    from .sync_batchnorm import convert_sync_batchnorm
+    from ..sync_batchnorm import convert_sync_batchnorm
     converted = convert_sync_batchnorm(copy.deepcopy(model))
     return [name for name, m in converted.named_modules() if isinstance(m, nn.SyncBatchNorm)]
 
@@ -541,7 +541,7 @@ def fit(plan: Plan) -> int:
     if cuda:
         model = model.to(memory_format=torch.channels_last)
     if distributed and args.sync_bn:  # fused blocks synchronize their own statistics; other norms: SyncBatchNorm
-        from .sync_batchnorm import convert_sync_batchnorm
+        from ..sync_batchnorm import convert_sync_batchnorm
         model = convert_sync_batchnorm(model)
     raw = model
     if distributed:

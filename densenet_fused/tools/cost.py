@@ -267,7 +267,7 @@ def _cuda_code_path():
     ops keep their registered fakes and are costed by _extension_cost), with the GPU's tile
     choices even where the package was imported under TRITON_INTERPRET=1."""
     import importlib
-    from . import block as block_mod
+    from .. import block as block_mod
     op1 = importlib.import_module("densenet_fused.ops.bnrelu_conv1x1")
     op3 = importlib.import_module("densenet_fused.ops.bnrelu_conv3x3")
     ss = importlib.import_module("densenet_fused.ops.bn_scale_shift")
@@ -291,9 +291,9 @@ def record_step(case: CostCase) -> Recording:
     """Launches of one training step (forward + backward) of the case's block on the CUDA path."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from . import block as block_mod
-    from .block import BlockSpec, block_backward, block_forward
-    from .modules import FusedDenseBlock
+    from .. import block as block_mod
+    from ..block import BlockSpec, block_backward, block_forward
+    from ..modules import FusedDenseBlock
 
     rec = Recording()
     with FakeTensorMode(allow_non_fake_inputs=False) as mode:
@@ -362,7 +362,7 @@ def summarize(case: CostCase, rec: Recording) -> Summary:
 
 
 def report(case: CostCase, rec: Recording, layer: Optional[int] = None) -> str:
-    from .ops.bnrelu_conv3x3 import conv3x3_impl
+    from ..ops.bnrelu_conv3x3 import conv3x3_impl
     layer = case.layers // 2 if layer is None else layer
     lines = [f"{case.name}: {case.layers} layers, C0={case.c0}, k={case.growth}, bn_size={case.bn_size}, "
              f"N={case.batch}, {case.hw}x{case.hw}, {str(case.dtype).replace('torch.', '')}, conv3x3 "
@@ -509,7 +509,7 @@ def kernel_variants(rec: Recording, arch: int = 90) -> Dict[tuple, tuple]:
     address assuming 16-byte aligned allocations; a multiple of 16), as Triton specializes them."""
     import triton.runtime.autotuner as autotuner
 
-    from .ops._triton_common import cost_target
+    from ..ops._triton_common import cost_target
     out: Dict[tuple, tuple] = {}
     for obj, args, kwargs in rec.triton_calls:
         configs = obj.configs if isinstance(obj, autotuner.Autotuner) else [None]
@@ -596,7 +596,7 @@ def compile_rows(recordings: List[Tuple[str, Recording]], arch: int = 90) -> Lis
     config, compiled for sm_<arch>: one dict per variant with kernel, dtype (the label), config and
     ``compile_kernel``'s resources, or ``error`` (a failed compile, or shared memory over the
     architecture's limit per block: it compiles but cannot load)."""
-    from .ops._triton_common import SMEM_PER_BLOCK
+    from ..ops._triton_common import SMEM_PER_BLOCK
     rows, seen = [], set()
     for label, rec in recordings:
         for key, (fn, sig, constexprs, attrs, options) in kernel_variants(rec, arch).items():
@@ -650,7 +650,7 @@ def block_recordings(case: CostCase) -> List[Tuple[str, Recording]]:
     merges on fp32 vectors) take the same fp32 arguments in every dtype."""
     import dataclasses
 
-    from .ops._triton_common import cuda_gemm_impl
+    from ..ops._triton_common import cuda_gemm_impl
     return precision_recordings(lambda dtype: record_step(dataclasses.replace(case, dtype=dtype)),
                                 lambda dtype: cuda_gemm_impl(dtype) == "triton")
 

@@ -7,10 +7,10 @@
                                                  table on stdout, JSON + PNG plots in DIR
   densenet-fused train --data DIR --model NAME --epochs E --batch-size B --out OUT [...]
                                                  train a DenseNet on a CIFAR root or an ImageFolder
-                                                 (see densenet_fused/train.py and `train --help`)
+                                                 (see densenet_fused/tools/train.py and `train --help`)
   densenet-fused cost  [--case NAME|all] [--kernels]
                                                  GPU launches and bytes of a block's training step, counted
-                                                 without a GPU (densenet_fused/cost.py)
+                                                 without a GPU (densenet_fused/tools/cost.py)
 """
 import argparse
 import os
