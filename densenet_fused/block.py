@@ -12,17 +12,12 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from .ops import (bn_grad_finish, bn_scale_shift, bnrelu_conv1x1_bwd, bnrelu_conv1x1_fwd, bnrelu_conv3x3_bwd,
-                  bnrelu_conv3x3_fwd, channel_stats, running_stats_update)
-from .ops._common import acc_dtype
+from .ops import BlockOps, bn_grad_finish, block_ops, channel_stats, running_stats_update
+from .ops._common import acc_dtype, autocast_off
+from .ops.launch import mark
 from .distributed import StatsGroup
 
 PARAMS_PER_LAYER = 6  # norm1.weight, norm1.bias, conv1.weight, norm2.weight, norm2.bias, conv2.weight
-
-# Optional observer of the sweeps: called as trace(phase, layer) when a layer starts
-# ("forward"/"backward", layer index) and trace(phase, -1) when its block-level work starts.
-# `densenet-fused cost` uses it to attribute the counted launches to layers.
-trace = None
 
 
 @dataclass
@@ -37,17 +32,18 @@ class BlockSpec:
     conv3x3_impl: str = ""         # "aten" / "triton" on CUDA; "" follows ops.set_conv3x3_impl
     sync: Optional[StatsGroup] = None  # batch statistics over this process group (SyncBatchNorm norms)
     with_stats: bool = False  # the autograd node also outputs the batch (mean, var) of the output channels
+    ops: Optional[BlockOps] = None  # the op implementations (ops.block_ops), settled by the forward
 
 
 def _layer_params(params, l):
     return params[PARAMS_PER_LAYER * l:PARAMS_PER_LAYER * (l + 1)]
 
 
-def _affine(bn, gamma, beta, batch, acc):
+def _affine(K: BlockOps, bn, gamma, beta, batch, acc):
     """(mean, rstd, scale, shift) of a BatchNorm with batch statistics ``batch = (mean, var)``, or
     with its running statistics when ``batch`` is None."""
     mean, var = batch if batch is not None else (bn.running_mean.to(acc), bn.running_var.to(acc))
-    scale, shift, rstd = bn_scale_shift(gamma, beta, mean, var, bn.eps)
+    scale, shift, rstd = K.bn_scale_shift(gamma, beta, mean, var, bn.eps)
     return mean, rstd, scale, shift
 
 
@@ -61,27 +57,39 @@ def _dropout_seeds(num_layers, device):
 PER_LAYER_SAVED = 7  # scale1, shift1, rstd1, mean2, rstd2, scale2, shift2
 
 
-def _compute_weights(spec: BlockSpec, params) -> Optional[torch.Tensor]:
-    """Every layer's W1 and W2 in the compute dtype, cast in one pass per step into one flat tensor
-    that backward reuses; None when the parameters are already in the compute dtype."""
-    ws = [params[PARAMS_PER_LAYER * l + i] for i in (2, 5) for l in range(len(spec.layers))]
-    if all(w.dtype == spec.dtype for w in ws):
-        return None
-    return torch.cat([w.reshape(-1) for w in ws]).to(spec.dtype)  # one batched copy, one cast
+def new_buffer(n: int, c_total: int, h: int, w: int, dtype, device) -> torch.Tensor:
+    """A block's feature buffer: (N, C_total, H, W) with channels-last strides, i.e. the (N*H*W, C_total)
+    row-major matrix the kernels read, and a plain tensor (not a view) for its users."""
+    return torch.empty((n, c_total, h, w), dtype=dtype, device=device, memory_format=torch.channels_last)
 
 
-def _weights(spec: BlockSpec, params, flat: Optional[torch.Tensor], l: int):
-    """(W1 as (cb, C_l), W2) of layer l in the compute dtype (views of ``flat`` when cast)."""
-    w1, w2 = params[PARAMS_PER_LAYER * l + 2], params[PARAMS_PER_LAYER * l + 5]
-    cb = w1.shape[0]
-    c_l = spec.num_input_features + l * spec.growth_rate
-    if flat is None:
-        return w1.view(cb, c_l), w2
-    k = spec.growth_rate
-    w1_end = cb * (len(spec.layers) * spec.num_input_features + k * len(spec.layers) * (len(spec.layers) - 1) // 2)
-    o1 = cb * (l * spec.num_input_features + k * l * (l - 1) // 2)
-    o2 = w1_end + l * w2.numel()
-    return flat[o1:o1 + cb * c_l].view(cb, c_l), flat[o2:o2 + w2.numel()].view(w2.shape)
+def _compute_weights(spec: BlockSpec, params, dev) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+    """Every layer's (W1 as a (cb, C_l) matrix, W2) in the compute dtype, in the layout the kernels read:
+    the parameters themselves (views) when they are in the compute dtype; else cast in one copy per kind
+    and step (W1s concatenated, W2s stacked in their own layout, contiguous or channels-last: no
+    relayout), the per-layer views kept for backward."""
+    num = len(spec.layers)
+    w1s = [params[PARAMS_PER_LAYER * l + 2] for l in range(num)]
+    w2s = [params[PARAMS_PER_LAYER * l + 5] for l in range(num)]
+    if not num:
+        return [], []
+    cb = w1s[0].shape[0]
+    if all(w.dtype == spec.dtype for w in w1s + w2s):
+        return [w.view(cb, -1) for w in w1s], w2s
+    flat1 = torch.empty(sum(w.numel() for w in w1s), dtype=spec.dtype, device=dev)
+    torch.cat([w.reshape(-1) for w in w1s], out=flat1)  # a view of each 1x1 weight, contiguous or channels-last
+    w1c, o = [], 0
+    for w in w1s:
+        w1c.append(flat1[o:o + w.numel()].view(cb, -1))
+        o += w.numel()
+    k = w2s[0].shape[0]
+    if all(w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous() for w in w2s):
+        flat2 = torch.empty((num, k, 3, 3, cb), dtype=spec.dtype, device=dev)
+        torch.stack([w.permute(0, 2, 3, 1) for w in w2s], out=flat2)
+        return w1c, [f.permute(0, 3, 1, 2) for f in flat2.unbind(0)]
+    flat2 = torch.empty((num, k, cb, 3, 3), dtype=spec.dtype, device=dev)
+    torch.stack(w2s, out=flat2)
+    return w1c, list(flat2.unbind(0))
 
 
 def block_forward(spec: BlockSpec, x: Optional[torch.Tensor], params: Sequence[torch.Tensor], save: bool,
@@ -98,10 +106,11 @@ def block_forward(spec: BlockSpec, x: Optional[torch.Tensor], params: Sequence[t
     after they are computed (block input, each layer's bottleneck, each layer's k new channels)
     and the BatchNorm maps folded from the merged ones.
 
-    ``buf``: the block's (N, H, W, C_total) buffer with the input already written into its first
-    C_0 channels (by a transition: transition_block.py); x is then not read (None)."""
+    ``buf``: the block's (N, C_total, H, W) channels-last buffer (``new_buffer``) with the input already
+    written into its first C_0 channels (by a transition: transition_block.py); x is then not read (None).
+    The output is the buffer itself, not a view: in-place ops on it work as on torch.cat's result."""
     if buf is not None:
-        n, h, w, _ = buf.shape
+        n, _, h, w = buf.shape
         c0 = spec.num_input_features
     else:
         n, c0, h, w = x.shape
@@ -113,17 +122,20 @@ def block_forward(spec: BlockSpec, x: Optional[torch.Tensor], params: Sequence[t
     dev = (x if buf is None else buf).device
     sync = spec.sync if spec.training else None
     count = m
-    if trace is not None:
-        trace("forward", -1)
+    if spec.ops is None:
+        spec.ops = block_ops(dev)
+    K = spec.ops
+    mark("forward", -1)
 
     if buf is None:
-        buf = torch.empty((n, h, w, c_total), dtype=dtype, device=dev)
-        buf[..., :c0].copy_(x.permute(0, 2, 3, 1))
-    elif buf.shape != (n, h, w, c_total) or buf.dtype != dtype or not buf.is_contiguous():
-        raise ValueError(f"block_forward: expected a contiguous ({n}, {h}, {w}, {c_total}) {dtype} buffer, got "
-                         f"{tuple(buf.shape)} {buf.dtype}")
-    buf2 = buf.view(m, c_total)
-    flat_w = _compute_weights(spec, params)
+        buf = new_buffer(n, c_total, h, w, dtype, dev)
+        buf[:, :c0].copy_(x)
+    elif buf.shape != (n, c_total, h, w) or buf.dtype != dtype or \
+            not buf.is_contiguous(memory_format=torch.channels_last):
+        raise ValueError(f"block_forward: expected a channels-last ({n}, {c_total}, {h}, {w}) {dtype} buffer, got "
+                         f"{tuple(buf.shape)} {buf.dtype} strides {buf.stride()}")
+    buf2 = buf.permute(0, 2, 3, 1).view(m, c_total)  # rows = pixels: the GEMM operand
+    w1cs, w2cs = _compute_weights(spec, params, dev)
     mean = var = None
     bn2_stats: List[Tuple[torch.Tensor, torch.Tensor]] = []
     if spec.training:
@@ -140,30 +152,29 @@ def block_forward(spec: BlockSpec, x: Optional[torch.Tensor], params: Sequence[t
     cb = spec.layers[0].conv1.out_channels if num_layers else 0
     aff1: Optional[torch.Tensor] = None  # (scale1, shift1, rstd1) of the next layer, when already folded
     for l, layer in enumerate(spec.layers):
-        if trace is not None:
-            trace("forward", l)
+        mark("forward", l)
         c_l = c0 + l * k
         g1, b1, _, g2, b2, _ = _layer_params(params, l)
-        w1c, w2c = _weights(spec, params, flat_w, l)
+        w1c, w2c = w1cs[l], w2cs[l]
         if aff1 is not None:  # folded by the previous layer's statistics merge
             scale1, shift1, r1 = aff1.unbind(0)
         else:
             batch1 = (mean[:c_l], var[:c_l]) if spec.training else None
-            _, r1, scale1, shift1 = _affine(layer.norm1, g1, b1, batch1, acc)
+            _, r1, scale1, shift1 = _affine(K, layer.norm1, g1, b1, batch1, acc)
         aff1 = None
         if spec.training:  # B, its statistics and BN2's folded map from them, written by the same op
             aff2 = torch.empty((3, cb), dtype=acc, device=dev)
-            bott, m2, bv = bnrelu_conv1x1_fwd(buf2[:, :c_l], scale1, shift1, w1c, True, aff2, g2, b2,
+            bott, m2, bv = K.bnrelu_conv1x1_fwd(buf2[:, :c_l], scale1, shift1, w1c, True, aff2, g2, b2,
                                               layer.norm2.eps)
             if sync is not None:  # the op folded local statistics: fold again from the merged ones
                 _, m2, bv = sync.merge_moments(m, m2, bv)
-                scale2, shift2, r2 = bn_scale_shift(g2, b2, m2, bv, layer.norm2.eps)
+                scale2, shift2, r2 = K.bn_scale_shift(g2, b2, m2, bv, layer.norm2.eps)
             else:
                 scale2, shift2, r2 = aff2.unbind(0)
             bn2_stats.append((m2, bv))
         else:
-            bott = bnrelu_conv1x1_fwd(buf2[:, :c_l], scale1, shift1, w1c, False)[0]
-            m2, r2, scale2, shift2 = _affine(layer.norm2, g2, b2, None, acc)
+            bott = K.bnrelu_conv1x1_fwd(buf2[:, :c_l], scale1, shift1, w1c, False)[0]
+            m2, r2, scale2, shift2 = _affine(K, layer.norm2, g2, b2, None, acc)
         if save and spec.keep_bottleneck:
             kept.append(bott)
         per_layer += [scale1, shift1, r1, m2, r2, scale2, shift2]
@@ -184,16 +195,15 @@ def block_forward(spec: BlockSpec, x: Optional[torch.Tensor], params: Sequence[t
             if nxt is not None and sync is None:
                 aff1 = torch.empty((3, c_l + k), dtype=acc, device=dev)
                 bn = (aff1, nxt.weight, nxt.bias, nxt.eps)
-            bnrelu_conv3x3_fwd(bott, scale2, shift2, w2c, [n, h, w], new_slice, True, spec.conv3x3_impl,
+            K.bnrelu_conv3x3_fwd(bott, scale2, shift2, w2c, [n, h, w], new_slice, True, spec.conv3x3_impl,
                                mean[:c_l + k], var[:c_l + k], *bn, **drop)
             if sync is not None:  # merged statistics; the next layer folds its map from them
                 sl = slice(c_l, c_l + k)
                 _, mean[sl], var[sl] = sync.merge_moments(m, mean[sl], var[sl])
         else:
-            bnrelu_conv3x3_fwd(bott, scale2, shift2, w2c, [n, h, w], new_slice, False, spec.conv3x3_impl, **drop)
+            K.bnrelu_conv3x3_fwd(bott, scale2, shift2, w2c, [n, h, w], new_slice, False, spec.conv3x3_impl, **drop)
 
-    if trace is not None:
-        trace("forward", -1)
+    mark("forward", -1)
     if spec.training:
         bn1s = [layer.norm1 for layer in spec.layers]
         bn2s = [layer.norm2 for layer in spec.layers]
@@ -202,12 +212,12 @@ def block_forward(spec: BlockSpec, x: Optional[torch.Tensor], params: Sequence[t
             [mean[:c0 + l * k] for l in range(num_layers)] + [s[0] for s in bn2_stats],
             [var[:c0 + l * k] for l in range(num_layers)] + [s[1] for s in bn2_stats],
             count=count)
-    out = buf.permute(0, 3, 1, 2)  # (N, C_total, H, W), channels-last strides
-    saved = ([mean, flat_w] + per_layer, seeds, kept) if save else None
+    out = buf
+    saved = ([mean] + per_layer, seeds, kept, (w1cs, w2cs)) if save else None
     return (out, saved, (count, mean, var)) if extra else (out, saved)
 
 
-def block_backward(spec: BlockSpec, out, grad_out, params, stats, seeds, kept, x_meta, needs_input_grad,
+def block_backward(spec: BlockSpec, out, grad_out, params, stats, seeds, kept, weights, x_meta, needs_input_grad,
                    count: int = 0):
     """Reverse sweep; returns (dx or None, [grad per param]).  ``count``: values per channel of the
     batch statistics (block_forward's; 0: the local N*H*W)."""
@@ -219,10 +229,11 @@ def block_backward(spec: BlockSpec, out, grad_out, params, stats, seeds, kept, x
     dev = out.device
     sync = spec.sync if spec.training else None
     count = (count or m) if spec.training else 0  # values per channel of the batch statistics
-    if trace is not None:
-        trace("backward", -1)
+    K = spec.ops
+    mark("backward", -1)
     buf2 = out.permute(0, 2, 3, 1).reshape(m, c_total)  # a view: the buffer is NHWC
-    mean, flat_w, per_layer = stats[0], stats[1], stats[2:]
+    mean, per_layer = stats[0], stats[1:]
+    w1cs, w2cs = weights
     if not spec.training:
         mean = torch.zeros(c_total, dtype=acc, device=dev)
     G = torch.empty((n, h, w, c_total), dtype=acc, device=dev)
@@ -232,14 +243,13 @@ def block_backward(spec: BlockSpec, out, grad_out, params, stats, seeds, kept, x
     P, Q = PQ.unbind(0)
     grads: List[Optional[torch.Tensor]] = [None] * len(params)
     for l in reversed(range(len(spec.layers))):
-        if trace is not None:
-            trace("backward", l)
+        mark("backward", l)
         layer = spec.layers[l]
         c_l = c0 + l * k
         g1, b1, w1, g2, b2, w2 = _layer_params(params, l)
         scale1, shift1, r1, m2, r2, scale2, shift2 = per_layer[PER_LAYER_SAVED * l:PER_LAYER_SAVED * (l + 1)]
         m1 = mean[:c_l] if spec.training else layer.norm1.running_mean.to(acc)
-        w1c, w2c = _weights(spec, params, flat_w, l)
+        w1c, w2c = w1cs[l], w2cs[l]
 
         # 1. the gradient of this layer's k output channels is complete: finish it.
         # (without dropout the conv3x3 backward finishes it on the fly from G, P, Q)
@@ -254,9 +264,9 @@ def block_backward(spec: BlockSpec, out, grad_out, params, stats, seeds, kept, x
         if kept:
             bott = kept[l]
         else:
-            bott = bnrelu_conv1x1_fwd(buf2[:, :c_l], scale1, shift1, w1c, False)[0]
+            bott = K.bnrelu_conv1x1_fwd(buf2[:, :c_l], scale1, shift1, w1c, False)[0]
         # 3. conv3x3 backward through BN2-ReLU: g2 and BN2's input-gradient scalars (zeros in eval).
-        g2v, dw2, dgamma2, dbeta2, p2, q2 = bnrelu_conv3x3_bwd(dnew, bott, scale2, shift2, w2c, [n, h, w], m2, r2,
+        g2v, dw2, dgamma2, dbeta2, p2, q2 = K.bnrelu_conv3x3_bwd(dnew, bott, scale2, shift2, w2c, [n, h, w], m2, r2,
                                                                spec.conv3x3_impl, count, *finish)
         if sync is not None:  # BN2's input-gradient scalars over the group
             p2, q2 = sync.sum_(torch.stack((p2, q2))).unbind(0)
@@ -264,7 +274,7 @@ def block_backward(spec: BlockSpec, out, grad_out, params, stats, seeds, kept, x
         # tile by tile from g2 (in the compute dtype, as bn_grad_finish writes it), G += scale1*g,
         # per-channel sums, dW1.  (training: also P[:c_l] += scale1*dbeta1/M and Q[:c_l] += scale1*rstd1*dgamma1/M)
         pq = (P[:c_l], Q[:c_l], count) if spec.training else (None, None, 0)
-        dw1, dgamma1, dbeta1 = bnrelu_conv1x1_bwd(g2v, buf2[:, :c_l], scale1, shift1, w1c, m1, r1, G[:, :c_l], *pq,
+        dw1, dgamma1, dbeta1 = K.bnrelu_conv1x1_bwd(g2v, buf2[:, :c_l], scale1, shift1, w1c, m1, r1, G[:, :c_l], *pq,
                                                   bott, m2, p2, q2, scale2)
         base = PARAMS_PER_LAYER * l
         grads[base + 0] = dgamma1.to(g1.dtype)
@@ -274,8 +284,7 @@ def block_backward(spec: BlockSpec, out, grad_out, params, stats, seeds, kept, x
         grads[base + 4] = dbeta2.to(b2.dtype)
         grads[base + 5] = dw2.to(w2.dtype)
 
-    if trace is not None:
-        trace("backward", -1)
+    mark("backward", -1)
     dx = None
     if needs_input_grad:
         if sync is not None:
@@ -321,8 +330,8 @@ def save_block(ctx, spec: BlockSpec, out, saved, count: int, params, mean, var, 
     """Saves what block_backward needs on an autograd ctx (``before``: tensors of another op of the
     same node, saved first) and returns the node's outputs: out, or (out, mean, var) with
     ``spec.with_stats`` (statistics non-differentiable; None in eval)."""
-    stats, seeds, kept = saved
-    ctx.spec, ctx.count, ctx.seeds = spec, count, seeds
+    stats, seeds, kept, weights = saved
+    ctx.spec, ctx.count, ctx.seeds, ctx.weights = spec, count, seeds, weights  # weights: made here, never modified
     ctx.block_sizes = (len(before), len(stats), len(kept))
     ctx.save_for_backward(*before, out, *stats, *kept, *params)
     if not spec.with_stats:
@@ -349,7 +358,7 @@ class FusedDenseBlockFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, spec: BlockSpec, x: torch.Tensor, *params: torch.Tensor):
-        with torch.autocast(x.device.type, enabled=False):
+        with autocast_off(x.device.type):
             out, saved, (count, mean, var) = block_forward(spec, x, params, save=True, extra=True)
         ctx.x_meta = (x.dtype, x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
                       and not x.is_contiguous())
@@ -359,8 +368,8 @@ class FusedDenseBlockFunction(torch.autograd.Function):
     @_first_order_only
     def backward(ctx, grad_out, _grad_mean=None, _grad_var=None):
         _, out, stats, kept, params = saved_block(ctx)
-        with torch.autocast(out.device.type, enabled=False):
-            dx, grads = block_backward(ctx.spec, out, grad_out, params, stats, ctx.seeds, kept, ctx.x_meta,
-                                       ctx.needs_input_grad[1], ctx.count)
+        with autocast_off(out.device.type):
+            dx, grads = block_backward(ctx.spec, out, grad_out, params, stats, ctx.seeds, kept, ctx.weights,
+                                       ctx.x_meta, ctx.needs_input_grad[1], ctx.count)
         grads = [g if need else None for g, need in zip(grads, ctx.needs_input_grad[2:])]
         return (None, dx, *grads)

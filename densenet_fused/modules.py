@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from ._checks import check_input
 from .block import BlockSpec, FusedDenseBlockFunction, block_forward
 from .distributed import stats_group
+from .ops._common import autocast_dtype, autocast_off
 
 
 class FusedDenseLayer(nn.Module):
@@ -163,10 +164,11 @@ def _layers_with_hooks(layers, names=None) -> bool:
     runs BN-ReLU-conv1x1-BN-ReLU-conv3x3 as one op), and they must not be silently skipped."""
     hooked = False
     for i, layer in enumerate(layers):
-        hooked = hooked or any(getattr(layer, attr) for attr in _HOOKS)
-        where = names[i] if names else f"denselayer{i + 1}"
-        for name, sub in layer.named_children():
-            if any(getattr(sub, attr) for attr in _HOOKS):
+        d = layer.__dict__
+        hooked = hooked or any(d[attr] for attr in _HOOKS)
+        for name, sub in layer._modules.items():
+            if any(sub.__dict__[attr] for attr in _HOOKS):
+                where = names[i] if names else f"denselayer{i + 1}"
                 raise RuntimeError(
                     f"FusedDenseBlock: hooks on {where}.{name} are not supported: a fused layer never calls "
                     f"the BatchNorm, ReLU and Conv2d modules inside it (it runs them as one op). Hook the dense "
@@ -191,10 +193,13 @@ def _validate(layers, x, c_in: int, growth: int, who: str) -> bool:
     (nn.SyncBatchNorm norms are checked by run_block: distributed.stats_group.)"""
     check_input(x, c_in, who, channels_name="num_input_features")
     modes = set()
+    dev = x.device
     for i, layer in enumerate(layers):
         c_l = c_in + i * growth
-        for bn_name, channels in (("norm1", c_l), ("norm2", layer.conv1.out_channels)):
-            bn = getattr(layer, bn_name)
+        mods = layer._modules  # (direct: nn.Module.__getattr__ costs host time in every step)
+        conv1, conv2 = mods["conv1"], mods["conv2"]
+        for bn_name, channels in (("norm1", c_l), ("norm2", conv1.out_channels)):
+            bn = mods[bn_name]
             if not bn.affine or not bn.track_running_stats:
                 raise ValueError(f"{who}: layer {i + 1} {bn_name} must have affine=True and "
                                  f"track_running_stats=True, got affine={bn.affine}, "
@@ -203,15 +208,13 @@ def _validate(layers, x, c_in: int, growth: int, who: str) -> bool:
                 raise ValueError(f"{who}: layer {i + 1} {bn_name} expected {channels} features, has "
                                  f"{bn.num_features}")
             modes.add(bn.training)
-        for name in ("norm1.weight", "norm1.bias", "norm1.running_mean", "norm1.running_var", "conv1.weight",
-                     "norm2.weight", "norm2.bias", "norm2.running_mean", "norm2.running_var", "conv2.weight"):
-            mod, attr = name.split(".")
-            p = getattr(getattr(layer, mod), attr)
-            if p.device != x.device:
-                raise ValueError(f"{who}: expected the input on the device of the parameters and buffers, "
-                                 f"got the input on {x.device} and layer {i + 1} {name} on {p.device}")
-        if layer.conv1.weight.shape[1:] != (c_l, 1, 1) or layer.conv2.weight.shape != (
-                growth, layer.conv1.out_channels, 3, 3):
+        for mod in ("norm1", "conv1", "norm2", "conv2"):
+            m = mods[mod]
+            for attr, p in (*m._parameters.items(), *m._buffers.items()):
+                if p is not None and p.device != dev and attr != "num_batches_tracked":
+                    raise ValueError(f"{who}: expected the input on the device of the parameters and buffers, "
+                                     f"got the input on {x.device} and layer {i + 1} {mod}.{attr} on {p.device}")
+        if conv1.weight.shape[1:] != (c_l, 1, 1) or conv2.weight.shape != (growth, conv1.out_channels, 3, 3):
             raise ValueError(f"{who}: layer {i + 1} convolutions do not match a dense layer with {c_l} inputs "
                              f"and growth rate {growth}")
     if len(modes) > 1:
@@ -230,11 +233,10 @@ def block_setup(layers, x: Tensor, c_in: int, growth: int, who: str, keep_bottle
     training = _validate(layers, x, c_in, growth, who)
     sync = None
     if training:
-        sync = stats_group([bn for layer in layers for bn in (layer.norm1, layer.norm2)], who, sync_group)
+        sync = stats_group([layer._modules[n] for layer in layers for n in ("norm1", "norm2")], who, sync_group)
     dev = x.device.type
-    if torch.is_autocast_enabled(dev):
-        dtype = torch.get_autocast_dtype(dev)
-    else:
+    dtype = autocast_dtype(dev)
+    if dtype is None:
         dtype = layers[0].conv1.weight.dtype
         if dtype != x.dtype:
             raise TypeError(f"{who}: expected input of dtype {dtype} (the parameters' dtype), got {x.dtype}; "
@@ -243,8 +245,10 @@ def block_setup(layers, x: Tensor, c_in: int, growth: int, who: str, keep_bottle
                      keep_bottleneck=keep_bottleneck, conv3x3_impl=conv3x3_impl, sync=sync, with_stats=with_stats)
     params = []
     for layer in layers:
-        params += [layer.norm1.weight, layer.norm1.bias, layer.conv1.weight, layer.norm2.weight,
-                   layer.norm2.bias, layer.conv2.weight]
+        mods = layer._modules
+        n1, n2 = mods["norm1"]._parameters, mods["norm2"]._parameters
+        params += [n1["weight"], n1["bias"], mods["conv1"]._parameters["weight"], n2["weight"], n2["bias"],
+                   mods["conv2"]._parameters["weight"]]
     return spec, params
 
 
@@ -269,6 +273,6 @@ def run_block(layers, x: Tensor, c_in: int, growth: int, who: str, keep_bottlene
             return FusedDenseBlockFunction.apply(spec, x, *params)
         out, mean, var = FusedDenseBlockFunction.apply(spec, x, *params)
     else:
-        with torch.autocast(dev, enabled=False):
+        with autocast_off(dev):
             out, _, (_, mean, var) = block_forward(spec, x, params, save=False, extra=True)
     return (out, mean, var) if with_stats else out

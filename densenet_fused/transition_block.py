@@ -12,7 +12,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .block import _first_order_only, block_backward, block_forward, save_block, saved_block
+from .block import _first_order_only, block_backward, block_forward, new_buffer, save_block, saved_block
 from .modules import FusedDenseBlock, fused_block_setup
 from .transition import (FusedTransition, _transition_forward, begin_transition, prepare_transition,
                          transition_backward)
@@ -23,8 +23,9 @@ def _forward(tspec, bspec, x, tparams, t_mean, t_var, bparams, save: bool):
     ho, wo = h // 2, w // 2
     c0 = bspec.num_input_features
     c_total = c0 + len(bspec.layers) * bspec.growth_rate
-    buf = torch.empty((n, ho, wo, c_total), dtype=bspec.dtype, device=x.device)
-    _, tsaved = _transition_forward(tspec, x, *tparams, t_mean, t_var, out=buf.view(-1, c_total)[:, :c0])
+    buf = new_buffer(n, c_total, ho, wo, bspec.dtype, x.device)
+    _, tsaved = _transition_forward(tspec, x, *tparams, t_mean, t_var,
+                                    out=buf.permute(0, 2, 3, 1).view(-1, c_total)[:, :c0])
     out, bsaved, extra = block_forward(bspec, None, bparams, save=save, extra=True, buf=buf)
     return out, tsaved, bsaved, extra
 
@@ -49,7 +50,7 @@ class TransitionBlockFunction(torch.autograd.Function):
         (x, *tsaved), out, stats, kept, bparams = saved_block(ctx)
         need_t = any(ctx.needs_input_grad[2:6])  # x, the transition's gamma, beta, weight
         with torch.autocast(out.device.type, enabled=False):
-            dxb, grads = block_backward(ctx.spec, out, grad_out, bparams, stats, ctx.seeds, kept,
+            dxb, grads = block_backward(ctx.spec, out, grad_out, bparams, stats, ctx.seeds, kept, ctx.weights,
                                         (ctx.spec.dtype, True), need_t, ctx.count)
             tgrads = (None,) * 4
             if need_t:

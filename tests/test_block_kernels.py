@@ -12,10 +12,11 @@ import os
 import pytest
 import torch
 
-import densenet_fused.block as block_mod
 from blockutil import assert_close, make_pair, replay_step_from_cuda_graph, run_step
 from flags import patched, tf32_disabled
+from densenet_fused.ops import BlockOps
 from densenet_fused.ops import bnrelu_conv1x1 as op
+from densenet_fused.ops.table import substituted
 from densenet_fused.ops import bnrelu_conv3x3 as op3
 
 scale_shift_mod = importlib.import_module("densenet_fused.ops.bn_scale_shift")  # the op shadows the module name
@@ -28,7 +29,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 def test_block_on_triton_kernels_matches_torchvision(drop_rate):
     """The block with its Triton kernels (1x1, 3x3, scale/shift) in place of the CPU kernels (the
     launchers themselves: on CUDA, float32 without TF32 runs cuBLAS/cuDNN instead)."""
-    triton_ops = dict(
+    triton_ops = BlockOps(
         bnrelu_conv1x1_fwd=op.triton_fwd,
         bnrelu_conv1x1_bwd=op.triton_bwd,
         bnrelu_conv3x3_fwd=lambda *args, **kw: op3._fwd_triton(*args[:7], *args[8:], **kw),  # without the impl arg
@@ -43,7 +44,7 @@ def test_block_on_triton_kernels_matches_torchvision(drop_rate):
     torch.manual_seed(5)
     y_r, dx_r, g_r = run_step(ref, x, grad)
     torch.manual_seed(5)
-    with tf32_disabled(), patched(block_mod, **triton_ops):
+    with tf32_disabled(), substituted(triton_ops):
         y_f, dx_f, g_f = run_step(fused, x, grad)
     if drop_rate == 0:
         assert_close(y_f, y_r, 1e-4, "output")

@@ -1,12 +1,39 @@
 """Helpers shared by the op files: dtype rules of the densenet_fused ops."""
+import contextlib
 import functools
+from typing import Optional
 
 import torch
+
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) of Python integers (``triton.cdiv`` is a constexpr function: ~3 us a host call)."""
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= n (n itself for 0 and 1), as ``triton.next_power_of_2`` in plain Python."""
+    return n if n <= 1 else 1 << (n - 1).bit_length()
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """Accumulation / statistics dtype for a feature dtype (float64 stays float64)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    """The dtype torch.autocast casts to on ``device_type`` when it is on there, else None (a device
+    without autocast, e.g. meta tensors, has it off)."""
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+def autocast_off(device_type: str):
+    """torch.autocast disabled on ``device_type`` (nothing to disable where it has none)."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def on_tensor_device(fn):
@@ -19,7 +46,8 @@ def on_tensor_device(fn):
     @functools.wraps(fn)
     def guarded(first, *args, **kwargs):
         dev = first.device
-        if dev.type == "cuda" and dev.index is not None and dev.index != torch.cuda.current_device():
+        if dev.type == "cuda" and dev.index is not None and torch.cuda.is_available() and \
+                dev.index != torch.cuda.current_device():  # (fake CUDA tensors without a GPU: `cost`)
             with torch.cuda.device(dev):
                 return fn(first, *args, **kwargs)
         return fn(first, *args, **kwargs)

@@ -1,15 +1,14 @@
 """Triton building blocks shared by the GEMM-shaped ops (bnrelu_conv1x1, bnrelu_conv3x3):
 the BN-ReLU prologue, the per-tile statistics epilogue and its deterministic merge, and the
 autotuners' config pruning by the hardware (shared memory per block)."""
-import functools
-import os
 from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from ._common import cdiv
+from .launch import INTERPRET, interpreted, launch
 
 
 def _fix_interpreter_scalar_index():
@@ -127,13 +126,13 @@ def merge_stats(part, m, tile_rows, mean=None, var=None, affine=None):
         var = torch.empty(n, dtype=torch.float32, device=part.device)
     c_off = mean.shape[0] - n
     aff, gamma, beta, eps = affine if affine is not None else (mean, mean, mean, 0.0)  # unused without AFFINE
-    block_c = 32 if INTERPRET else 64
-    merge_programs = triton.cdiv(n, block_c)
-    grid = merge_programs + (triton.cdiv(c_off, block_c) if affine is not None else 0)
-    stats_merge_kernel[(grid,)](part[0], part[1], mean, var, m, n, tiles, c_off, gamma, beta, aff,
-                                aff.stride(0) if affine is not None else 0, eps, merge_programs,
-                                TILE_ROWS=tile_rows, BLOCK_T=4 if INTERPRET else 32, BLOCK_C=block_c,
-                                AFFINE=affine is not None)
+    interp = interpreted(part)
+    block_c = 32 if interp else 64
+    merge_programs = cdiv(n, block_c)
+    grid = merge_programs + (cdiv(c_off, block_c) if affine is not None else 0)
+    launch(stats_merge_kernel, (grid,), (part[0], part[1], mean, var, m, n, tiles, c_off, gamma, beta, aff,
+        aff.stride(0) if affine is not None else 0, eps, merge_programs), TILE_ROWS=tile_rows,
+        BLOCK_T=4 if interp else 32, BLOCK_C=block_c, AFFINE=affine is not None)
     return mean, var
 
 
@@ -170,12 +169,19 @@ def cost_target(arch: int) -> Target:
     return Target(arch, SMEM_PER_BLOCK[arch])
 
 
-@functools.lru_cache(maxsize=None)
-def device_target(index: int) -> Target:
-    """Compute capability and shared memory per block (opt-in maximum) of CUDA device ``index``."""
-    major, minor = torch.cuda.get_device_capability(index)
-    smem = int(triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"])
-    return Target(major * 10 + minor, smem)
+_targets: dict = {}
+
+
+def device_target() -> Target:
+    """Compute capability and shared memory per block (opt-in maximum) of the device Triton launches on
+    (the current one: the launchers run under their tensors' device), read from Triton's active driver."""
+    drv = triton.runtime.driver.active
+    index = drv.get_current_device()
+    key = (id(drv), index)
+    if key not in _targets:
+        smem = int(drv.utils.get_device_properties(index)["max_shared_mem"])
+        _targets[key] = Target(drv.get_current_target().arch, smem)
+    return _targets[key]
 
 
 def config_pruner(fits, name):
@@ -185,11 +191,10 @@ def config_pruner(fits, name):
     which applies it for each architecture it compiles for."""
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
-        dev = next(v.device for v in args.values() if isinstance(v, torch.Tensor))
-        target = device_target(dev.index if dev.index is not None else torch.cuda.current_device())
+        target = device_target()
         kept = [c for c in configs if fits(c, args, target)]
         if not kept:
-            raise RuntimeError(f"{name}: no autotuner config fits this launch on {dev} ({target}); configs: {configs}")
+            raise RuntimeError(f"{name}: no autotuner config fits this launch ({target}); configs: {configs}")
         return kept
 
     prune.fits = fits

@@ -11,7 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import on_tensor_device
+from .launch import launch
+from ._common import cdiv, on_tensor_device
 
 
 @triton.jit
@@ -47,8 +48,8 @@ def triton_scale_shift(gamma, beta, mean, var, eps):
     scale, shift, rstd = (torch.empty_like(mean) for _ in range(3))
     if c:
         block = 1024 if c > 256 else 256
-        _scale_shift_kernel[(triton.cdiv(c, block),)](gamma, beta, mean.contiguous(), var.contiguous(), scale, shift,
-                                                     rstd, c, eps, BLOCK=block)
+        launch(_scale_shift_kernel, (cdiv(c, block),), (gamma, beta, mean.contiguous(), var.contiguous(),
+            scale, shift, rstd, c, eps), BLOCK=block)
     return scale, shift, rstd
 
 
@@ -60,7 +61,7 @@ def aten_scale_shift(gamma, beta, mean, var, eps):
     return scale, beta.to(mean.dtype) - mean * scale, rstd
 
 
-def _cuda(gamma, beta, mean, var, eps):
+def cuda_scale_shift(gamma, beta, mean, var, eps):
     if mean.dtype == torch.float64:  # an accuracy dtype: ATen
         return aten_scale_shift(gamma, beta, mean, var, eps)
     return triton_scale_shift(gamma, beta, mean, var, eps)
@@ -77,4 +78,4 @@ def bn_scale_shift(gamma, beta, mean, var, eps: float) -> Tuple[torch.Tensor, to
 
 
 _lib = torch.library.Library("densenet_fused", "IMPL")
-_lib.impl("bn_scale_shift", on_tensor_device(_cuda), "CUDA")
+_lib.impl("bn_scale_shift", on_tensor_device(cuda_scale_shift), "CUDA")

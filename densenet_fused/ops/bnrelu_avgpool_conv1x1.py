@@ -15,18 +15,17 @@ memory.  Odd H/W are floored (last row/column dropped) as ``nn.AvgPool2d(2, 2)``
   float64 on CUDA runs ``aten_fwd`` / ``aten_bwd``: an accuracy dtype, not a speed one.
 Under ``TRITON_INTERPRET=1`` the Triton launchers run on CPU tensors (the CI tests).
 """
-import os
 from typing import Optional, Sequence
 
 import torch
 import triton
 import triton.language as tl
 
+from .launch import interpreted, launch
 from ._bn_grad import aten_bn_grad, bn_grad_passes, bn_grad_tile, check_channel_vectors, check_rows, load_bn_vectors
-from ._common import acc_dtype, on_tensor_device
+from ._common import acc_dtype, cdiv, on_tensor_device
 from ._triton_common import dot_precision
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _lib = torch.library.Library("densenet_fused", "IMPL")
 
 
@@ -269,8 +268,9 @@ _TILES = {
 }
 
 
-def _tiles(kernel: str, precision: str, dtype: torch.dtype):
-    if _INTERPRET:
+def _tiles(kernel: str, precision: str, x: torch.Tensor):
+    dtype = x.dtype
+    if interpreted(x):
         return (16, 16, 16, 4)
     return _TILES[kernel]["mma" if dtype != torch.float32 else precision]
 
@@ -290,14 +290,14 @@ def triton_fwd(x, scale, shift, weight, nhw, out):
         out.zero_()
         return
     prec = dot_precision(x.dtype)
-    bm, bn, bk, warps = _tiles("fwd", prec, x.dtype)
-    _fwd_kernel[(triton.cdiv(mo, bm), triton.cdiv(cout, bn))](
-        x, x.stride(0), scale, shift, weight, weight.stride(0), out, out.stride(0), mo, c, cout, h, w, h // 2,
-        w // 2, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PRECISION=prec, num_warps=warps)
+    bm, bn, bk, warps = _tiles("fwd", prec, x)
+    launch(_fwd_kernel, (cdiv(mo, bm), cdiv(cout, bn)), (x, x.stride(0), scale, shift, weight,
+        weight.stride(0), out, out.stride(0), mo, c, cout, h, w, h // 2, w // 2), BLOCK_M=bm, BLOCK_N=bn,
+        BLOCK_K=bk, PRECISION=prec, num_warps=warps)
 
 
-def _splits(mo, block_m):
-    return max(1, min(4 if _INTERPRET else 64, triton.cdiv(mo, block_m)))
+def _splits(mo, block_m, interp):
+    return max(1, min(4 if interp else 64, cdiv(mo, block_m)))
 
 
 def triton_bwd(dout, x, scale, shift, weight, nhw, mean, rstd, batch_stats):
@@ -317,43 +317,43 @@ def triton_bwd(dout, x, scale, shift, weight, nhw, mean, rstd, batch_stats):
         z = torch.zeros(c, dtype=torch.float32, device=x.device)
         return dx.zero_(), torch.zeros((cout, c), dtype=torch.float32, device=x.device), z, z.clone()
     prec = dot_precision(x.dtype)
-    bm, bn, bc, warps = _tiles("dw", prec, x.dtype)
-    splits = _splits(mo, bm)
+    bm, bn, bc, warps = _tiles("dw", prec, x)
+    splits = _splits(mo, bm, interpreted(x))
     pdw = torch.empty((splits, cout, c), dtype=torch.float32, device=x.device)
-    _dw_kernel[(triton.cdiv(cout, bn), triton.cdiv(c, bc), splits)](
-        dout, dout.stride(0), x, x.stride(0), scale, shift, pdw, mo, c, cout, h, w, ho, wo, splits,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_C=bc, PRECISION=prec, num_warps=warps)
-    bm, bn, bc, warps = _tiles("dx", prec, x.dtype)
+    launch(_dw_kernel, (cdiv(cout, bn), cdiv(c, bc), splits), (dout, dout.stride(0), x, x.stride(0),
+        scale, shift, pdw, mo, c, cout, h, w, ho, wo, splits), BLOCK_M=bm, BLOCK_N=bn, BLOCK_C=bc,
+        PRECISION=prec, num_warps=warps)
+    bm, bn, bc, warps = _tiles("dx", prec, x)
     dweight = pdw.sum(0)  # fixed order over the splits
-    tiles = triton.cdiv(mo, bm)
-    grid = (tiles, triton.cdiv(c, bc))
+    tiles = cdiv(mo, bm)
+    grid = (tiles, cdiv(c, bc))
     args = (dout, dout.stride(0), x, x.stride(0), scale, shift, weight, weight.stride(0), mean, rstd)
     geo = (mo, c, cout, h, w, ho, wo)
 
-    def launch(p, q, psg, psgx, pass_, batch):  # the partial sums per tile of pooled rows
-        _dx_kernel[grid](*args, p, q, dx, psg, psgx, *geo, BLOCK_M=bm, BLOCK_N=bn, BLOCK_C=bc,
-                         PASS=pass_, BATCH=batch, PRECISION=prec, num_warps=warps)
+    def dx_pass(p, q, psg, psgx, pass_, batch):  # the partial sums per tile of pooled rows
+        launch(_dx_kernel, grid, (*args, p, q, dx, psg, psgx, *geo), BLOCK_M=bm, BLOCK_N=bn, BLOCK_C=bc, PASS=pass_,
+            BATCH=batch, PRECISION=prec, num_warps=warps)
 
-    dgamma, dbeta, p, q = bn_grad_passes(launch, tiles, x, scale, rstd, batch_stats)
+    dgamma, dbeta, p, q = bn_grad_passes(dx_pass, tiles, x, scale, rstd, batch_stats)
     if batch_stats and dropped:
-        bmd = 32 if _INTERPRET else 64
-        _dropped_kernel[(triton.cdiv(m, bmd), triton.cdiv(c, bc))](
-            x, x.stride(0), mean, p, q, dx, m, c, h, w, ho, wo, BLOCK_M=bmd, BLOCK_C=bc, num_warps=4)
+        bmd = 32 if interpreted(x) else 64
+        launch(_dropped_kernel, (cdiv(m, bmd), cdiv(c, bc)), (x, x.stride(0), mean, p, q, dx, m, c, h,
+            w, ho, wo), BLOCK_M=bmd, BLOCK_C=bc, num_warps=4)
     return dx, dweight, dgamma, dbeta
 
 
-def _cuda_fwd(x, scale, shift, weight, nhw, out):
+def cuda_fwd(x, scale, shift, weight, nhw, out):
     if x.dtype == torch.float64:
         aten_fwd(x, scale, shift, weight, nhw, out)
     else:
         triton_fwd(x, scale, shift, weight, nhw, out)
 
 
-def _cuda_bwd(dout, x, scale, shift, weight, nhw, mean, rstd, batch_stats):
+def cuda_bwd(dout, x, scale, shift, weight, nhw, mean, rstd, batch_stats):
     if x.dtype == torch.float64:
         return aten_bwd(dout, x, scale, shift, weight, nhw, mean, rstd, batch_stats)
     return triton_bwd(dout, x, scale, shift, weight, nhw, mean, rstd, batch_stats)
 
 
-_lib.impl("bnrelu_avgpool_conv1x1_fwd", on_tensor_device(_cuda_fwd), "CUDA")
-_lib.impl("bnrelu_avgpool_conv1x1_bwd", on_tensor_device(_cuda_bwd), "CUDA")
+_lib.impl("bnrelu_avgpool_conv1x1_fwd", on_tensor_device(cuda_fwd), "CUDA")
+_lib.impl("bnrelu_avgpool_conv1x1_bwd", on_tensor_device(cuda_bwd), "CUDA")

@@ -14,19 +14,18 @@ and its one-pass backward (DESIGN section 2 facts 1-3, section 3 steps 2 and 4).
   ones (Triton's full-fp32 ``tl.dot`` is FMAs with heavy register spills).
 Under ``TRITON_INTERPRET=1`` the Triton launchers run on CPU tensors (the CI tests).
 """
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_dtype, on_tensor_device
+from .launch import interpreted, launch
+from ._common import acc_dtype, cdiv, next_pow2, on_tensor_device
 from ._triton_common import (bnrelu_tile, config_pruner, cuda_gemm_impl, dot_precision, merge_stats,
                              store_tile_stats)
 from .bn_scale_shift import bn_scale_shift
 from .channel_stats import channel_stats
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _CHUNK_ROWS = 16384
 _lib = torch.library.Library("densenet_fused", "IMPL")
 
@@ -344,7 +343,8 @@ _BWD_FINISH_ONLY = {(64, 32, 8, 2), (32, 32, 4, 3), (32, 32, 8, 2)}
 
 def _fwd_fits(cfg, args, target):
     """Whether a forward config suits a launch (compiled resources checked by `cost --kernels`):
-    - no column tile wider than the output (a BLOCK_N of 256 for 128 channels computes zeros);
+    - no column tile wider than the output (a BLOCK_N of 256 for 128 channels computes zeros), except
+      the narrowest offered (64), which the smallest bottlenecks (bn_size*k < 64) need;
     - registers: the fp32 accumulator, the BN-ReLU'd A tile and the W tile held per thread,
       at most 192 values, or 128 when W's rows are not 16-element aligned (its tile is then
       loaded through registers): above that, sm_90a spills (BLOCK_M=128: up to 2.6 KB); before
@@ -355,7 +355,7 @@ def _fwd_fits(cfg, args, target):
       prologue (the MMA operand), in the input dtype, within the device's limit (float32 tiles of
       128 rows exceed 227 KB in several configs)."""
     bm, bn, bk = args["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
-    if bn > max(16, triton.next_power_of_2(args["COUT"])):
+    if bn > max(64, next_pow2(args["COUT"])):  # (64: the narrowest tile offered, kept for small outputs)
         return False
     threads = 32 * cfg.num_warps
     if (bm * bn + bm * bk + bk * bn) / threads > (192 if args["ldw"] % 16 == 0 else 128):
@@ -415,10 +415,10 @@ _bwd_tuned = triton.autotune(_BWD_CONFIGS, key=["C_BUCKET", "COUT", "PRECISION",
                              cache_results=True)(_bwd_kernel)
 
 
-def _fwd_block_m(m, cout):
-    if _INTERPRET:
+def _fwd_block_m(m, cout, interp):
+    if interp:
         return 32
-    return 128 if triton.cdiv(m, 128) * triton.cdiv(cout, 128) >= 264 else 64  # >= 2 waves of 132 SMs
+    return 128 if cdiv(m, 128) * cdiv(cout, 128) >= 264 else 64  # >= 2 waves of 132 SMs
 
 
 def triton_fwd(x, scale, shift, weight, stats, bn_out=None, bn_gamma=None, bn_beta=None, bn_eps=0.0):
@@ -428,11 +428,20 @@ def triton_fwd(x, scale, shift, weight, stats, bn_out=None, bn_gamma=None, bn_be
     if x.dtype == torch.float64:
         raise RuntimeError("bnrelu_conv1x1_fwd: the Triton kernel takes float32/float16/bfloat16; "
                            "float64 runs fwd_chunked")
+    out, mean, var = _triton_fwd(x, scale, shift, weight, stats, bn_out, bn_gamma, bn_beta, bn_eps)
+    if not stats:
+        mean = var = torch.empty(0, dtype=torch.float32, device=x.device)
+    return out, mean, var
+
+
+def _triton_fwd(x, scale, shift, weight, stats, bn_out=None, bn_gamma=None, bn_beta=None, bn_eps=0.0):
+    """triton_fwd without the checks (the block's hot path: its arguments are right by construction)."""
     m, c = x.shape
     cout = weight.shape[0]
-    out = x.new_empty((m, cout))
-    block_m = _fwd_block_m(m, cout)
-    tiles = triton.cdiv(m, block_m)
+    out = torch.empty((m, cout), dtype=x.dtype, device=x.device)
+    interp = interpreted(x)
+    block_m = _fwd_block_m(m, cout, interp)
+    tiles = cdiv(m, block_m)
     if stats:
         part = torch.empty((2, tiles, cout), dtype=torch.float32, device=x.device)
         pmean, pm2 = part[0], part[1]
@@ -440,27 +449,26 @@ def triton_fwd(x, scale, shift, weight, stats, bn_out=None, bn_gamma=None, bn_be
         pmean = pm2 = out  # unused
     if m > 0:
         args = (x, x.stride(0), scale, shift, weight, weight.stride(0), out, pmean, pm2, m, c, cout,
-                triton.next_power_of_2(max(c, 1)))
-        if _INTERPRET:
-            _fwd_kernel[(tiles, triton.cdiv(cout, 16))](*args, BLOCK_M=block_m, BLOCK_N=16, BLOCK_K=16,
-                                                        STATS=stats, PRECISION=dot_precision(x.dtype))
+                next_pow2(max(c, 1)))
+        if interp:
+            launch(_fwd_kernel, (tiles, cdiv(cout, 16)), args, BLOCK_M=block_m, BLOCK_N=16, BLOCK_K=16,
+                STATS=stats, PRECISION=dot_precision(x.dtype))
         else:
-            grid = lambda meta: (tiles, triton.cdiv(cout, meta["BLOCK_N"]))  # noqa: E731
-            _fwd_tuned[grid](*args, BLOCK_M=block_m, STATS=stats, PRECISION=dot_precision(x.dtype))
+            grid = lambda meta: (tiles, cdiv(cout, meta["BLOCK_N"]))  # noqa: E731
+            launch(_fwd_tuned, grid, args, BLOCK_M=block_m, STATS=stats, PRECISION=dot_precision(x.dtype))
     if not stats:
-        empty = x.new_empty(0, dtype=torch.float32)
-        return out, empty, empty
+        return out, None, None
     mean, var = merge_stats(part, m, block_m,
                             affine=None if bn_out is None else (bn_out, bn_gamma, bn_beta, float(bn_eps)))
     return out, mean, var
 
 
-def _splits(m, c):
+def _splits(m, c, interp):
     """Row splits of the backward: shape-only, about two waves of 132 programs for 64-channel
     column blocks (each split writes a Cout x C fp32 partial of dW that is read back once)."""
-    if _INTERPRET:
-        return max(1, min(4, triton.cdiv(m, 32)))
-    return max(1, min(triton.cdiv(m, 128), triton.cdiv(264, triton.cdiv(c, 64))))
+    if interp:
+        return max(1, min(4, cdiv(m, 32)))
+    return max(1, min(cdiv(m, 128), cdiv(264, cdiv(c, 64))))
 
 
 def triton_bwd(dout, x, scale, shift, weight, mean, rstd, G, P=None, Q=None, count=0, db_b=None, db_mean=None,
@@ -473,55 +481,78 @@ def triton_bwd(dout, x, scale, shift, weight, mean, rstd, G, P=None, Q=None, cou
     if x.dtype == torch.float64:
         raise RuntimeError("bnrelu_conv1x1_bwd: the Triton kernel takes float32/float16/bfloat16; "
                            "float64 runs bwd_chunked")
+    return _triton_bwd(dout, x, scale, shift, weight, mean, rstd, G, P, Q, count, *fin)
+
+
+def _triton_bwd(dout, x, scale, shift, weight, mean, rstd, G, P=None, Q=None, count=0, db_b=None, db_mean=None,
+                db_p=None, db_q=None, db_scale=None):
+    """triton_bwd without the checks (the block's hot path)."""
     m, c = x.shape
     cout = weight.shape[0]
-    cout_pad = max(16, triton.next_power_of_2(cout))
-    splits = _splits(m, c)
+    cout_pad = max(16, next_pow2(cout))
+    interp = interpreted(x)
+    splits = _splits(m, c, interp)
     pdw = torch.empty((splits, cout, c), dtype=torch.float32, device=x.device)
     psum = torch.empty((2, splits, c), dtype=torch.float32, device=x.device)
     if m > 0 and c > 0:
         args = (dout, dout.stride(0), x, x.stride(0), scale, shift, weight, weight.stride(0), mean, rstd,
-                G, G.stride(0), pdw, psum[0], psum[1], m, c, cout, triton.next_power_of_2(c), splits)
+                G, G.stride(0), pdw, psum[0], psum[1], m, c, cout, next_pow2(c), splits)
         finish = db_b is not None
         args += (db_b, db_b.stride(0), db_mean, db_p, db_q, db_scale) if finish else (dout, 0, scale, scale, scale,
                                                                                       scale)  # unused
-        if _INTERPRET:
-            _bwd_kernel[(triton.cdiv(c, 16), splits)](*args, BLOCK_M=32, BLOCK_C=16, COUT_PAD=cout_pad,
-                                                      PRECISION=dot_precision(x.dtype), FINISH=finish)
+        if interp:
+            launch(_bwd_kernel, (cdiv(c, 16), splits), args, BLOCK_M=32, BLOCK_C=16, COUT_PAD=cout_pad,
+                PRECISION=dot_precision(x.dtype), FINISH=finish)
         else:
-            grid = lambda meta: (triton.cdiv(c, meta["BLOCK_C"]), splits)  # noqa: E731
-            _bwd_tuned[grid](*args, COUT_PAD=cout_pad, PRECISION=dot_precision(x.dtype), FINISH=finish)
+            grid = lambda meta: (cdiv(c, meta["BLOCK_C"]), splits)  # noqa: E731
+            launch(_bwd_tuned, grid, args, COUT_PAD=cout_pad, PRECISION=dot_precision(x.dtype), FINISH=finish)
     else:
         pdw.zero_()
         psum.zero_()
     # fixed-order reductions over the splits (dweight, the sums and the block's P, Q): one launch
     dweight = torch.empty((cout, c), dtype=torch.float32, device=x.device)
-    dbeta = torch.empty(c, dtype=torch.float32, device=x.device)
-    dgamma = torch.empty(c, dtype=torch.float32, device=x.device)
+    dbeta, dgamma = torch.empty((2, c), dtype=torch.float32, device=x.device).unbind(0)
     if c > 0:
         update = P is not None
         block_w = 1024
-        w_programs = triton.cdiv(cout * c, block_w)
-        _bwd_finish_kernel[(w_programs + triton.cdiv(c, 256),)](
-            pdw, dweight, cout * c, psum[0], psum[1], splits, c, scale, rstd, dbeta, dgamma,
-            P if update else dbeta, Q if update else dgamma, 1.0 / count if update else 0.0, w_programs,
-            UPDATE_PQ=update, BLOCK_W=block_w, BLOCK=256)
+        w_programs = cdiv(cout * c, block_w)
+        launch(_bwd_finish_kernel, (w_programs + cdiv(c, 256),), (pdw, dweight, cout * c, psum[0], psum[1],
+            splits, c, scale, rstd, dbeta, dgamma, P if update else dbeta, Q if update else dgamma,
+            1.0 / count if update else 0.0, w_programs), UPDATE_PQ=update, BLOCK_W=block_w, BLOCK=256)
     return dweight, dgamma, dbeta
 
 
-def _cuda_fwd(x, scale, shift, weight, stats, bn_out=None, bn_gamma=None, bn_beta=None, bn_eps=0.0):
+def cuda_fwd(x, scale, shift, weight, stats, bn_out=None, bn_gamma=None, bn_beta=None, bn_eps=0.0):
+    """The CUDA implementation of the op (checked), as the dispatcher runs it."""
     if cuda_gemm_impl(x.dtype) == "aten":
         return fwd_chunked(x, scale, shift, weight, stats, bn_out, bn_gamma, bn_beta, bn_eps)
     return triton_fwd(x, scale, shift, weight, stats, bn_out, bn_gamma, bn_beta, bn_eps)
 
 
-def _cuda_bwd(dout, x, scale, shift, weight, mean, rstd, G, P=None, Q=None, count=0, db_b=None, db_mean=None,
-              db_p=None, db_q=None, db_scale=None):
+def cuda_fwd_trusted(x, scale, shift, weight, stats, bn_out=None, bn_gamma=None, bn_beta=None, bn_eps=0.0):
+    """cuda_fwd for the block's hot path: no argument checks, (out, None, None) without ``stats``."""
+    if cuda_gemm_impl(x.dtype) == "aten":
+        return fwd_chunked(x, scale, shift, weight, stats, bn_out, bn_gamma, bn_beta, bn_eps)
+    return _triton_fwd(x, scale, shift, weight, stats, bn_out, bn_gamma, bn_beta, bn_eps)
+
+
+def cuda_bwd(dout, x, scale, shift, weight, mean, rstd, G, P=None, Q=None, count=0, db_b=None, db_mean=None,
+             db_p=None, db_q=None, db_scale=None):
+    """The CUDA implementation of the op (checked), as the dispatcher runs it."""
     fin = (db_b, db_mean, db_p, db_q, db_scale)
     if cuda_gemm_impl(x.dtype) == "aten":
         return bwd_chunked(dout, x, scale, shift, weight, mean, rstd, G, P, Q, count, *fin)
     return triton_bwd(dout, x, scale, shift, weight, mean, rstd, G, P, Q, count, *fin)
 
 
-_lib.impl("bnrelu_conv1x1_fwd", on_tensor_device(_cuda_fwd), "CUDA")
-_lib.impl("bnrelu_conv1x1_bwd", on_tensor_device(_cuda_bwd), "CUDA")
+def cuda_bwd_trusted(dout, x, scale, shift, weight, mean, rstd, G, P=None, Q=None, count=0, db_b=None, db_mean=None,
+                     db_p=None, db_q=None, db_scale=None):
+    """cuda_bwd for the block's hot path: no argument checks."""
+    fin = (db_b, db_mean, db_p, db_q, db_scale)
+    if cuda_gemm_impl(x.dtype) == "aten":
+        return bwd_chunked(dout, x, scale, shift, weight, mean, rstd, G, P, Q, count, *fin)
+    return _triton_bwd(dout, x, scale, shift, weight, mean, rstd, G, P, Q, count, *fin)
+
+
+_lib.impl("bnrelu_conv1x1_fwd", on_tensor_device(cuda_fwd), "CUDA")
+_lib.impl("bnrelu_conv1x1_bwd", on_tensor_device(cuda_bwd), "CUDA")

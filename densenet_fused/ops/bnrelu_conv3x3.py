@@ -26,15 +26,17 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._common import acc_dtype, on_tensor_device
+from .launch import cuda_path, interpreted, launch
+from ._common import acc_dtype, cdiv, next_pow2, on_tensor_device
 from ._triton_common import bnrelu_tile, cuda_gemm_impl, dot_precision, merge_stats, store_tile_stats
 from .bn_grad_finish import bn_grad_finish
 from .bn_scale_shift import bn_scale_shift
 from .channel_stats import channel_stats
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _IMPLS = ("aten", "triton")
 _cuda_impl = os.environ.get("DENSENET_FUSED_CONV3X3", "triton")
+if _cuda_impl not in _IMPLS:  # refused at import: a typo must not silently mean another implementation
+    raise ImportError(f"DENSENET_FUSED_CONV3X3={_cuda_impl!r}: expected one of {', '.join(_IMPLS)}")
 
 
 def set_conv3x3_impl(name: str) -> None:
@@ -64,6 +66,16 @@ def _check(b, scale, shift, weight, nhw, op):
     if weight.dim() != 4 or weight.shape[1:] != (cb, 3, 3) or weight.dtype != b.dtype:
         raise RuntimeError(f"{op}: expected weight of shape (k, {cb}, 3, 3) and dtype {b.dtype}, got "
                            f"{tuple(weight.shape)} {weight.dtype}")
+
+
+def weight_layout(weight) -> torch.memory_format:
+    """The layout the kernels read ``weight`` in and write its gradient in: contiguous, or channels-last
+    (a channels-last model's 3x3 weights: no copy of the weight, no relayout of its gradient)."""
+    if weight.is_contiguous():
+        return torch.contiguous_format
+    if weight.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    raise RuntimeError(f"bnrelu_conv3x3: expected a contiguous or channels-last weight, got strides {weight.stride()}")
 
 
 # ----------------------------------------------------------------------------- ATen kernels
@@ -137,15 +149,15 @@ def triton_dropout_mask(seed: torch.Tensor, p: float, m: int, k: int, dtype) -> 
     """``dropout_mask`` by the Triton kernel (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1)."""
     out = torch.empty((m, k), dtype=dtype, device=seed.device)
     if m * k > 0:
-        _dropout_mask_kernel[(triton.cdiv(m * k, 1024),)](seed, out, m * k, _drop_threshold(p), _drop_scale(p),
-                                                          BLOCK=1024)
+        launch(_dropout_mask_kernel, (cdiv(m * k, 1024),), (seed, out, m * k, _drop_threshold(p),
+            _drop_scale(p)), BLOCK=1024)
     return out
 
 
 def dropout_mask(seed: torch.Tensor, p: float, m: int, k: int, dtype) -> torch.Tensor:
     """The (m, k) dropout mask of ``seed`` (0 or 1/(1-p), in ``dtype``): a Triton kernel on CUDA (one
     launch, no host synchronization), plain torch on the CPU."""
-    if seed.is_cuda:
+    if cuda_path(seed.device):
         return triton_dropout_mask(seed, p, m, k, dtype)
     r = philox_randint(int(seed.item()), torch.arange(m * k, device=seed.device).view(m, k))
     return ((r >> 8) >= _drop_threshold(p)).to(dtype) * _drop_scale(p)
@@ -211,7 +223,8 @@ def _bwd_aten(dy, b, scale, shift, weight, nhw, mean, rstd, count=0, dy_x=None, 
     g2 = torch.where(on, da2.permute(0, 2, 3, 1).reshape(b.shape[0], -1).to(acc), 0)
     dbeta = g2.sum(0)
     dgamma = (g2 * ((b.to(acc) - mean) * rstd)).sum(0)
-    return (g2, dw.to(acc).contiguous(), dgamma, dbeta) + _pq(scale, rstd, dgamma, dbeta, count)
+    return (g2, dw.to(acc).contiguous(memory_format=weight_layout(weight)), dgamma, dbeta) + \
+        _pq(scale, rstd, dgamma, dbeta, count)
 
 
 # ----------------------------------------------------------------------------- Triton kernels
@@ -226,9 +239,19 @@ def _neighbour(rm, row_ok, H, Wd, dh, dw):
 
 
 @triton.jit
+def _w_offset(co, ci, tap, CB, W_CL: tl.constexpr):
+    """Offset of W[co, ci, tap] in a (k, Cb, 3, 3) weight: contiguous, or channels-last (W_CL: the
+    layout of a channels-last model's parameters and gradients, read without a copy)."""
+    if W_CL:
+        return (co * 9 + tap) * CB + ci
+    else:
+        return co * (CB * 9) + ci * 9 + tap
+
+
+@triton.jit
 def _fwd_kernel(B, SCALE, SHIFT, W, OUT, ldo, PMEAN, PM2, M, H, Wd, CB, K, SEED, DROP_T, drop_scale,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                STATS: tl.constexpr, PRECISION: tl.constexpr, DROP: tl.constexpr):
+                STATS: tl.constexpr, PRECISION: tl.constexpr, DROP: tl.constexpr, W_CL: tl.constexpr):
     """out[m, n] = sum_{tap, ci} relu(bn2(B))[m + tap, ci] * W[n, ci, tap], zero outside the image
     (W in its own (k, Cb, 3, 3) layout: no permuted copy per call); with DROP, dropout's mask and
     scale applied before the store and the statistics."""
@@ -245,7 +268,7 @@ def _fwd_kernel(B, SCALE, SHIFT, W, OUT, ldo, PMEAN, PM2, M, H, Wd, CB, K, SEED,
             rk = k0 + tl.arange(0, BLOCK_K)
             k_ok = rk < CB
             a = bnrelu_tile(B, src, CB, rk, ok[:, None] & k_ok[None, :], SCALE, SHIFT, k_ok).to(B.dtype.element_ty)
-            w = tl.load(W + rn[None, :] * (CB * 9) + rk[:, None] * 9 + tap, mask=k_ok[:, None] & n_ok[None, :],
+            w = tl.load(W + _w_offset(rn[None, :], rk[:, None], tap, CB, W_CL), mask=k_ok[:, None] & n_ok[None, :],
                         other=0.0)
             acc = tl.dot(a, w, acc, input_precision=PRECISION)
     rm64 = rm.to(tl.int64)
@@ -279,7 +302,7 @@ def _dy_tile(DY, lddy, X, ldx, XMEAN, XP, XQ, rows64, cols, mask, cols_ok, SEED,
 def _dgrad_kernel(DY, lddy, X, ldx, XMEAN, XP, XQ, B, SCALE, SHIFT, MEAN, RSTD, W, G2, PSG, PSGX, M, H, Wd, CB, K,
                   SEED, DROP_T, drop_scale,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
-                  FINISH: tl.constexpr, DROP: tl.constexpr):
+                  FINISH: tl.constexpr, DROP: tl.constexpr, W_CL: tl.constexpr):
     """g2[m, ci] = (y2 > 0) * sum_{tap, co} dy[m - tap, co] * W[co, ci, tap]; per-tile sums of g2, g2*xhat2."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -296,7 +319,7 @@ def _dgrad_kernel(DY, lddy, X, ldx, XMEAN, XP, XQ, B, SCALE, SHIFT, MEAN, RSTD, 
             k_ok = rk < K
             d = _dy_tile(DY, lddy, X, ldx, XMEAN, XP, XQ, src, rk, ok[:, None] & k_ok[None, :], k_ok, SEED, K, DROP_T,
                          drop_scale, FINISH, B.dtype.element_ty, DROP)
-            w = tl.load(W + rk[:, None] * (CB * 9) + rn[None, :] * 9 + tap, mask=k_ok[:, None] & n_ok[None, :],
+            w = tl.load(W + _w_offset(rk[:, None], rn[None, :], tap, CB, W_CL), mask=k_ok[:, None] & n_ok[None, :],
                         other=0.0)
             acc = tl.dot(d, w, acc, input_precision=PRECISION)
     rm64 = rm.to(tl.int64)
@@ -340,9 +363,10 @@ def _wgrad_kernel(DY, lddy, X, ldx, XMEAN, XP, XQ, B, SCALE, SHIFT, PDW, M, H, W
 
 @triton.jit
 def _bwd_finish_kernel(PDW, SPLITS, DW, PSG, PSGX, TILES, SCALE, RSTD, DGAMMA, DBETA, P, Q, inv_count, CB, K,
-                       W_PROGRAMS, BLOCK_W: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+                       W_PROGRAMS, BLOCK_W: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+                       W_CL: tl.constexpr):
     """One launch finishes the backward, every sum in a fixed order: programs [0, W_PROGRAMS) reduce
-    the wgrad partials over the splits into dweight in its (k, Cb, 3, 3) layout; the others reduce
+    the wgrad partials over the splits into dweight in the weight's layout (contiguous or channels-last); the others reduce
     the dgrad tiles' sums of g2 and g2*xhat2 (BLOCK_T tiles at a time, then a fixed tree) into dbeta,
     dgamma and BN2's input-gradient scalars p = scale*dbeta/count, q = scale*rstd*dgamma/count."""
     pid = tl.program_id(0)
@@ -355,7 +379,7 @@ def _bwd_finish_kernel(PDW, SPLITS, DW, PSG, PSGX, TILES, SCALE, RSTD, DGAMMA, D
         tap = e // (K * CB)
         co = (e // CB) % K
         ci = e % CB
-        tl.store(DW + (co * CB + ci) * 9 + tap, acc, mask=ok)
+        tl.store(DW + _w_offset(co, ci, tap, CB, W_CL), acc, mask=ok)
     else:
         rc = (pid - W_PROGRAMS) * BLOCK_C + tl.arange(0, BLOCK_C)
         c_ok = rc < CB
@@ -377,8 +401,9 @@ def _bwd_finish_kernel(PDW, SPLITS, DW, PSG, PSGX, TILES, SCALE, RSTD, DGAMMA, D
         tl.store(Q + rc, scale * rstd * dgamma * inv_count, mask=c_ok)
 
 
-def _tiles(small, big):
-    return small if _INTERPRET else big
+def _tiles(t, small, big):
+    """``small`` tiles for launches on ``t`` in the interpreter, ``big`` ones on a GPU."""
+    return small if interpreted(t) else big
 
 
 def _triton_shapes(b, scale, shift, weight, nhw, op):
@@ -386,8 +411,7 @@ def _triton_shapes(b, scale, shift, weight, nhw, op):
     _check(b, scale, shift, weight, nhw, op)
     if b.dtype == torch.float64:
         raise RuntimeError(f"{op}: the Triton kernel takes float32/float16/bfloat16")
-    if not weight.is_contiguous():
-        raise RuntimeError(f"{op}: expected a contiguous weight, got strides {weight.stride()}")
+    weight_layout(weight)
     return nhw[1], nhw[2], b.shape[0], b.shape[1], weight.shape[0]
 
 
@@ -400,61 +424,70 @@ def _drop_args(drop, drop_p, drop_seed, like):
 
 
 def _fwd_triton(b, scale, shift, weight, nhw, out, stats, mean_out=None, var_out=None, bn_out=None, bn_gamma=None,
-                bn_beta=None, bn_eps=0.0, drop_p=0.0, drop_seed=None):
-    h, w, m, cb, k = _triton_shapes(b, scale, shift, weight, nhw, "bnrelu_conv3x3_fwd")
-    drop = _check_drop(drop_p, drop_seed, m, k, b.device, "bnrelu_conv3x3_fwd")
+                bn_beta=None, bn_eps=0.0, drop_p=0.0, drop_seed=None, *, checked=True):
+    """The Triton forward; ``checked`` False (the block's hot path): no argument checks, and (None, None)
+    returned where the op returns empty statistics."""
+    if checked:
+        h, w, m, cb, k = _triton_shapes(b, scale, shift, weight, nhw, "bnrelu_conv3x3_fwd")
+        drop = _check_drop(drop_p, drop_seed, m, k, b.device, "bnrelu_conv3x3_fwd")
+    else:
+        (m, cb), k, h, w, drop = b.shape, weight.shape[0], nhw[1], nhw[2], drop_p > 0
     # 4-byte inputs (fp32 with TF32): half the K step (the 64-wide one spilled 764 B on sm_80, `cost --kernels`)
-    bm, bn, bk = _tiles(32, 128), max(16, min(64, triton.next_power_of_2(k))), _tiles(16, 64 // (b.element_size() // 2))
-    tiles = triton.cdiv(m, bm)
+    bm, bn = _tiles(b, 32, 128), max(16, min(64, next_pow2(k)))
+    bk = _tiles(b, 16, 64 // (b.element_size() // 2))
+    tiles = cdiv(m, bm)
     part = torch.empty((2, tiles, k), dtype=torch.float32, device=b.device)
-    _fwd_kernel[(tiles, triton.cdiv(k, bn))](b, scale, shift, weight, out, out.stride(0), part[0], part[1], m, h, w,
-                                            cb, k, *_drop_args(drop, drop_p, drop_seed, scale), BLOCK_M=bm,
-                                            BLOCK_N=bn, BLOCK_K=bk, STATS=stats, PRECISION=dot_precision(b.dtype),
-                                            DROP=drop, num_warps=4)
-    empty = out.new_empty(0, dtype=torch.float32)
-    if not stats:
-        return empty, torch.empty_like(empty)  # two distinct outputs, no kernel
-    if mean_out is None:
+    launch(_fwd_kernel, (tiles, cdiv(k, bn)), (b, scale, shift, weight, out, out.stride(0), part[0], part[1],
+        m, h, w, cb, k, *_drop_args(drop, drop_p, drop_seed, scale)), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+        STATS=stats, PRECISION=dot_precision(b.dtype), DROP=drop, W_CL=weight_layout(weight) == torch.channels_last,
+        num_warps=4)
+    if stats and mean_out is None:
         return merge_stats(part, m, bm)
-    merge_stats(part, m, bm, mean_out, var_out,
-                affine=None if bn_out is None else (bn_out, bn_gamma, bn_beta, float(bn_eps)))
-    return empty, torch.empty_like(empty)
+    if stats:
+        merge_stats(part, m, bm, mean_out, var_out,
+                    affine=None if bn_out is None else (bn_out, bn_gamma, bn_beta, float(bn_eps)))
+    if not checked:
+        return None, None
+    empty = torch.empty(0, dtype=torch.float32, device=b.device)
+    return empty, torch.empty_like(empty)  # two distinct outputs, no kernel
 
 
 def _bwd_triton(dy, b, scale, shift, weight, nhw, mean, rstd, count=0, dy_x=None, dy_mean=None, dy_p=None,
-                dy_q=None, drop_p=0.0, drop_seed=None):
-    h, w, m, cb, k = _triton_shapes(b, scale, shift, weight, nhw, "bnrelu_conv3x3_bwd")
-    drop = _check_drop(drop_p, drop_seed, m, k, b.device, "bnrelu_conv3x3_bwd")
+                dy_q=None, drop_p=0.0, drop_seed=None, *, checked=True):
+    """The Triton backward; ``checked`` False (the block's hot path): no argument checks."""
+    if checked:
+        h, w, m, cb, k = _triton_shapes(b, scale, shift, weight, nhw, "bnrelu_conv3x3_bwd")
+        drop = _check_drop(drop_p, drop_seed, m, k, b.device, "bnrelu_conv3x3_bwd")
+    else:
+        (m, cb), k, h, w, drop = b.shape, weight.shape[0], nhw[1], nhw[2], drop_p > 0
+    w_cl = weight_layout(weight) == torch.channels_last
     dargs = _drop_args(drop, drop_p, drop_seed, dy)
     finish = dy_x is not None
     fin = (dy_x, dy_x.stride(0), dy_mean, dy_p, dy_q) if finish else (dy, 0, scale, scale, scale)  # unused: dy
-    kpad = max(16, triton.next_power_of_2(k))
-    bm, bn = _tiles(32, 64), _tiles(16, 64)
-    tiles = triton.cdiv(m, bm)
+    kpad = max(16, next_pow2(k))
+    bm, bn = _tiles(b, 32, 64), _tiles(b, 16, 64)
+    tiles = cdiv(m, bm)
     g2 = torch.empty((m, cb), dtype=torch.float32, device=b.device)
     psum = torch.empty((2, tiles, cb), dtype=torch.float32, device=b.device)
-    _dgrad_kernel[(tiles, triton.cdiv(cb, bn))](dy, dy.stride(0), *fin, b, scale, shift, mean, rstd, weight, g2,
-                                               psum[0], psum[1], m, h, w, cb, k, *dargs, BLOCK_M=bm, BLOCK_N=bn,
-                                               BLOCK_K=min(kpad, 64), PRECISION=dot_precision(b.dtype), FINISH=finish,
-                                               DROP=drop, num_warps=4)
+    launch(_dgrad_kernel, (tiles, cdiv(cb, bn)), (dy, dy.stride(0), *fin, b, scale, shift, mean, rstd, weight,
+        g2, psum[0], psum[1], m, h, w, cb, k, *dargs), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=min(kpad, 64),
+        PRECISION=dot_precision(b.dtype), FINISH=finish, DROP=drop, W_CL=w_cl, num_warps=4)
     # 4-byte inputs: 64-row tiles (128 rows took 176 KB of shared memory, over sm_80's 163 KB)
-    bmw, bc = _tiles(32, 128 // (b.element_size() // 2)), _tiles(16, 64)
-    splits = max(1, min(triton.cdiv(m, bmw), _tiles(3, 1024 // (9 * triton.cdiv(cb, bc)) + 1)))
-    tiles_per_split = triton.cdiv(triton.cdiv(m, bmw), splits)
+    bmw, bc = _tiles(b, 32, 128 // (b.element_size() // 2)), _tiles(b, 16, 64)
+    splits = max(1, min(cdiv(m, bmw), _tiles(b, 3, 1024 // (9 * cdiv(cb, bc)) + 1)))
+    tiles_per_split = cdiv(cdiv(m, bmw), splits)
     pdw = torch.empty((splits, 9, k, cb), dtype=torch.float32, device=b.device)
-    _wgrad_kernel[(9 * triton.cdiv(cb, bc), splits)](dy, dy.stride(0), *fin, b, scale, shift, pdw, m, h, w, cb, k,
-                                                     tiles_per_split, *dargs, BLOCK_M=bmw, BLOCK_C=bc, KPAD=kpad,
-                                                     PRECISION=dot_precision(b.dtype), FINISH=finish, DROP=drop,
-                                                     num_warps=4)
-    dweight = torch.empty((k, cb, 3, 3), dtype=torch.float32, device=b.device)
-    vec = torch.empty((4, cb), dtype=torch.float32, device=b.device)  # dgamma, dbeta, p, q
-    block_w, block_c = 1024, _tiles(16, 64)
-    w_programs = triton.cdiv(9 * k * cb, block_w)
-    _bwd_finish_kernel[(w_programs + triton.cdiv(cb, block_c),)](
-        pdw, splits, dweight, psum[0], psum[1], tiles, scale, rstd, vec[0], vec[1], vec[2], vec[3],
-        1.0 / count if count > 0 else 0.0, cb, k, w_programs, BLOCK_W=block_w, BLOCK_T=_tiles(4, 32),
-        BLOCK_C=block_c)
-    return g2, dweight, vec[0], vec[1], vec[2], vec[3]
+    launch(_wgrad_kernel, (9 * cdiv(cb, bc), splits), (dy, dy.stride(0), *fin, b, scale, shift, pdw, m, h, w,
+        cb, k, tiles_per_split, *dargs), BLOCK_M=bmw, BLOCK_C=bc, KPAD=kpad, PRECISION=dot_precision(b.dtype),
+        FINISH=finish, DROP=drop, num_warps=4)
+    dweight = torch.empty((k, cb, 3, 3), dtype=torch.float32, device=b.device, memory_format=weight_layout(weight))
+    vec = torch.empty((4, cb), dtype=torch.float32, device=b.device).unbind(0)  # dgamma, dbeta, p, q
+    block_w, block_c = 1024, _tiles(b, 16, 64)
+    w_programs = cdiv(9 * k * cb, block_w)
+    launch(_bwd_finish_kernel, (w_programs + cdiv(cb, block_c),), (pdw, splits, dweight, psum[0], psum[1],
+        tiles, scale, rstd, *vec, 1.0 / count if count > 0 else 0.0, cb, k,
+        w_programs), BLOCK_W=block_w, BLOCK_T=_tiles(b, 4, 32), BLOCK_C=block_c, W_CL=w_cl)
+    return (g2, dweight, *vec)
 
 
 # ----------------------------------------------------------------------------- the ops
@@ -466,10 +499,10 @@ def _use_triton(b, impl):
     float32 without TF32, which run cuDNN whatever the choice (``_triton_common.cuda_gemm_impl``)."""
     if impl not in ("",) + _IMPLS:
         raise RuntimeError(f"bnrelu_conv3x3: expected impl in {_IMPLS} (or empty for the default), got {impl!r}")
-    return b.is_cuda and cuda_gemm_impl(b.dtype) == "triton" and (impl or _cuda_impl) == "triton"
+    return cuda_path(b.device) and cuda_gemm_impl(b.dtype) == "triton" and (impl or _cuda_impl) == "triton"
 
 
-def _fwd_impl(b, scale, shift, weight, nhw, out, stats, impl="", mean_out=None, var_out=None, bn_out=None,
+def cuda_fwd(b, scale, shift, weight, nhw, out, stats, impl="", mean_out=None, var_out=None, bn_out=None,
               bn_gamma=None, bn_beta=None, bn_eps=0.0, drop_p=0.0, drop_seed=None):
     if out.shape != (b.shape[0], weight.shape[0]) or out.dtype != b.dtype or out.stride(1) != 1:
         raise RuntimeError(f"bnrelu_conv3x3_fwd: expected out of shape ({b.shape[0]}, {weight.shape[0]}), dtype "
@@ -514,7 +547,7 @@ def _check_stats_out(out, stats, mean_out, var_out, bn_out, bn_gamma, bn_beta, b
             raise RuntimeError(f"{op}: expected bn_eps >= 0, got {bn_eps}")
 
 
-def _bwd_impl(dy, b, scale, shift, weight, nhw, mean, rstd, impl="", count=0, dy_x=None, dy_mean=None, dy_p=None,
+def cuda_bwd(dy, b, scale, shift, weight, nhw, mean, rstd, impl="", count=0, dy_x=None, dy_mean=None, dy_p=None,
               dy_q=None, drop_p=0.0, drop_seed=None):
     finish = (dy_x, dy_mean, dy_p, dy_q)
     if any(t is not None for t in finish) and any(t is None for t in finish):
@@ -540,10 +573,30 @@ def _bwd_impl(dy, b, scale, shift, weight, nhw, mean, rstd, impl="", count=0, dy
     return _bwd_aten(dy, b, scale, shift, weight, nhw, mean, rstd, count, *finish, drop_p, drop_seed)
 
 
+def cuda_fwd_trusted(b, scale, shift, weight, nhw, out, stats, impl="", mean_out=None, var_out=None, bn_out=None,
+                     bn_gamma=None, bn_beta=None, bn_eps=0.0, drop_p=0.0, drop_seed=None):
+    """cuda_fwd for the block's hot path: no argument checks (its arguments are right by construction)."""
+    if _use_triton(b, impl):
+        return _fwd_triton(b, scale, shift, weight, nhw, out, stats, mean_out, var_out, bn_out, bn_gamma, bn_beta,
+                           bn_eps, drop_p, drop_seed, checked=False)
+    return _fwd_aten(b, scale, shift, weight, nhw, out, stats, mean_out, var_out, bn_out, bn_gamma, bn_beta, bn_eps,
+                     drop_p, drop_seed)
+
+
+def cuda_bwd_trusted(dy, b, scale, shift, weight, nhw, mean, rstd, impl="", count=0, dy_x=None, dy_mean=None,
+                     dy_p=None, dy_q=None, drop_p=0.0, drop_seed=None):
+    """cuda_bwd for the block's hot path: no argument checks."""
+    if _use_triton(b, impl):
+        return _bwd_triton(dy, b, scale, shift, weight, nhw, mean, rstd, count, dy_x, dy_mean, dy_p, dy_q, drop_p,
+                           drop_seed, checked=False)
+    return _bwd_aten(dy, b, scale, shift, weight, nhw, mean, rstd, count, dy_x, dy_mean, dy_p, dy_q, drop_p,
+                     drop_seed)
+
+
 _lib = torch.library.Library("densenet_fused", "IMPL")
 for _key in ("CPU", "CUDA"):
-    _lib.impl("bnrelu_conv3x3_fwd", on_tensor_device(_fwd_impl), _key)
-    _lib.impl("bnrelu_conv3x3_bwd", on_tensor_device(_bwd_impl), _key)
+    _lib.impl("bnrelu_conv3x3_fwd", on_tensor_device(cuda_fwd), _key)
+    _lib.impl("bnrelu_conv3x3_bwd", on_tensor_device(cuda_bwd), _key)
 
 
 @torch.library.register_fake("densenet_fused::bnrelu_conv3x3_fwd")
@@ -559,7 +612,7 @@ def _(dy, b, scale, shift, weight, nhw, mean, rstd, impl="", count=0, dy_x=None,
       dy_q=None, drop_p=0.0, drop_seed=None):
     acc = acc_dtype(b.dtype)
     cb = b.shape[1]
-    return (b.new_empty(b.shape, dtype=acc), weight.new_empty(weight.shape, dtype=acc),
+    return (b.new_empty(b.shape, dtype=acc), torch.empty_like(weight, dtype=acc, memory_format=weight_layout(weight)),
             *(b.new_empty(cb, dtype=acc) for _ in range(4)))
 
 
@@ -583,7 +636,7 @@ def bnrelu_conv3x3_fwd(b, scale, shift, weight, nhw, out, stats: bool, impl: str
 def bnrelu_conv3x3_bwd(dy, b, scale, shift, weight, nhw, mean, rstd, impl: str = "", count: int = 0, dy_x=None,
                        dy_mean=None, dy_p=None, dy_q=None, drop_p: float = 0.0, drop_seed=None):
     """Backward through conv3x3 and the ReLU of BN2: (g2, dweight, dgamma, dbeta, p, q) with
-    g2 = dA2 * (b*scale+shift > 0) (fp32), dweight of weight's shape (fp32), dgamma = sum(g2*xhat2),
+    g2 = dA2 * (b*scale+shift > 0) (fp32), dweight of weight's shape and layout (fp32), dgamma = sum(g2*xhat2),
     dbeta = sum(g2) per channel, xhat2 = (b - mean) * rstd, and BN2's input-gradient scalars
     p = scale*dbeta/count, q = scale*rstd*dgamma/count (zeros when count is 0).  With dy_x, dy_mean,
     dy_p, dy_q, ``dy`` is the block's fp32 gradient sum G of the new channels and the op finishes

@@ -9,17 +9,16 @@ the last block's NHWC buffer, and its elementwise backward with the whole BatchN
   ``aten_bwd``.
 Under ``TRITON_INTERPRET=1`` the Triton launchers run on CPU tensors (the CI tests).
 """
-import os
 from typing import Sequence
 
 import torch
 import triton
 import triton.language as tl
 
+from .launch import interpreted, launch
 from ._bn_grad import aten_bn_grad, bn_grad_passes, bn_grad_tile, check_channel_vectors, check_rows, load_bn_vectors
-from ._common import acc_dtype, on_tensor_device
+from ._common import acc_dtype, cdiv, on_tensor_device
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _lib = torch.library.Library("densenet_fused", "IMPL")
 
 
@@ -118,8 +117,8 @@ def _bwd_kernel(DP, X, ldx, SCALE, SHIFT, MEAN, RSTD, P, Q, DX, PSG, PSGX, HW, C
         tl.store(PSGX + img * C + rc, sgx, mask=c_ok)
 
 
-def _blocks():
-    return (16, 16) if _INTERPRET else (32, 128)
+def _blocks(x):
+    return (16, 16) if interpreted(x) else (32, 128)
 
 
 def triton_fwd(x, scale, shift, nhw):
@@ -132,8 +131,9 @@ def triton_fwd(x, scale, shift, nhw):
     c = x.shape[1]
     out = x.new_empty((n, c))
     if n and c:
-        bp, bc = _blocks()
-        _fwd_kernel[(n, triton.cdiv(c, bc))](x, x.stride(0), scale, shift, out, h * w, c, BLOCK_P=bp, BLOCK_C=bc)
+        bp, bc = _blocks(x)
+        launch(_fwd_kernel, (n, cdiv(c, bc)), (x, x.stride(0), scale, shift, out, h * w, c), BLOCK_P=bp,
+            BLOCK_C=bc)
     return out
 
 
@@ -150,29 +150,29 @@ def triton_bwd(dpooled, x, scale, shift, nhw, mean, rstd, batch_stats):
     if n == 0 or c == 0:
         z = torch.zeros(c, dtype=torch.float32, device=x.device)
         return dx, z, z.clone()
-    bp, bc = _blocks()
+    bp, bc = _blocks(x)
     dp = dpooled.contiguous()
-    grid = (n, triton.cdiv(c, bc))
+    grid = (n, cdiv(c, bc))
 
-    def launch(p, q, psg, psgx, pass_, batch):  # the partial sums per image
-        _bwd_kernel[grid](dp, x, x.stride(0), scale, shift, mean, rstd, p, q, dx, psg, psgx, h * w, c,
-                          BLOCK_P=bp, BLOCK_C=bc, PASS=pass_, BATCH=batch)
+    def grad_pass(p, q, psg, psgx, pass_, batch):  # the partial sums per image
+        launch(_bwd_kernel, grid, (dp, x, x.stride(0), scale, shift, mean, rstd, p, q, dx, psg, psgx, h * w, c),
+            BLOCK_P=bp, BLOCK_C=bc, PASS=pass_, BATCH=batch)
 
-    dgamma, dbeta, _, _ = bn_grad_passes(launch, n, x, scale, rstd, batch_stats)
+    dgamma, dbeta, _, _ = bn_grad_passes(grad_pass, n, x, scale, rstd, batch_stats)
     return dx, dgamma, dbeta
 
 
-def _cuda_fwd(x, scale, shift, nhw):
+def cuda_fwd(x, scale, shift, nhw):
     if x.dtype == torch.float64:
         return aten_fwd(x, scale, shift, nhw)
     return triton_fwd(x, scale, shift, nhw)
 
 
-def _cuda_bwd(dpooled, x, scale, shift, nhw, mean, rstd, batch_stats):
+def cuda_bwd(dpooled, x, scale, shift, nhw, mean, rstd, batch_stats):
     if x.dtype == torch.float64:
         return aten_bwd(dpooled, x, scale, shift, nhw, mean, rstd, batch_stats)
     return triton_bwd(dpooled, x, scale, shift, nhw, mean, rstd, batch_stats)
 
 
-_lib.impl("bnrelu_global_avgpool_fwd", on_tensor_device(_cuda_fwd), "CUDA")
-_lib.impl("bnrelu_global_avgpool_bwd", on_tensor_device(_cuda_bwd), "CUDA")
+_lib.impl("bnrelu_global_avgpool_fwd", on_tensor_device(cuda_fwd), "CUDA")
+_lib.impl("bnrelu_global_avgpool_bwd", on_tensor_device(cuda_bwd), "CUDA")

@@ -15,16 +15,15 @@ from the at most 2x2 windows that contain it (no scatter, no atomics, determinis
   in float32, float64 for float64): one launch forward, three backward (sums per row split, their
   fixed-order reduction, dy).  Under ``TRITON_INTERPRET=1`` the launchers run on CPU tensors.
 """
-import os
 from typing import Sequence, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_dtype, on_tensor_device
+from .launch import interpreted, launch
+from ._common import acc_dtype, cdiv, next_pow2, on_tensor_device
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 POOL_KERNEL, POOL_STRIDE, POOL_PADDING = 3, 2, 1
 
 
@@ -241,15 +240,15 @@ def _bwd_dy_kernel(DOUT, IDX, Y, ldy, SCALE, SHIFT, MEAN, RSTD, AB, DY, M, C, H,
 
 
 # ----------------------------------------------------------------------------- launchers
-def _tiles(c):
+def _tiles(c, interp):
     """(pixels, channels, warps) per program of the elementwise kernels (forward, dy) and of the sums kernel:
     shape-only, small tiles under the interpreter.  Compiled for sm_90a (triton 3.8, ptxas -v, C = 64): the
     64x64 / 8-warp forward and dy use 92-141 registers in bf16/fp32 (152-187 in fp64), no spills; the sums
     kernel gathers y with per-element addresses and uses 174-198 registers at 32x64 / 4 warps (spilling
     300 B in fp64), 96-110 (164 in fp64) at 32x32: no spills in any dtype."""
-    if _INTERPRET:
+    if interp:
         return (16, 16, 4), (16, 16, 4)
-    bc = min(64, max(16, triton.next_power_of_2(c)))
+    bc = min(64, max(16, next_pow2(c)))
     return (64, bc, 8), (32, min(32, bc), 4)
 
 
@@ -262,20 +261,20 @@ def triton_fwd(y, scale, shift, nhw):
     out = y.new_empty((p, c))
     index = y.new_empty((p, c), dtype=torch.int8)
     if p and c:
-        (bp, bc, warps), _ = _tiles(c)
-        if y.dtype == torch.float64 and not _INTERPRET:
+        (bp, bc, warps), _ = _tiles(c, interpreted(y))
+        if y.dtype == torch.float64 and not interpreted(y):
             bp //= 2  # 64 fp64 rows spilled 8 B on sm_80 with triton 3.6
-        _fwd_kernel[(triton.cdiv(p, bp), triton.cdiv(c, bc))](y, y.stride(0), scale, shift, out, index, p, c, hgt,
-                                                             wid, hp, wp, BLOCK_P=bp, BLOCK_C=bc, num_warps=warps)
+        launch(_fwd_kernel, (cdiv(p, bp), cdiv(c, bc)), (y, y.stride(0), scale, shift, out, index, p,
+            c, hgt, wid, hp, wp), BLOCK_P=bp, BLOCK_C=bc, num_warps=warps)
     return out, index
 
 
-def _splits(p, c, block_p, block_c):
+def _splits(p, c, block_p, block_c, interp):
     """Row splits of the sums pass: shape-only, about two waves of 132 programs (each split writes
     2*C partial sums, reduced in a fixed order by the finish kernel)."""
-    if _INTERPRET:
-        return max(1, min(3, triton.cdiv(p, block_p)))
-    return max(1, min(triton.cdiv(p, block_p), triton.cdiv(264, triton.cdiv(c, block_c))))
+    if interp:
+        return max(1, min(3, cdiv(p, block_p)))
+    return max(1, min(cdiv(p, block_p), cdiv(264, cdiv(c, block_c))))
 
 
 def triton_bwd(dout, index, y, scale, shift, mean, rstd, nhw, count):
@@ -292,19 +291,18 @@ def triton_bwd(dout, index, y, scale, shift, mean, rstd, nhw, count):
     dgamma = torch.empty(c, dtype=acc, device=y.device)
     if c == 0:
         return dy, dgamma, dbeta
-    (bm, bc, warps), (sp, sc, s_warps) = _tiles(c)
-    splits = _splits(p, c, sp, sc)
+    interp = interpreted(y)
+    (bm, bc, warps), (sp, sc, s_warps) = _tiles(c, interp)
+    splits = _splits(p, c, sp, sc, interp)
     part = torch.empty((2, splits, c), dtype=acc, device=y.device)
     ab = torch.empty((2, c), dtype=acc, device=y.device)
-    _bwd_sums_kernel[(triton.cdiv(c, sc), splits)](dout, index, y, y.stride(0), scale, shift, mean, rstd, part[0],
-                                                  part[1], p, c, hgt, wid, hp, wp, splits, BLOCK_P=sp, BLOCK_C=sc,
-                                                  num_warps=s_warps)
+    launch(_bwd_sums_kernel, (cdiv(c, sc), splits), (dout, index, y, y.stride(0), scale, shift, mean, rstd,
+        part[0], part[1], p, c, hgt, wid, hp, wp, splits), BLOCK_P=sp, BLOCK_C=sc, num_warps=s_warps)
     block = 256
-    _bwd_finish_kernel[(triton.cdiv(c, block),)](part[0], part[1], splits, c, dbeta, dgamma, ab,
-                                                 1.0 / count if count > 0 else 0.0, BLOCK=block)
-    _bwd_dy_kernel[(triton.cdiv(m, bm), triton.cdiv(c, bc))](dout, index, y, y.stride(0), scale, shift, mean, rstd,
-                                                            ab, dy, m, c, hgt, wid, hp, wp, BLOCK_M=bm, BLOCK_C=bc,
-                                                            num_warps=warps)
+    launch(_bwd_finish_kernel, (cdiv(c, block),), (part[0], part[1], splits, c, dbeta, dgamma, ab,
+        1.0 / count if count > 0 else 0.0), BLOCK=block)
+    launch(_bwd_dy_kernel, (cdiv(m, bm), cdiv(c, bc)), (dout, index, y, y.stride(0), scale, shift,
+        mean, rstd, ab, dy, m, c, hgt, wid, hp, wp), BLOCK_M=bm, BLOCK_C=bc, num_warps=warps)
     return dy, dgamma, dbeta
 
 

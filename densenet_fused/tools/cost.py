@@ -235,91 +235,68 @@ def _record_triton(rec: Recording, fn, args, kwargs):
     rec.add(name, read, written)
 
 
-@contextlib.contextmanager
-def _intercept_triton(rec: Recording):
-    """Every Triton launch is recorded instead of run (jit, interpreted and autotuned kernels)."""
-    import triton.runtime.autotuner as autotuner
-    import triton.runtime.jit as jit
-    targets = [(jit.JITFunction, "run"), (autotuner.Autotuner, "run")]
-    try:
-        import triton.runtime.interpreter as interp
-        targets.append((interp.InterpretedFunction, "run"))
-    except ImportError:  # pragma: no cover
-        pass
-    saved = [(cls, name, cls.__dict__[name]) for cls, name in targets]
-
-    def fake_run(self, *args, grid=None, warmup=False, **kwargs):
-        if not warmup:
-            _record_triton(rec, self, args, kwargs)
-
-    try:
-        for cls, name, _ in saved:
-            setattr(cls, name, fake_run)
-        yield
-    finally:
-        for cls, name, orig in saved:
-            setattr(cls, name, orig)
+def _observer(rec: Recording):
+    """The launch seam's observer (ops.launch.recording): records each Triton launch instead of running it."""
+    def observe(kernel, args, constexprs):
+        _record_triton(rec, kernel, args, constexprs)
+    return observe
 
 
-@contextlib.contextmanager
-def _cuda_code_path():
-    """The block's ops routed to their CUDA implementations (the Python launchers; the C++ CUDA
-    ops keep their registered fakes and are costed by _extension_cost), with the GPU's tile
-    choices even where the package was imported under TRITON_INTERPRET=1."""
-    import importlib
-    from .. import block as block_mod
-    op1 = importlib.import_module("densenet_fused.ops.bnrelu_conv1x1")
-    op3 = importlib.import_module("densenet_fused.ops.bnrelu_conv3x3")
-    ss = importlib.import_module("densenet_fused.ops.bn_scale_shift")
-    patches = [(block_mod, dict(bnrelu_conv1x1_fwd=op1._cuda_fwd, bnrelu_conv1x1_bwd=op1._cuda_bwd,
-                                bnrelu_conv3x3_fwd=op3._fwd_impl, bnrelu_conv3x3_bwd=op3._bwd_impl,
-                                bn_scale_shift=ss._cuda)),
-               (op1, dict(_INTERPRET=False)), (op3, dict(_INTERPRET=False))]
-    saved = [(obj, {k: getattr(obj, k) for k in attrs}) for obj, attrs in patches]
-    try:
-        for obj, attrs in patches:
-            for k, v in attrs.items():
-                setattr(obj, k, v)
-        yield
-    finally:
-        for obj, attrs in saved:
-            for k, v in attrs.items():
-                setattr(obj, k, v)
+def _relayout(module, dtype) -> None:
+    """``module.to(dtype, memory_format=channels_last)`` for a module of fake tensors (Module.to swaps
+    fake parameters, which FakeTensorMode refuses): floating parameters and buffers replaced in place."""
+    for mod in module.modules():
+        for name, p in list(mod._parameters.items()):
+            if p is not None:
+                t = p.detach().to(dtype)
+                if t.dim() == 4:
+                    t = t.contiguous(memory_format=torch.channels_last)
+                mod._parameters[name] = torch.nn.Parameter(t, requires_grad=p.requires_grad)
+        for name, b in list(mod._buffers.items()):
+            if b is not None and b.is_floating_point():
+                mod._buffers[name] = b.to(dtype)
+
+
+def _obeys_layout(grad: torch.Tensor, param: torch.Tensor) -> bool:
+    """Whether autograd's gradient accumulation keeps ``grad`` as it is (strides equal where the size is
+    not 1); otherwise it copies it into the parameter's layout: one more launch."""
+    return all(g == p for g, p, n in zip(grad.stride(), param.stride(), param.shape) if n != 1)
 
 
 def record_step(case: CostCase) -> Recording:
-    """Launches of one training step (forward + backward) of the case's block on the CUDA path."""
+    """Launches of one training step of the case's block on the CUDA path, channels-last as the benchmark
+    and a channels-last model run it, 16-bit cases as under autocast (float32 parameters, the case's dtype
+    for the compute): the block's forward and backward (called directly: autograd's engine needs a CUDA
+    driver even for fake tensors) and the gradient accumulation's copies where a gradient does not have
+    its parameter's layout."""
+    import dataclasses
+
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from .. import block as block_mod
-    from ..block import BlockSpec, block_backward, block_forward
-    from ..modules import FusedDenseBlock
+    from ..block import block_backward, block_forward
+    from ..modules import FusedDenseBlock, fused_block_setup
+    from ..ops.launch import recording
 
     rec = Recording()
     with FakeTensorMode(allow_non_fake_inputs=False) as mode:
         with torch.device("cuda"):
             blk = FusedDenseBlock(case.layers, case.c0, case.bn_size, case.growth).train()
-        layers = list(blk.values())
-        params = []
-        for layer in layers:
-            params += [layer.norm1.weight, layer.norm1.bias, layer.conv1.weight, layer.norm2.weight,
-                       layer.norm2.bias, layer.conv2.weight]
+        half = case.dtype in (torch.bfloat16, torch.float16)
+        _relayout(blk, torch.float32 if half else case.dtype)
         shape = (case.batch, case.c0, case.hw, case.hw)
         x = torch.empty(shape, dtype=case.dtype, device="cuda").to(memory_format=torch.channels_last)
         c_total = case.c0 + case.layers * case.growth
         grad = torch.empty((case.batch, c_total, case.hw, case.hw), dtype=case.dtype, device="cuda").to(
             memory_format=torch.channels_last)
-        spec = BlockSpec(layers=layers, num_input_features=case.c0, growth_rate=case.growth, training=True,
-                         dtype=case.dtype)
-        saved_trace = block_mod.trace
-        block_mod.trace = rec.mark
-        try:
-            with _cuda_code_path(), _intercept_triton(rec), _Recorder(rec), torch.no_grad():
-                out, (stats, seeds, kept) = block_forward(spec, x, params, save=True)
-                rec.mark("backward", -1)
-                block_backward(spec, out, grad, params, stats, seeds, kept, (x.dtype, True), True)
-        finally:
-            block_mod.trace = saved_trace
+        with recording(_observer(rec), on_mark=rec.mark), _Recorder(rec), torch.no_grad():
+            spec, params = fused_block_setup(blk, x.to(blk.denselayer1.conv1.weight.dtype))
+            spec = dataclasses.replace(spec, dtype=case.dtype)  # what autocast would choose
+            out, (stats, seeds, kept, weights) = block_forward(spec, x, params, save=True)
+            rec.mark("backward", -1)
+            _, grads = block_backward(spec, out, grad, params, stats, seeds, kept, weights, (x.dtype, True), True)
+            for p, g in zip(params, grads):
+                if not _obeys_layout(g, p):
+                    rec.add("aten.copy_ (gradient accumulation: layout)", _nbytes(g), _nbytes(p))
     del mode
     return rec
 
@@ -431,47 +408,35 @@ HEADS = (("densenet121", 128, 7, 7, 1024), ("densenet_bc100", 64, 8, 8, 342))  #
 STEMS = (("densenet121", 128, 112, 112, 64), ("densenet161", 128, 112, 112, 96))  # conv0's output
 
 
-@contextlib.contextmanager
-def _edge_code_path():
-    """The transition, head and stem launchers with the GPU's tiles even where the package was
-    imported under TRITON_INTERPRET=1."""
-    import importlib
-    mods = [importlib.import_module(f"densenet_fused.ops.{m}")
-            for m in ("bnrelu_avgpool_conv1x1", "bnrelu_global_avgpool", "bnrelu_maxpool")]
-    saved = [m._INTERPRET for m in mods]
-    try:
-        for m in mods:
-            m._INTERPRET = False
-        yield mods
-    finally:
-        for m, v in zip(mods, saved):
-            m._INTERPRET = v
-
-
 def record_edges(dtype) -> Recording:
     """Triton launches of the transition, head and stem ops' CUDA code paths (forward, backward with
     batch statistics and without: eval, or statistics synchronized across processes) at the shapes
     above in ``dtype``, on fake CUDA tensors (TF32 as torch.backends.cuda.matmul.allow_tf32 says)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
+    import importlib
+
+    from ..ops.launch import recording
+    trans, head, stem = (importlib.import_module(f"densenet_fused.ops.{m}")
+                         for m in ("bnrelu_avgpool_conv1x1", "bnrelu_global_avgpool", "bnrelu_maxpool"))
     rec = Recording()
-    with FakeTensorMode(allow_non_fake_inputs=False) as mode, _edge_code_path() as (trans, head, stem), \
-            _intercept_triton(rec), torch.no_grad(), torch.device("cuda"):
+    with FakeTensorMode(allow_non_fake_inputs=False) as mode, recording(_observer(rec)), torch.no_grad(), \
+            torch.device("cuda"):
         acc = torch.float64 if dtype == torch.float64 else torch.float32
         vec = lambda c: torch.empty(c, dtype=acc)  # noqa: E731
         for _, n, h, w, c, cout, ldo in TRANSITIONS:
             x, wt = torch.empty((n * h * w, c), dtype=dtype), torch.empty((cout, c), dtype=dtype)
             mo = n * (h // 2) * (w // 2)
             out = torch.empty((mo, ldo), dtype=dtype)[:, :cout]
-            trans._cuda_fwd(x, vec(c), vec(c), wt, [n, h, w], out)
+            trans.cuda_fwd(x, vec(c), vec(c), wt, [n, h, w], out)
             for batch in (True, False):
-                trans._cuda_bwd(torch.empty((mo, cout), dtype=dtype), x, vec(c), vec(c), wt, [n, h, w], vec(c),
+                trans.cuda_bwd(torch.empty((mo, cout), dtype=dtype), x, vec(c), vec(c), wt, [n, h, w], vec(c),
                                 vec(c), batch)
         for _, n, h, w, c in HEADS:
             x = torch.empty((n * h * w, c), dtype=dtype)
-            head._cuda_fwd(x, vec(c), vec(c), [n, h, w])
+            head.cuda_fwd(x, vec(c), vec(c), [n, h, w])
             for batch in (True, False):
-                head._cuda_bwd(torch.empty((n, c), dtype=dtype), x, vec(c), vec(c), [n, h, w], vec(c), vec(c), batch)
+                head.cuda_bwd(torch.empty((n, c), dtype=dtype), x, vec(c), vec(c), [n, h, w], vec(c), vec(c), batch)
         for _, n, h, w, c in STEMS:
             y = torch.empty((n * h * w, c), dtype=dtype)
             out, index = stem.triton_fwd(y, vec(c), vec(c), [n, h, w])
@@ -676,11 +641,16 @@ def edges_report(arch: int = 90) -> str:
                         compile_rows(precision_recordings(record_edges), arch), arch)
 
 
-def main(case: str = "densenet121_block3", kernels: bool = False, arch: int = 90) -> int:
+def main(case: str = "densenet121_block3", kernels: bool = False, arch: int = 90, host: bool = False,
+         processes: int = 3, steps: int = 20) -> int:
     """Print the report of one case (or of every case with "all"): the last line is the summary.
     ``arch``: the compute capability --kernels compiles for (90: sm_90a, 80: sm_80).  With
     ``kernels``, the case ``transition_head_stem`` (also in "all") compiles the transition, head and
-    stem kernels."""
+    stem kernels.  With ``host``, the host time of a training step against torchvision's block
+    (host_cost.py: ``processes`` processes per provider, ``steps`` timed steps each)."""
+    if host:
+        from .host_cost import main as host_main
+        return host_main(case, processes=processes, steps=steps)
     names = list(CASES) + ([EDGES] if kernels else []) if case == "all" else [case]
     for i, name in enumerate(names):
         if name == EDGES and kernels:

@@ -174,33 +174,33 @@ def test_cuda_registration_routes_by_dtype_and_tf32():
     x16, w16 = x.half(), weight.half()
     want16 = op.triton_fwd(x16, scale, shift, w16, False)[0]
     with patched(op, triton_fwd=spy("triton", op.triton_fwd), fwd_chunked=spy("aten", op.fwd_chunked)):
-        out, _, _ = op._cuda_fwd(x, scale, shift, weight, False)
+        out, _, _ = op.cuda_fwd(x, scale, shift, weight, False)
         assert calls == ["aten"]
         assert _err(out, oracle.bnrelu_conv1x1_fwd(x, scale, shift, weight)) <= 2e-6
-        out16, _, _ = op._cuda_fwd(x16, scale, shift, w16, False)
+        out16, _, _ = op.cuda_fwd(x16, scale, shift, w16, False)
         assert calls == ["aten", "triton"]
         assert torch.equal(out16, want16)
         with patched(torch.backends.cuda.matmul, allow_tf32=True):
-            op._cuda_fwd(x, scale, shift, weight, False)
+            op.cuda_fwd(x, scale, shift, weight, False)
         assert calls[2] == "triton"
         x64, s64, h64 = x.double(), scale.double(), shift.double()
-        out64, _, _ = op._cuda_fwd(x64, s64, h64, weight.double(), False)
+        out64, _, _ = op.cuda_fwd(x64, s64, h64, weight.double(), False)
         assert calls[3] == "aten"
     assert _err(out64, oracle.bnrelu_conv1x1_fwd(x64, s64, h64, weight.double())) <= 1e-12
     G = torch.zeros(37, 13, device=DEVICE)
     dout = torch.randn(37, 9, device=DEVICE)
     _, _, _, _, mean, rstd = _args(37, 20, 13, 9, torch.float32)
     with patched(op, triton_bwd=spy("triton", op.triton_bwd), bwd_chunked=spy("aten", op.bwd_chunked)):
-        op._cuda_bwd(dout, x, scale, shift, weight, mean, rstd, G)
-        op._cuda_bwd(dout.half(), x16, scale, shift, w16, mean, rstd, G)
+        op.cuda_bwd(dout, x, scale, shift, weight, mean, rstd, G)
+        op.cuda_bwd(dout.half(), x16, scale, shift, w16, mean, rstd, G)
     assert calls[4:] == ["aten", "triton"]
     # with dB finished from g2: the same routes, the same results as the unfused pair
     g2, b = torch.randn(37, 9, device=DEVICE), torch.randn(37, 9, device=DEVICE)
     mu2, p2, q2, s2 = (torch.randn(9, device=DEVICE) for _ in range(4))
     with patched(op, triton_bwd=spy("triton", op.triton_bwd), bwd_chunked=spy("aten", op.bwd_chunked)):
-        got = op._cuda_bwd(g2, x, scale, shift, weight, mean, rstd, torch.zeros(37, 13, device=DEVICE), None, None, 0,
+        got = op.cuda_bwd(g2, x, scale, shift, weight, mean, rstd, torch.zeros(37, 13, device=DEVICE), None, None, 0,
                            b, mu2, p2, q2, s2)
-        op._cuda_bwd(g2, x16, scale, shift, w16, mean, rstd, torch.zeros(37, 13, device=DEVICE), None, None, 0,
+        op.cuda_bwd(g2, x16, scale, shift, w16, mean, rstd, torch.zeros(37, 13, device=DEVICE), None, None, 0,
                      b.half(), mu2, p2, q2, s2)
     assert calls[6:] == ["aten", "triton"]
     db = g2 * s2 - p2 - (b - mu2) * q2

@@ -240,3 +240,13 @@ def test_dropout_bad_input():
     with pytest.raises(RuntimeError, match="expected 0 <= drop_p <= 1"):
         op.bnrelu_conv3x3_fwd(b, scale, shift, weight, [2, 3, 4], out, False, drop_p=1.5,
                               drop_seed=torch.zeros(1, dtype=torch.int64))
+
+
+def test_a_bad_conv3x3_environment_value_is_refused_at_import():
+    import subprocess
+    import sys
+    env = dict(os.environ, DENSENET_FUSED_CONV3X3="bogus")
+    res = subprocess.run([sys.executable, "-c", "import densenet_fused"], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert res.returncode != 0
+    assert "DENSENET_FUSED_CONV3X3='bogus': expected one of aten, triton" in res.stderr.strip().splitlines()[-1]
