@@ -27,9 +27,13 @@ device-side assert, a launch failure), every later test in that process is skipp
 after <test>") and, without xdist, the session stops as after -x: the log keeps the first crash, not a
 cascade.  A crash that kills the process (a segfault) ends a run without xdist; faulthandler's traceback
 and the last test started are in the log.
+
+``--deadline EPOCH_SECONDS``: tests not started by then are skipped (with that reason), so a run under a
+hard time limit still ends with its report (failures and their tracebacks) instead of being killed.
 """
 import inspect
 import re
+import time
 
 import pytest
 
@@ -47,6 +51,8 @@ def pytest_addoption(parser):
                     help="collect as a CUDA machine would (torch.cuda.is_available() is True); with --collect-only")
     group.addoption("--cuda-also", action="append", default=[], metavar="NODEID",
                     help="also keep the tests whose node id starts with NODEID (repeatable)")
+    group.addoption("--deadline", type=float, default=None, metavar="EPOCH_SECONDS",
+                    help="skip the tests not started by then, so the run ends with its report before a hard limit")
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -134,3 +140,6 @@ def pytest_runtest_makereport(item, call):
 def pytest_runtest_setup(item):
     if _lost:
         pytest.skip(f"CUDA context lost after {_lost[0]}")
+    deadline = item.config.getoption("deadline")
+    if deadline is not None and time.time() > deadline:
+        pytest.skip("not started: the test step's time budget had ended (--deadline)")

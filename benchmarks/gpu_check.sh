@@ -57,13 +57,14 @@ run_step() {
     t0=$(date +%s)
     left=$((BUDGET_S - (t0 - START) - RESERVE))
     limit=$((cap < left ? cap : left))
+    case ",${GPU_CHECK_SKIP:-}," in *",$name,"*) note "SKIPPED $name: named in GPU_CHECK_SKIP"; return 0 ;; esac
     if [ "$DRY" = 1 ]; then
         limit=3600
     elif [ "$limit" -lt "$MIN_S" ]; then
         note "SKIPPED $name: $((left + RESERVE)) s left of $BUDGET_S"
         return 0
     fi
-    case ",${GPU_CHECK_SKIP:-}," in *",$name,"*) note "SKIPPED $name: named in GPU_CHECK_SKIP"; return 0 ;; esac
+    export STEP_DEADLINE=$((t0 + limit - 25))  # pytest steps stop starting tests then, and still report
     echo "===== $name ($(date -u +%FT%TZ), limit ${limit}s): $*" >> "$log"
     timeout -k 10 "$limit" bash -c '"$@"' "$name" "$@" 2>&1 | tee -a "$log" | tail -n 30
     rc=${PIPESTATUS[0]}
@@ -133,7 +134,7 @@ gpu_tests() {
     local extra=()
     "$PY" -c "import xdist" 2>/dev/null && extra+=(-n 8)
     "$PY" -c "import pytest_timeout" 2>/dev/null && extra+=(--timeout 120)
-    "$PY" -m pytest "${sel[@]}" -q -rfEs --durations 15 "${extra[@]}"
+    "$PY" -m pytest "${sel[@]}" -q -rfEs --durations 15 --deadline "$STEP_DEADLINE" "${extra[@]}"
 }
 
 kernels() {
@@ -141,7 +142,8 @@ kernels() {
         "$PY" -m pytest -p cuda_tests --as-if-cuda --collect-only -q -p no:cacheprovider benchmarks/ops
         return
     fi
-    "$PY" -m pytest -q -p no:cacheprovider benchmarks/ops --benchmark-json="$OUT/kernels.json" &&
+    "$PY" -m pytest -q -p no:cacheprovider -p cuda_tests --deadline "$STEP_DEADLINE" benchmarks/ops \
+        --benchmark-json="$OUT/kernels.json" &&
         "$PY" benchmarks/summarize_kernels.py "$OUT/kernels.json"
 }
 

@@ -184,3 +184,12 @@ def test_cuda_tests_run_order():
     got = sorted((SimpleNamespace(nodeid=i) for i in ids), key=cuda_tests._priority)
     assert [i.nodeid for i in got] == ["tests/test_build.py::t", "tests/test_block.py::t", "tests/test_models.py::t",
                                        "tests/tools/test_b.py::t", "tests/ops/test_a.py::t"]
+
+
+def test_tests_not_started_by_the_deadline_are_skipped(tmp_path):
+    (tmp_path / "test_late.py").write_text("def test_a(): pass\ndef test_b(): pass\n")
+    proc = _pytest(tmp_path, "-rs", "--deadline", "1")  # 1970: every test is late
+    assert proc.returncode == 0 and "2 skipped" in proc.stdout
+    assert "not started: the test step's time budget had ended (--deadline)" in proc.stdout
+    proc = _pytest(tmp_path, "--deadline", "4e9")  # 2096
+    assert proc.returncode == 0 and "2 passed" in proc.stdout
