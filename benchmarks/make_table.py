@@ -10,8 +10,9 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 START, END = "<!-- results:start -->", "<!-- results:end -->"
-PROVIDERS = ("fused_keep_b", "fused_aten3x3", "fused_triton3x3",  # fused_triton3x3: results before it became the default
-             "torchvision", "torchvision_me", "torchvision_compile",
+PROVIDERS = ("fused_graphed", "fused_keep_b", "fused_aten3x3",
+             "fused_triton3x3",  # fused_triton3x3: results before it became the default
+             "torchvision", "torchvision_me", "torchvision_compile", "torchvision_graphed",
              "torchvision_compile_budget0.3", "torchvision_compile_budget0.05")
 
 

@@ -1,6 +1,6 @@
 """torch.profiler view of one training step of a block case, per provider (GPU).
 
-    python benchmarks/profile_step.py OUTDIR [--case densenet121_block3_n128] [--providers a,b]
+    python benchmarks/profile_step.py OUTDIR [--case densenet121_block3_n128] [--providers a,b] [--dry-run]
 
 Writes OUTDIR/profile_<case>.txt: per provider, the top kernels by GPU time, the number of
 kernel launches, the GPU busy time (sum of kernel times), the step's wall time and the
@@ -14,7 +14,7 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from densenet_fused.tools.bench import CASES, Runner
+from densenet_fused.tools.bench import CASES, PROVIDERS, Runner
 
 
 def _kernel_events(prof):
@@ -55,12 +55,20 @@ def main(argv=None):
     ap.add_argument("out")
     ap.add_argument("--case", default="densenet121_block3_n128")
     ap.add_argument("--providers", default="fused,fused_aten3x3,torchvision")
+    ap.add_argument("--dry-run", action="store_true", help="check the case and providers, profile nothing")
     args = ap.parse_args(argv)
+    providers = args.providers.split(",")
+    if args.case not in CASES or any(p not in PROVIDERS for p in providers):
+        raise SystemExit(f"unknown case {args.case!r} or provider in {providers}; cases: {', '.join(CASES)}; "
+                         f"providers: {', '.join(PROVIDERS)}")
+    if args.dry_run:
+        print(f"would profile {args.case} (bf16, 5 steps after 3): {', '.join(providers)}")
+        return 0
     os.makedirs(args.out, exist_ok=True)
     case = CASES[args.case]
     head = (f"{torch.cuda.get_device_name()} | torch {torch.__version__} | case {case.name} | bf16 autocast, "
             f"channels-last, training step = forward + backward with a preallocated grad_output\n")
-    text = head + "".join(profile_provider(case, p) for p in args.providers.split(","))
+    text = head + "".join(profile_provider(case, p) for p in providers)
     path = os.path.join(args.out, f"profile_{case.name}.txt")
     with open(path, "w") as f:
         f.write(text)

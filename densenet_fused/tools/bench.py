@@ -7,6 +7,14 @@ run.  Memory (CUDA): peak allocated during one training step minus the allocatio
 it, with a preallocated grad_output (no loss transients).  Saved bytes: the distinct
 storages autograd keeps for backward (``saved_tensors_hooks``), parameters included.
 Out-of-memory is a result ("oom"), not a crash.
+
+Graphed providers: ``fused_graphed`` is the fused module with its training step captured as CUDA
+graphs by ``torch.cuda.make_graphed_callables`` (a forward graph and a backward graph, captured once
+after three warm-up steps that also run Triton's autotuning, then replayed); ``torchvision_graphed``
+is ``torch.compile(mode="reduce-overhead")`` of torchvision's module (Inductor's CUDA graphs, recorded
+by its first calls).  Their memory is the bytes of the graphs' private memory pools plus the step's
+peak outside them; autograd saves nothing a hook can see for them (saved MB is not reported).  On a
+device without CUDA they are not run: their rows say "skipped" and why, and run_case prints it.
 """
 import datetime
 import json
@@ -19,11 +27,26 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-PROVIDERS = ("fused", "fused_keep_b", "fused_aten3x3", "torchvision", "torchvision_me", "torchvision_compile",
-             "torchvision_compile_budget0.3", "torchvision_compile_budget0.05")
+PROVIDERS = ("fused", "fused_graphed", "fused_keep_b", "fused_aten3x3", "torchvision", "torchvision_me",
+             "torchvision_compile", "torchvision_graphed", "torchvision_compile_budget0.3",
+             "torchvision_compile_budget0.05")
+# the training step replayed from CUDA graphs (see the module docstring); CUDA devices only
+GRAPHED = ("fused_graphed", "torchvision_graphed")
+_FUSED = ("fused", "fused_graphed", "fused_keep_b", "fused_aten3x3")
+COMPILED = ("torchvision_compile", "torchvision_graphed", "torchvision_compile_budget0.3",
+            "torchvision_compile_budget0.05")
 # torch.compile with min-cut recomputation under an activation memory budget
 # (torch._functorch.config.activation_memory_budget): the strongest memory alternative in torch
 COMPILE_BUDGETS = {"torchvision_compile_budget0.3": 0.3, "torchvision_compile_budget0.05": 0.05}
+
+
+def unavailable(provider: str, device) -> str:
+    """Why ``provider`` cannot run on ``device`` ("" when it can)."""
+    if provider not in PROVIDERS:
+        raise ValueError(f"unknown provider {provider!r}; expected one of {PROVIDERS}")
+    if provider in GRAPHED and torch.device(device).type != "cuda":
+        return f"{provider} replays CUDA graphs: needs a CUDA device, not {torch.device(device).type}"
+    return ""
 
 
 class _UnderMemoryBudget(torch.nn.Module):
@@ -85,9 +108,10 @@ def build(case: Case, provider: str, device) -> torch.nn.Module:
     from .. import models
     from ..modules import FusedDenseBlock
 
-    if provider not in PROVIDERS:
-        raise ValueError(f"unknown provider {provider!r}; expected one of {PROVIDERS}")
-    fused = provider in ("fused", "fused_keep_b", "fused_aten3x3")
+    reason = unavailable(provider, device)
+    if reason:
+        raise RuntimeError(reason)
+    fused = provider in _FUSED
     me = provider == "torchvision_me"
     if case.kind == "block":
         cls = FusedDenseBlock if fused else _DenseBlock
@@ -107,6 +131,8 @@ def build(case: Case, provider: str, device) -> torch.nn.Module:
     m = m.to(device).to(memory_format=torch.channels_last).train()
     if provider == "torchvision_compile":
         m = torch.compile(m)
+    elif provider == "torchvision_graphed":
+        m = torch.compile(m, mode="reduce-overhead")
     elif provider in COMPILE_BUDGETS:
         torch._dynamo.reset()  # nothing compiled under another budget is reused
         m = _UnderMemoryBudget(torch.compile(m), COMPILE_BUDGETS[provider])
@@ -119,10 +145,15 @@ def _inputs(case: Case, device, dtype):
     return x
 
 
-def _autocast(device, dtype):
+def _autocast(device, dtype, cache_enabled=True):
     if dtype == "bf16":
-        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, cache_enabled=cache_enabled)
     return nullcontext()
+
+
+def _graph_pool_bytes() -> int:
+    """Bytes of every CUDA-graph (non-default) memory pool of the caching allocator."""
+    return sum(s["total_size"] for s in torch.cuda.memory_snapshot() if tuple(s["segment_pool_id"]) != (0, 0))
 
 
 class SavedBytes:
@@ -164,16 +195,38 @@ class Runner:
         self.times = {"forward": [], "backward": [], "step": []}
         self.peak_bytes: Optional[int] = None
         self.saved_bytes: Optional[int] = None
+        self.graph_pool_bytes: Optional[int] = None  # graphed providers: their graphs' memory pools
+        self.module = self.x = self.grad = None
+        reason = unavailable(provider, device)
+        if reason:
+            self.status, self.error = "skipped", reason
+            return
         try:
             self.module = builder(case, provider, device)
             self.x = _inputs(case, device, dtype).requires_grad_()
-            with _autocast(device, dtype):
-                y = self.module(self.x)
-            self.grad = torch.randn_like(y)  # preallocated grad_output
-            y.backward(self.grad)
-            del y
+            self._first_steps()
         except Exception as exc:  # noqa: BLE001 - recorded as a result
             self._fail(exc)
+
+    def _first_steps(self):
+        """The first step (compilation, Triton autotuning; it draws the grad_output) and, for a graphed
+        provider, its graphs and their pools' bytes: make_graphed_callables captures fused_graphed after
+        three warm-up steps of its own; reduce-overhead warms up on its first call and records on the second."""
+        pools = _graph_pool_bytes() if self.provider in GRAPHED else 0
+        if self.provider == "fused_graphed":
+            with _autocast(self.device, self.dtype, cache_enabled=False):  # autocast's cast cache is not capturable
+                self.module = torch.cuda.make_graphed_callables(self.module, (self.x,))
+        with _autocast(self.device, self.dtype):
+            y = self.module(self.x)
+        self.grad = torch.randn_like(y)  # preallocated grad_output
+        y.backward(self.grad)
+        del y
+        if self.provider in GRAPHED:
+            for _ in range(2):
+                self.step(record=False)
+            if self.status == "ok":
+                self._sync()
+                self.graph_pool_bytes = _graph_pool_bytes() - pools
 
     def _fail(self, exc):
         self.status = "oom" if _is_oom(exc) else "error"
@@ -186,14 +239,34 @@ class Runner:
         if self.cuda:
             torch.cuda.synchronize()
 
+    def _zero_grad(self):
+        self.x.grad = None
+        for p in self.module.parameters():
+            p.grad = None
+        if self.provider == "torchvision_graphed":
+            torch.compiler.cudagraph_mark_step_begin()  # a new training step: the last one's outputs are dead
+
+    def untimed_steps(self, count: int) -> None:
+        """``count`` training steps back to back, no events, one synchronize at the end (host time)."""
+        if self.status != "ok":
+            return
+        try:
+            for _ in range(count):
+                self._zero_grad()
+                with _autocast(self.device, self.dtype):
+                    y = self.module(self.x)
+                y.backward(self.grad)
+                del y
+            self._sync()
+        except Exception as exc:  # noqa: BLE001
+            self._fail(exc)
+
     def step(self, record=True):
         """One training step: forward + backward with the preallocated grad_output."""
         if self.status != "ok":
             return
         try:
-            self.x.grad = None
-            for p in self.module.parameters():
-                p.grad = None
+            self._zero_grad()
             if self.cuda:
                 ev = [torch.cuda.Event(enable_timing=True) for _ in range(3)]
                 ev[0].record()
@@ -224,17 +297,18 @@ class Runner:
         if self.status != "ok":
             return
         try:
-            with SavedBytes() as saved, _autocast(self.device, self.dtype):
-                y = self.module(self.x)
-            self.saved_bytes = saved.total
-            del y, saved
+            if self.provider not in GRAPHED:  # a graph's activations live in its pool, not in autograd
+                with SavedBytes() as saved, _autocast(self.device, self.dtype):
+                    y = self.module(self.x)
+                self.saved_bytes = saved.total
+                del y, saved
             if self.cuda:
                 self._sync()
                 before = torch.cuda.memory_allocated()
                 torch.cuda.reset_peak_memory_stats()
                 self.step(record=False)
                 self._sync()
-                self.peak_bytes = torch.cuda.max_memory_allocated() - before
+                self.peak_bytes = torch.cuda.max_memory_allocated() - before + (self.graph_pool_bytes or 0)
         except Exception as exc:  # noqa: BLE001
             self._fail(exc)
 
@@ -267,15 +341,26 @@ def environment(device: str) -> dict:
 
 def run_case(case: Case, providers, device: str, dtype: str, warmup: int, steps: int, rounds: int,
              builder: Callable = build) -> List[dict]:
-    """Rows for every (provider, mode) of one case, providers interleaved round by round."""
+    """Rows for every (provider, mode) of one case, providers interleaved round by round.  A provider
+    that cannot run on ``device`` (``unavailable``) gives rows with status "skipped" and the reason, and
+    the reason is printed."""
+    from tqdm import tqdm
+
     runners = {}
-    for p in providers:  # build one at a time: an OOM of one provider frees its memory
+    if any(p in COMPILED for p in providers):
+        torch._dynamo.reset()  # each case compiles afresh (dynamo's recompile limit counts across cases)
+    # build one at a time (an OOM of one provider frees its memory), the compile-under-a-budget ones
+    # first: their torch._dynamo.reset() would drop the compiled code and CUDA graphs of those before them
+    for p in sorted(providers, key=lambda p: p not in COMPILE_BUDGETS):
         runners[p] = Runner(case, p, device, dtype, builder)
+        if runners[p].status == "skipped":
+            tqdm.write(f"{case.name}: provider {p} skipped: {runners[p].error}")
         for _ in range(warmup):
             runners[p].step(record=False)
-    if any(p in COMPILE_BUDGETS for p in providers):
-        for p in providers:  # a budget provider's torch._dynamo.reset() made earlier compiled ones recompile
-            runners[p].step(record=False)
+    if sum(p in COMPILE_BUDGETS for p in providers) > 1:
+        for p in COMPILE_BUDGETS:  # the second budget's torch._dynamo.reset() made the first recompile
+            if p in runners:
+                runners[p].step(record=False)
     for _ in range(rounds):
         for p in providers:
             for _ in range(steps):
@@ -283,13 +368,15 @@ def run_case(case: Case, providers, device: str, dtype: str, warmup: int, steps:
     for p in providers:
         runners[p].measure_memory()
     rows = []
+    env = environment(device)
+    tags = {k: env[k] for k in ("device", "device_name", "torch", "triton")}
     for p in providers:
         r = runners[p]
         for mode in ("forward", "backward", "step"):
             ts = r.times[mode]
             rows.append({
                 "case": case.name, "kind": case.kind, "batch": case.batch, "provider": p, "mode": mode,
-                "dtype": dtype, "status": r.status, "error": r.error,
+                "dtype": dtype, "status": r.status, "error": r.error, **tags,
                 "time_ms": statistics.median(ts) if ts and r.status == "ok" else None,
                 "time_samples": len(ts),
                 "peak_mb": r.peak_bytes / 2 ** 20 if r.peak_bytes is not None else None,
@@ -311,6 +398,39 @@ def add_ratios(rows: List[dict]) -> None:
             r[out] = f[key] / r[key] if ok else None
 
 
+def host_time(case: Case, providers, device: str, dtype: str, steps: int = 20, rounds: int = 3, warmup: int = 3,
+              builder: Callable = build) -> List[dict]:
+    """Host time of a training step: ``steps`` steps issued back to back with one synchronize at the end,
+    wall time and this process's CPU time per step, providers interleaved over ``rounds`` (medians).  At
+    a small batch the GPU idles and the wall time per step is the time the host needs to issue it."""
+    from tqdm import tqdm
+
+    runners = {p: Runner(case, p, device, dtype, builder) for p in providers}
+    for p, r in runners.items():
+        if r.status == "skipped":
+            tqdm.write(f"{case.name}: provider {p} skipped: {r.error}")
+        r.untimed_steps(warmup)
+    wall = {p: [] for p in providers}
+    cpu = {p: [] for p in providers}
+    for _ in range(rounds):
+        for p, r in runners.items():
+            w0, c0 = time.perf_counter(), time.process_time()
+            r.untimed_steps(steps)
+            wall[p].append((time.perf_counter() - w0) * 1e3 / steps)
+            cpu[p].append((time.process_time() - c0) * 1e3 / steps)
+    env = environment(device)
+    rows = []
+    for p, r in runners.items():
+        ok = r.status == "ok"
+        rows.append({"case": case.name, "batch": case.batch, "provider": p, "dtype": dtype, "status": r.status,
+                     "error": r.error, "steps": steps * rounds,
+                     "wall_ms": statistics.median(wall[p]) if ok else None,
+                     "cpu_ms": statistics.median(cpu[p]) if ok else None,
+                     **{k: env[k] for k in ("device", "device_name", "torch", "triton")}, "config": asdict(case)})
+        r.release()
+    return rows
+
+
 class MemoryCap:
     """torch.cuda.set_per_process_memory_fraction for a budget in GB, undone on exit."""
 
@@ -328,6 +448,9 @@ class MemoryCap:
         torch.cuda.set_per_process_memory_fraction(1.0, self.dev)
 
 
+BUDGET_PROVIDERS = ("fused", "torchvision", "torchvision_me")  # what the depth-at-a-budget search builds
+
+
 def _bc_builder(depth, growth):
     """DenseNet-BC of a depth for 32x32 inputs, fused or torchvision (with the CIFAR stem)."""
     from .. import models
@@ -336,6 +459,8 @@ def _bc_builder(depth, growth):
     n = (depth - 4) // 6
 
     def builder(case, provider, device):
+        if provider not in BUDGET_PROVIDERS:
+            raise ValueError(f"the depth search builds {', '.join(BUDGET_PROVIDERS)}, not {provider!r}")
         if provider == "fused":
             m = models.densenet_bc(depth, growth, 10)
         else:
@@ -358,7 +483,7 @@ def one_step(case, provider, device, dtype, builder) -> dict:
     r.step(record=False)
     r.measure_memory()
     params = sum(q.numel() for q in r.module.parameters()) if r.module is not None else None
-    row = {"status": r.status, "params": params,
+    row = {"status": r.status, "error": r.error, "params": params,
            "peak_mb": r.peak_bytes / 2 ** 20 if r.peak_bytes is not None else None}
     r.release()
     return row
