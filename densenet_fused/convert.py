@@ -8,7 +8,10 @@ FusedFeatures holding the same children, which threads each block's batch statis
 transition that reads its output.  (torchvision's ``DenseNet.forward`` applies ReLU and the
 global pool itself after ``features``: norm5 stays an nn.BatchNorm2d there; the package's own
 DenseNet fuses norm5, ReLU and the pool.)  timm transitions are left as they are.
+``torch.jit.script`` of a converted model compiles the unfused computation (torchvision's) on the same
+parameters; the model itself stays fused.
 """
+import copy
 import sys
 from collections import OrderedDict
 
@@ -111,7 +114,24 @@ def convert(model: nn.Module, keep_bottleneck: bool = False) -> nn.Module:
     new, replacements = _plan(model, "", keep_bottleneck, types, _torchvision_types())
     for parent, name, child in replacements:  # nothing below can fail
         setattr(parent, name, child)
+        if not hasattr(parent, "__prepare_scriptable__"):
+            parent.__prepare_scriptable__ = _ScriptCopy(parent)
     return new
+
+
+class _ScriptCopy:
+    """``__prepare_scriptable__`` given to a module whose children convert() replaced.  For a module
+    without that hook, torch.jit.script swaps the children's scriptable equivalents (the unfused
+    modules) into the module itself; with it, torch works on a shallow copy holding the same
+    parameters and its own child dict, and the eager model stays fused."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def __call__(self) -> nn.Module:
+        new = copy.copy(self.module)
+        new._modules = OrderedDict(self.module._modules)
+        return new
 
 
 def _plan(model, path, keep_bottleneck, types, tv):

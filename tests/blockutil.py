@@ -73,3 +73,30 @@ def replay_step_from_cuda_graph(module, static_x, grad, new_x, state=None):
     graph.replay()
     torch.cuda.synchronize()
     return static_y
+
+
+def assert_script_matches_eager(module, x, tol):
+    """``torch.jit.script(module)``, twice in this process: the scripted module shares the eager one's
+    parameters and buffers, its eval output equals eager's, and so do one training forward's output and
+    running statistics (from the same state); the eager module keeps its own (fused) modules."""
+    kinds = [type(m) for m in module.modules()]
+    ptrs = {p.data_ptr() for p in module.parameters()} | {b.data_ptr() for b in module.buffers()}
+    for attempt in range(2):
+        scripted = torch.jit.script(module)
+        assert isinstance(scripted, torch.jit.ScriptModule)
+        assert [type(m) for m in module.modules()] == kinds, "scripting changed the eager module"
+        assert {p.data_ptr() for p in scripted.parameters()} | {b.data_ptr() for b in scripted.buffers()} == ptrs
+        module.eval(), scripted.eval()
+        with torch.no_grad():
+            assert_close(scripted(x), module(x), tol, f"attempt {attempt}: eval output")
+        module.train(), scripted.train()
+        state = {k: v.clone() for k, v in module.state_dict().items()}
+        y_e = module(x).detach()
+        after_e = {k: v.clone() for k, v in module.state_dict().items()}
+        module.load_state_dict(state)
+        y_s = scripted(x).detach()
+        assert_close(y_s, y_e, tol, f"attempt {attempt}: training output")
+        for k, v in module.state_dict().items():
+            assert_close(v.double(), after_e[k].double(), tol, f"attempt {attempt}: {k} after a training forward")
+        module.load_state_dict(state)
+

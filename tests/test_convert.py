@@ -164,3 +164,16 @@ def test_convert_is_all_or_nothing():
     convert(model)
     assert not any(isinstance(m, (_DenseBlock, _Transition)) for m in model.modules())
 
+
+def test_torch_jit_script_of_a_converted_model_matches_eager_and_keeps_it_fused():
+    from blockutil import assert_script_matches_eager
+    from densenet_fused.features import FusedFeatures
+    torch.manual_seed(0)
+    model = randomize_bn(torchvision.models.DenseNet(growth_rate=4, block_config=(2, 2), num_init_features=8,
+                                                     bn_size=2, num_classes=3)).double()
+    convert(model)
+    assert_script_matches_eager(model, torch.randn(2, 3, 32, 32, dtype=torch.float64), 1e-10)
+    assert isinstance(model.features, FusedFeatures)
+    seq = convert(torch.nn.Sequential(_DenseBlock(2, 8, 2, 4, 0.0).double()))  # a container convert() changed
+    assert_script_matches_eager(seq, torch.randn(2, 8, 5, 5, dtype=torch.float64), 1e-12)
+    assert isinstance(seq[0], FusedDenseBlock)
