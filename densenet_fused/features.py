@@ -98,7 +98,8 @@ class FusedFeatures(nn.Sequential):
         i = 0
         while i < len(mods):
             m = mods[i]
-            if isinstance(m, FusedTransition) and i + 1 < len(mods) and _fusable_pair(m, mods[i + 1]):
+            if (isinstance(m, FusedTransition) and i + 1 < len(mods) and x.shape[0] > 0  # (empty: module by module)
+                    and _fusable_pair(m, mods[i + 1])):
                 # the transition writes into the next block's buffer: one node for both
                 if reads_stats(i + 2):
                     x, mean, var = transition_into_block(m, mods[i + 1], x, stats, with_stats=True)

@@ -137,7 +137,7 @@ class FusedDenseBlock(nn.ModuleDict):
         over the process group with SyncBatchNorm norms), which a BatchNorm reading the output
         (a transition, the final norm) can use instead of a statistics pass of its own.  The
         statistics are constants to autograd: such a module differentiates its BatchNorm through
-        them itself.  ``mean`` and ``var`` are None in eval mode.  Hooks on the dense layers are
+        them itself.  ``mean`` and ``var`` are None in eval mode and for an empty batch.  Hooks on the dense layers are
         not supported here (use forward)."""
         layers = list(self.values())
         if _layers_with_hooks(layers):
@@ -284,6 +284,16 @@ def _validate(layers, x, c_in: int, growth: int, who: str) -> bool:
     return training
 
 
+def _empty_batch(layers, x: Tensor) -> Tensor:
+    """A block on an empty batch does what torchvision's does: its modules run one by one (the
+    output is empty; in training each BatchNorm counts the batch in num_batches_tracked and keeps its
+    running statistics, and backward gives zero parameter gradients), channels-last as the fused output."""
+    features = [x]
+    for layer in layers:
+        features.append(ScriptableDenseLayer.sharing(layer)(features))
+    return torch.cat(features, 1).contiguous(memory_format=torch.channels_last)
+
+
 def block_setup(layers, x: Tensor, c_in: int, growth: int, who: str, keep_bottleneck: bool = False,
                 conv3x3_impl: str = "", with_stats: bool = False, sync_group=None):
     """(spec, params) of a block call on x, every check done before any state changes."""
@@ -323,6 +333,9 @@ def run_block(layers, x: Tensor, c_in: int, growth: int, who: str, keep_bottlene
               conv3x3_impl: str = "", with_stats: bool = False, sync_group=None):
     """The block's output, or ``(out, mean, var)`` with ``with_stats`` (see forward_with_stats)."""
     spec, params = block_setup(layers, x, c_in, growth, who, keep_bottleneck, conv3x3_impl, with_stats, sync_group)
+    if x.shape[0] == 0:  # an empty batch: torchvision's computation, module by module (an empty output)
+        out = _empty_batch(layers, x)
+        return (out, None, None) if with_stats else out
     dev = x.device.type
     if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
         if not with_stats:

@@ -233,6 +233,8 @@ def transition_forward(module: "FusedTransition", x: Tensor, stats=None) -> Tens
     """The fused transition of ``module`` (norm, relu, conv, pool) on x; ``stats`` = the batch
     (mean, biased var) of x's channels when known (a block's), else None."""
     prep = prepare_transition(module, x, stats)
+    if x.shape[0] == 0:  # an empty batch: torchvision's modules one by one (an empty output), as its _Transition
+        return module.pool(module.conv(module.relu(module.norm(x))))
     spec, params, mean, var = begin_transition(prep)
     xin = prep.x
     if torch.is_grad_enabled() and (xin.requires_grad or any(p.requires_grad for p in params)):

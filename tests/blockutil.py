@@ -100,3 +100,26 @@ def assert_script_matches_eager(module, x, tol):
             assert_close(v.double(), after_e[k].double(), tol, f"attempt {attempt}: {k} after a training forward")
         module.load_state_dict(state)
 
+
+def assert_empty_batch_as_torchvision(ref, fused, shape, call=None):
+    """On an empty batch of ``shape`` (N = 0), in eval and in train mode, ``fused`` does what ``ref``
+    (the torchvision module with the same state) does: an empty output of the same shape and dtype,
+    an empty input gradient, the same parameter gradients (zeros) and the same buffers afterwards
+    (in training, num_batches_tracked counts the batch).  ``call(module, x)`` runs a module."""
+    call = call or (lambda m, x: m(x))
+    for mode in (False, True):
+        ref.train(mode), fused.train(mode)
+        results = []
+        for m in (ref, fused):
+            m.zero_grad(set_to_none=True)
+            x = torch.zeros(shape, dtype=torch.float64, requires_grad=True)
+            y = call(m, x)
+            y.sum().backward()
+            results.append((y, x.grad, {n: p.grad for n, p in m.named_parameters()}, dict(m.named_buffers())))
+        (y_r, dx_r, g_r, b_r), (y_f, dx_f, g_f, b_f) = results
+        assert y_f.shape == y_r.shape and y_f.dtype == y_r.dtype and y_r.numel() == 0, (y_f.shape, y_r.shape)
+        assert dx_f.shape == dx_r.shape
+        for name, g in g_r.items():
+            assert (g is None) == (g_f[name] is None) and (g is None or torch.equal(g_f[name], g)), name
+        for name, b in b_r.items():
+            assert torch.equal(b_f[name], b), name

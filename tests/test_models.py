@@ -266,3 +266,10 @@ def test_torch_jit_script_matches_eager(small_inputs):
     assert_script_matches_eager(ours, torch.randn(2, 3, 32, 32, dtype=torch.float64), 1e-10)
     assert isinstance(torch.jit.script(densenet_fused.densenet121(num_classes=3)), torch.jit.ScriptModule)
 
+
+@pytest.mark.parametrize("small_inputs", [False, True], ids=["imagenet_stem", "cifar_stem"])
+def test_empty_batch_as_torchvision(small_inputs):
+    from blockutil import assert_empty_batch_as_torchvision
+    tv, ours = _pair(small_inputs=small_inputs, **SMALL)
+    assert_empty_batch_as_torchvision(tv, ours, (0, 3, 32, 32))
+    assert_empty_batch_as_torchvision(tv.features, ours.features, (0, 3, 32, 32))
