@@ -123,3 +123,28 @@ def assert_empty_batch_as_torchvision(ref, fused, shape, call=None):
             assert (g is None) == (g_f[name] is None) and (g is None or torch.equal(g_f[name], g)), name
         for name, b in b_r.items():
             assert torch.equal(b_f[name], b), name
+
+
+def nonfinite_mismatch(got, want):
+    """A message naming how the NaN / +Inf / -Inf positions of ``got`` differ from ``want``'s, or
+    ``None`` when they agree and the finite entries agree to 1e-3 (relative to the largest)."""
+    got, want = got.detach().double().cpu(), want.detach().double().cpu()
+    if got.shape != want.shape:
+        return f"shape {tuple(got.shape)} != {tuple(want.shape)}"
+    for name, test in (("NaN", torch.isnan), ("+Inf", torch.isposinf), ("-Inf", torch.isneginf)):
+        g, w = test(got), test(want)
+        if not torch.equal(g, w):
+            return (f"{name} at {int(g.sum())} positions, torch has {int(w.sum())}; "
+                    f"first differing index {tuple(torch.nonzero(g != w)[0].tolist())}")
+    fin = torch.isfinite(want)
+    if fin.any():
+        err = (got[fin] - want[fin]).abs().max().item() / max(want[fin].abs().max().item(), 1e-30)
+        if err > 1e-3:
+            return f"finite entries differ by {err:.2e} (relative)"
+    return None
+
+
+def assert_same_nonfinite(got: dict, want: dict):
+    bad = {k: nonfinite_mismatch(got[k], want[k]) for k in want}
+    bad = {k: v for k, v in bad.items() if v is not None}
+    assert not bad, f"non-finite pattern differs from torch's: {bad}"
