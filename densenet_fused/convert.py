@@ -8,7 +8,10 @@ FusedFeatures holding the same children, which threads each block's batch statis
 transition that reads its output.  (torchvision's ``DenseNet.forward`` applies ReLU and the
 global pool itself after ``features``: norm5 stays an nn.BatchNorm2d there; the package's own
 DenseNet fuses norm5, ReLU and the pool.)  timm transitions are left as they are.
+``torch.jit.script`` of a converted model compiles the unfused computation (torchvision's) on the same
+parameters; the model itself stays fused.
 """
+import copy
 import sys
 from collections import OrderedDict
 
@@ -103,32 +106,54 @@ def convert(model: nn.Module, keep_bottleneck: bool = False) -> nn.Module:
     ``_Transition`` by a :class:`FusedTransition`, and a torchvision DenseNet's ``features`` by a
     :class:`FusedFeatures` with the same children; returns ``model`` (or the new block /
     transition, when ``model`` itself is one).  ``keep_bottleneck`` is passed to every new block
-    (see FusedDenseBlock).  Every module is checked before anything is replaced."""
+    (see FusedDenseBlock).  All or nothing: every replacement is built (each block and transition
+    checked) before the first one is made, so a refused conversion raises with ``model`` unchanged."""
     types = _source_block_types()
     if not types:
         return model
-    tv = _torchvision_types()
-    _check_all(model, types, tv)
-    return _convert(model, keep_bottleneck, types, tv)
+    new, replacements = _plan(model, "", keep_bottleneck, types, _torchvision_types())
+    for parent, name, child in replacements:  # nothing below can fail
+        setattr(parent, name, child)
+        if not hasattr(parent, "__prepare_scriptable__"):
+            parent.__prepare_scriptable__ = _ScriptCopy(parent)
+    return new
 
 
-def _check_all(model, types, tv):
-    """Raise on any module convert would refuse, before replacing anything."""
-    for name, m in model.named_modules():
-        if tv is not None and isinstance(m, tv[0]):
-            _check_bn(m.norm, f"{name or 'model'} norm")
-            FusedTransition.from_modules(m.norm, m.relu, m.conv, m.pool)
+class _ScriptCopy:
+    """``__prepare_scriptable__`` given to a module whose children convert() replaced.  For a module
+    without that hook, torch.jit.script swaps the children's scriptable equivalents (the unfused
+    modules) into the module itself; with it, torch works on a shallow copy holding the same
+    parameters and its own child dict, and the eager model stays fused."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def __call__(self) -> nn.Module:
+        new = copy.copy(self.module)
+        new._modules = OrderedDict(self.module._modules)
+        return new
 
 
-def _convert(model, keep_bottleneck, types, tv):
-    if isinstance(model, types):
-        return convert_block(model, keep_bottleneck)
-    if tv is not None and isinstance(model, tv[0]):
-        return convert_transition(model)
-    for name, child in list(model.named_children()):
-        setattr(model, name, _convert(child, keep_bottleneck, types, tv))
+def _plan(model, path, keep_bottleneck, types, tv):
+    """(what ``model`` (named ``path``) becomes, the (parent, name, new child) replacements to make
+    inside it), every new module built and checked; nothing replaced yet."""
+    try:
+        if isinstance(model, types):
+            return convert_block(model, keep_bottleneck), []
+        if tv is not None and isinstance(model, tv[0]):
+            return convert_transition(model), []
+    except ValueError as e:  # name the module: the message only knows the layer
+        raise ValueError(f"{e} (in {path or type(model).__name__}; nothing was converted)") from None
+    todo = []
+    for name, child in model.named_children():
+        new, inner = _plan(child, f"{path}.{name}" if path else name, keep_bottleneck, types, tv)
+        todo += inner
+        if new is not child:
+            todo.append((model, name, new))
     if tv is not None and isinstance(model, tv[1]) and type(model.features) is nn.Sequential:
-        features = FusedFeatures(OrderedDict(model.features.named_children()))
+        children = OrderedDict(model.features.named_children())
+        children.update({name: new for parent, name, new in todo if parent is model.features})
+        features = FusedFeatures(children)
         features.training = model.features.training
-        model.features = features
-    return model
+        todo.append((model, "features", features))
+    return model, todo

@@ -16,6 +16,7 @@ pool0 without hooks) runs as one fused op (stem.fused_stem).
 batch statistics over that process group; where one of them would have to run as a module (hooks, or
 norm5 in ``forward``, whose output is norm5's) it raises instead of silently using local statistics.
 """
+from collections import OrderedDict
 from typing import Optional, Tuple
 
 import torch
@@ -47,7 +48,15 @@ def _block_with_stats(block: FusedDenseBlock, x: Tensor) -> Tuple[Tensor, Option
 
 class FusedFeatures(nn.Sequential):
     """``nn.Sequential`` of a DenseNet's feature modules, with block statistics threaded into the
-    following fused transition / head."""
+    following fused transition / head.  ``torch.jit.script`` compiles a plain ``nn.Sequential`` of
+    the same modules (the blocks and transitions in their unfused, torchvision form)."""
+
+    def __prepare_scriptable__(self) -> nn.Sequential:
+        """What ``torch.jit.script`` compiles: a new ``nn.Sequential`` of these very modules (torch
+        then prepares the fused ones among them; this container keeps its own)."""
+        seq = nn.Sequential(OrderedDict(self.named_children()))
+        seq.training = self.training
+        return seq
 
     def _stem(self, x: Tensor) -> Tuple[Tensor, int]:
         """Runs the stem modules at the start (conv0[, norm0, relu0, pool0]); returns (output, how
@@ -89,7 +98,8 @@ class FusedFeatures(nn.Sequential):
         i = 0
         while i < len(mods):
             m = mods[i]
-            if isinstance(m, FusedTransition) and i + 1 < len(mods) and _fusable_pair(m, mods[i + 1]):
+            if (isinstance(m, FusedTransition) and i + 1 < len(mods) and x.shape[0] > 0  # (empty: module by module)
+                    and _fusable_pair(m, mods[i + 1])):
                 # the transition writes into the next block's buffer: one node for both
                 if reads_stats(i + 2):
                     x, mean, var = transition_into_block(m, mods[i + 1], x, stats, with_stats=True)

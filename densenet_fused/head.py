@@ -8,6 +8,7 @@ exactly as ``nn.BatchNorm2d`` does.  With an nn.SyncBatchNorm norm5 (or ``sync_g
 statistics and the backward's two gradient sums are over the process group.
 """
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
@@ -64,6 +65,8 @@ def fused_head(norm5: nn.Module, x: Tensor, stats=None, sync_group=None) -> Tens
         raise ValueError(f"{who}: expected the input on the device of norm5's parameters, got the input on "
                          f"{x.device} and norm5.weight on {norm5.weight.device}")
     xin, stats, sync, dtype, acc = checked_input(x, norm5, norm5.weight, stats, sync_group, who)
+    if x.shape[0] == 0:  # an empty batch: torchvision's modules one by one (an empty output)
+        return torch.flatten(F.adaptive_avg_pool2d(F.relu(norm5(x)), 1), 1)
     training = norm5.training
     n, _, h, w = x.shape
     mean, var, count = batch_or_running(norm5, nhwc_rows(xin), stats, training, acc, sync)

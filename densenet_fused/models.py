@@ -4,7 +4,8 @@ with torchvision's.
 ``DenseNet``, ``densenet121/161/169/201/264`` mirror ``torchvision.models.densenet``
 (module names, initialization, forward), so torchvision checkpoints load with
 ``strict=True``.  ``densenet_bc(depth, growth_rate, num_classes)`` is DenseNet-BC for
-32x32 inputs (Huang et al., CIFAR setting).
+32x32 inputs (Huang et al., CIFAR setting).  ``torch.jit.script(model)`` compiles torchvision's
+forward on the same parameters (``__prepare_scriptable__``): the scripted model runs unfused.
 """
 from collections import OrderedDict
 from typing import Sequence
@@ -61,6 +62,11 @@ class DenseNet(nn.Module):
             elif isinstance(m, nn.Linear):
                 nn.init.constant_(m.bias, 0)
 
+    def __prepare_scriptable__(self) -> "ScriptableDenseNet":
+        """What ``torch.jit.script`` compiles: torchvision's DenseNet forward (features, ReLU, global
+        average pool, classifier) on these very modules; the blocks and transitions run unfused."""
+        return ScriptableDenseNet(self.features, self.classifier, self.training)
+
     def forward(self, x: Tensor) -> Tensor:
         if isinstance(self.features, FusedFeatures):  # norm5, ReLU and the global pool fused
             return self.classifier(self.features.forward_pooled(x))
@@ -69,6 +75,22 @@ class DenseNet(nn.Module):
         out = F.adaptive_avg_pool2d(out, (1, 1))
         out = torch.flatten(out, 1)
         return self.classifier(out)
+
+
+class ScriptableDenseNet(nn.Module):
+    """torchvision's ``DenseNet.forward`` in TorchScript-compatible code, holding a DenseNet's
+    ``features`` and ``classifier`` modules (what ``torch.jit.script`` compiles for DenseNet)."""
+
+    def __init__(self, features: nn.Module, classifier: nn.Module, training: bool) -> None:
+        super().__init__()
+        self.features = features
+        self.classifier = classifier
+        self.training = training
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu(self.features(x), inplace=True)
+        out = F.adaptive_avg_pool2d(out, (1, 1))
+        return self.classifier(torch.flatten(out, 1))
 
 
 def densenet121(**kwargs) -> DenseNet:

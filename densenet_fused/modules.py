@@ -7,6 +7,7 @@ and ``_DenseBlock``; the parameters are real ``nn.BatchNorm2d`` / ``nn.Conv2d`` 
 from typing import List, Optional, Tuple, Union
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._checks import check_input
@@ -37,6 +38,11 @@ class FusedDenseLayer(nn.Module):
         self.memory_efficient = memory_efficient  # accepted for compatibility: always linear memory
         self.sync_group = None  # see FusedDenseBlock.sync_group
 
+    def __prepare_scriptable__(self) -> "ScriptableDenseLayer":
+        """What ``torch.jit.script`` compiles: torchvision's layer computation on these very modules
+        (see ScriptableDenseLayer; the scripted layer runs unfused)."""
+        return ScriptableDenseLayer.sharing(self)
+
     def forward(self, input: Union[Tensor, List[Tensor]]) -> Tensor:  # noqa: A002 (torchvision's name)
         proxy = _fx_proxy(input)
         if proxy is not None:
@@ -62,6 +68,12 @@ class FusedDenseBlock(nn.ModuleDict):
     layer by layer (torchvision's loop and memory, each layer a one-layer fused block).  Hooks on
     the BatchNorm/ReLU/Conv2d modules inside the layers raise (nothing calls those modules).
     Under torch.fx symbolic tracing the block (and a layer) is recorded as one leaf call.
+    ``torch.jit.script`` compiles torchvision's layer-by-layer computation on the same parameters
+    (``__prepare_scriptable__``: ScriptableDenseBlock): a scripted block runs unfused, with
+    torchvision's memory.  (torch's protocol swaps the block for that equivalent inside a parent
+    module that has no ``__prepare_scriptable__`` of its own, e.g. an ``nn.Sequential`` built by
+    hand: script a ``copy.deepcopy`` of such a container to keep the eager one fused.  The package's
+    DenseNet and FusedFeatures, and the models ``convert()`` changed, hand torch.jit.script a copy.)
     """
 
     _version = 2
@@ -100,6 +112,14 @@ class FusedDenseBlock(nn.ModuleDict):
         for layer in self.values():
             layer.sync_group = group
 
+    def __prepare_scriptable__(self) -> "ScriptableDenseBlock":
+        """What ``torch.jit.script`` compiles (see the class docstring)."""
+        block = ScriptableDenseBlock()
+        for name, layer in self.items():
+            block.add_module(name, ScriptableDenseLayer.sharing(layer))
+        block.training = self.training
+        return block
+
     def forward(self, init_features: Tensor) -> Tensor:
         proxy = _fx_proxy(init_features)
         if proxy is not None:
@@ -118,7 +138,7 @@ class FusedDenseBlock(nn.ModuleDict):
         over the process group with SyncBatchNorm norms), which a BatchNorm reading the output
         (a transition, the final norm) can use instead of a statistics pass of its own.  The
         statistics are constants to autograd: such a module differentiates its BatchNorm through
-        them itself.  ``mean`` and ``var`` are None in eval mode.  Hooks on the dense layers are
+        them itself.  ``mean`` and ``var`` are None in eval mode and for an empty batch.  Hooks on the dense layers are
         not supported here (use forward)."""
         layers = list(self.values())
         if _layers_with_hooks(layers):
@@ -132,6 +152,46 @@ class FusedDenseBlock(nn.ModuleDict):
         return (f"num_layers={len(self)}, num_input_features={self.num_input_features}, "
                 f"bn_size={self.bn_size}, growth_rate={self.growth_rate}, drop_rate={self.drop_rate}"
                 + (", keep_bottleneck=True" if self.keep_bottleneck else ""))
+
+
+class ScriptableDenseLayer(nn.Module):
+    """torchvision's ``_DenseLayer`` computation (BN-ReLU-conv1x1, BN-ReLU-conv3x3, dropout) as
+    separate torch ops, in TorchScript-compatible code: what ``torch.jit.script`` compiles for a
+    FusedDenseLayer (``sharing``: the very same modules, so the same parameters and buffers)."""
+
+    def __init__(self, drop_rate: float = 0.0) -> None:
+        super().__init__()
+        self.drop_rate = float(drop_rate)
+
+    @classmethod
+    def sharing(cls, layer: nn.Module) -> "ScriptableDenseLayer":
+        new = cls(layer.drop_rate)
+        for name in ("norm1", "relu1", "conv1", "norm2", "relu2", "conv2"):
+            new.add_module(name, getattr(layer, name))
+        new.training = layer.training
+        return new
+
+    def forward(self, input: Union[Tensor, List[Tensor]]) -> Tensor:  # noqa: A002 (torchvision's name)
+        if isinstance(input, Tensor):
+            x = input
+        else:
+            x = torch.cat(input, 1)
+        out = self.conv1(self.relu1(self.norm1(x)))
+        out = self.conv2(self.relu2(self.norm2(out)))
+        if self.drop_rate > 0:
+            out = F.dropout(out, p=self.drop_rate, training=self.training)
+        return out
+
+
+class ScriptableDenseBlock(nn.ModuleDict):
+    """torchvision's ``_DenseBlock`` loop over ScriptableDenseLayers (TorchScript-compatible): what
+    ``torch.jit.script`` compiles for a FusedDenseBlock."""
+
+    def forward(self, init_features: Tensor) -> Tensor:
+        features = [init_features]
+        for layer in self.values():
+            features.append(layer(features))
+        return torch.cat(features, 1)
 
 
 def _fx_proxy(x):
@@ -227,6 +287,16 @@ def _validate(layers, x, c_in: int, growth: int, who: str) -> bool:
     return training
 
 
+def _empty_batch(layers, x: Tensor) -> Tensor:
+    """A block on an empty batch does what torchvision's does: its modules run one by one (the
+    output is empty; in training each BatchNorm counts the batch in num_batches_tracked and keeps its
+    running statistics, and backward gives zero parameter gradients), channels-last as the fused output."""
+    features = [x]
+    for layer in layers:
+        features.append(ScriptableDenseLayer.sharing(layer)(features))
+    return torch.cat(features, 1).contiguous(memory_format=torch.channels_last)
+
+
 def block_setup(layers, x: Tensor, c_in: int, growth: int, who: str, keep_bottleneck: bool = False,
                 conv3x3_impl: str = "", with_stats: bool = False, sync_group=None):
     """(spec, params) of a block call on x, every check done before any state changes."""
@@ -267,6 +337,9 @@ def run_block(layers, x: Tensor, c_in: int, growth: int, who: str, keep_bottlene
               conv3x3_impl: str = "", with_stats: bool = False, sync_group=None):
     """The block's output, or ``(out, mean, var)`` with ``with_stats`` (see forward_with_stats)."""
     spec, params = block_setup(layers, x, c_in, growth, who, keep_bottleneck, conv3x3_impl, with_stats, sync_group)
+    if x.shape[0] == 0:  # an empty batch: torchvision's computation, module by module (an empty output)
+        out = _empty_batch(layers, x)
+        return (out, None, None) if with_stats else out
     dev = x.device.type
     if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
         if not with_stats:

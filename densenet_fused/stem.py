@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
@@ -205,6 +206,8 @@ def fused_stem(x: Tensor, conv0: nn.Conv2d, norm0: nn.BatchNorm2d, pool0: nn.Max
     group when norm0 is an nn.SyncBatchNorm or ``sync_group`` is set (see distributed.stats_group)."""
     training, dtype = _validate(x, conv0, norm0, pool0)
     sync = stats_group([norm0], _WHO, sync_group) if training else None
+    if x.shape[0] == 0:  # an empty batch: torchvision's modules one by one (an empty output)
+        return pool0(F.relu(norm0(conv0(x)))).contiguous(memory_format=torch.channels_last)
     spec = StemSpec(norm=norm0, stride=_pair(conv0.stride), padding=_pair(conv0.padding),
                     dilation=_pair(conv0.dilation), training=training, dtype=dtype, sync=sync)
     params = (conv0.weight, norm0.weight, norm0.bias)

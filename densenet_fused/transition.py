@@ -9,6 +9,7 @@ saves besides per-channel vectors.  Inside a DenseNet (``features.FusedFeatures`
 block's buffer and its batch statistics come from the block (``stats=(mean, var)``): no
 statistics pass.  Called alone it computes them (one ``channel_stats`` pass).
 """
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -232,6 +233,8 @@ def transition_forward(module: "FusedTransition", x: Tensor, stats=None) -> Tens
     """The fused transition of ``module`` (norm, relu, conv, pool) on x; ``stats`` = the batch
     (mean, biased var) of x's channels when known (a block's), else None."""
     prep = prepare_transition(module, x, stats)
+    if x.shape[0] == 0:  # an empty batch: torchvision's modules one by one (an empty output), as its _Transition
+        return module.pool(module.conv(module.relu(module.norm(x))))
     spec, params, mean, var = begin_transition(prep)
     xin = prep.x
     if torch.is_grad_enabled() and (xin.requires_grad or any(p.requires_grad for p in params)):
@@ -260,7 +263,9 @@ class FusedTransition(nn.Sequential):
     ``forward(x, stats=None)``: ``stats = (mean, var)``, the batch mean and biased variance of x's
     channels (what ``FusedDenseBlock.forward_with_stats`` returns), spare the statistics pass in
     training; running statistics are updated exactly as ``nn.BatchNorm2d`` does.  Under torch.fx
-    symbolic tracing it runs its four modules one by one (so they appear as nodes)."""
+    symbolic tracing it runs its four modules one by one (so they appear as nodes).
+    ``torch.jit.script`` compiles an ``nn.Sequential`` of the same four modules (torchvision's
+    ``_Transition`` computation, unfused; ``__prepare_scriptable__``)."""
 
     def __init__(self, num_input_features: int, num_output_features: int) -> None:
         super().__init__()
@@ -278,6 +283,12 @@ class FusedTransition(nn.Sequential):
         new.norm, new.relu, new.conv, new.pool = norm, relu, conv, pool
         _check_structure(new)
         return new
+
+    def __prepare_scriptable__(self) -> nn.Sequential:
+        """What ``torch.jit.script`` compiles: the four modules themselves, run one by one."""
+        seq = nn.Sequential(OrderedDict(self.named_children()))
+        seq.training = self.training
+        return seq
 
     def forward(self, x: Tensor, stats: Optional[Tuple[Optional[Tensor], Optional[Tensor]]] = None) -> Tensor:
         if isinstance(x, torch.fx.Proxy):

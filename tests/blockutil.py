@@ -73,3 +73,78 @@ def replay_step_from_cuda_graph(module, static_x, grad, new_x, state=None):
     graph.replay()
     torch.cuda.synchronize()
     return static_y
+
+
+def assert_script_matches_eager(module, x, tol):
+    """``torch.jit.script(module)``, twice in this process: the scripted module shares the eager one's
+    parameters and buffers, its eval output equals eager's, and so do one training forward's output and
+    running statistics (from the same state); the eager module keeps its own (fused) modules."""
+    kinds = [type(m) for m in module.modules()]
+    ptrs = {p.data_ptr() for p in module.parameters()} | {b.data_ptr() for b in module.buffers()}
+    for attempt in range(2):
+        scripted = torch.jit.script(module)
+        assert isinstance(scripted, torch.jit.ScriptModule)
+        assert [type(m) for m in module.modules()] == kinds, "scripting changed the eager module"
+        assert {p.data_ptr() for p in scripted.parameters()} | {b.data_ptr() for b in scripted.buffers()} == ptrs
+        module.eval(), scripted.eval()
+        with torch.no_grad():
+            assert_close(scripted(x), module(x), tol, f"attempt {attempt}: eval output")
+        module.train(), scripted.train()
+        state = {k: v.clone() for k, v in module.state_dict().items()}
+        y_e = module(x).detach()
+        after_e = {k: v.clone() for k, v in module.state_dict().items()}
+        module.load_state_dict(state)
+        y_s = scripted(x).detach()
+        assert_close(y_s, y_e, tol, f"attempt {attempt}: training output")
+        for k, v in module.state_dict().items():
+            assert_close(v.double(), after_e[k].double(), tol, f"attempt {attempt}: {k} after a training forward")
+        module.load_state_dict(state)
+
+
+def assert_empty_batch_as_torchvision(ref, fused, shape, call=None):
+    """On an empty batch of ``shape`` (N = 0), in eval and in train mode, ``fused`` does what ``ref``
+    (the torchvision module with the same state) does: an empty output of the same shape and dtype,
+    an empty input gradient, the same parameter gradients (zeros) and the same buffers afterwards
+    (in training, num_batches_tracked counts the batch).  ``call(module, x)`` runs a module."""
+    call = call or (lambda m, x: m(x))
+    for mode in (False, True):
+        ref.train(mode), fused.train(mode)
+        results = []
+        for m in (ref, fused):
+            m.zero_grad(set_to_none=True)
+            x = torch.zeros(shape, dtype=torch.float64, requires_grad=True)
+            y = call(m, x)
+            y.sum().backward()
+            results.append((y, x.grad, {n: p.grad for n, p in m.named_parameters()}, dict(m.named_buffers())))
+        (y_r, dx_r, g_r, b_r), (y_f, dx_f, g_f, b_f) = results
+        assert y_f.shape == y_r.shape and y_f.dtype == y_r.dtype and y_r.numel() == 0, (y_f.shape, y_r.shape)
+        assert dx_f.shape == dx_r.shape
+        for name, g in g_r.items():
+            assert (g is None) == (g_f[name] is None) and (g is None or torch.equal(g_f[name], g)), name
+        for name, b in b_r.items():
+            assert torch.equal(b_f[name], b), name
+
+
+def nonfinite_mismatch(got, want):
+    """A message naming how the NaN / +Inf / -Inf positions of ``got`` differ from ``want``'s, or
+    ``None`` when they agree and the finite entries agree to 1e-3 (relative to the largest)."""
+    got, want = got.detach().double().cpu(), want.detach().double().cpu()
+    if got.shape != want.shape:
+        return f"shape {tuple(got.shape)} != {tuple(want.shape)}"
+    for name, test in (("NaN", torch.isnan), ("+Inf", torch.isposinf), ("-Inf", torch.isneginf)):
+        g, w = test(got), test(want)
+        if not torch.equal(g, w):
+            return (f"{name} at {int(g.sum())} positions, torch has {int(w.sum())}; "
+                    f"first differing index {tuple(torch.nonzero(g != w)[0].tolist())}")
+    fin = torch.isfinite(want)
+    if fin.any():
+        err = (got[fin] - want[fin]).abs().max().item() / max(want[fin].abs().max().item(), 1e-30)
+        if err > 1e-3:
+            return f"finite entries differ by {err:.2e} (relative)"
+    return None
+
+
+def assert_same_nonfinite(got: dict, want: dict):
+    bad = {k: nonfinite_mismatch(got[k], want[k]) for k in want}
+    bad = {k: v for k, v in bad.items() if v is not None}
+    assert not bad, f"non-finite pattern differs from torch's: {bad}"

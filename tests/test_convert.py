@@ -134,3 +134,46 @@ def test_convert_refuses_an_unsupported_transition_before_replacing_anything():
     with pytest.raises(ValueError, match=r"AvgPool2d\(kernel_size=2, stride=2\)"):
         convert(model)
     assert isinstance(model.features.denseblock1, _DenseBlock)  # nothing replaced
+
+
+def test_convert_is_all_or_nothing():
+    """An unsupported norm in block 2 (after block 1 and transition 1, which convert would replace):
+    one ValueError naming the module, and the model exactly as before (the same module objects
+    everywhere, the same state and outputs); the same model converts once the norm is fixed."""
+    from torchvision.models.densenet import _Transition
+    torch.manual_seed(0)
+    model = torchvision.models.DenseNet(growth_rate=4, block_config=(2, 2, 2), num_init_features=8, bn_size=2,
+                                        num_classes=3).eval()
+    bad = model.features.denseblock2.denselayer2.norm1
+    model.features.denseblock2.denselayer2.norm1 = torch.nn.GroupNorm(2, bad.num_features)
+    before = dict(model.named_modules())
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        y = model(x)
+    with pytest.raises(ValueError, match=r"^convert: layer 2 norm1 must be a BatchNorm2d or SyncBatchNorm, got "
+                                         r"GroupNorm \(in features\.denseblock2; nothing was converted\)$"):
+        convert(model)
+    assert dict(model.named_modules()) == before  # every module object where it was
+    assert type(model.features) is torch.nn.Sequential
+    assert isinstance(model.features.denseblock1, _DenseBlock) and isinstance(model.features.transition1, _Transition)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    with torch.no_grad():
+        assert torch.equal(model(x), y)
+    model.features.denseblock2.denselayer2.norm1 = bad
+    convert(model)
+    assert not any(isinstance(m, (_DenseBlock, _Transition)) for m in model.modules())
+
+
+def test_torch_jit_script_of_a_converted_model_matches_eager_and_keeps_it_fused():
+    from blockutil import assert_script_matches_eager
+    from densenet_fused.features import FusedFeatures
+    torch.manual_seed(0)
+    model = randomize_bn(torchvision.models.DenseNet(growth_rate=4, block_config=(2, 2), num_init_features=8,
+                                                     bn_size=2, num_classes=3)).double()
+    convert(model)
+    assert_script_matches_eager(model, torch.randn(2, 3, 32, 32, dtype=torch.float64), 1e-10)
+    assert isinstance(model.features, FusedFeatures)
+    seq = convert(torch.nn.Sequential(_DenseBlock(2, 8, 2, 4, 0.0).double()))  # a container convert() changed
+    assert_script_matches_eager(seq, torch.randn(2, 8, 5, 5, dtype=torch.float64), 1e-12)
+    assert isinstance(seq[0], FusedDenseBlock)

@@ -71,3 +71,12 @@ def test_bad_input_raises_before_any_state_change():
     bn.register_forward_hook(lambda *a: None)
     with pytest.raises(RuntimeError, match="norm5 has hooks"):
         fused_head(bn, torch.randn(2, 5, 3, 3, dtype=torch.float64))
+
+
+def test_empty_batch_as_torchvision():
+    from blockutil import assert_empty_batch_as_torchvision, randomize_bn
+    ref = randomize_bn(torch.nn.BatchNorm2d(5)).double()
+    fused = copy.deepcopy(ref)
+    assert_empty_batch_as_torchvision(
+        ref, fused, (0, 5, 3, 3),
+        call=lambda m, x: (torch.flatten(F.adaptive_avg_pool2d(F.relu(m(x)), 1), 1) if m is ref else fused_head(m, x)))

@@ -255,3 +255,21 @@ def test_whole_model_training_step_replays_from_a_cuda_graph(no_tf32):
         assert_close(p.grad, g_e[name], 1e-4, f"graph grad of {name}")
     for (name, b), b_e in zip(ours.named_buffers(), eager.buffers()):
         assert_close(b.double(), b_e.double(), 1e-5, f"graph {name}")
+
+
+@pytest.mark.parametrize("small_inputs", [False, True], ids=["imagenet_stem", "cifar_stem"])
+def test_torch_jit_script_matches_eager(small_inputs):
+    """torch.jit.script of the package's DenseNet (the unfused torchvision forward on the same
+    parameters) equals the eager fused model, in eval and in one training forward; densenet121 scripts."""
+    from blockutil import assert_script_matches_eager
+    _, ours = _pair(small_inputs=small_inputs, **SMALL)
+    assert_script_matches_eager(ours, torch.randn(2, 3, 32, 32, dtype=torch.float64), 1e-10)
+    assert isinstance(torch.jit.script(densenet_fused.densenet121(num_classes=3)), torch.jit.ScriptModule)
+
+
+@pytest.mark.parametrize("small_inputs", [False, True], ids=["imagenet_stem", "cifar_stem"])
+def test_empty_batch_as_torchvision(small_inputs):
+    from blockutil import assert_empty_batch_as_torchvision
+    tv, ours = _pair(small_inputs=small_inputs, **SMALL)
+    assert_empty_batch_as_torchvision(tv, ours, (0, 3, 32, 32))
+    assert_empty_batch_as_torchvision(tv.features, ours.features, (0, 3, 32, 32))

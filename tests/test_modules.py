@@ -289,3 +289,27 @@ def test_forward_with_stats_returns_the_outputs_batch_statistics(grad):
     block.eval()
     out, mean, var = block.forward_with_stats(x)
     assert mean is None and var is None and torch.equal(out, block(x))
+
+
+# ----------------------------------------------------------------------------- TorchScript
+def test_torch_jit_script_of_a_block_and_a_layer_matches_eager():
+    from blockutil import assert_script_matches_eager
+    _, fused = _pair()
+    assert_script_matches_eager(fused, _x(), 1e-12)
+    layer = fused.denselayer2
+    x = torch.randn(2, C0 + K, 4, 3, dtype=torch.float64)
+    assert_script_matches_eager(layer, x, 1e-12)
+    scripted = torch.jit.script(layer)
+    with torch.no_grad():  # torchvision's list-of-tensors call too
+        assert_close(scripted([x[:, :C0], x[:, C0:]]), layer([x[:, :C0], x[:, C0:]]), 1e-12, "list input")
+
+
+# ----------------------------------------------------------------------------- an empty batch
+def test_empty_batch_as_torchvision():
+    from blockutil import assert_empty_batch_as_torchvision
+    ref, fused = _pair()
+    assert_empty_batch_as_torchvision(ref, fused, (0, C0, 4, 3))
+    out = fused.eval()(torch.zeros(0, C0, 4, 3, dtype=torch.float64))
+    assert out.shape == (0, C0 + 3 * K, 4, 3)
+    y, mean, var = fused.train().forward_with_stats(torch.zeros(0, C0, 4, 3, dtype=torch.float64))
+    assert y.shape == (0, C0 + 3 * K, 4, 3) and mean is None and var is None

@@ -267,3 +267,14 @@ def test_export_eval_matches_eager():
     # the exported graph calls the ops directly: a backward through it is refused, never a wrong gradient
     with pytest.raises(RuntimeError, match="has no derivative of its own"):
         y.sum().backward()
+
+
+def test_empty_batch_as_torchvision():
+    from collections import OrderedDict
+    from blockutil import assert_empty_batch_as_torchvision, randomize_bn
+    ref = randomize_bn(torch.nn.Sequential(OrderedDict(
+        conv0=torch.nn.Conv2d(3, 4, 7, 2, 3, bias=False), norm0=torch.nn.BatchNorm2d(4),
+        relu0=torch.nn.ReLU(inplace=True), pool0=torch.nn.MaxPool2d(3, 2, 1)))).double()
+    fused = copy.deepcopy(ref)
+    assert_empty_batch_as_torchvision(ref, fused, (0, 3, 16, 16),
+                                      call=lambda m, x: m(x) if m is ref else fused_stem(x, m.conv0, m.norm0, m.pool0))

@@ -121,3 +121,12 @@ def test_fx_trace_keeps_the_four_modules():
     gm = torch.fx.symbolic_trace(fused)
     targets = [n.target for n in gm.graph.nodes if n.op == "call_module"]
     assert targets == ["norm", "relu", "conv", "pool"]
+
+
+def test_empty_batch_as_torchvision():
+    from torchvision.models.densenet import _Transition
+    from blockutil import assert_empty_batch_as_torchvision, randomize_bn
+    ref = randomize_bn(_Transition(6, 3)).double()
+    fused = FusedTransition(6, 3).double()
+    fused.load_state_dict(ref.state_dict())
+    assert_empty_batch_as_torchvision(ref, fused, (0, 6, 5, 4))

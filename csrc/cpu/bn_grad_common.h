@@ -1,6 +1,7 @@
 // The BatchNorm input gradient of the CPU ops whose backward ends in a BatchNorm-ReLU read from x
 // (bnrelu_avgpool_conv1x1, bnrelu_global_avgpool; bnrelu_maxpool shares the chunked sums).  With
-// d the gradient reaching relu(x*scale + shift), g = d where x*scale + shift > 0 (else 0) and
+// d the gradient reaching relu(x*scale + shift), g = d except where x*scale + shift <= 0 (there 0:
+// torch's relu backward, which passes the gradient of a NaN) and
 // xhat = (x - mean)*rstd:
 //   pass 1: per-channel sums of g (dbeta) and g*xhat (dgamma), accumulated per fixed chunk and
 //           reduced in chunk order (deterministic whatever the thread count); dx = scale*g with
@@ -83,7 +84,7 @@ inline void grad_sums_pixel(const scalar_t* x, const acc_t* d, const BnVectors<a
   for (int64_t c = 0; c < C; ++c) {
     const acc_t xv = static_cast<acc_t>(x[c]);
     const acc_t y = xv * sp[c] + hp[c];
-    const bool on = y > acc_t(0);
+    const bool on = !(y <= acc_t(0));  // torch's relu backward: the gradient passes a NaN
     const acc_t gv = on ? d[c] : acc_t(0);
     if (relu_sum) relu_sum[c] += on ? y : acc_t(0);
     s1[c] += gv;
@@ -100,7 +101,7 @@ inline void grad_dx_pixel(const scalar_t* x, const acc_t* d, const BnVectors<acc
   const acc_t *P = t.P.data(), *Q = t.Q.data();
   for (int64_t c = 0; c < C; ++c) {
     const acc_t xv = static_cast<acc_t>(x[c]);
-    const acc_t gv = xv * sp[c] + hp[c] > acc_t(0) ? d[c] : acc_t(0);
+    const acc_t gv = xv * sp[c] + hp[c] <= acc_t(0) ? acc_t(0) : d[c];
     dx[c] = static_cast<scalar_t>(sp[c] * gv - P[c] - (xv - mp[c]) * Q[c]);
   }
 }

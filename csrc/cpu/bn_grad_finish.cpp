@@ -10,6 +10,13 @@ namespace densenet_fused {
 namespace cpu {
 namespace {
 
+// (x - mean)*Q, 0 for Q = 0 (running statistics): torch's eval-mode BatchNorm backward has no mean
+// terms, so an Inf or NaN x must not turn 0 into NaN there.
+template <typename x_t, typename acc_t>
+inline acc_t mean_term(x_t x, acc_t mean, acc_t q) {
+  return q == acc_t(0) ? acc_t(0) : (static_cast<acc_t>(x) - mean) * q;
+}
+
 at::Tensor bn_grad_finish(const at::Tensor& G, const at::Tensor& x, const at::Tensor& mean,
                           const at::Tensor& P, const at::Tensor& Q, at::ScalarType dtype, int64_t nchw_hw,
                           const std::optional<at::Tensor>& G_scale) {
@@ -41,13 +48,13 @@ at::Tensor bn_grad_finish(const at::Tensor& G, const at::Tensor& x, const at::Te
             if (nchw_hw == 0) {
               out_t* orow = op_ + r * C;
               for (int64_t c = 0; c < C; ++c)
-                orow[c] = static_cast<out_t>(grow[c] * sp[c] - pp[c] - (static_cast<acc_t>(xrow[c]) - mp[c]) * qp[c]);
+                orow[c] = static_cast<out_t>(grow[c] * sp[c] - pp[c] - mean_term(xrow[c], mp[c], qp[c]));
             } else {
               const int64_t n = r / nchw_hw, hw = r % nchw_hw;
               out_t* obase = op_ + n * C * nchw_hw + hw;
               for (int64_t c = 0; c < C; ++c)
                 obase[c * nchw_hw] =
-                    static_cast<out_t>(grow[c] * sp[c] - pp[c] - (static_cast<acc_t>(xrow[c]) - mp[c]) * qp[c]);
+                    static_cast<out_t>(grow[c] * sp[c] - pp[c] - mean_term(xrow[c], mp[c], qp[c]));
             }
           }
         });

@@ -12,6 +12,8 @@
 #include <ATen/Parallel.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
+#include <algorithm>
+#include <cmath>
 #include <vector>
 
 #include "../common.h"
@@ -74,8 +76,9 @@ void pooled_rows(const scalar_t* x, int64_t ldx, const Geometry& g, int64_t r0, 
       const acc_t s = scale[c], h = shift[c];
       const acc_t y00 = static_cast<acc_t>(x00[c]) * s + h, y01 = static_cast<acc_t>(x01[c]) * s + h;
       const acc_t y10 = static_cast<acc_t>(x10[c]) * s + h, y11 = static_cast<acc_t>(x11[c]) * s + h;
-      const acc_t sum = (y00 > 0 ? y00 : acc_t(0)) + (y01 > 0 ? y01 : acc_t(0)) + (y10 > 0 ? y10 : acc_t(0)) +
-                        (y11 > 0 ? y11 : acc_t(0));
+      // relu as torch's: a NaN stays NaN
+      const acc_t sum = (y00 <= 0 ? acc_t(0) : y00) + (y01 <= 0 ? acc_t(0) : y01) + (y10 <= 0 ? acc_t(0) : y10) +
+                        (y11 <= 0 ? acc_t(0) : y11);
       ar[c] = static_cast<scalar_t>(sum * acc_t(0.25));
     }
   }
@@ -117,6 +120,27 @@ void fwd(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift, 
   });
 }
 
+// With running statistics, the pixels the floor drops (last row / column of odd H / W) get gradient 0,
+// and the op never reads them; but torch's transition convolves before it pools and its BatchNorm
+// backward sums over every pixel, so a non-finite value there makes dgamma (0*xhat) and that
+// channel's dweight (0*relu(y)) NaN: dgamma += 0*xhat, z_w += 0*relu(y) over those pixels.
+template <typename scalar_t, typename acc_t>
+void dropped_nonfinite(const scalar_t* xp, int64_t ldx, const Geometry& g, const BnVectors<acc_t>& bn, int64_t C,
+                       double* dgamma, double* z_w) {
+  for (int64_t nh = 0; nh < g.n * g.h; ++nh) {
+    const int64_t hh = nh % g.h;
+    for (int64_t ww = (hh >= 2 * g.ho ? 0 : 2 * g.wo); ww < g.w; ++ww) {
+      const scalar_t* xr = xp + (nh * g.w + ww) * ldx;
+      for (int64_t c = 0; c < C; ++c) {
+        const acc_t xv = static_cast<acc_t>(xr[c]);
+        const acc_t y = xv * bn.scale[c] + bn.shift[c];
+        dgamma[c] += static_cast<double>(acc_t(0) * ((xv - bn.mean[c]) * bn.rstd[c]));
+        z_w[c] += static_cast<double>(acc_t(0) * (y <= acc_t(0) ? acc_t(0) : y));
+      }
+    }
+  }
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd(const at::Tensor& dout, const at::Tensor& x,
                                                                const at::Tensor& scale, const at::Tensor& shift,
                                                                const at::Tensor& weight, at::IntArrayRef nhw,
@@ -150,6 +174,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd(const at::Tensor&
     return {dx, at::zeros({Cout, C}, x.options().dtype(acc)), dgamma.to(acc), dbeta.to(acc)};
   }
   const at::Tensor w_acc = weight.to(acc);
+  std::vector<double> z_w(C, 0.0);  // 0*relu(y) over the dropped pixels (running statistics): 0 or NaN
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bnrelu_avgpool_conv1x1_bwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -189,7 +214,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd(const at::Tensor&
       }
     });
     sums.reduce(dgamma.data_ptr<double>(), dbeta.data_ptr<double>());
-    if (!batch_stats) return;
+    if (!batch_stats) {
+      if (dropped) dropped_nonfinite<scalar_t, acc_t>(xp, ldx, g, bn, C, dgamma.data_ptr<double>(), z_w.data());
+      return;
+    }
     // pass 2: dx = scale*g - P - (x - mean)*Q
     const MeanTerms<acc_t> pq(bn, dgamma.const_data_ptr<double>(), dbeta.const_data_ptr<double>(), M, C);
     at::parallel_for(0, ntiles, 1, [&](int64_t begin, int64_t end) {
@@ -221,6 +249,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd(const at::Tensor&
     });
   });
   at::Tensor dweight = dw_part.sum(0);  // fixed order over chunks
+  if (std::any_of(z_w.begin(), z_w.end(), [](double v) { return std::isnan(v); }))
+    dweight.add_(at::tensor(z_w, x.options().dtype(at::kDouble)).to(acc).unsqueeze(0));
   return {dx, dweight, dgamma.to(acc), dbeta.to(acc)};
 }
 

@@ -73,9 +73,11 @@ at::Tensor db_rows(const at::Tensor& dout, const std::optional<DbFinish>& fin, i
     const acc_t* grow = gp + (r0 + r) * ldd;
     const scalar_t* brow = bp + (r0 + r) * ldb;
     acc_t* orow = o + r * Cout;
-    for (int64_t c = 0; c < Cout; ++c)  // bn_grad_finish's expression, rounded to the feature dtype
+    // bn_grad_finish's expression (no mean term for Q = 0: running statistics), rounded to the feature dtype
+    for (int64_t c = 0; c < Cout; ++c)
       orow[c] = static_cast<acc_t>(
-          static_cast<scalar_t>(grow[c] * sp[c] - pp[c] - (static_cast<acc_t>(brow[c]) - mp[c]) * qp[c]));
+          static_cast<scalar_t>(grow[c] * sp[c] - pp[c] -
+                                (qp[c] == acc_t(0) ? acc_t(0) : (static_cast<acc_t>(brow[c]) - mp[c]) * qp[c])));
   }
   return out;
 }
@@ -106,12 +108,12 @@ inline void bnrelu_rows(const scalar_t* x, int64_t ld, int64_t rows, int64_t C, 
     tile_t* ar = a + r * C;
     for (int64_t c = 0; c < C; ++c) {
       const acc_t y = static_cast<acc_t>(xr[c]) * scale[c] + shift[c];
-      ar[c] = static_cast<tile_t>(static_cast<scalar_t>(y > acc_t(0) ? y : acc_t(0)));
+      ar[c] = static_cast<tile_t>(static_cast<scalar_t>(y <= acc_t(0) ? acc_t(0) : y));  // NaN stays NaN
     }
   }
 }
 
-// One row of the backward's elementwise part: g = dA * (y > 0), G += scale*g, the two
+// One row of the backward's elementwise part: g = dA * !(y <= 0), G += scale*g, the two
 // per-channel sums, and a = relu(y) rounded to the feature dtype (the dW operand).
 template <typename scalar_t, typename acc_t>
 __attribute__((noinline)) void bwd_row(const scalar_t* __restrict__ x, const acc_t* __restrict__ da, const acc_t* __restrict__ scale,
@@ -125,7 +127,7 @@ __attribute__((noinline)) void bwd_row(const scalar_t* __restrict__ x, const acc
     const acc_t y = xv * scale[c] + shift[c];
     const acc_t d = da[c];
     const acc_t yr = static_cast<acc_t>(static_cast<scalar_t>(y));
-    const bool on = y > acc_t(0);
+    const bool on = !(y <= acc_t(0));  // torch's relu backward: the gradient passes a NaN
     const acc_t g = on ? d : acc_t(0);
     a[c] = on ? yr : acc_t(0);
     G[c] += scale[c] * g;

@@ -1,8 +1,8 @@
 // bnrelu_global_avgpool on the CPU: the fused DenseNet head (norm5, ReLU, global average pool;
 // DESIGN section 9).  Forward: pooled[n, c] = mean over the H*W pixels of image n of
 // relu(x*scale + shift), accumulated in the accumulation dtype.  Backward (elementwise):
-// g = dpooled[n, c] / (H*W) where x*scale + shift > 0; dx = scale*g in eval, and with batch
-// statistics dx = scale*(g - mean(g) - xhat*mean(g*xhat)) (a first pass for the two
+// g = dpooled[n, c] / (H*W) except where x*scale + shift <= 0 (a NaN passes, as in torch); dx = scale*g
+// in eval, and with batch statistics dx = scale*(g - mean(g) - xhat*mean(g*xhat)) (a first pass for the two
 // per-channel sums, which are also dbeta and dgamma).  Per-image partial sums are reduced in
 // image order: deterministic results.
 #include <ATen/Parallel.h>
@@ -49,7 +49,7 @@ at::Tensor fwd(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& s
           const scalar_t* xr = xp + (n * hw + p) * ldx;
           for (int64_t c = 0; c < C; ++c) {
             const acc_t y = static_cast<acc_t>(xr[c]) * sp[c] + hp[c];
-            sum[c] += y > acc_t(0) ? y : acc_t(0);
+            sum[c] += y <= acc_t(0) ? acc_t(0) : y;  // a NaN stays NaN
           }
         }
         for (int64_t c = 0; c < C; ++c) op_[n * C + c] = static_cast<scalar_t>(sum[c] / static_cast<acc_t>(hw));

@@ -5,8 +5,9 @@
 // torch BatchNorm-ReLU chain in that dtype feeds the pool), the window position kh*3 + kw of the
 // maximum as int8.  Tie rule of torch's max_pool2d: the first maximum in scan order (strict >), a
 // NaN always taken, padding never chosen.
-// Backward: g = dout routed to each window's maximum, masked by relu > 0.  Pass 1 runs over the
-// pooled outputs (reading y only at the maxima) for dbeta = sum(g), dgamma = sum(g*xhat); pass 2
+// Backward: g = dout routed to each window's maximum, masked by relu > 0 or NaN (torch's relu
+// backward).  Pass 1 runs over the pooled outputs (reading y only at the maxima) for dbeta = sum(g),
+// dgamma = sum(g*xhat); pass 2
 // over y's rows collects g of a row from the one or two pooled rows whose windows cover it (rows in
 // parallel, no atomics) and writes dy = scale*(g - dbeta/count - xhat*dgamma/count), or scale*g for running
 // statistics (count = 0).  Reductions go through fixed chunks reduced in order: deterministic.
@@ -93,19 +94,33 @@ inline void route(const int32_t* __restrict__ kv, const acc_t* __restrict__ dv, 
   }
 }
 
-// dy = scale*(g*(relu > 0) - a - xhat*b) for one pixel
+// dy = scale*(gc - a - xhat*b) for one pixel with batch statistics (z null), dy = scale*gc with running
+// ones, gc = g*!(relu <= 0) (torch's relu backward: a NaN passes).  With running statistics z += 0*xhat
+// where gc = 0: torch's dgamma = sum(gc*xhat) over every pixel is NaN where a pixel no window took (or
+// whose ReLU is off) has a non-finite xhat, which pass 1 (the maxima only) does not see.
 template <typename scalar_t, typename acc_t>
 __attribute__((noinline)) void bn_backward_pixel(const scalar_t* __restrict__ y, const acc_t* __restrict__ g,
                                                  const acc_t* __restrict__ s, const acc_t* __restrict__ h,
                                                  const acc_t* __restrict__ mean, const acc_t* __restrict__ rstd,
                                                  const acc_t* __restrict__ a, const acc_t* __restrict__ b, int64_t C,
-                                                 scalar_t* __restrict__ dy) {
+                                                 scalar_t* __restrict__ dy, acc_t* __restrict__ z) {
+  if (z == nullptr) {
+    for (int64_t c = 0; c < C; ++c) {
+      const scalar_t yv = y[c];
+      const acc_t gv = g[c], sc = s[c];
+      const acc_t gc = bnrelu<scalar_t, acc_t>(yv, sc, h[c]) <= acc_t(0) ? acc_t(0) : gv;
+      const acc_t xhat = (static_cast<acc_t>(yv) - mean[c]) * rstd[c];
+      dy[c] = static_cast<scalar_t>(sc * (gc - a[c] - xhat * b[c]));
+    }
+    return;
+  }
   for (int64_t c = 0; c < C; ++c) {
     const scalar_t yv = y[c];
     const acc_t gv = g[c], sc = s[c];
-    const acc_t gc = bnrelu<scalar_t, acc_t>(yv, sc, h[c]) > acc_t(0) ? gv : acc_t(0);
+    const acc_t gc = bnrelu<scalar_t, acc_t>(yv, sc, h[c]) <= acc_t(0) ? acc_t(0) : gv;
     const acc_t xhat = (static_cast<acc_t>(yv) - mean[c]) * rstd[c];
-    dy[c] = static_cast<scalar_t>(sc * (gc - a[c] - xhat * b[c]));
+    dy[c] = static_cast<scalar_t>(sc * gc);
+    z[c] += gc == acc_t(0) ? acc_t(0) * xhat : acc_t(0);
   }
 }
 
@@ -250,7 +265,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(const at::Tensor& dout, const
               const bool ok = (k < 16) & (base >= 0);
               any_bad |= !ok;
               const scalar_t yv = yp[(ok ? base : 0) + c];
-              const bool on = ok & (bnrelu<scalar_t, acc_t>(yv, sp[c], hp[c]) > acc_t(0));
+              const bool on = ok & !(bnrelu<scalar_t, acc_t>(yv, sp[c], hp[c]) <= acc_t(0));
               const acc_t dv = on ? static_cast<acc_t>(d[c]) : acc_t(0);
               t1[c] += dv;
               t2[c] += dv * ((static_cast<acc_t>(yv) - mp[c]) * rp[c]);
@@ -278,6 +293,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(const at::Tensor& dout, const
       }
     }
     scalar_t* dyp = dy.data_ptr<scalar_t>();
+    // running statistics: per y row (n, ih), the 0*xhat terms of dgamma pass 1 did not see (0 or NaN)
+    std::vector<acc_t> zrows(count > 0 ? 0 : g.N * g.H * C, acc_t(0));
     at::parallel_for(0, g.N * g.H, 1, [&](int64_t begin, int64_t end) {
       std::vector<acc_t> grow(g.W * C), dv(C);
       std::vector<int32_t> kv(C);  // the window index widened: same-width selects vectorize
@@ -306,10 +323,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(const at::Tensor& dout, const
         for (int64_t iw = 0; iw < g.W; ++iw) {
           const int64_t p = (n * g.H + ih) * g.W + iw;
           bn_backward_pixel<scalar_t, acc_t>(yp + p * ld, grow.data() + iw * C, sp, hp, mp, rp, a.data(), b.data(), C,
-                                             dyp + p * C);
+                                             dyp + p * C, count > 0 ? nullptr : zrows.data() + row * C);
         }
       }
     });
+    if (count == 0) {
+      for (int64_t row = 0; row < g.N * g.H; ++row)
+        for (int64_t c = 0; c < C; ++c) dgp[c] += static_cast<double>(zrows[row * C + c]);
+    }
   });
   return {dy, dgamma.to(acc), dbeta.to(acc)};
 }

@@ -23,7 +23,8 @@ __global__ void finish_kernel(const acc_t* __restrict__ G, int64_t ldg, const x_
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t r = i / C, c = i % C;
     const acc_t g = S == nullptr ? G[r * ldg + c] : G[r * ldg + c] * S[c];  // uniform branch
-    const acc_t v = g - P[c] - (static_cast<acc_t>(x[r * ldx + c]) - mean[c]) * Q[c];
+    // no mean term for Q = 0 (running statistics): an Inf or NaN x must not turn it into NaN (as torch's)
+    const acc_t v = g - P[c] - (Q[c] == acc_t(0) ? acc_t(0) : (static_cast<acc_t>(x[r * ldx + c]) - mean[c]) * Q[c]);
     const int64_t o = hw == 0 ? i : ((r / hw) * C + c) * hw + (r % hw);
     out[o] = static_cast<out_t>(v);
   }

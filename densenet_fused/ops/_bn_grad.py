@@ -37,7 +37,7 @@ def aten_bn_grad(d, x, scale, shift, mean, rstd, batch_stats):
     """(dx in x's dtype, dgamma, dbeta) from d (M, C), the gradient reaching relu(x*scale + shift),
     in the accumulation dtype."""
     xa = x.to(scale.dtype)
-    g = torch.where(torch.addcmul(shift, xa, scale) > 0, d, 0)
+    g = torch.where(torch.addcmul(shift, xa, scale) <= 0, 0, d)  # torch's relu backward: a NaN passes
     xc = xa - mean
     dbeta, dgamma = g.sum(0), (g * (xc * rstd)).sum(0)
     dx = scale * g
@@ -67,7 +67,7 @@ def bn_grad_tile(X, ldx, DX, C, pix, rc, mask, d, s, h, mu, rs, pp, qq, sg, sgx,
     returns (sg + sum(g), sgx + sum(g*xhat)) per channel and stores dx = scale*g without batch
     statistics; pass 2: stores dx = scale*g - P - (x - mean)*Q."""
     x = tl.load(X + pix[:, None] * ldx + rc[None, :], mask=mask, other=0.0).to(tl.float32)
-    g = tl.where(mask & (x * s[None, :] + h[None, :] > 0.0), d, 0.0)
+    g = tl.where(mask & ~(x * s[None, :] + h[None, :] <= 0.0), d, 0.0)  # a NaN passes, as in torch
     if PASS == 1:
         sg += tl.sum(g, axis=0)
         sgx += tl.sum(g * ((x - mu[None, :]) * rs[None, :]), axis=0)

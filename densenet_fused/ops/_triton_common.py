@@ -46,11 +46,12 @@ if INTERPRET and _version(triton.__version__) < (3, 7):
 @triton.jit
 def bnrelu_tile(PTR, rows64, ld, cols, mask, SCALE, SHIFT, cols_ok):
     """relu(x*scale + shift) of a (rows, cols) tile in fp32, 0 where ``mask`` is off (zero padding
-    applies to the activated values)."""
+    applies to the activated values).  A NaN stays NaN, as in torch.relu."""
     x = tl.load(PTR + rows64[:, None] * ld + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     s = tl.load(SCALE + cols, mask=cols_ok, other=0.0)
     h = tl.load(SHIFT + cols, mask=cols_ok, other=0.0)
-    return tl.where(mask, tl.maximum(x * s[None, :] + h[None, :], 0.0), 0.0)
+    y = x * s[None, :] + h[None, :]
+    return tl.where(mask, tl.where(y <= 0.0, 0.0, y), 0.0)
 
 
 @triton.jit

@@ -143,10 +143,14 @@ def _window_base(r, H, W, HO, WO):
 def _pooled_tile(X, ldx, base, W, rk, mask, s, h):
     """avgpool2x2(relu(x*scale + shift)) of a (pooled rows, channels) tile in fp32 (0 off ``mask``)."""
     p = X + base[:, None] * ldx + rk[None, :]
-    a = tl.maximum(tl.load(p, mask=mask, other=0.0).to(tl.float32) * s[None, :] + h[None, :], 0.0)
-    a += tl.maximum(tl.load(p + ldx, mask=mask, other=0.0).to(tl.float32) * s[None, :] + h[None, :], 0.0)
-    a += tl.maximum(tl.load(p + W * ldx, mask=mask, other=0.0).to(tl.float32) * s[None, :] + h[None, :], 0.0)
-    a += tl.maximum(tl.load(p + (W + 1) * ldx, mask=mask, other=0.0).to(tl.float32) * s[None, :] + h[None, :], 0.0)
+    y = tl.load(p, mask=mask, other=0.0).to(tl.float32) * s[None, :] + h[None, :]
+    a = tl.where(y <= 0.0, 0.0, y)  # relu keeping a NaN, as torch's
+    y = tl.load(p + ldx, mask=mask, other=0.0).to(tl.float32) * s[None, :] + h[None, :]
+    a += tl.where(y <= 0.0, 0.0, y)
+    y = tl.load(p + W * ldx, mask=mask, other=0.0).to(tl.float32) * s[None, :] + h[None, :]
+    a += tl.where(y <= 0.0, 0.0, y)
+    y = tl.load(p + (W + 1) * ldx, mask=mask, other=0.0).to(tl.float32) * s[None, :] + h[None, :]
+    a += tl.where(y <= 0.0, 0.0, y)
     return tl.where(mask, a * 0.25, 0.0)
 
 

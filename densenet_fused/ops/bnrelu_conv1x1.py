@@ -191,10 +191,11 @@ def bwd_chunked(dout, x, scale, shift, weight, mean, rstd, G, P=None, Q=None, co
             db = dout[r0:r0 + _CHUNK_ROWS].to(acc)
         else:  # bn_grad_finish's dB, rounded to x's dtype
             bs = db_b[r0:r0 + _CHUNK_ROWS].to(acc)
-            db = (dout[r0:r0 + _CHUNK_ROWS] * db_scale - db_p - (bs - db_mean) * db_q).to(x.dtype).to(acc)
+            db = (dout[r0:r0 + _CHUNK_ROWS] * db_scale - db_p - torch.where(db_q == 0, 0, (bs - db_mean) * db_q))
+            db = db.to(x.dtype).to(acc)
         xs = x[r0:r0 + _CHUNK_ROWS].to(acc)
         y = torch.addcmul(shift, xs, scale)
-        on = y > 0
+        on = ~(y <= 0)  # torch's relu backward: a NaN passes
         g = torch.where(on, db @ w, 0)
         G[r0:r0 + _CHUNK_ROWS].addcmul_(g, scale)
         dbeta += g.sum(0)
@@ -265,11 +266,12 @@ def _bwd_kernel(DOUT, lddo, X, ldx, SCALE, SHIFT, W, ldw, MEAN, RSTD, G, ldg,
         db = tl.load(DOUT + rm64[:, None] * lddo + rn[None, :], mask=dbm, other=0.0)
         if FINISH:  # DOUT = g2 (fp32): BN2's input gradient rounded to x's dtype (bn_grad_finish's, regrouped)
             bb = tl.load(DB_B + rm64[:, None] * lddb + rn[None, :], mask=dbm, other=0.0).to(tl.float32)
-            db = tl.where(dbm, db * f_s[None, :] - bb * f_q[None, :] + f_c[None, :], 0.0).to(X.dtype.element_ty)
+            bq = tl.where(f_q[None, :] == 0.0, 0.0, bb * f_q[None, :])  # none for q = 0: an Inf b stays out
+            db = tl.where(dbm, db * f_s[None, :] - bq + f_c[None, :], 0.0).to(X.dtype.element_ty)
         xm = r_ok[:, None] & c_ok[None, :]
         x = tl.load(X + rm64[:, None] * ldx + rc[None, :], mask=xm, other=0.0).to(tl.float32)
         y = x * s[None, :] + h[None, :]
-        on = (y > 0.0) & xm
+        on = ~(y <= 0.0) & xm  # a NaN passes, as in torch
         da = tl.dot(db, w, input_precision=PRECISION)                      # dA = dout @ W
         g = tl.where(on, da, 0.0)
         gp = G + rm64[:, None] * ldg + rc[None, :]

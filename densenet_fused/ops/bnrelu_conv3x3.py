@@ -215,7 +215,7 @@ def _bwd_aten(dy, b, scale, shift, weight, nhw, mean, rstd, count=0, dy_x=None, 
         dy = dy * dropout_mask(drop_seed, drop_p, b.shape[0], weight.shape[0], dy.dtype)
     acc = scale.dtype
     y2 = torch.addcmul(shift, b.to(acc), scale)
-    on = y2 > 0
+    on = ~(y2 <= 0)  # torch's relu backward: a NaN passes
     a2 = torch.where(on, y2, 0).to(b.dtype)
     da2, dw, _ = torch.ops.aten.convolution_backward(
         _nchw(dy.contiguous(), nhw), _nchw(a2, nhw), weight, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
@@ -292,7 +292,7 @@ def _dy_tile(DY, lddy, X, ldx, XMEAN, XP, XQ, rows64, cols, mask, cols_ok, SEED,
         mu = tl.load(XMEAN + cols, mask=cols_ok, other=0.0)
         p = tl.load(XP + cols, mask=cols_ok, other=0.0)
         q = tl.load(XQ + cols, mask=cols_ok, other=0.0)
-        g = tl.where(mask, g - p[None, :] - (x - mu[None, :]) * q[None, :], 0.0)
+        g = tl.where(mask, g - p[None, :] - tl.where(q[None, :] == 0.0, 0.0, (x - mu[None, :]) * q[None, :]), 0.0)
     if DROP:
         g = tl.where(mask & _keep(SEED, rows64, cols, K, DROP_T), g.to(OUT_TY).to(tl.float32) * drop_scale, 0.0)
     return g.to(OUT_TY)
@@ -303,7 +303,7 @@ def _dgrad_kernel(DY, lddy, X, ldx, XMEAN, XP, XQ, B, SCALE, SHIFT, MEAN, RSTD, 
                   SEED, DROP_T, drop_scale,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
                   FINISH: tl.constexpr, DROP: tl.constexpr, W_CL: tl.constexpr):
-    """g2[m, ci] = (y2 > 0) * sum_{tap, co} dy[m - tap, co] * W[co, ci, tap]; per-tile sums of g2, g2*xhat2."""
+    """g2[m, ci] = !(y2 <= 0) * sum_{tap, co} dy[m - tap, co] * W[co, ci, tap]; per-tile sums of g2, g2*xhat2."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -329,7 +329,7 @@ def _dgrad_kernel(DY, lddy, X, ldx, XMEAN, XP, XQ, B, SCALE, SHIFT, MEAN, RSTD, 
     h = tl.load(SHIFT + rn, mask=n_ok, other=0.0)
     mu = tl.load(MEAN + rn, mask=n_ok, other=0.0)
     rs = tl.load(RSTD + rn, mask=n_ok, other=0.0)
-    g = tl.where(m2 & (bv * s[None, :] + h[None, :] > 0.0), acc, 0.0)
+    g = tl.where(m2 & ~(bv * s[None, :] + h[None, :] <= 0.0), acc, 0.0)  # a NaN passes, as in torch
     tl.store(G2 + rm64[:, None] * CB + rn[None, :], g, mask=m2)
     tl.store(PSG + pid_m * CB + rn, tl.sum(g, axis=0), mask=n_ok)
     tl.store(PSGX + pid_m * CB + rn, tl.sum(g * ((bv - mu[None, :]) * rs[None, :]), axis=0), mask=n_ok)
@@ -397,8 +397,9 @@ def _bwd_finish_kernel(PDW, SPLITS, DW, PSG, PSGX, TILES, SCALE, RSTD, DGAMMA, D
         tl.store(DGAMMA + rc, dgamma, mask=c_ok)
         scale = tl.load(SCALE + rc, mask=c_ok, other=0.0)
         rstd = tl.load(RSTD + rc, mask=c_ok, other=0.0)
-        tl.store(P + rc, scale * dbeta * inv_count, mask=c_ok)
-        tl.store(Q + rc, scale * rstd * dgamma * inv_count, mask=c_ok)
+        # running statistics (inv_count 0): p = q = 0 even for a NaN or Inf sum (torch's has no mean terms)
+        tl.store(P + rc, tl.where(inv_count == 0.0, 0.0, scale * dbeta * inv_count), mask=c_ok)
+        tl.store(Q + rc, tl.where(inv_count == 0.0, 0.0, scale * rstd * dgamma * inv_count), mask=c_ok)
 
 
 def _tiles(t, small, big):
@@ -636,7 +637,8 @@ def bnrelu_conv3x3_fwd(b, scale, shift, weight, nhw, out, stats: bool, impl: str
 def bnrelu_conv3x3_bwd(dy, b, scale, shift, weight, nhw, mean, rstd, impl: str = "", count: int = 0, dy_x=None,
                        dy_mean=None, dy_p=None, dy_q=None, drop_p: float = 0.0, drop_seed=None):
     """Backward through conv3x3 and the ReLU of BN2: (g2, dweight, dgamma, dbeta, p, q) with
-    g2 = dA2 * (b*scale+shift > 0) (fp32), dweight of weight's shape and layout (fp32), dgamma = sum(g2*xhat2),
+    g2 = dA2 * !(b*scale+shift <= 0) (fp32; a NaN passes the gradient, as in torch), dweight of weight's
+    shape and layout (fp32), dgamma = sum(g2*xhat2),
     dbeta = sum(g2) per channel, xhat2 = (b - mean) * rstd, and BN2's input-gradient scalars
     p = scale*dbeta/count, q = scale*rstd*dgamma/count (zeros when count is 0).  With dy_x, dy_mean,
     dy_p, dy_q, ``dy`` is the block's fp32 gradient sum G of the new channels and the op finishes

@@ -93,7 +93,8 @@ def _fwd_kernel(X, ldx, SCALE, SHIFT, OUT, HW, C, BLOCK_P: tl.constexpr, BLOCK_C
         mask = (rp < HW)[:, None] & c_ok[None, :]
         rows = img.to(tl.int64) * HW + rp
         x = tl.load(X + rows[:, None] * ldx + rc[None, :], mask=mask, other=0.0).to(tl.float32)
-        acc += tl.sum(tl.where(mask, tl.maximum(x * s[None, :] + h[None, :], 0.0), 0.0), axis=0)
+        y = x * s[None, :] + h[None, :]
+        acc += tl.sum(tl.where(mask, tl.where(y <= 0.0, 0.0, y), 0.0), axis=0)  # a NaN stays NaN
     tl.store(OUT + img * C + rc, (acc / HW).to(OUT.dtype.element_ty), mask=c_ok)
 
 

@@ -166,7 +166,7 @@ def _bwd_sums_kernel(DOUT, IDX, Y, ldy, SCALE, SHIFT, MEAN, RSTD, PSG, PSGX, P, 
         y = tl.load(Y + ((n[:, None] * H + ih) * W + iw) * ldy + rc[None, :], mask=ok, other=0.0)
         v = _bnrelu_rounded(y, s, h, Y.dtype.element_ty)
         d = tl.load(DOUT + offs, mask=ok, other=0.0).to(s.dtype)
-        d = tl.where(ok & (v > 0.0), d, 0.0)
+        d = tl.where(ok & ~(v <= 0.0), d, 0.0)  # relu backward: a NaN passes, as in torch
         sg += tl.sum(d, axis=0)
         sgx += tl.sum(d * ((y.to(s.dtype) - mu[None, :]) * rs[None, :]), axis=0)
     tl.store(PSG + split * C + rc, sg, mask=c_ok)
@@ -185,8 +185,9 @@ def _bwd_finish_kernel(PSG, PSGX, SPLITS, C, DBETA, DGAMMA, AB, inv_count, BLOCK
         sgx += tl.load(PSGX + s * C + rc, mask=ok, other=0.0)
     tl.store(DBETA + rc, sg, mask=ok)
     tl.store(DGAMMA + rc, sgx, mask=ok)
-    tl.store(AB + rc, sg * inv_count, mask=ok)
-    tl.store(AB + C + rc, sgx * inv_count, mask=ok)
+    # running statistics (inv_count 0): no mean terms, exactly 0 even for a NaN or Inf sum (as torch's)
+    tl.store(AB + rc, tl.where(inv_count == 0.0, 0.0, sg * inv_count), mask=ok)
+    tl.store(AB + C + rc, tl.where(inv_count == 0.0, 0.0, sgx * inv_count), mask=ok)
 
 
 @triton.jit
@@ -233,9 +234,10 @@ def _bwd_dy_kernel(DOUT, IDX, Y, ldy, SCALE, SHIFT, MEAN, RSTD, AB, DY, M, C, H,
     ym = m_ok[:, None] & c_ok[None, :]
     y = tl.load(Y + rm[:, None] * ldy + rc[None, :], mask=ym, other=0.0)
     v = _bnrelu_rounded(y, s, h, Y.dtype.element_ty)
-    g = tl.where(v > 0.0, g, 0.0)
+    g = tl.where(v <= 0.0, 0.0, g)  # relu backward: a NaN passes, as in torch
     xhat = (y.to(s.dtype) - mu[None, :]) * rs[None, :]
-    dy = s[None, :] * (g - a[None, :] - xhat * b[None, :])
+    # running statistics (b = 0): dy = scale*g, even where xhat is infinite (as torch's)
+    dy = s[None, :] * (g - a[None, :] - tl.where(b[None, :] == 0.0, 0.0, xhat * b[None, :]))
     tl.store(DY + rm[:, None] * C + rc[None, :], dy.to(DY.dtype.element_ty), mask=ym)
 
 
