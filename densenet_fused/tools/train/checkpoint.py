@@ -32,9 +32,12 @@ def set_rng_state(state: dict, device: torch.device) -> None:
 
 
 def save_checkpoint(state: dict, out: str) -> None:
-    """OUT/checkpoint.pt replaced at once (written to a temporary file first)."""
+    """OUT/checkpoint.pt replaced at once (written to OUT/checkpoint.pt.tmp first)."""
     tmp = os.path.join(out, CHECKPOINT + ".tmp")
-    torch.save(state, tmp)
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())  # on disk before it replaces the last good checkpoint
     os.replace(tmp, os.path.join(out, CHECKPOINT))
 
 
@@ -77,3 +80,28 @@ def plot_metrics(rows: List[dict], out: str) -> List[str]:
         fig.savefig(path)
         written.append(path)
     return written
+
+
+# ------------------------------------------------------------------------- the run's configuration
+
+FORMAT = 2  # checkpoint.pt layout: "config" records the run (RECORDED + epochs, lr), "metrics" its rows
+RECORDED = {  # config key -> what the user changed, in a refusal
+    "model": "--model", "depth": "--depth", "growth_rate": "--growth-rate", "baseline": "--baseline",
+    "weights": "--weights", "data_kind": "data set kind", "classes": "class names", "num_classes": "classes",
+    "image_size": "--image-size", "train_images": "training images", "val_images": "validation images",
+    "samples": "sample list (file names and labels)", "flip": "--no-flip", "batch_size": "--batch-size",
+    "seed": "--seed", "device": "--device", "world_size": "processes", "sync_bn": "--sync-bn",
+    "cuda_graphs": "--cuda-graphs",
+}
+CHANGEABLE = "--epochs (see --help), --lr, --workers, --allow-nonfinite"
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def config_differences(saved: dict, config: dict) -> List[str]:
+    """What differs between a checkpoint's recorded configuration and this run's, one phrase each."""
+    return [f"{label} ({_short(saved.get(key))} there, {_short(config.get(key))} here)"
+            for key, label in RECORDED.items() if saved.get(key) != config.get(key)]

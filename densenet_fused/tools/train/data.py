@@ -1,8 +1,11 @@
 """The data of ``densenet-fused train``: a CIFAR-10/100 root or an ImageFolder root, read with
 torchvision (never downloaded), and scikit-learn's digits written as an ImageFolder."""
+import hashlib
 import os
 from dataclasses import dataclass
 from typing import List, Optional
+
+import torch
 
 from .config import TrainError, first_line
 
@@ -18,6 +21,85 @@ class Data:
     val: object
     classes: List[str]
     image_size: int
+
+    def digest(self) -> str:
+        """A fingerprint of both splits' sample lists: labels and file names (an ImageFolder's, relative
+        to its split folder) or labels in order (CIFAR); the same data moved elsewhere keeps it."""
+        h = hashlib.sha256()
+        for split in (self.train, self.val):
+            if hasattr(split, "samples"):
+                for path, label in split.samples:
+                    h.update(f"{label}\t{os.path.relpath(path, split.root)}\n".encode())
+            else:
+                h.update(repr(list(split.targets)).encode())
+            h.update(b"--\n")
+        return h.hexdigest()[:16]
+
+
+class UnreadableImage(TrainError):
+    """An image of the data set that PIL cannot read: one line naming the file."""
+
+    def one_line(self) -> str:
+        """The message, also when a DataLoader worker raised it (then the last line of the worker's
+        traceback, which the loader re-raises as this class with the traceback as its message)."""
+        text = str(self).strip()
+        last = text.splitlines()[-1] if text else ""
+        return last.split(f"{type(self).__name__}: ", 1)[-1]
+
+
+def read_image(path: str):
+    """torchvision's ImageFolder loader (PIL, converted to RGB), with a file PIL cannot read reported
+    as :class:`UnreadableImage` naming it."""
+    from PIL import Image
+
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except Exception as exc:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError... for broken files
+        raise UnreadableImage(f"--data: cannot read the image {path} ({first_line(exc)})") from None
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed of sample ``index``'s augmentation in ``epoch`` (0-based)."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1, np.uint64)[0])
+
+
+class SeededSamples(torch.utils.data.Dataset):
+    """``dataset[index]`` for keys ``(epoch, index)``, its random augmentation drawn from torch's CPU
+    generator seeded by :func:`sample_seed` (and the generator's state put back): the same images in
+    every process, with any number of loader workers, resumed or not."""
+
+    def __init__(self, dataset, seed: int):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        epoch, index = key
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(sample_seed(self.seed, epoch, index))
+            return self.dataset[index]
+
+
+class EpochIndices(torch.utils.data.Sampler):
+    """The keys ``(epoch, index)`` of :class:`SeededSamples`, in the order of ``sampler`` (a
+    DistributedSampler: its order depends on its seed and epoch alone)."""
+
+    def __init__(self, sampler):
+        self.sampler = sampler
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def __iter__(self):
+        epoch = self.sampler.epoch
+        return ((epoch, i) for i in self.sampler)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
 
 
 def _transforms(image_size: int, mean, std, resize: bool, flip: bool = True):
@@ -75,14 +157,11 @@ def _load_imagefolder(path: str, image_size: Optional[int], flip: bool) -> Data:
     if len(probe.classes) < 2:
         raise TrainError(f"--data {path}: expected at least 2 class folders, got {probe.classes}")
     if image_size is None:
-        try:
-            w, h = probe.loader(probe.samples[0][0]).size
-        except OSError as exc:
-            raise TrainError(f"--data {path}: cannot read {probe.samples[0][0]} ({first_line(exc)})") from None
+        w, h = read_image(probe.samples[0][0]).size
         image_size = max(w, h) if max(w, h) <= 64 else 224
     train_tf, val_tf = _transforms(image_size, IMAGENET_MEAN, IMAGENET_STD, resize=True, flip=flip)
-    train = datasets.ImageFolder(os.path.join(path, "train"), transform=train_tf)
-    val = datasets.ImageFolder(os.path.join(path, "val"), transform=val_tf)
+    train = datasets.ImageFolder(os.path.join(path, "train"), transform=train_tf, loader=read_image)
+    val = datasets.ImageFolder(os.path.join(path, "val"), transform=val_tf, loader=read_image)
     return Data("ImageFolder", train, val, list(train.classes), image_size)
 
 

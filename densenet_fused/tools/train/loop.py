@@ -13,14 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import plot_metrics, read_metrics, rng_state, save_checkpoint, set_rng_state, write_metrics
-from .config import CHECKPOINT, METRICS, dist_env
+from .checkpoint import FORMAT, plot_metrics, rng_state, save_checkpoint, set_rng_state, write_metrics
+from .config import CHECKPOINT, METRICS, dist_env, lr_factor
+from .data import EpochIndices, SeededSamples
+from .guard import NonFiniteWatch
 from .plan import Plan
-
-
-def _lr_factor(epoch: int, epochs: int) -> float:
-    """lr / base lr at ``epoch`` (0-based): divided by 10 at 50% and 75% of the epochs."""
-    return 0.1 ** sum(epoch >= m for m in (int(0.5 * epochs), int(0.75 * epochs)) if m > 0)
 
 
 @dataclass
@@ -36,6 +33,8 @@ class Session:
     train_sampler: object = None
     train_loader: object = None
     val_loader: object = None
+    loader_generator: torch.Generator = None  # the training loader's: worker seeds, reseeded per epoch
+    graphed: object = None                    # GraphedStep under --cuda-graphs
     start: int = 0
     rows: List[dict] = field(default_factory=list)
 
@@ -70,7 +69,7 @@ def _start_processes(plan: Plan) -> Session:
         import torch.distributed as dist
         if not dist.is_initialized():
             dist.init_process_group("nccl" if s.cuda else "gloo")
-        # each rank its own augmentation stream (the samplers share args.seed)
+        # each rank its own RNG stream (dropout); augmentation is seeded per sample (data.SeededSamples)
         torch.manual_seed(plan.args.seed + 1 + rank)
         random.seed(plan.args.seed + 1 + rank)
     return s
@@ -91,21 +90,25 @@ def _build(s: Session) -> None:
     s.model = model
     s.optimizer = torch.optim.SGD(s.raw.parameters(), lr=args.lr, momentum=0.9, nesterov=True, weight_decay=1e-4)
     epochs = args.epochs
-    s.scheduler = torch.optim.lr_scheduler.LambdaLR(s.optimizer, lambda e: _lr_factor(e, epochs))
+    s.scheduler = torch.optim.lr_scheduler.LambdaLR(s.optimizer, lambda e: lr_factor(e, epochs))
+    if args.cuda_graphs:
+        from .graphs import GraphedStep
+        s.graphed = GraphedStep(s.raw, dtype=torch.bfloat16)
 
 
 def _resume(s: Session) -> bool:
-    """Optimizer, schedule, RNG states and metrics rows of the checkpoint; False: nothing to do."""
+    """Optimizer, schedule (with this run's --epochs and --lr), RNG states and metrics rows of the
+    checkpoint; False: nothing left to do."""
     args, ck = s.plan.args, s.plan.checkpoint
     epochs = args.epochs
     s.optimizer.load_state_dict(ck["optimizer"])
     s.scheduler.load_state_dict(ck["scheduler"])
     s.start = start = int(ck["epoch"])
-    for group, base in zip(s.optimizer.param_groups, s.scheduler.base_lrs):  # the schedule of this --epochs
-        group["lr"] = base * _lr_factor(start, epochs)
-    metrics_path = os.path.join(args.out, METRICS)
-    if s.main and os.path.isfile(metrics_path):
-        s.rows = [r for r in read_metrics(metrics_path) if int(r["epoch"]) <= start]
+    s.scheduler.base_lrs = [args.lr for _ in s.optimizer.param_groups]  # a new --lr applies from here on
+    for group in s.optimizer.param_groups:
+        group["initial_lr"] = args.lr
+        group["lr"] = args.lr * lr_factor(start, epochs)
+    s.rows = [dict(r) for r in ck["metrics"]]
     if s.world == 1 and ck.get("world_size", 1) == 1:
         set_rng_state(ck["rng"], s.plan.device)  # the run goes on as if never stopped
     elif s.distributed:
@@ -119,19 +122,36 @@ def _resume(s: Session) -> bool:
 
 
 def _make_loaders(s: Session) -> None:
+    """The shuffle order from (--seed, epoch), each image's augmentation from (--seed, epoch, index):
+    the same batches with any --workers, in a resumed run as in an uninterrupted one."""
     from torch.utils.data import DataLoader, DistributedSampler, Subset
 
     args, data = s.plan.args, s.plan.data
-    if s.distributed:
-        s.train_sampler = DistributedSampler(data.train, num_replicas=s.world, rank=s.rank, shuffle=True,
-                                             seed=args.seed)
-        val_set = Subset(data.val, range(s.rank, len(data.val), s.world))
-    else:
-        s.train_sampler, val_set = None, data.val
+    sampler = DistributedSampler(data.train, num_replicas=s.world, rank=s.rank, shuffle=True, seed=args.seed)
+    s.train_sampler = EpochIndices(sampler)
+    val_set = Subset(data.val, range(s.rank, len(data.val), s.world)) if s.distributed else data.val
     loader_kw = dict(num_workers=args.workers, pin_memory=s.cuda, persistent_workers=args.workers > 0)
-    s.train_loader = DataLoader(data.train, batch_size=s.plan.batch_size, shuffle=s.train_sampler is None,
-                                sampler=s.train_sampler, drop_last=False, **loader_kw)
-    s.val_loader = DataLoader(val_set, batch_size=s.plan.batch_size, shuffle=False, **loader_kw)
+    # own generators: the loaders draw their workers' base seeds there, not from the global RNG
+    s.loader_generator = torch.Generator()
+    s.train_loader = DataLoader(SeededSamples(data.train, args.seed), batch_size=s.plan.batch_size,
+                                sampler=s.train_sampler, drop_last=bool(args.cuda_graphs),
+                                generator=s.loader_generator, **loader_kw)
+    s.val_loader = DataLoader(val_set, batch_size=s.plan.batch_size, shuffle=False,
+                              generator=torch.Generator().manual_seed(args.seed), **loader_kw)
+
+
+def _prepare_out(s: Session) -> None:
+    """Rank 0, before the first epoch: OUT made, temporary files of an interrupted save removed,
+    metrics.csv rewritten from the checkpoint's rows (a crash between the two writes lost none)."""
+    out = s.plan.args.out
+    os.makedirs(out, exist_ok=True)
+    for name in (CHECKPOINT + ".tmp", METRICS + ".tmp"):
+        stale = os.path.join(out, name)
+        if os.path.exists(stale):
+            os.remove(stale)
+            print(f"  removed {stale}, left by an interrupted save")
+    if s.plan.checkpoint is not None:
+        write_metrics(os.path.join(out, METRICS), s.rows)
 
 
 def _announce(s: Session) -> None:
@@ -155,47 +175,61 @@ def _to_device(s: Session, x, y):
     return x, y
 
 
+def _eager_step(s: Session, x, y):
+    with s.autocast():
+        logits = s.model(x)
+        loss = F.cross_entropy(logits, y)
+    s.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    return loss.detach(), logits.detach()
+
+
 def _train_epoch(s: Session, epoch: int) -> dict:
-    """One pass over the training set; the summed loss, correct count and images, over all processes."""
+    """One pass over the training set; the summed loss, correct count and images, over all processes.
+    Raises guard.NonFinite (unless --allow-nonfinite) before anything of the epoch is written."""
     from tqdm import tqdm
 
-    device, epochs = s.plan.device, s.plan.args.epochs
-    if s.train_sampler is not None:
-        s.train_sampler.set_epoch(epoch)
+    device, args = s.plan.device, s.plan.args
+    s.train_sampler.set_epoch(epoch)
+    s.loader_generator.manual_seed(args.seed * 100_003 + epoch)
     s.model.train()
     if s.cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
-    seen = 0
+    seen, steps = 0, len(s.train_loader)
+    watch = None if args.allow_nonfinite else NonFiniteWatch(steps, device, s.world)
     t0 = time.perf_counter()
-    bar = tqdm(s.train_loader, desc=f"epoch {epoch + 1}/{epochs}", unit="batch", disable=not s.main,
-               leave=True, file=sys.stderr)
-    for step, (x, y) in enumerate(bar):
-        x, y = _to_device(s, x, y)
-        with s.autocast():
-            logits = s.model(x)
-            loss = F.cross_entropy(logits, y)
-        s.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        s.optimizer.step()
-        n = y.numel()
-        loss_sum += loss.detach().double() * n
-        correct += (logits.detach().argmax(1) == y).sum()
-        seen += n
-        if s.main and (step % 10 == 0 or step == len(s.train_loader) - 1):
-            post = OrderedDict(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{correct.item() / seen:.3f}",
-                               img_s=f"{seen * s.world / (time.perf_counter() - t0):.0f}")
-            if s.cuda:
-                post["mem"] = f"{torch.cuda.max_memory_allocated(device) / 2 ** 20:.0f}MB"
-            bar.set_postfix(post)
-    if s.cuda:
-        torch.cuda.synchronize()
+    with tqdm(s.train_loader, desc=f"epoch {epoch + 1}/{args.epochs}", unit="batch", disable=not s.main,
+              leave=True, file=sys.stderr) as bar:
+        for step, (x, y) in enumerate(bar):
+            x, y = _to_device(s, x, y)
+            loss, logits = s.graphed(x, y) if s.graphed is not None else _eager_step(s, x, y)
+            if watch is not None:
+                watch.record(step, loss, s.raw.parameters())
+            s.optimizer.step()
+            n = y.numel()
+            loss_sum += loss.double() * n
+            correct += (logits.argmax(1) == y).sum()
+            seen += n
+            if watch is not None and watch.due(step):
+                watch.check(epoch + 1, step + 1)
+            if s.main and (step % 10 == 0 or step == steps - 1):
+                _show_progress(s, bar, loss_sum, correct, seen, t0)
+        if s.cuda:
+            torch.cuda.synchronize()
     elapsed = time.perf_counter() - t0
-    bar.close()
     loss, n_correct, n_seen = s.reduce(loss_sum.item(), correct.item(), seen)
     return {"loss": loss, "correct": n_correct, "seen": n_seen, "elapsed": elapsed, "peak_mb": _peak_mb(s)}
+
+
+def _show_progress(s: Session, bar, loss_sum, correct, seen: int, t0: float) -> None:
+    post = OrderedDict(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{correct.item() / seen:.3f}",
+                       img_s=f"{seen * s.world / (time.perf_counter() - t0):.0f}")
+    if s.cuda:
+        post["mem"] = f"{torch.cuda.max_memory_allocated(s.plan.device) / 2 ** 20:.0f}MB"
+    bar.set_postfix(post)
 
 
 def _peak_mb(s: Session) -> Optional[float]:
@@ -242,11 +276,11 @@ def _write_epoch(s: Session, epoch: int, train: dict, val: dict) -> None:
            "train_acc": f"{train['correct'] / train['seen']:.6f}", "val_loss": f"{val['loss'] / val['seen']:.6f}",
            "val_acc": f"{val['correct'] / val['seen']:.6f}", "images_per_s": f"{train['seen'] / train['elapsed']:.1f}",
            "peak_mem_mb": "" if peak_mb is None else f"{peak_mb:.1f}"}
-    ck = {"model": s.raw.state_dict(), "optimizer": s.optimizer.state_dict(), "scheduler": s.scheduler.state_dict(),
-          "epoch": epoch + 1, "rng": rng_state(plan.device), "config": plan.config,
-          "batch_size": plan.batch_size, "world_size": s.world}
-    save_checkpoint(ck, out)
     s.rows.append(row)
+    ck = {"format": FORMAT, "model": s.raw.state_dict(), "optimizer": s.optimizer.state_dict(),
+          "scheduler": s.scheduler.state_dict(), "epoch": epoch + 1, "rng": rng_state(plan.device),
+          "config": plan.config, "metrics": s.rows, "batch_size": plan.batch_size, "world_size": s.world}
+    save_checkpoint(ck, out)  # first: the rows live in the checkpoint, metrics.csv is rewritten from them
     write_metrics(os.path.join(out, METRICS), s.rows)
     plot_metrics(s.rows, out)
     tqdm.write(f"epoch {epoch + 1}/{epochs}: train loss {row['train_loss']} acc {row['train_acc']} | "
@@ -263,8 +297,8 @@ def fit(plan: Plan) -> int:
     _make_loaders(s)
     out = plan.args.out
     if s.main:
-        os.makedirs(out, exist_ok=True)
         _announce(s)
+        _prepare_out(s)
     for epoch in range(s.start, plan.args.epochs):
         train = _train_epoch(s, epoch)
         s.scheduler.step()

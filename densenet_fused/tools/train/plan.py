@@ -3,6 +3,7 @@ written: :func:`prepare` returns a :class:`Plan` or raises :class:`TrainError`."
 import math
 import os
 import random
+import tempfile
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
@@ -10,7 +11,8 @@ import torch
 from torch import nn
 
 from .budget import search_batch, search_depth
-from .config import AUTO_DEPTHS, CHECKPOINT, METRICS, TrainError, dist_env, first_line
+from .checkpoint import CHANGEABLE, FORMAT, config_differences
+from .config import AUTO_DEPTHS, CHECKPOINT, METRICS, TrainError, dist_env, epochs_change_error, first_line
 from .data import Data, load_data
 from .model import build_model, check_model_name
 
@@ -32,7 +34,7 @@ class Plan:
 def _check_args(args) -> Tuple[torch.device, Optional[int]]:
     """The options alone (no file read): the device to train on and the --depth given (None: auto or
     the model's)."""
-    _, _, local_rank = dist_env()
+    world, _, local_rank = dist_env()
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -44,6 +46,15 @@ def _check_args(args) -> Tuple[torch.device, Optional[int]]:
         raise TrainError(f"--lr {args.lr}: expected a positive number")
     if args.workers < 0:
         raise TrainError(f"--workers {args.workers}: expected 0 or more")
+    if args.seed < 0:
+        raise TrainError(f"--seed {args.seed}: expected 0 or more")
+    if args.cuda_graphs:
+        if world > 1:
+            raise TrainError(f"--cuda-graphs runs in one process: under torchrun ({world} processes) the "
+                             f"gradient all-reduce of DistributedDataParallel is not captured; drop --cuda-graphs")
+        if device.type != "cuda":
+            raise TrainError("--cuda-graphs needs --device cuda: a CUDA graph captures GPU work"
+                             + ("" if torch.cuda.is_available() else "; CUDA is not available on this machine"))
     check_model_name(args.model)
     depth = _fixed_depth(args)
     if args.model != "densenet_bc" and (args.depth is not None or args.growth_rate is not None):
@@ -79,6 +90,7 @@ def _open_out(args) -> Optional[dict]:
     out = args.out
     if os.path.exists(out) and not os.path.isdir(out):
         raise TrainError(f"--out {out}: exists and is not a directory")
+    _check_writable(out)
     ckpt_path = os.path.join(out, CHECKPOINT)
     if args.resume:
         if not os.path.isfile(ckpt_path):
@@ -91,6 +103,21 @@ def _open_out(args) -> Optional[dict]:
         raise TrainError(f"--out {out}: already holds a run ({CHECKPOINT}/{METRICS}); pass --resume to continue "
                          f"it or choose another --out")
     return None
+
+
+def _check_writable(out: str) -> None:
+    """--out, or the nearest folder above it that exists, takes a new file (made and removed)."""
+    probe = os.path.abspath(out)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise TrainError(f"--out {out}: {probe} is not a directory")
+    try:
+        fd, name = tempfile.mkstemp(prefix=".densenet-fused-probe-", dir=probe)
+    except OSError as exc:
+        raise TrainError(f"--out {out}: cannot write in {probe} ({first_line(exc)})") from None
+    os.close(fd)
+    os.remove(name)
 
 
 def _auto_depth(args, device, data: Data, growth: int, notes: List[str]) -> int:
@@ -116,14 +143,35 @@ def _budget_batch(args, device, data: Data, make_model, notes: List[str]) -> int
     return batch
 
 
-def _check_resume(model: nn.Module, checkpoint: dict, config: dict, ckpt_path: str) -> None:
-    saved = checkpoint.get("config", {})
-    diff = [k for k in ("model", "depth", "growth_rate", "baseline", "num_classes", "image_size")
-            if saved.get(k) != config[k]]
+def run_config(args, data: Data, depth, growth, batch: int, device: torch.device, world: int) -> dict:
+    """What checkpoint.pt records of the run: what a --resume may not change (checkpoint.RECORDED),
+    and --epochs and --lr, which it may (within limits)."""
+    return {"model": args.model, "depth": depth, "growth_rate": growth, "baseline": bool(args.baseline),
+            "weights": None if args.weights is None else os.path.abspath(args.weights),
+            "data_kind": data.kind, "classes": list(data.classes), "num_classes": len(data.classes),
+            "image_size": data.image_size, "train_images": len(data.train), "val_images": len(data.val),
+            "samples": data.digest(), "flip": not args.no_flip, "batch_size": batch, "seed": args.seed,
+            "device": device.type, "world_size": world, "sync_bn": bool(args.sync_bn),
+            "cuda_graphs": bool(args.cuda_graphs), "epochs": args.epochs, "lr": args.lr}
+
+
+def _check_resume(model: nn.Module, checkpoint: dict, config: dict, ckpt_path: str, notes: List[str]) -> None:
+    """Refuse a resume that changes the recorded run; load the checkpoint's weights into ``model``."""
+    if checkpoint.get("format") != FORMAT or not isinstance(checkpoint.get("config"), dict):
+        raise TrainError(f"--resume: {ckpt_path} records no run configuration (an older densenet-fused train "
+                         f"wrote it); start a new --out, with --weights {ckpt_path} to keep its weights")
+    saved, done = checkpoint["config"], int(checkpoint["epoch"])
+    diff = config_differences(saved, config)
     if diff:
-        raise TrainError(f"--resume: {ckpt_path} was trained with " + ", ".join(
-            f"{k}={saved.get(k)!r}" for k in diff) + " but this run has " + ", ".join(
-            f"{k}={config[k]!r}" for k in diff))
+        raise TrainError(f"--resume: this run differs from {ckpt_path} in " + "; ".join(diff)
+                         + f"; on resume only {CHANGEABLE} may change")
+    if config["epochs"] != saved["epochs"] and done < config["epochs"]:
+        why = epochs_change_error(done, saved["epochs"], config["epochs"])
+        if why:
+            raise TrainError(f"--resume: {why}")
+    if config["lr"] != saved["lr"]:
+        notes.append(f"--lr {config['lr']:g} (the checkpoint's run: {saved['lr']:g}): the base learning rate "
+                     f"from epoch {done + 1} on")
     try:
         model.load_state_dict(checkpoint["model"], strict=True)
     except (RuntimeError, KeyError) as exc:
@@ -162,11 +210,12 @@ def prepare(args) -> Plan:
     if args.memory_budget is not None and args.depth != "auto":
         batch = _budget_batch(args, device, data, make_model, notes)
 
-    config = {"model": args.model, "depth": depth, "growth_rate": growth, "baseline": bool(args.baseline),
-              "num_classes": len(data.classes), "classes": data.classes, "image_size": data.image_size,
-              "data_kind": data.kind}
+    if args.cuda_graphs and batch > len(data.train) // world:
+        raise TrainError(f"--cuda-graphs drops the last partial batch of each epoch: --batch-size {batch} is more "
+                         f"than the {len(data.train) // world} training images of a process, no step would run")
+    config = run_config(args, data, depth, growth, batch, device, world)
     if checkpoint is not None:
-        _check_resume(model, checkpoint, config, os.path.join(args.out, CHECKPOINT))
+        _check_resume(model, checkpoint, config, os.path.join(args.out, CHECKPOINT), notes)
     if args.sync_bn and world > 1 and device.type == "cpu":
         outside = _norms_outside_fused_blocks(model)
         if outside:
