@@ -6,7 +6,8 @@ capture so that the captured backward writes them into the graph's memory, the i
 static tensors before each replay.  The optimizer steps eagerly on those gradients after each
 replay, as in torch's partial-capture examples, so that the learning-rate schedule (a Python float
 in SGD's parameter groups) keeps applying.  Static shapes: every batch has the captured size."""
-from typing import Tuple
+from contextlib import nullcontext
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -21,9 +22,10 @@ class GraphedStep:
     the model's buffers (BatchNorm running statistics, batch counts) and the RNG states are put back
     afterwards, so the replayed steps are the steps an eager loop would have taken.  Between calls
     the caller must not set the gradients to None (``zero_grad(set_to_none=True)``): the graph writes
-    them where they were at the capture.  The returned tensors are overwritten by the next call."""
+    them where they were at the capture.  The returned tensors are overwritten by the next call.
+    ``dtype``: the autocast dtype (None: no autocast, the parameters' dtype)."""
 
-    def __init__(self, model: nn.Module, dtype: torch.dtype = torch.bfloat16, warmup: int = 3):
+    def __init__(self, model: nn.Module, dtype: Optional[torch.dtype] = torch.bfloat16, warmup: int = 3):
         if warmup < 1:
             raise ValueError(f"GraphedStep: expected warmup >= 1 (Triton autotunes before the capture), got {warmup}")
         self.model, self.dtype, self.warmup = model, dtype, warmup
@@ -31,7 +33,9 @@ class GraphedStep:
 
     def _forward_backward(self) -> Tuple[torch.Tensor, torch.Tensor]:
         # cache_enabled=False: autocast's cast cache must not outlive a capture (torch's autocast notes)
-        with torch.autocast("cuda", dtype=self.dtype, cache_enabled=False):
+        autocast = (nullcontext() if self.dtype is None
+                    else torch.autocast("cuda", dtype=self.dtype, cache_enabled=False))
+        with autocast:
             logits = self.model(self.x)
             loss = F.cross_entropy(logits, self.y)
         loss.backward()
