@@ -161,3 +161,14 @@ def test_checkpoint_without_recorded_configuration_is_refused(colors, first, tmp
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "records no run configuration" in err and "--weights" in err, err
     assert files(run) == before
+
+
+def test_finished_run_gets_its_last_row_back_on_resume(colors, whole, tmp_path, capsys):
+    """The crash between the two writes after the last epoch: nothing left to train, the row is
+    written from the checkpoint."""
+    run = copy_run(whole, tmp_path / "run")
+    rows = read_metrics(run / "metrics.csv")
+    (run / "metrics.csv").write_text("epoch,train_loss\n")
+    assert train(*common(colors, 0), "--out", run, "--epochs", 2, "--resume") == 0
+    assert "nothing to do" in capsys.readouterr().out
+    assert read_metrics(run / "metrics.csv") == rows

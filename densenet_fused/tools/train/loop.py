@@ -272,7 +272,7 @@ def _write_epoch(s: Session, epoch: int, train: dict, val: dict) -> None:
 
     plan, out, epochs = s.plan, s.plan.args.out, s.plan.args.epochs
     peak_mb = train["peak_mb"]
-    row = {"epoch": epoch + 1, "train_loss": f"{train['loss'] / train['seen']:.6f}",
+    row = {"epoch": str(epoch + 1), "train_loss": f"{train['loss'] / train['seen']:.6f}",
            "train_acc": f"{train['correct'] / train['seen']:.6f}", "val_loss": f"{val['loss'] / val['seen']:.6f}",
            "val_acc": f"{val['correct'] / val['seen']:.6f}", "images_per_s": f"{train['seen'] / train['elapsed']:.1f}",
            "peak_mem_mb": "" if peak_mb is None else f"{peak_mb:.1f}"}
@@ -293,6 +293,8 @@ def fit(plan: Plan) -> int:
     s = _start_processes(plan)
     _build(s)
     if plan.checkpoint is not None and not _resume(s):
+        if s.main:
+            _prepare_out(s)  # a crash after the last checkpoint: its metrics row written now
         return 0
     _make_loaders(s)
     out = plan.args.out
