@@ -172,3 +172,22 @@ def test_finished_run_gets_its_last_row_back_on_resume(colors, whole, tmp_path, 
     assert train(*common(colors, 0), "--out", run, "--epochs", 2, "--resume") == 0
     assert "nothing to do" in capsys.readouterr().out
     assert read_metrics(run / "metrics.csv") == rows
+
+
+def test_seeded_samples_draw_per_sample_and_leave_the_global_generator_alone():
+    from densenet_fused.tools.train.data import SeededSamples
+
+    class Noise(torch.utils.data.Dataset):  # an "augmentation": one draw from torch's CPU generator
+        def __len__(self):
+            return 100
+
+        def __getitem__(self, index):
+            return torch.rand(()).item()
+
+    samples = SeededSamples(Noise(), seed=0)
+    state = torch.get_rng_state()
+    first = [samples[(2, i)] for i in range(100)]
+    assert torch.equal(torch.get_rng_state(), state)
+    assert [samples[(2, i)] for i in reversed(range(100))] == first[::-1]  # any order, any worker
+    assert len(set(first)) == 100
+    assert samples[(3, 0)] != first[0] and SeededSamples(Noise(), seed=1)[(2, 0)] != first[0]

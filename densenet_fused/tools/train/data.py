@@ -59,11 +59,16 @@ def read_image(path: str):
         raise UnreadableImage(f"--data: cannot read the image {path} ({first_line(exc)})") from None
 
 
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """The seed of sample ``index``'s augmentation in ``epoch`` (0-based)."""
-    import numpy as np
+def _splitmix64(z: int) -> int:
+    z = (z + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return z ^ (z >> 31)
 
-    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1, np.uint64)[0])
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed of sample ``index``'s augmentation in ``epoch`` (0-based): SplitMix64 of the three."""
+    return _splitmix64(_splitmix64(_splitmix64(seed) ^ epoch) ^ index)
 
 
 class SeededSamples(torch.utils.data.Dataset):
@@ -79,9 +84,13 @@ class SeededSamples(torch.utils.data.Dataset):
 
     def __getitem__(self, key):
         epoch, index = key
-        with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(sample_seed(self.seed, epoch, index))
+        generator = torch.default_generator  # the CPU generator torchvision's transforms draw from
+        state = generator.get_state()
+        generator.manual_seed(sample_seed(self.seed, epoch, index))
+        try:
             return self.dataset[index]
+        finally:
+            generator.set_state(state)
 
 
 class EpochIndices(torch.utils.data.Sampler):
