@@ -94,30 +94,8 @@ def main(argv=None) -> int:
     p_bench.add_argument("--dtypes", default="", help="comma list of fp32, bf16")
     p_bench.add_argument("--tag", default="", help="suffix of the output file names")
     p_train = sub.add_parser("train", help="train a DenseNet on a CIFAR root or an ImageFolder (train/, val/)")
-    p_train.add_argument("--data", required=True, help="CIFAR-10/100 root (as torchvision reads it; never "
-                         "downloads) or ImageFolder root with train/ and val/ class folders")
-    p_train.add_argument("--model", required=True, help="densenet_bc, densenet121/161/169/201/264, "
-                         "torchvision:NAME or timm:NAME (converted)")
-    p_train.add_argument("--epochs", type=int, required=True)
-    p_train.add_argument("--batch-size", type=int, default=None, help="per process (required unless --memory-budget)")
-    p_train.add_argument("--out", required=True, help="folder for metrics.csv, checkpoint.pt and the plots")
-    p_train.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda when available")
-    p_train.add_argument("--lr", type=float, default=0.1, help="initial learning rate (divided by 10 at 50%% and 75%%)")
-    p_train.add_argument("--resume", action="store_true", help="continue OUT/checkpoint.pt up to --epochs")
-    p_train.add_argument("--weights", default=None, help="local state_dict (or checkpoint.pt) to start from")
-    p_train.add_argument("--baseline", action="store_true", help="train on torchvision's unfused dense blocks")
-    p_train.add_argument("--depth", default=None, help="densenet_bc depth (6n + 4, default 100) or auto "
-                         "(the deepest that fits --memory-budget, CUDA)")
-    p_train.add_argument("--growth-rate", type=int, default=None, help="densenet_bc growth rate (default 12)")
-    p_train.add_argument("--memory-budget", type=float, default=None, metavar="GB",
-                         help="CUDA: pick the largest batch (up to --batch-size) that fits GB")
-    p_train.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="DataLoader workers")
-    p_train.add_argument("--image-size", type=int, default=None, help="default: 32 for CIFAR; the images' "
-                         "size up to 64, else 224, for an ImageFolder")
-    p_train.add_argument("--no-flip", action="store_true", help="no random horizontal flip (digits, text)")
-    p_train.add_argument("--seed", type=int, default=0)
-    p_train.add_argument("--sync-bn", action="store_true", help="batch statistics over all processes under torchrun (fused blocks synchronize their own; "
-                         "other norms become nn.SyncBatchNorm, which DDP accepts on CUDA only)")
+    from .train.config import add_arguments as add_train_arguments
+    add_train_arguments(p_train)
     p_cost = sub.add_parser("cost", help="GPU launches and bytes of a training step, counted without a GPU")
     p_cost.add_argument("--case", default="densenet121_block3",
                         help="densenet121_block3 (default), densenet121_block1, densenet_bc100_k12 or all")

@@ -1,7 +1,9 @@
 """`densenet-fused train` on the CPU: ImageFolder PNGs made here with a learnable signal (train,
-resume, bad input), scikit-learn's digits (a real data set a package ships), torchrun with gloo."""
+bad input, options), scikit-learn's digits (a real data set a package ships), torchrun with gloo.
+Resume: test_train_resume.py; the non-finite stop and unreadable images: test_train_guard.py;
+--cuda-graphs: test_train_graphs.py."""
 import os
-import random
+import re
 import subprocess
 import sys
 
@@ -9,48 +11,19 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from trainutil import REPO, make_colors, restore_rng, train  # noqa: F401  (restore_rng: autouse fixture)
+from trainutil import TINY as TINY_ANY_WORKERS
 
 from densenet_fused import densenet_bc
 from densenet_fused.tools import cli
 from densenet_fused.tools.train import METRICS_COLUMNS, read_metrics, write_digits_imagefolder
 
-TINY = ["--model", "densenet_bc", "--depth", "10", "--growth-rate", "4", "--device", "cpu", "--workers", "0"]
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(autouse=True)
-def _restore_rng():
-    """The command seeds (and on --resume restores) the global RNGs: put them back after each test."""
-    saved = torch.get_rng_state(), random.getstate(), np.random.get_state()
-    try:
-        yield
-    finally:
-        torch.set_rng_state(saved[0])
-        random.setstate(saved[1])
-        np.random.set_state(saved[2])
-
-
-def make_colors(root, n_train=16, n_val=8, size=16, seed=0):
-    """Three classes: noisy images whose red, green or blue channel is the brightest."""
-    rng = np.random.RandomState(seed)
-    for split, n in (("train", n_train), ("val", n_val)):
-        for c, name in enumerate(("red", "green", "blue")):
-            folder = root / split / name
-            folder.mkdir(parents=True)
-            for i in range(n):
-                img = rng.randint(0, 140, size=(size, size, 3))
-                img[..., c] += 100
-                Image.fromarray(img.astype(np.uint8)).save(folder / f"{i}.png")
-    return root
+TINY = [*TINY_ANY_WORKERS, "--workers", "0"]
 
 
 @pytest.fixture(scope="module")
 def colors(tmp_path_factory):
     return make_colors(tmp_path_factory.mktemp("colors"))
-
-
-def train(*argv):
-    return cli.main(["train", *map(str, argv)])
 
 
 def test_train_learns_and_writes_metrics_checkpoint_plots(colors, tmp_path):
@@ -66,30 +39,13 @@ def test_train_learns_and_writes_metrics_checkpoint_plots(colors, tmp_path):
     for name in ("loss.png", "accuracy.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     ck = torch.load(out / "checkpoint.pt", weights_only=True)
-    assert ck["epoch"] == 3 and {"model", "optimizer", "scheduler", "rng"} <= set(ck)
+    assert ck["epoch"] == 3 and {"model", "optimizer", "scheduler", "rng", "config", "metrics"} <= set(ck)
+    assert ck["metrics"] == rows  # the rows live in the checkpoint too
+    assert ck["config"]["classes"] == ["blue", "green", "red"] and ck["config"]["train_images"] == 48
     assert ck["scheduler"]["last_epoch"] == 3
     model = densenet_bc(10, 4, num_classes=3)
     model.load_state_dict(ck["model"], strict=True)  # the package's model, state_dict-compatible
     assert sorted(os.listdir(out)) == ["accuracy.png", "checkpoint.pt", "loss.png", "metrics.csv"]
-
-
-def test_resume_appends_rows_and_continues_the_same_run(colors, tmp_path):
-    whole, split = tmp_path / "whole", tmp_path / "split"
-    common = ["--data", colors, "--batch-size", 8, *TINY]
-    assert train(*common, "--out", whole, "--epochs", 2) == 0
-    assert train(*common, "--out", split, "--epochs", 1) == 0
-    assert len(read_metrics(split / "metrics.csv")) == 1
-    assert train(*common, "--out", split, "--epochs", 2, "--resume") == 0
-    a, b = read_metrics(whole / "metrics.csv"), read_metrics(split / "metrics.csv")
-    assert [r["epoch"] for r in b] == ["1", "2"]
-    # model, optimizer, lr schedule and RNG states restored: the same numbers as one uninterrupted run
-    for ra, rb in zip(a, b):
-        for key in ("train_loss", "train_acc", "val_loss", "val_acc"):
-            assert abs(float(ra[key]) - float(rb[key])) <= 1e-5, (key, ra, rb)
-    assert torch.load(split / "checkpoint.pt", weights_only=True)["epoch"] == 2
-    # nothing left to do: no new row
-    assert train(*common, "--out", split, "--epochs", 2, "--resume") == 0
-    assert len(read_metrics(split / "metrics.csv")) == 2
 
 
 def test_baseline_checkpoint_loads_as_weights_of_the_fused_model(colors, tmp_path):
@@ -105,6 +61,7 @@ def _bad_inputs(colors, tmp_path):
     run = tmp_path / "existing"
     run.mkdir()
     (run / "metrics.csv").write_text("epoch\n")
+    (tmp_path / "a_file").write_text("")
     (tmp_path / "flat").mkdir()
     (tmp_path / "cifar" / "cifar-10-batches-py").mkdir(parents=True)  # a CIFAR root without its files
     ok = ["--data", colors, "--epochs", 1, "--batch-size", 8]
@@ -128,13 +85,16 @@ def _bad_inputs(colors, tmp_path):
         "existing run": ([*ok, *TINY, "--out", run], "already holds a run"),
         "resume without checkpoint": ([*ok, *TINY, "--resume"], "no "),
         "missing weights": ([*ok, *TINY, "--weights", tmp_path / "none.pt"], "no such file"),
+        "out under a file": ([*ok, *TINY, "--out", tmp_path / "a_file" / "run"], "a_file is not a directory"),
+        "negative seed": ([*ok, *TINY, "--seed", -1], "--seed -1: expected 0 or more"),
+        "cuda graphs on cpu": ([*ok, *TINY, "--cuda-graphs"], "--cuda-graphs needs --device cuda"),
     }
 
 
 BAD = ["missing data dir", "not a data root", "empty cifar root", "unknown model", "torchvision unknown",
        "no dense block", "bad depth",
        "depth of another model", "budget on cpu", "depth auto on cpu", "existing run",
-       "resume without checkpoint", "missing weights"]
+       "resume without checkpoint", "missing weights", "out under a file", "negative seed", "cuda graphs on cpu"]
 
 
 @pytest.mark.parametrize("case", BAD)
@@ -152,16 +112,36 @@ def test_bad_input_is_one_line_exit_2_nothing_written(case, colors, tmp_path, ca
         assert sorted(os.listdir(tmp_path / "existing")) == ["metrics.csv"]
 
 
-def test_sync_bn_on_cpu_with_norms_outside_fused_blocks_is_bad_input(colors, tmp_path, capsys, monkeypatch):
-    """Under torchrun (WORLD_SIZE > 1) on the CPU, --sync-bn needs every BatchNorm inside fused
-    blocks: DDP refuses nn.SyncBatchNorm in CPU models.  Checked before anything starts."""
-    monkeypatch.setenv("WORLD_SIZE", "2")  # prepare() reads it; no process group is started
-    assert train("--data", colors, "--epochs", 1, "--batch-size", 8, *TINY, "--baseline", "--sync-bn",
-                 "--out", tmp_path / "o") == 2
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root writes into read-only folders")
+def test_read_only_out_is_bad_input_before_anything_trains(colors, tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        assert train("--data", colors, "--epochs", 1, "--batch-size", 8, *TINY, "--out", locked / "run") == 2
+    finally:
+        locked.chmod(0o700)
     err = capsys.readouterr().err
-    assert "--sync-bn on cpu" in err and "outside fused" in err and "features.denseblock1" in err, err
-    assert "Traceback" not in err
-    assert not (tmp_path / "o").exists()
+    assert err.count("\n") == 1 and "cannot write in" in err and str(locked) in err, err
+    assert os.listdir(locked) == []
+
+
+def test_every_option_has_help_and_says_its_default(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["train", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    options = out.split("\noptions:\n", 1)[1].split("\n\n", 1)[0]
+    entries = re.split(r"\n(?=  -)", "\n" + options)[1:]  # one per option: its line and its help's lines
+    names = [e.split()[0].rstrip(",") for e in entries]
+    assert names == ["-h", "--data", "--model", "--epochs", "--batch-size", "--out", "--device", "--lr", "--resume",
+                     "--weights", "--baseline", "--depth", "--growth-rate", "--memory-budget", "--workers",
+                     "--image-size", "--no-flip", "--seed", "--sync-bn", "--allow-nonfinite", "--cuda-graphs"]
+    for name, entry in zip(names[1:], entries[1:]):
+        words = " ".join(entry.split()[2:])  # the help text (after the option and its metavar)
+        assert "default" in words or "(required" in words, (name, words)
+    for phrase in ("(default: 0.1;", "What may change on resume", "--epochs   accepted when", "exit status: 0"):
+        assert phrase in out, phrase
 
 
 @pytest.mark.gpu
@@ -190,6 +170,7 @@ def test_digits_validation_accuracy_well_above_chance(tmp_path):
 def test_torchrun_gloo_two_processes_sync_bn_rank0_writes(colors, tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    assert os.path.isfile(os.path.join(REPO, "densenet_fused", "__init__.py"))  # this checkout's package
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "densenet_fused.tools.cli", "train", "--data", str(colors), "--out", str(out), "--epochs", "2",
            "--batch-size", "8", *map(str, TINY), "--sync-bn"]  # the fused model synchronizes on gloo
