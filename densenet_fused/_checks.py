@@ -1,6 +1,39 @@
-"""The input check shared by the fused modules (dense block, transition, head): every message
-names what was expected.  Imports nothing of the package (any layer may use it)."""
-from torch import Tensor
+"""The rules shared by the fused modules (dense block, transition, stem, head), each in one place: the
+input check, the hooks a fused module cannot call, the batch of one in training, the compute dtype.
+Every message names what was expected.  Imports nothing of the package (any layer may use it)."""
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+def has_hooks(module: nn.Module) -> bool:
+    """Whether ``module`` has forward, forward-pre, backward or backward-pre hooks of its own."""
+    d = module.__dict__  # (direct: nn.Module.__getattr__ costs host time in every step)
+    return any(d.get(attr) for attr in HOOKS)
+
+
+def check_batch(training: bool, values_per_channel: int, size) -> None:
+    """nn.BatchNorm2d's refusal of one value per channel in training (its message)."""
+    if training and values_per_channel == 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {size}")
+
+
+def compute_dtype(x: Tensor, param: Tensor, who: str, never_cast: bool = False) -> torch.dtype:
+    """The dtype a fused module computes in: torch.autocast's where it is on (and applies: not with
+    ``never_cast``, e.g. float64 tensors), else the parameters', which the input must have."""
+    dev = x.device.type
+    amp: Optional[torch.dtype] = None
+    if torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev):
+        amp = torch.get_autocast_dtype(dev)
+    if amp is not None and not never_cast:
+        return amp
+    if x.dtype != param.dtype:
+        raise TypeError(f"{who}: expected input of dtype {param.dtype} (the parameters' dtype), got {x.dtype}; "
+                        f"use torch.autocast for mixed precision")
+    return param.dtype
 
 
 def check_input(x, channels: int, who: str, min_hw: int = 0, channels_name: str = "") -> None:

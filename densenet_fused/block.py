@@ -8,12 +8,13 @@ layers reading it are done.  Saved for backward: the buffer (which is the output
 per-channel statistics, per-layer BN2 statistics, dropout seeds and the parameters.
 """
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
 from .ops import BlockOps, bn_grad_finish, block_ops, channel_stats, running_stats_update
 from .ops._common import acc_dtype, autocast_off
+from .ops.bnrelu_conv3x3 import conv3x3_impl
 from .ops.launch import mark
 from .distributed import StatsGroup
 
@@ -29,7 +30,8 @@ class BlockSpec:
     training: bool       # batch statistics (True) or running statistics (False)
     dtype: torch.dtype   # buffer / compute dtype
     keep_bottleneck: bool = False  # save each layer's B (M x bn_size*k) instead of recomputing it
-    conv3x3_impl: str = ""         # "aten" / "triton" on CUDA; "" follows ops.set_conv3x3_impl
+    conv3x3_impl: str = ""         # "aten" / "triton" on CUDA; "": the default (ops.using_conv3x3), settled
+                                   # by the forward so that its backward runs the same
     sync: Optional[StatsGroup] = None  # batch statistics over this process group (SyncBatchNorm norms)
     with_stats: bool = False  # the autograd node also outputs the batch (mean, var) of the output channels
     ops: Optional[BlockOps] = None  # the op implementations (ops.block_ops), settled by the forward
@@ -54,7 +56,21 @@ def _dropout_seeds(num_layers, device):
     return torch.randint(0, 2 ** 62, (num_layers,), dtype=torch.int64, device=device)
 
 
-PER_LAYER_SAVED = 7  # scale1, shift1, rstd1, mean2, rstd2, scale2, shift2
+class LayerSaved(NamedTuple):
+    """What backward needs of one layer, folded in the forward: BN1's map (scale, shift) and rstd, BN2's
+    statistics (mean, rstd) and map (scale, shift).  Saved as consecutive tensors (``flat``)."""
+    scale1: torch.Tensor
+    shift1: torch.Tensor
+    rstd1: torch.Tensor
+    mean2: torch.Tensor
+    rstd2: torch.Tensor
+    scale2: torch.Tensor
+    shift2: torch.Tensor
+
+    @classmethod
+    def unflatten(cls, tensors: Sequence[torch.Tensor]) -> List["LayerSaved"]:
+        n = len(cls._fields)
+        return [cls(*tensors[i:i + n]) for i in range(0, len(tensors), n)]
 
 
 def new_buffer(n: int, c_total: int, h: int, w: int, dtype, device) -> torch.Tensor:
@@ -92,15 +108,94 @@ def _compute_weights(spec: BlockSpec, params, dev) -> Tuple[List[torch.Tensor], 
     return w1c, list(flat2.unbind(0))
 
 
+@dataclass
+class _Sweep:
+    """The step-wide values of a forward sweep (one per block call)."""
+    spec: BlockSpec
+    ops: BlockOps
+    params: Sequence[torch.Tensor]
+    buf2: torch.Tensor             # the buffer as an (N*H*W, C_total) matrix
+    nhw: List[int]
+    mean: Optional[torch.Tensor]   # batch statistics of every channel (training), filled as they are written
+    var: Optional[torch.Tensor]
+    acc: torch.dtype
+    sync: Optional[StatsGroup]
+    step_seeds: Optional[torch.Tensor] = None  # every layer's dropout seed, drawn at the first dropout layer
+
+
+def _forward_layer(sw: _Sweep, l: int, w1c, w2c, aff1: Optional[torch.Tensor]):
+    """Layer l of the forward: B = bnrelu_conv1x1 (with BN2's statistics and folded map), its k new
+    channels by bnrelu_conv3x3 (with their statistics and the next layer's BN1 map: returned as aff1).
+    Returns (LayerSaved, BN2 batch (mean, var) or None, B, the layer's dropout seed or None, next aff1)."""
+    spec, K, acc = sw.spec, sw.ops, sw.acc
+    layer = spec.layers[l]
+    k, m = spec.growth_rate, sw.buf2.shape[0]
+    c_l = spec.num_input_features + l * k
+    g1, b1, _, g2, b2, _ = _layer_params(sw.params, l)
+    if aff1 is not None:  # folded by the previous layer's statistics merge
+        scale1, shift1, r1 = aff1.unbind(0)
+    else:
+        batch1 = (sw.mean[:c_l], sw.var[:c_l]) if spec.training else None
+        _, r1, scale1, shift1 = _affine(K, layer.norm1, g1, b1, batch1, acc)
+    bn2 = None
+    if spec.training:  # B, its statistics and BN2's folded map from them, written by the same op
+        cb = w1c.shape[0]
+        aff2 = torch.empty((3, cb), dtype=acc, device=sw.buf2.device)
+        bott, m2, bv = K.bnrelu_conv1x1_fwd(sw.buf2[:, :c_l], scale1, shift1, w1c, True, aff2, g2, b2,
+                                            layer.norm2.eps)
+        if sw.sync is not None:  # the op folded local statistics: fold again from the merged ones
+            _, m2, bv = sw.sync.merge_moments(m, m2, bv)
+            scale2, shift2, r2 = K.bn_scale_shift(g2, b2, m2, bv, layer.norm2.eps)
+        else:
+            scale2, shift2, r2 = aff2.unbind(0)
+        bn2 = (m2, bv)
+    else:
+        bott = K.bnrelu_conv1x1_fwd(sw.buf2[:, :c_l], scale1, shift1, w1c, False)[0]
+        m2, r2, scale2, shift2 = _affine(K, layer.norm2, g2, b2, None, acc)
+    new_slice = sw.buf2[:, c_l:c_l + k]
+    drop, seed = {}, None
+    p = float(layer.drop_rate)
+    if p > 0 and layer.training:  # the mask applied by the conv3x3 op, before the statistics
+        if sw.step_seeds is None:  # the step's first dropout layer draws every layer's seed
+            sw.step_seeds = _dropout_seeds(len(spec.layers), sw.buf2.device)
+        seed = sw.step_seeds[l:l + 1]
+        drop = dict(drop_p=p, drop_seed=seed)
+    aff1 = None
+    if spec.training:  # the new channels' statistics written in place, and the next layer's BN1 map
+        nxt = spec.layers[l + 1].norm1 if l + 1 < len(spec.layers) else None
+        bn = ()
+        if nxt is not None and sw.sync is None:
+            aff1 = torch.empty((3, c_l + k), dtype=acc, device=sw.buf2.device)
+            bn = (aff1, nxt.weight, nxt.bias, nxt.eps)
+        K.bnrelu_conv3x3_fwd(bott, scale2, shift2, w2c, sw.nhw, new_slice, True, spec.conv3x3_impl,
+                             sw.mean[:c_l + k], sw.var[:c_l + k], *bn, **drop)
+        if sw.sync is not None:  # merged statistics; the next layer folds its map from them
+            sl = slice(c_l, c_l + k)
+            _, sw.mean[sl], sw.var[sl] = sw.sync.merge_moments(m, sw.mean[sl], sw.var[sl])
+    else:
+        K.bnrelu_conv3x3_fwd(bott, scale2, shift2, w2c, sw.nhw, new_slice, False, spec.conv3x3_impl, **drop)
+    return LayerSaved(scale1, shift1, r1, m2, r2, scale2, shift2), bn2, bott, seed, aff1
+
+
+def _update_running_stats(spec: BlockSpec, mean, var, bn2_stats, count: int) -> None:
+    """Every BatchNorm's running statistics, as nn.BatchNorm2d updates them, in one op."""
+    c0, k, num = spec.num_input_features, spec.growth_rate, len(spec.layers)
+    running_stats_update(
+        [layer.norm1 for layer in spec.layers] + [layer.norm2 for layer in spec.layers],
+        [mean[:c0 + l * k] for l in range(num)] + [s[0] for s in bn2_stats],
+        [var[:c0 + l * k] for l in range(num)] + [s[1] for s in bn2_stats],
+        count=count)
+
+
 def block_forward(spec: BlockSpec, x: Optional[torch.Tensor], params: Sequence[torch.Tensor], save: bool,
                   extra: bool = False, buf: Optional[torch.Tensor] = None):
-    """Run the block.  Returns (output, saved) where saved = (tensors, seeds, kept) holds what
-    backward needs (None when ``save`` is False): tensors = [batch mean (None in eval), the cast
-    weights (None when not cast)] + PER_LAYER_SAVED folded-BN vectors per layer, so backward
-    recomputes no scale/shift and casts no weight.  With ``extra``, returns (output, saved,
-    (count, mean, var)): the number of values per channel of the batch statistics (global with
-    ``spec.sync``; backward needs it) and the batch mean and biased variance of all output channels
-    (None in eval), for the modules that read the output with a BatchNorm of their own.
+    """Run the block.  Returns (output, saved) where saved = (tensors, seeds, kept, weights) holds what
+    backward needs (None when ``save`` is False): tensors = [batch mean (None in eval)] + every layer's
+    LayerSaved, so backward recomputes no scale/shift; weights = the compute-dtype weights, so it casts
+    none.  With ``extra``, returns (output, saved, (count, mean, var)): the number of values per channel
+    of the batch statistics (global with ``spec.sync``; backward needs it) and the batch mean and biased
+    variance of all output channels (None in eval), for the modules that read the output with a
+    BatchNorm of their own.
 
     With ``spec.sync`` every channel set's statistics are merged over the process group right
     after they are computed (block input, each layer's bottleneck, each layer's k new channels)
@@ -115,16 +210,16 @@ def block_forward(spec: BlockSpec, x: Optional[torch.Tensor], params: Sequence[t
     else:
         n, c0, h, w = x.shape
     m = n * h * w
-    k = spec.growth_rate
     num_layers = len(spec.layers)
-    c_total = c0 + num_layers * k
+    c_total = c0 + num_layers * spec.growth_rate
     dtype, acc = spec.dtype, acc_dtype(spec.dtype)
     dev = (x if buf is None else buf).device
     sync = spec.sync if spec.training else None
     count = m
     if spec.ops is None:
         spec.ops = block_ops(dev)
-    K = spec.ops
+    if not spec.conv3x3_impl:
+        spec.conv3x3_impl = conv3x3_impl()
     mark("forward", -1)
 
     if buf is None:
@@ -137,7 +232,6 @@ def block_forward(spec: BlockSpec, x: Optional[torch.Tensor], params: Sequence[t
     buf2 = buf.permute(0, 2, 3, 1).view(m, c_total)  # rows = pixels: the GEMM operand
     w1cs, w2cs = _compute_weights(spec, params, dev)
     mean = var = None
-    bn2_stats: List[Tuple[torch.Tensor, torch.Tensor]] = []
     if spec.training:
         mean = torch.empty(c_total, dtype=acc, device=dev)
         var = torch.empty(c_total, dtype=acc, device=dev)
@@ -146,75 +240,79 @@ def block_forward(spec: BlockSpec, x: Optional[torch.Tensor], params: Sequence[t
         if sync is not None:
             count, mu, v = sync.merge_moments(m, mu, v, want_count=True)
         mean[:c0], var[:c0] = mu, v
+    sw = _Sweep(spec, spec.ops, params, buf2, [n, h, w], mean, var, acc, sync)
     seeds: List[Optional[torch.Tensor]] = []  # per layer: its dropout seed (a 1-element device tensor)
     kept: List[torch.Tensor] = []
-    per_layer: List[torch.Tensor] = []
-    cb = spec.layers[0].conv1.out_channels if num_layers else 0
+    saved_layers: List[torch.Tensor] = []
+    bn2_stats: List[Tuple[torch.Tensor, torch.Tensor]] = []
     aff1: Optional[torch.Tensor] = None  # (scale1, shift1, rstd1) of the next layer, when already folded
-    for l, layer in enumerate(spec.layers):
+    for l in range(num_layers):
         mark("forward", l)
-        c_l = c0 + l * k
-        g1, b1, _, g2, b2, _ = _layer_params(params, l)
-        w1c, w2c = w1cs[l], w2cs[l]
-        if aff1 is not None:  # folded by the previous layer's statistics merge
-            scale1, shift1, r1 = aff1.unbind(0)
-        else:
-            batch1 = (mean[:c_l], var[:c_l]) if spec.training else None
-            _, r1, scale1, shift1 = _affine(K, layer.norm1, g1, b1, batch1, acc)
-        aff1 = None
-        if spec.training:  # B, its statistics and BN2's folded map from them, written by the same op
-            aff2 = torch.empty((3, cb), dtype=acc, device=dev)
-            bott, m2, bv = K.bnrelu_conv1x1_fwd(buf2[:, :c_l], scale1, shift1, w1c, True, aff2, g2, b2,
-                                              layer.norm2.eps)
-            if sync is not None:  # the op folded local statistics: fold again from the merged ones
-                _, m2, bv = sync.merge_moments(m, m2, bv)
-                scale2, shift2, r2 = K.bn_scale_shift(g2, b2, m2, bv, layer.norm2.eps)
-            else:
-                scale2, shift2, r2 = aff2.unbind(0)
-            bn2_stats.append((m2, bv))
-        else:
-            bott = K.bnrelu_conv1x1_fwd(buf2[:, :c_l], scale1, shift1, w1c, False)[0]
-            m2, r2, scale2, shift2 = _affine(K, layer.norm2, g2, b2, None, acc)
+        lsaved, bn2, bott, seed, aff1 = _forward_layer(sw, l, w1cs[l], w2cs[l], aff1)
+        saved_layers += lsaved
+        seeds.append(seed)
+        if bn2 is not None:
+            bn2_stats.append(bn2)
         if save and spec.keep_bottleneck:
             kept.append(bott)
-        per_layer += [scale1, shift1, r1, m2, r2, scale2, shift2]
-        p = float(layer.drop_rate)
-        new_slice = buf2[:, c_l:c_l + k]
-        drop = {}
-        if p > 0 and layer.training:  # the mask applied by the conv3x3 op, before the statistics
-            if all(s is None for s in seeds):  # the step's first dropout layer draws every layer's seed
-                step_seeds = _dropout_seeds(num_layers, dev)
-            seed = step_seeds[l:l + 1]
-            seeds.append(seed)
-            drop = dict(drop_p=p, drop_seed=seed)
-        else:
-            seeds.append(None)
-        if spec.training:  # the new channels' statistics written in place, and the next layer's BN1 map
-            nxt = spec.layers[l + 1].norm1 if l + 1 < num_layers else None
-            bn = ()
-            if nxt is not None and sync is None:
-                aff1 = torch.empty((3, c_l + k), dtype=acc, device=dev)
-                bn = (aff1, nxt.weight, nxt.bias, nxt.eps)
-            K.bnrelu_conv3x3_fwd(bott, scale2, shift2, w2c, [n, h, w], new_slice, True, spec.conv3x3_impl,
-                               mean[:c_l + k], var[:c_l + k], *bn, **drop)
-            if sync is not None:  # merged statistics; the next layer folds its map from them
-                sl = slice(c_l, c_l + k)
-                _, mean[sl], var[sl] = sync.merge_moments(m, mean[sl], var[sl])
-        else:
-            K.bnrelu_conv3x3_fwd(bott, scale2, shift2, w2c, [n, h, w], new_slice, False, spec.conv3x3_impl, **drop)
-
     mark("forward", -1)
     if spec.training:
-        bn1s = [layer.norm1 for layer in spec.layers]
-        bn2s = [layer.norm2 for layer in spec.layers]
-        running_stats_update(
-            bn1s + bn2s,
-            [mean[:c0 + l * k] for l in range(num_layers)] + [s[0] for s in bn2_stats],
-            [var[:c0 + l * k] for l in range(num_layers)] + [s[1] for s in bn2_stats],
-            count=count)
-    out = buf
-    saved = ([mean] + per_layer, seeds, kept, (w1cs, w2cs)) if save else None
-    return (out, saved, (count, mean, var)) if extra else (out, saved)
+        _update_running_stats(spec, mean, var, bn2_stats, count)
+    saved = ([mean] + saved_layers, seeds, kept, (w1cs, w2cs)) if save else None
+    return (buf, saved, (count, mean, var)) if extra else (buf, saved)
+
+
+@dataclass
+class _BackSweep:
+    """The step-wide values of a backward sweep."""
+    spec: BlockSpec
+    ops: BlockOps
+    params: Sequence[torch.Tensor]
+    buf2: torch.Tensor    # the buffer (the output) as an (N*H*W, C_total) matrix
+    nhw: List[int]
+    mean: torch.Tensor    # batch statistics' means (zeros in eval)
+    G: torch.Tensor       # (N*H*W, C_total) fp32: grad_out plus every layer's scale1 * g
+    PQ: torch.Tensor      # (2, C_total) fp32: the per-channel scalars P, Q (rows: views P, Q)
+    P: torch.Tensor
+    Q: torch.Tensor
+    count: int            # values per channel of the batch statistics (0 in eval)
+    sync: Optional[StatsGroup]
+
+
+def _backward_layer(bw: _BackSweep, l: int, saved: LayerSaved, seed, bott, w1c, w2c) -> List[torch.Tensor]:
+    """Layer l of the reverse sweep (docs/design.md section 3, backward steps 1-4); returns the gradients of
+    its six parameters, in their dtypes."""
+    spec, K, buf2, G, P, Q = bw.spec, bw.ops, bw.buf2, bw.G, bw.P, bw.Q
+    layer = spec.layers[l]
+    k = spec.growth_rate
+    c_l = spec.num_input_features + l * k
+    g1, b1, w1, g2, b2, w2 = _layer_params(bw.params, l)
+    scale1, shift1, r1, m2, r2, scale2, shift2 = saved
+    m1 = bw.mean[:c_l] if spec.training else layer.norm1.running_mean.to(scale1.dtype)
+    # 1. the gradient of this layer's k output channels is complete: the conv3x3 backward finishes it on
+    # the fly from G, P, Q (and through the forward's dropout mask, regenerated from its seed)
+    sl = slice(c_l, c_l + k)
+    if bw.sync is not None and l + 1 < len(spec.layers):  # P, Q of these channels summed over the group
+        bw.PQ[:, sl] = bw.sync.sum_(bw.PQ[:, sl].contiguous())   # (the last layer's are zeros everywhere)
+    finish = (buf2[:, sl], bw.mean[sl], P[sl], Q[sl])
+    if seed is not None:
+        finish += (float(layer.drop_rate), seed)
+    # 2. the bottleneck (recomputed, or kept from the forward).
+    if bott is None:
+        bott = K.bnrelu_conv1x1_fwd(buf2[:, :c_l], scale1, shift1, w1c, False)[0]
+    # 3. conv3x3 backward through BN2-ReLU: g2 and BN2's input-gradient scalars (zeros in eval).
+    g2v, dw2, dgamma2, dbeta2, p2, q2 = K.bnrelu_conv3x3_bwd(G[:, sl], bott, scale2, shift2, w2c, bw.nhw, m2, r2,
+                                                           spec.conv3x3_impl, bw.count, *finish)
+    if bw.sync is not None:  # BN2's input-gradient scalars over the group
+        p2, q2 = bw.sync.sum_(torch.stack((p2, q2))).unbind(0)
+    # 4. one pass over the buffer: dB = scale2 * (g2 - mean(g2) - xhat2 * mean(g2 * xhat2)) formed
+    # tile by tile from g2 (in the compute dtype, as bn_grad_finish writes it), G += scale1*g,
+    # per-channel sums, dW1.  (training: also P[:c_l] += scale1*dbeta1/M and Q[:c_l] += scale1*rstd1*dgamma1/M)
+    pq = (P[:c_l], Q[:c_l], bw.count) if spec.training else (None, None, 0)
+    dw1, dgamma1, dbeta1 = K.bnrelu_conv1x1_bwd(g2v, buf2[:, :c_l], scale1, shift1, w1c, m1, r1, G[:, :c_l], *pq,
+                                                bott, m2, p2, q2, scale2)
+    return [dgamma1.to(g1.dtype), dbeta1.to(b1.dtype), dw1.view_as(w1).to(w1.dtype), dgamma2.to(g2.dtype),
+            dbeta2.to(b2.dtype), dw2.to(w2.dtype)]
 
 
 def block_backward(spec: BlockSpec, out, grad_out, params, stats, seeds, kept, weights, x_meta, needs_input_grad,
@@ -223,16 +321,13 @@ def block_backward(spec: BlockSpec, out, grad_out, params, stats, seeds, kept, w
     batch statistics (block_forward's; 0: the local N*H*W)."""
     n, c_total, h, w = out.shape
     m = n * h * w
-    k = spec.growth_rate
     c0 = spec.num_input_features
     acc = acc_dtype(spec.dtype)
     dev = out.device
     sync = spec.sync if spec.training else None
-    count = (count or m) if spec.training else 0  # values per channel of the batch statistics
-    K = spec.ops
     mark("backward", -1)
-    buf2 = out.permute(0, 2, 3, 1).reshape(m, c_total)  # a view: the buffer is NHWC
-    mean, per_layer = stats[0], stats[1:]
+    buf2 = out.permute(0, 2, 3, 1).reshape(m, c_total)  # a view: the buffer is channels-last
+    mean, saved_layers = stats[0], LayerSaved.unflatten(stats[1:])
     w1cs, w2cs = weights
     if not spec.training:
         mean = torch.zeros(c_total, dtype=acc, device=dev)
@@ -241,49 +336,13 @@ def block_backward(spec: BlockSpec, out, grad_out, params, stats, seeds, kept, w
     G = G.view(m, c_total)
     PQ = torch.zeros((2, c_total), dtype=acc, device=dev)  # one fill
     P, Q = PQ.unbind(0)
+    bw = _BackSweep(spec, spec.ops, params, buf2, [n, h, w], mean, G, PQ, P, Q,
+                    (count or m) if spec.training else 0, sync)
     grads: List[Optional[torch.Tensor]] = [None] * len(params)
     for l in reversed(range(len(spec.layers))):
         mark("backward", l)
-        layer = spec.layers[l]
-        c_l = c0 + l * k
-        g1, b1, w1, g2, b2, w2 = _layer_params(params, l)
-        scale1, shift1, r1, m2, r2, scale2, shift2 = per_layer[PER_LAYER_SAVED * l:PER_LAYER_SAVED * (l + 1)]
-        m1 = mean[:c_l] if spec.training else layer.norm1.running_mean.to(acc)
-        w1c, w2c = w1cs[l], w2cs[l]
-
-        # 1. the gradient of this layer's k output channels is complete: finish it.
-        # (without dropout the conv3x3 backward finishes it on the fly from G, P, Q)
-        sl = slice(c_l, c_l + k)
-        if sync is not None and l + 1 < len(spec.layers):  # P, Q of these channels summed over the group
-            PQ[:, sl] = sync.sum_(PQ[:, sl].contiguous())   # (the last layer's are zeros everywhere)
-        if seeds[l] is not None:  # and through the forward's dropout mask, regenerated from its seed
-            dnew, finish = G[:, sl], (buf2[:, sl], mean[sl], P[sl], Q[sl], float(layer.drop_rate), seeds[l])
-        else:
-            dnew, finish = G[:, sl], (buf2[:, sl], mean[sl], P[sl], Q[sl])
-        # 2. the bottleneck (recomputed, or kept from the forward).
-        if kept:
-            bott = kept[l]
-        else:
-            bott = K.bnrelu_conv1x1_fwd(buf2[:, :c_l], scale1, shift1, w1c, False)[0]
-        # 3. conv3x3 backward through BN2-ReLU: g2 and BN2's input-gradient scalars (zeros in eval).
-        g2v, dw2, dgamma2, dbeta2, p2, q2 = K.bnrelu_conv3x3_bwd(dnew, bott, scale2, shift2, w2c, [n, h, w], m2, r2,
-                                                               spec.conv3x3_impl, count, *finish)
-        if sync is not None:  # BN2's input-gradient scalars over the group
-            p2, q2 = sync.sum_(torch.stack((p2, q2))).unbind(0)
-        # 4. one pass over the buffer: dB = scale2 * (g2 - mean(g2) - xhat2 * mean(g2 * xhat2)) formed
-        # tile by tile from g2 (in the compute dtype, as bn_grad_finish writes it), G += scale1*g,
-        # per-channel sums, dW1.  (training: also P[:c_l] += scale1*dbeta1/M and Q[:c_l] += scale1*rstd1*dgamma1/M)
-        pq = (P[:c_l], Q[:c_l], count) if spec.training else (None, None, 0)
-        dw1, dgamma1, dbeta1 = K.bnrelu_conv1x1_bwd(g2v, buf2[:, :c_l], scale1, shift1, w1c, m1, r1, G[:, :c_l], *pq,
-                                                  bott, m2, p2, q2, scale2)
-        base = PARAMS_PER_LAYER * l
-        grads[base + 0] = dgamma1.to(g1.dtype)
-        grads[base + 1] = dbeta1.to(b1.dtype)
-        grads[base + 2] = dw1.view_as(w1).to(w1.dtype)
-        grads[base + 3] = dgamma2.to(g2.dtype)
-        grads[base + 4] = dbeta2.to(b2.dtype)
-        grads[base + 5] = dw2.to(w2.dtype)
-
+        grads[PARAMS_PER_LAYER * l:PARAMS_PER_LAYER * (l + 1)] = _backward_layer(
+            bw, l, saved_layers[l], seeds[l], kept[l] if kept else None, w1cs[l], w2cs[l])
     mark("backward", -1)
     dx = None
     if needs_input_grad:

@@ -23,18 +23,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._checks import has_hooks
 from .head import fused_head
 from .modules import FusedDenseBlock
 from .stem import fused_stem
 from .transition import FusedTransition
 from .transition_block import transition_into_block
 
-_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 STEM = ("conv0", "norm0", "relu0", "pool0")
 
 
 def _hooked(module: nn.Module) -> bool:
-    return any(getattr(module, attr) for attr in _HOOKS)
+    return has_hooks(module)
 
 
 def _block_with_stats(block: FusedDenseBlock, x: Tensor) -> Tuple[Tensor, Optional[Tuple[Tensor, Tensor]]]:

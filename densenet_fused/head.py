@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from ._checks import has_hooks
 from .ops import bn_scale_shift, bnrelu_global_avgpool_bwd, bnrelu_global_avgpool_fwd
 from .transition import TransitionSpec as HeadSpec  # the same fields: nhw, eps, training, dtype, sync, count
 from .transition import batch_or_running, check_input, check_norm, checked_input, nhwc_rows, synced_grad_finish
@@ -55,8 +56,7 @@ def fused_head(norm5: nn.Module, x: Tensor, stats=None, sync_group=None) -> Tens
     """``torch.flatten(F.adaptive_avg_pool2d(F.relu(norm5(x)), 1), 1)`` as one op; ``stats`` = the
     batch (mean, biased var) of x's channels when known (the last block's), else None."""
     who = "fused head (norm5, ReLU, global average pool)"
-    if any(getattr(norm5, attr) for attr in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
-                                             "_backward_pre_hooks")):
+    if has_hooks(norm5):
         raise RuntimeError(f"{who}: norm5 has hooks, which the fused head would never call; run norm5 as a module")
     c = norm5.num_features
     check_norm(norm5, c, who)

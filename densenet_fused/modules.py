@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._checks import check_input
+from ._checks import check_batch, check_input, compute_dtype, has_hooks
 from .block import BlockSpec, FusedDenseBlockFunction, block_forward
 from .distributed import stats_group
-from .ops._common import autocast_dtype, autocast_off
+from .ops._common import autocast_off
 
 
 class FusedDenseLayer(nn.Module):
@@ -93,7 +93,7 @@ class FusedDenseBlock(nn.ModuleDict):
         self.drop_rate = float(drop_rate)
         self.memory_efficient = memory_efficient
         self.keep_bottleneck = keep_bottleneck
-        self.conv3x3_impl = ""  # "" (the default of ops.set_conv3x3_impl), "aten" or "triton" on CUDA
+        self.conv3x3_impl = ""  # "" (the default: ops.using_conv3x3), "aten" or "triton" on CUDA
         for i in range(num_layers):
             layer = FusedDenseLayer(num_input_features + i * growth_rate, growth_rate=growth_rate, bn_size=bn_size,
                                     drop_rate=drop_rate, memory_efficient=memory_efficient)
@@ -215,7 +215,6 @@ def _fx_leaf(module: nn.Module, proxy, input):  # noqa: A002
     return tracer.create_proxy("call_module", path, (input,), {})
 
 
-_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 
 
 def _layers_with_hooks(layers, names=None) -> bool:
@@ -224,10 +223,9 @@ def _layers_with_hooks(layers, names=None) -> bool:
     runs BN-ReLU-conv1x1-BN-ReLU-conv3x3 as one op), and they must not be silently skipped."""
     hooked = False
     for i, layer in enumerate(layers):
-        d = layer.__dict__
-        hooked = hooked or any(d[attr] for attr in _HOOKS)
+        hooked = hooked or has_hooks(layer)
         for name, sub in layer._modules.items():
-            if any(sub.__dict__[attr] for attr in _HOOKS):
+            if has_hooks(sub):
                 where = names[i] if names else f"denselayer{i + 1}"
                 raise RuntimeError(
                     f"FusedDenseBlock: hooks on {where}.{name} are not supported: a fused layer never calls "
@@ -281,9 +279,7 @@ def _validate(layers, x, c_in: int, growth: int, who: str) -> bool:
         raise ValueError(f"{who}: expected all BatchNorm layers in the same mode (all train or all eval)")
     training = modes.pop() if modes else False
     n, _, h, w = x.shape
-    if training and n * h * w == 1:
-        # the error nn.BatchNorm2d raises
-        raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.size()}")
+    check_batch(training, n * h * w, x.size())
     return training
 
 
@@ -304,13 +300,7 @@ def block_setup(layers, x: Tensor, c_in: int, growth: int, who: str, keep_bottle
     sync = None
     if training:
         sync = stats_group([layer._modules[n] for layer in layers for n in ("norm1", "norm2")], who, sync_group)
-    dev = x.device.type
-    dtype = autocast_dtype(dev)
-    if dtype is None:
-        dtype = layers[0].conv1.weight.dtype
-        if dtype != x.dtype:
-            raise TypeError(f"{who}: expected input of dtype {dtype} (the parameters' dtype), got {x.dtype}; "
-                            f"use torch.autocast for mixed precision")
+    dtype = compute_dtype(x, layers[0].conv1.weight, who)
     spec = BlockSpec(layers=layers, num_input_features=c_in, growth_rate=growth, training=training, dtype=dtype,
                      keep_bottleneck=keep_bottleneck, conv3x3_impl=conv3x3_impl, sync=sync, with_stats=with_stats)
     params = []

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from ._checks import check_batch, compute_dtype, has_hooks
 from .distributed import StatsGroup, stats_group
 from .ops import (bn_grad_finish, bn_scale_shift, bnrelu_maxpool_bwd, bnrelu_maxpool_fwd, channel_stats,
                   running_stats_update)
@@ -33,7 +34,6 @@ from .ops._common import acc_dtype
 from .ops.bnrelu_maxpool import POOL_KERNEL, POOL_PADDING, POOL_STRIDE, pooled_size
 
 _WHO = "fused_stem"
-_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 
 
 @dataclass
@@ -54,13 +54,7 @@ def _pair(v):
 
 def _compute_dtype(x: Tensor, weight: Tensor) -> torch.dtype:
     """conv0's dtype as torch.autocast would choose it (float64 tensors are never cast)."""
-    dev = x.device.type
-    if torch.is_autocast_enabled(dev) and x.dtype != torch.float64 and weight.dtype != torch.float64:
-        return torch.get_autocast_dtype(dev)
-    if x.dtype != weight.dtype:
-        raise TypeError(f"{_WHO}: expected input of dtype {weight.dtype} (conv0.weight's dtype), got {x.dtype}; "
-                        f"use torch.autocast for mixed precision")
-    return weight.dtype
+    return compute_dtype(x, weight, _WHO, never_cast=torch.float64 in (x.dtype, weight.dtype))
 
 
 def _validate(x, conv0, norm0, pool0) -> Tuple[bool, torch.dtype]:
@@ -70,7 +64,7 @@ def _validate(x, conv0, norm0, pool0) -> Tuple[bool, torch.dtype]:
         if not isinstance(mod, kind):
             want = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
             raise TypeError(f"{_WHO}: expected {name} to be an nn.{want}, got {type(mod).__name__}")
-        if any(getattr(mod, attr) for attr in _HOOKS):
+        if has_hooks(mod):
             raise RuntimeError(f"{_WHO}: hooks on {name} are not supported: the fused stem never calls the conv0, "
                                f"norm0, relu0 and pool0 modules (it runs them as one op); run the stem unfused "
                                f"to use such hooks")
@@ -117,9 +111,7 @@ def _validate(x, conv0, norm0, pool0) -> Tuple[bool, torch.dtype]:
                          f" stride {conv0.stride}, padding {conv0.padding}): output size {ho}x{wo}")
     training = norm0.training
     if training:
-        if n * ho * wo == 1:  # the error nn.BatchNorm2d raises
-            raise ValueError(f"Expected more than 1 value per channel when training, got input size "
-                             f"{torch.Size([n, conv0.out_channels, ho, wo])}")
+        check_batch(training, n * ho * wo, torch.Size([n, conv0.out_channels, ho, wo]))
     return training, dtype
 
 

@@ -17,19 +17,18 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from ._checks import check_input
+from ._checks import check_batch, check_input, compute_dtype, has_hooks
 from .distributed import StatsGroup, stats_group
 from .ops import (bn_grad_finish, bn_scale_shift, bnrelu_avgpool_conv1x1_bwd, bnrelu_avgpool_conv1x1_fwd,
                   channel_stats, running_stats_update)
 from .ops._common import acc_dtype
 
-_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 
 
 def refuse_inner_hooks(module: nn.Module, who: str) -> None:
     """Hooks on the modules inside a fused module would never fire (nothing calls them): refuse."""
     for name, sub in module.named_children():
-        if any(getattr(sub, attr) for attr in _HOOKS):
+        if has_hooks(sub):
             raise RuntimeError(f"{who}: hooks on its {name} are not supported: the fused op never calls the modules "
                                f"inside it. Hook the {who} itself instead.")
 
@@ -77,22 +76,11 @@ def checked_input(x: Tensor, norm: nn.Module, param: Tensor, stats, sync_group, 
     stats = check_stats(stats, norm.num_features, acc, x.device, who) if training else None
     n, _, h, w = x.shape
     sync = stats_group([norm], who, sync_group) if training else None
-    if training and n * h * w == 1:
-        raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.size()}")
+    check_batch(training, n * h * w, x.size())
     xin = x.to(dtype) if x.dtype != dtype else x
     # NHWC rows: a view of a block's output; other layouts get one (autograd-tracked) channels-last copy
     xin = xin.contiguous(memory_format=torch.channels_last)
     return xin, stats, sync, dtype, acc
-
-
-def compute_dtype(x: Tensor, param: Tensor, who: str) -> torch.dtype:
-    dev = x.device.type
-    if torch.is_autocast_enabled(dev):
-        return torch.get_autocast_dtype(dev)
-    if x.dtype != param.dtype:
-        raise TypeError(f"{who}: expected input of dtype {param.dtype} (the parameters' dtype), got {x.dtype}; "
-                        f"use torch.autocast for mixed precision")
-    return param.dtype
 
 
 def nhwc_rows(x: Tensor) -> Tensor:

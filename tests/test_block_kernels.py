@@ -6,20 +6,16 @@
   tolerance rule of DESIGN section 6 (error against float64 at most 2x torchvision's own
   error in that dtype, plus a small floor).
 """
-import importlib
 import os
 
 import pytest
 import torch
 
-from blockutil import assert_close, make_pair, replay_step_from_cuda_graph, run_step
-from flags import patched, tf32_disabled
-from densenet_fused.ops import BlockOps
-from densenet_fused.ops import bnrelu_conv1x1 as op
-from densenet_fused.ops.table import substituted
+from blockutil import assert_close, make_pair, replay_step_from_cuda_graph, run_step, triton_block_ops
+from flags import tf32_disabled
 from densenet_fused.ops import bnrelu_conv3x3 as op3
+from densenet_fused.ops.table import substituted
 
-scale_shift_mod = importlib.import_module("densenet_fused.ops.bn_scale_shift")  # the op shadows the module name
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -29,13 +25,6 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 def test_block_on_triton_kernels_matches_torchvision(drop_rate):
     """The block with its Triton kernels (1x1, 3x3, scale/shift) in place of the CPU kernels (the
     launchers themselves: on CUDA, float32 without TF32 runs cuBLAS/cuDNN instead)."""
-    triton_ops = BlockOps(
-        bnrelu_conv1x1_fwd=op.triton_fwd,
-        bnrelu_conv1x1_bwd=op.triton_bwd,
-        bnrelu_conv3x3_fwd=lambda *args, **kw: op3._fwd_triton(*args[:7], *args[8:], **kw),  # without the impl arg
-        bnrelu_conv3x3_bwd=lambda *args, **kw: op3._bwd_triton(*args[:8], *args[9:], **kw),
-        bn_scale_shift=scale_shift_mod.triton_scale_shift,
-    )
     ref, fused = make_pair(torch.float32, drop_rate=drop_rate)
     ref.train(), fused.train()
     init = {k: v.clone() for k, v in fused.state_dict().items()}
@@ -44,7 +33,7 @@ def test_block_on_triton_kernels_matches_torchvision(drop_rate):
     torch.manual_seed(5)
     y_r, dx_r, g_r = run_step(ref, x, grad)
     torch.manual_seed(5)
-    with tf32_disabled(), substituted(triton_ops):
+    with tf32_disabled(), substituted(triton_block_ops()):
         y_f, dx_f, g_f = run_step(fused, x, grad)
     if drop_rate == 0:
         assert_close(y_f, y_r, 1e-4, "output")
@@ -112,7 +101,7 @@ def test_block_bf16_autocast_on_cpu_by_tolerance_rule(no_tf32):
 @pytest.mark.parametrize("conv3x3", ["aten", "triton"])
 @pytest.mark.parametrize("mode", ["float32", "bf16_autocast"])
 def test_block_on_cuda_by_tolerance_rule(mode, conv3x3, no_tf32):
-    with patched(op3, _cuda_impl=conv3x3):
+    with op3.using_conv3x3(conv3x3):
         _check_tolerance_rule("cuda", mode)
 
 

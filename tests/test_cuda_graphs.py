@@ -20,15 +20,11 @@ def _grads(module):
 
 
 def _eager_step(module, x, grad):
-    xs = x.detach().clone().requires_grad_()
-    module.zero_grad(set_to_none=True)
-    with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):
-        y = module(xs)
-    y.backward(grad.to(y.dtype))
-    return y.detach().float(), xs.grad.detach().clone(), _grads(module)
+    return _graphed_step(module, module, x, grad)
 
 
 def _graphed_step(graphed, module, x, grad):
+    """A bf16-autocast training step of ``graphed`` (the module itself: eager), ``module``'s gradients."""
     xs = x.detach().clone().requires_grad_()
     module.zero_grad(set_to_none=True)
     with torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False):

@@ -1,6 +1,8 @@
 """The block's CUDA code path on the host: no host synchronization anywhere in a training step (so the
 step can be captured as one CUDA graph and never stalls the CPU on the GPU), and the eager hot path
 (the CUDA implementations called directly) agreeing with the registered ops."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -39,10 +41,12 @@ def test_a_training_step_on_the_cuda_path_never_synchronizes(monkeypatch, drop_r
             layer.conv2._parameters["weight"] = torch.nn.Parameter(w.detach().contiguous(
                 memory_format=torch.channels_last))
         x = torch.empty((2, 16, 5, 6), device="cuda").to(memory_format=torch.channels_last)
-        grad = torch.empty((2, 40, 5, 6), device="cuda").to(memory_format=torch.channels_last)
+        grad = torch.empty((2, 40, 5, 6), device="cuda", dtype=torch.bfloat16).to(memory_format=torch.channels_last)
         _sync_raises(monkeypatch)
         with seam.recording(lambda kernel, args, constexprs: launches.append(kernel)), torch.no_grad():
             spec, params = fused_block_setup(blk, x)
+            spec = dataclasses.replace(spec, dtype=torch.bfloat16)  # as under bf16 autocast: the Triton kernels
+            x = x.to(torch.bfloat16)
             out, (stats, seeds, kept, weights) = block_forward(spec, x, params, save=True)
             dx, grads = block_backward(spec, out, grad, params, stats, seeds, kept, weights, (x.dtype, True), True)
         monkeypatch.undo()

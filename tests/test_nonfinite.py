@@ -3,7 +3,6 @@ same positions are NaN / +Inf / -Inf in the output, the input gradient, every pa
 and every buffer (running statistics) after one step, in train and eval mode; the block also on its
 Triton kernels (interpreted on CPU tensors without a GPU).  The per-op checks are in
 tests/ops/test_nonfinite_ops.py."""
-import importlib
 import os
 
 import pytest
@@ -11,11 +10,9 @@ import torch
 import torchvision
 
 import densenet_fused
-import densenet_fused.block as block_mod
-from blockutil import make_pair, nonfinite_mismatch, randomize_bn
-from densenet_fused.ops import bnrelu_conv1x1 as op1
-from densenet_fused.ops import bnrelu_conv3x3 as op3
-from flags import patched, tf32_disabled
+from blockutil import make_pair, nonfinite_mismatch, randomize_bn, triton_block_ops
+from densenet_fused.ops.table import substituted
+from flags import tf32_disabled
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 NAN, INF = float("nan"), float("inf")
@@ -64,21 +61,13 @@ def test_block_nonfinite_positions_match_torchvision(mode, kind):
 @pytest.mark.skipif(not INTERPRET, reason="substitutes interpreted Triton kernels on CPU tensors")
 @pytest.mark.parametrize("mode", ["train", "eval"])
 def test_block_on_triton_kernels_nonfinite_positions_match_torchvision(mode):
-    scale_shift_mod = importlib.import_module("densenet_fused.ops.bn_scale_shift")
-    triton_ops = dict(
-        bnrelu_conv1x1_fwd=op1.triton_fwd,
-        bnrelu_conv1x1_bwd=op1.triton_bwd,
-        bnrelu_conv3x3_fwd=lambda *args, **kw: op3._fwd_triton(*args[:7], *args[8:], **kw),  # without the impl arg
-        bnrelu_conv3x3_bwd=lambda *args, **kw: op3._bwd_triton(*args[:8], *args[9:], **kw),
-        bn_scale_shift=scale_shift_mod.triton_scale_shift,
-    )
     ref, fused = make_pair(torch.float64, num_layers=3)
     fused.float()
     ref.train(mode == "train"), fused.train(mode == "train")
     x = _poison(torch.randn(2, 13, 6, 7, dtype=torch.float64), "all")
     grad = torch.randn(2, 13 + 3 * 7, 6, 7, dtype=torch.float64)
     want = _step(ref, x, grad)
-    with tf32_disabled(), patched(block_mod, **triton_ops):
+    with tf32_disabled(), substituted(triton_block_ops()):
         got = _step(fused, x.float(), grad.float())
     assert _compare(got, want) > 0
 

@@ -1,7 +1,6 @@
 """Helpers shared by the op files: dtype rules of the densenet_fused ops."""
 import contextlib
 import functools
-from typing import Optional
 
 import torch
 
@@ -19,14 +18,6 @@ def next_pow2(n: int) -> int:
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """Accumulation / statistics dtype for a feature dtype (float64 stays float64)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
-    """The dtype torch.autocast casts to on ``device_type`` when it is on there, else None (a device
-    without autocast, e.g. meta tensors, has it off)."""
-    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return None
 
 
 def autocast_off(device_type: str):

@@ -361,3 +361,13 @@ def cuda_bwd(dout, x, scale, shift, weight, nhw, mean, rstd, batch_stats):
 
 _lib.impl("bnrelu_avgpool_conv1x1_fwd", on_tensor_device(cuda_fwd), "CUDA")
 _lib.impl("bnrelu_avgpool_conv1x1_bwd", on_tensor_device(cuda_bwd), "CUDA")
+
+
+# The tensor arguments each Triton kernel of this file writes ("w") or reads and writes ("rw"); every other
+# tensor argument is read (what `densenet-fused cost` counts as a launch's traffic).
+TRITON_WRITES = {
+    "_fwd_kernel": {"OUT": "w"},
+    "_dw_kernel": {"PDW": "w"},
+    "_dx_kernel": {"DX": "w", "PSG": "w", "PSGX": "w"},
+    "_dropped_kernel": {"DX": "w"},
+}

@@ -10,7 +10,8 @@ Two implementations of the same op on CUDA:
   never exists), the statistics epilogue, a dgrad kernel with the BN2-ReLU backward and
   its two per-channel sums in its epilogue, and a split-M wgrad kernel reduced in a fixed
   order.
-``set_conv3x3_impl("triton" | "aten")`` (or ``DENSENET_FUSED_CONV3X3``) picks the CUDA one for
+A block's ``conv3x3_impl`` attribute, or ``using_conv3x3("triton" | "aten")`` around its forward (the
+default: ``DENSENET_FUSED_CONV3X3``, else "triton"), picks the CUDA one for
 16-bit dtypes and float32 with TF32 (float64 and float32 without TF32 always run cuDNN).  The
 default is ``triton``, measured on an H100 (torch 2.11, triton 3.6, bf16 autocast, training
 step of the block): DenseNet-121 block 3 at N=128 50.9 ms / 180 MB peak against 66.0 ms /
@@ -19,6 +20,8 @@ against 30.5 ms, the one case where ``aten`` was faster); the step is host-bound
 Triton path launches 36 kernels per layer against 57 (benchmarks/results/h100_profile_*).
 Under ``TRITON_INTERPRET=1`` the Triton launchers run on CPU tensors.
 """
+import contextlib
+import contextvars
 import os
 
 import torch
@@ -34,21 +37,28 @@ from .bn_scale_shift import bn_scale_shift
 from .channel_stats import channel_stats
 
 _IMPLS = ("aten", "triton")
-_cuda_impl = os.environ.get("DENSENET_FUSED_CONV3X3", "triton")
-if _cuda_impl not in _IMPLS:  # refused at import: a typo must not silently mean another implementation
-    raise ImportError(f"DENSENET_FUSED_CONV3X3={_cuda_impl!r}: expected one of {', '.join(_IMPLS)}")
+_env_impl = os.environ.get("DENSENET_FUSED_CONV3X3", "triton")
+if _env_impl not in _IMPLS:  # refused at import: a typo must not silently mean another implementation
+    raise ImportError(f"DENSENET_FUSED_CONV3X3={_env_impl!r}: expected one of {', '.join(_IMPLS)}")
+_default_impl: contextvars.ContextVar = contextvars.ContextVar("densenet_fused_conv3x3", default=_env_impl)
 
 
-def set_conv3x3_impl(name: str) -> None:
-    """Choose the CUDA implementation of bnrelu_conv3x3: "aten" (cuDNN) or "triton"."""
-    global _cuda_impl
+@contextlib.contextmanager
+def using_conv3x3(name: str):
+    """Within, blocks whose ``conv3x3_impl`` is "" run the CUDA implementation ``name`` of bnrelu_conv3x3:
+    "aten" (cuDNN) or "triton" (a block settles it in its forward, for its backward too); restored on exit."""
     if name not in _IMPLS:
-        raise ValueError(f"set_conv3x3_impl: expected one of {_IMPLS}, got {name!r}")
-    _cuda_impl = name
+        raise ValueError(f"using_conv3x3: expected one of {_IMPLS}, got {name!r}")
+    token = _default_impl.set(name)
+    try:
+        yield
+    finally:
+        _default_impl.reset(token)
 
 
 def conv3x3_impl() -> str:
-    return _cuda_impl
+    """The CUDA implementation of bnrelu_conv3x3 an unspecified ``impl`` ("") means here."""
+    return _default_impl.get()
 
 
 def _check(b, scale, shift, weight, nhw, op):
@@ -366,8 +376,8 @@ def _bwd_finish_kernel(PDW, SPLITS, DW, PSG, PSGX, TILES, SCALE, RSTD, DGAMMA, D
                        W_PROGRAMS, BLOCK_W: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
                        W_CL: tl.constexpr):
     """One launch finishes the backward, every sum in a fixed order: programs [0, W_PROGRAMS) reduce
-    the wgrad partials over the splits into dweight in the weight's layout (contiguous or channels-last); the others reduce
-    the dgrad tiles' sums of g2 and g2*xhat2 (BLOCK_T tiles at a time, then a fixed tree) into dbeta,
+    the wgrad partials over the splits into dweight in the weight's layout (contiguous or channels-last);
+    the others reduce the dgrad tiles' sums of g2 and g2*xhat2 (BLOCK_T tiles at a time, then a fixed tree) into dbeta,
     dgamma and BN2's input-gradient scalars p = scale*dbeta/count, q = scale*rstd*dgamma/count."""
     pid = tl.program_id(0)
     if pid < W_PROGRAMS:
@@ -496,11 +506,11 @@ def _bwd_triton(dy, b, scale, shift, weight, nhw, mean, rstd, count=0, dy_x=None
 # (registered with torch.library.Library, whose dispatch costs ~2 us against ~15 us for a
 # torch.library.custom_op).
 def _use_triton(b, impl):
-    """Triton for CUDA tensors when chosen (``impl``, else ``set_conv3x3_impl``), except float64 and
+    """Triton for CUDA tensors when chosen (``impl``, else ``conv3x3_impl()``), except float64 and
     float32 without TF32, which run cuDNN whatever the choice (``_triton_common.cuda_gemm_impl``)."""
     if impl not in ("",) + _IMPLS:
         raise RuntimeError(f"bnrelu_conv3x3: expected impl in {_IMPLS} (or empty for the default), got {impl!r}")
-    return cuda_path(b.device) and cuda_gemm_impl(b.dtype) == "triton" and (impl or _cuda_impl) == "triton"
+    return cuda_path(b.device) and cuda_gemm_impl(b.dtype) == "triton" and (impl or conv3x3_impl()) == "triton"
 
 
 def cuda_fwd(b, scale, shift, weight, nhw, out, stats, impl="", mean_out=None, var_out=None, bn_out=None,
@@ -626,7 +636,7 @@ def bnrelu_conv3x3_fwd(b, scale, shift, weight, nhw, out, stats: bool, impl: str
     out) they go into their last k entries instead (empty tensors returned); with ``bn_out``
     (3, C + k), ``bn_gamma``, ``bn_beta``, ``bn_eps`` also the folded map (scale, shift, rstd) of the
     BatchNorm reading all C + k channels (the next layer's norm1).  ``impl`` ("aten" / "triton")
-    overrides the CUDA default of ``set_conv3x3_impl``.  ``drop_p`` > 0: dropout of the output (before
+    overrides the CUDA default (``conv3x3_impl()``).  ``drop_p`` > 0: dropout of the output (before
     its statistics) with the Philox mask of ``drop_seed`` (a 1-element int64 tensor on b's device;
     ``dropout_mask`` gives the mask)."""
     return torch.ops.densenet_fused.bnrelu_conv3x3_fwd(b, scale, shift, weight, list(nhw), out, stats, impl,
@@ -647,3 +657,14 @@ def bnrelu_conv3x3_bwd(dy, b, scale, shift, weight, nhw, mean, rstd, impl: str =
     (regenerated from ``drop_seed``) and scale."""
     return torch.ops.densenet_fused.bnrelu_conv3x3_bwd(dy, b, scale, shift, weight, list(nhw), mean, rstd, impl,
                                                        count, dy_x, dy_mean, dy_p, dy_q, drop_p, drop_seed)
+
+
+# The tensor arguments each Triton kernel of this file writes ("w") or reads and writes ("rw"); every other
+# tensor argument is read (what `densenet-fused cost` counts as a launch's traffic).
+TRITON_WRITES = {
+    "_fwd_kernel": {"OUT": "w", "PMEAN": "w", "PM2": "w"},
+    "_dgrad_kernel": {"G2": "w", "PSG": "w", "PSGX": "w"},
+    "_wgrad_kernel": {"PDW": "w"},
+    "_bwd_finish_kernel": {"DW": "w", "DGAMMA": "w", "DBETA": "w", "P": "w", "Q": "w"},
+    "_dropout_mask_kernel": {"OUT": "w"},
+}

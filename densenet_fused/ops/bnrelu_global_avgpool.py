@@ -177,3 +177,11 @@ def cuda_bwd(dpooled, x, scale, shift, nhw, mean, rstd, batch_stats):
 
 _lib.impl("bnrelu_global_avgpool_fwd", on_tensor_device(cuda_fwd), "CUDA")
 _lib.impl("bnrelu_global_avgpool_bwd", on_tensor_device(cuda_bwd), "CUDA")
+
+
+# The tensor arguments each Triton kernel of this file writes ("w") or reads and writes ("rw"); every other
+# tensor argument is read (what `densenet-fused cost` counts as a launch's traffic).
+TRITON_WRITES = {
+    "_fwd_kernel": {"OUT": "w"},
+    "_bwd_kernel": {"DX": "w", "PSG": "w", "PSGX": "w"},
+}

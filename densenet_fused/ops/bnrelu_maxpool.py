@@ -311,3 +311,13 @@ def triton_bwd(dout, index, y, scale, shift, mean, rstd, nhw, count):
 _lib = torch.library.Library("densenet_fused", "IMPL")
 _lib.impl("bnrelu_maxpool_fwd", on_tensor_device(triton_fwd), "CUDA")
 _lib.impl("bnrelu_maxpool_bwd", on_tensor_device(triton_bwd), "CUDA")
+
+
+# The tensor arguments each Triton kernel of this file writes ("w") or reads and writes ("rw"); every other
+# tensor argument is read (what `densenet-fused cost` counts as a launch's traffic).
+TRITON_WRITES = {
+    "_fwd_kernel": {"OUT": "w", "IDX": "w"},
+    "_bwd_sums_kernel": {"PSG": "w", "PSGX": "w"},
+    "_bwd_finish_kernel": {"DBETA": "w", "DGAMMA": "w", "AB": "w"},
+    "_bwd_dy_kernel": {"DY": "w"},
+}

@@ -5,16 +5,17 @@ block along its CUDA code path on *fake* CUDA tensors (``FakeTensorMode``: shape
 and strides, no memory, no kernel runs), at the case's real shapes.  Every kernel launch of
 that path is recorded with the bytes it reads and writes:
 
-- Triton kernels: each launch (``kernel[grid](...)``) is intercepted before it runs; bytes are
-  the logical sizes of its tensor arguments (each distinct tensor once), read, written or
-  both according to ``TRITON_WRITES`` below.  Re-reads of a tile by several programs are
-  assumed to hit L2, so this is a lower bound of the DRAM traffic of a GEMM-shaped kernel.
+- Triton kernels: each launch is observed at the launch seam (``ops.launch.recording``) instead of
+  run; bytes are the logical sizes of its tensor arguments (each distinct tensor once), read,
+  written or both according to the ``TRITON_WRITES`` declared in its op file.  Re-reads of a tile
+  by several programs are assumed to hit L2, so this is a lower bound of the DRAM traffic of a
+  GEMM-shaped kernel.
 - densenet_fused C++/CUDA ops (csrc/cuda): launches and bytes from their kernels' structure
   (``_extension_cost``).
 - ATen ops: one launch per op that computes (views, allocations and metadata ops launch
   nothing), bytes = tensor inputs read + outputs (or written arguments) written.
   ``convolution_backward`` (cuDNN) counts one launch per requested gradient: a lower bound.
-Launches are attributed to layers through ``block.trace``.  The run needs no GPU and no
+Launches are attributed to layers by the block's ``ops.launch.mark`` calls.  The run needs no GPU and no
 Triton compiler; it predicts, a GPU profiler has the last word.
 
 The floor (``floor_bytes``) is the traffic this design cannot avoid, in DESIGN section 8
@@ -30,6 +31,7 @@ and the whole floor 6.31 GB.
 """
 import contextlib
 import math
+import sys
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
@@ -61,32 +63,9 @@ CASES: Dict[str, CostCase] = {c.name: c for c in (
     CostCase("densenet_bc100_k12", 16, 24, 12, 4, 64, 32),
 )}
 
-# Tensor arguments each Triton kernel writes ("w") or reads and writes ("rw"); every other
-# tensor argument is read.  A kernel missing here is an error: declare it when adding one.
-TRITON_WRITES: Dict[str, Dict[str, str]] = {
-    "bnrelu_conv1x1._fwd_kernel": {"OUT": "w", "PMEAN": "w", "PM2": "w"},
-    "bnrelu_conv1x1._bwd_kernel": {"G": "rw", "PDW": "w", "PSG": "w", "PSGX": "w"},
-    "bnrelu_conv1x1._bwd_finish_kernel": {"DW": "w", "DBETA": "w", "DGAMMA": "w", "P": "rw", "Q": "rw"},
-    "bnrelu_conv3x3._fwd_kernel": {"OUT": "w", "PMEAN": "w", "PM2": "w"},
-    "bnrelu_conv3x3._dgrad_kernel": {"G2": "w", "PSG": "w", "PSGX": "w"},
-    "bnrelu_conv3x3._wgrad_kernel": {"PDW": "w"},
-    "bnrelu_conv3x3._bwd_finish_kernel": {"DW": "w", "DGAMMA": "w", "DBETA": "w", "P": "w", "Q": "w"},
-    "bnrelu_conv3x3._dropout_mask_kernel": {"OUT": "w"},
-    "_triton_common.stats_merge_kernel": {"MEAN": "w", "VAR": "w"},
-    "bn_scale_shift._scale_shift_kernel": {"SCALE": "w", "SHIFT": "w", "RSTD": "w"},
-    # transition, head and stem (record_edges, `cost --kernels`)
-    "bnrelu_avgpool_conv1x1._fwd_kernel": {"OUT": "w"},
-    "bnrelu_avgpool_conv1x1._dw_kernel": {"PDW": "w"},
-    "bnrelu_avgpool_conv1x1._dx_kernel": {"DX": "w", "PSG": "w", "PSGX": "w"},
-    "bnrelu_avgpool_conv1x1._dropped_kernel": {"DX": "w"},
-    "bnrelu_global_avgpool._fwd_kernel": {"OUT": "w"},
-    "bnrelu_global_avgpool._bwd_kernel": {"DX": "w", "PSG": "w", "PSGX": "w"},
-    "bnrelu_maxpool._fwd_kernel": {"OUT": "w", "IDX": "w"},
-    "bnrelu_maxpool._bwd_sums_kernel": {"PSG": "w", "PSGX": "w"},
-    "bnrelu_maxpool._bwd_finish_kernel": {"DBETA": "w", "DGAMMA": "w", "AB": "w"},
-    "bnrelu_maxpool._bwd_dy_kernel": {"DY": "w"},
-}
-
+# The tensor arguments each Triton kernel writes are declared beside it, in its op file's TRITON_WRITES
+# (what it writes "w", reads and writes "rw"; every other tensor argument is read).  A kernel without an
+# entry there is an error: declare it when adding one.
 # ATen ops that launch no kernel (allocation, views, metadata).
 _FREE_ATEN = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "detach", "alias",
               "lift_fresh", "_local_scalar_dense", "sym_size", "sym_stride", "sym_numel", "sym_storage_offset",
@@ -218,9 +197,11 @@ def _triton_name(fn) -> str:
 def _record_triton(rec: Recording, fn, args, kwargs):
     name = _triton_name(fn)
     rec.triton_calls.append((fn, args, kwargs))
-    if name not in TRITON_WRITES:
-        raise RuntimeError(f"cost: Triton kernel {name} has no entry in cost.TRITON_WRITES")
-    writes = TRITON_WRITES[name]
+    module, kernel = name.split(".")
+    declared = getattr(sys.modules.get(f"densenet_fused.ops.{module}"), "TRITON_WRITES", {})
+    if kernel not in declared:
+        raise RuntimeError(f"cost: Triton kernel {name} has no entry in its op file's TRITON_WRITES")
+    writes = declared[kernel]
     arg_names = list(getattr(fn, "arg_names", None) or fn.fn.arg_names)
     bound = dict(zip(arg_names, args))
     bound.update({k: v for k, v in kwargs.items() if k in arg_names})
@@ -642,7 +623,7 @@ def edges_report(arch: int = 90) -> str:
 
 
 def main(case: str = "densenet121_block3", kernels: bool = False, arch: int = 90, host: bool = False,
-         processes: int = 3, steps: int = 20) -> int:
+         processes: int = 3, steps: int = 20, out: str = "") -> int:
     """Print the report of one case (or of every case with "all"): the last line is the summary.
     ``arch``: the compute capability --kernels compiles for (90: sm_90a, 80: sm_80).  With
     ``kernels``, the case ``transition_head_stem`` (also in "all") compiles the transition, head and
@@ -650,7 +631,7 @@ def main(case: str = "densenet121_block3", kernels: bool = False, arch: int = 90
     (host_cost.py: ``processes`` processes per provider, ``steps`` timed steps each)."""
     if host:
         from .host_cost import main as host_main
-        return host_main(case, processes=processes, steps=steps)
+        return host_main(case, processes=processes, steps=steps, out=out)
     names = list(CASES) + ([EDGES] if kernels else []) if case == "all" else [case]
     for i, name in enumerate(names):
         if name == EDGES and kernels:

@@ -286,14 +286,47 @@ def report(case_name: str, runs: Dict[str, List[StepTimes]]) -> str:
     return "\n".join(lines)
 
 
-def main(case: str = "densenet121_block3", processes: int = 3, steps: int = 20) -> int:
+def result_row(case_name: str, runs: Dict[str, List[StepTimes]]) -> dict:
+    """The case's measurement as a results row (benchmarks/results/*_host_cost.json)."""
+    import datetime
+    import platform
+
+    import torch
+    import triton
+
+    from .cost import CASES
+    layers = CASES[case_name].layers
+    row = dict(case=case_name, date=datetime.date.today().isoformat(), host=platform.processor() or platform.machine(),
+               cpus=os.cpu_count(), python=platform.python_version(), torch=torch.__version__,
+               triton=triton.__version__, processes=len(runs["fused"]))
+    for p in PROVIDERS:
+        rs = runs[p]
+        row[f"{p}_step_ms"] = statistics.median(r.step_ms for r in rs)
+        row[f"{p}_fwd_us_per_layer"] = 1000 * statistics.median(r.forward_ms for r in rs) / layers
+        row[f"{p}_bwd_us_per_layer"] = 1000 * statistics.median(r.backward_ms for r in rs) / layers
+    row["fused_triton_launches_per_layer"] = statistics.median(
+        r.launches_forward + r.launches_backward for r in runs["fused"]) / layers
+    row["ratio"] = row["fused_step_ms"] / row["torchvision_step_ms"]
+    return row
+
+
+def main(case: str = "densenet121_block3", processes: int = 3, steps: int = 20, out: str = "") -> int:
+    """Print the report of a case (or of every case with "all"); with ``out``, also write the rows there
+    (JSON)."""
     names = list(HOST_CASES) if case == "all" else [case]
+    unknown = [n for n in names if n not in HOST_CASES]
+    if unknown:
+        raise ValueError(f"cost --host: unknown case {unknown[0]!r}; expected one of {', '.join(HOST_CASES)} or all")
+    rows = []
     for i, name in enumerate(names):
-        if name not in HOST_CASES:
-            raise ValueError(f"cost --host: unknown case {name!r}; expected one of {', '.join(HOST_CASES)} or all")
         if i:
             print()
-        print(report(name, compare(name, processes, steps)), flush=True)
+        runs = compare(name, processes, steps)
+        rows.append(result_row(name, runs))
+        print(report(name, runs), flush=True)
+    if out:
+        with open(out, "w") as f:
+            json.dump(rows, f, indent=1)
     return 0
 
 

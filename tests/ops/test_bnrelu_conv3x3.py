@@ -148,7 +148,11 @@ def test_cuda_routing():
 
 def test_impl_switch_and_bad_input():
     with pytest.raises(ValueError, match="expected one of"):
-        op.set_conv3x3_impl("cudnn")
+        with op.using_conv3x3("cudnn"):
+            pass
+    with op.using_conv3x3("aten"):
+        assert op.conv3x3_impl() == "aten"
+    assert op.conv3x3_impl() == os.environ.get("DENSENET_FUSED_CONV3X3", "triton")  # restored
     b, scale, shift, weight, _, _ = _args(2, 3, 4, 16, 5, torch.float32, "cpu")
     with pytest.raises(RuntimeError, match=r"nhw = \[N, H, W\] with N\*H\*W = 24"):
         op.bnrelu_conv3x3_fwd(b, scale, shift, weight, [2, 3, 5], torch.empty(24, 5), False)

@@ -129,7 +129,7 @@ def test_a_triton_kernel_without_a_declared_cost_is_an_error():
         fn = None
 
     Fn.fn = lambda: None  # a kernel named "test_cost.<lambda>"
-    with pytest.raises(RuntimeError, match="no entry in cost.TRITON_WRITES"):
+    with pytest.raises(RuntimeError, match="no entry in its op file's TRITON_WRITES"):
         cost._record_triton(rec, Fn(), (torch.empty(1),), {})
 
 
