@@ -17,7 +17,7 @@ PINNED = {
     "densenet121_block1": (12.0, 1.48),
     "densenet_bc100_k12": (10.8, 1.34),
 }
-BUDGET = (12, 1.5)  # issue 11: launches per layer, bytes ratio (densenet121_block3)
+BUDGET = (12, 1.5)  # the budget: launches per layer, bytes ratio (densenet121_block3)
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +98,7 @@ def test_dropout_draws_its_seeds_on_the_device(recordings):
 
 
 def test_floor_matches_design_section_8():
-    """DESIGN section 8: about 6.2 GB for DenseNet-121 block 3 (N=128, bf16) in its per-layer
+    """docs/design.md section 8: about 6.2 GB for DenseNet-121 block 3 (N=128, bf16) in its per-layer
     terms; the block-level terms (x in, grad_out in, dx out) add M*(3*C_0 + C_total)*2 bytes."""
     case = cost.CASES["densenet121_block3"]
     m = case.rows
