@@ -91,7 +91,13 @@ def table(path):
 
 
 def _results_files():
-    return sorted(glob.glob(os.path.join(ROOT, "benchmarks", "results", "*.json")))
+    """The benchmark's JSON files (`densenet-fused bench`), not the other scripts' (model_saved_bytes.py)."""
+    files = []
+    for path in sorted(glob.glob(os.path.join(ROOT, "benchmarks", "results", "*.json"))):
+        with open(path) as f:
+            if "results" in json.load(f):
+                files.append(path)
+    return files
 
 
 def headline(paths) -> str:

@@ -14,6 +14,7 @@ import importlib.metadata as md
 import os
 import subprocess
 import sys
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # What the package, its tests, the demo and the benchmarks import (pyproject.toml's dependencies
@@ -80,7 +81,9 @@ def stack_report(pins, file_name):
 def _pip(*args):
     cmd = [sys.executable, "-m", "pip", "install", *args]
     print("+", " ".join(cmd), flush=True)
+    t0 = time.monotonic()
     subprocess.check_call(cmd)
+    print(f"install_deps: pip finished in {time.monotonic() - t0:.0f} s", flush=True)
 
 
 def main(mode="pinned"):

@@ -453,8 +453,8 @@ def legend(rows: List[dict]) -> str:
     _, _, mem_col, _ = _memory_key([r for r in rows if r["mode"] == "step"])
     mem_text = ("peak MB: the peak memory allocated during one training step, above what was allocated before it"
                 if mem_col == "peak MB" else
-                "saved MB: the memory autograd keeps from forward for backward (distinct storages, parameters "
-                "included); no peak is measured on a CPU")
+                "saved MB: the memory autograd keeps from forward for backward (distinct storages,\n"
+                "    parameters included); no peak is measured on a CPU")
     providers = [p for p in PROVIDERS if any(r["provider"] == p for r in rows)]
     return "\n".join(
         ["columns:",
@@ -484,7 +484,7 @@ def format_table(rows: List[dict], mode: str = "step") -> str:
                 continue
             t_ratio = f"[{r['time_ratio_fused']:.2f}]" if p != "fused" and r.get("time_ratio_fused") else ""
             m_ratio = f"[{r[ratio]:.2f}]" if p != "fused" and r.get(ratio) else ""
-            m = f"{r[mem]:9.1f}" if r.get(mem) is not None else f"{'-':>9}"
+            m = f"{r[mem]:9.4g}" if r.get(mem) is not None else f"{'-':>9}"
             lines.append(f"{lead} {r['time_ms']:9.2f} {t_ratio:>9} {m} {m_ratio:>9}")
     return "\n".join(lines)
 

@@ -32,10 +32,13 @@ def _case(device: torch.device) -> "B.Case":
 
 
 def _step(block, x, grad):
+    """Output, input gradient and parameter gradients of one training step, as float64 copies."""
+    block.zero_grad(set_to_none=True)
     xi = x.detach().clone().requires_grad_()
     y = block(xi)
     y.backward(grad)
-    return y.detach().double(), xi.grad.double(), {n: p.grad.double() for n, p in block.named_parameters()}
+    return (y.detach().double(), xi.grad.double(),
+            {n: p.grad.detach().clone().double() for n, p in block.named_parameters()})
 
 
 def _rel(a, b) -> float:
@@ -149,9 +152,10 @@ def memory_and_time(dev: torch.device, case) -> bool:
     if ok:
         mem = "peak memory" if cuda else "saved-for-backward memory"
         key = "peak_ratio_fused" if cuda else "saved_ratio_fused"
-        sentence = "; ".join(f"{by[p][key]:.2f}x the {mem} and {by[p]['time_ratio_fused']:.2f}x the step time of "
-                             f"{NAMES[p]}" for p in ("torchvision", "torchvision_me"))
-        print(f"\n  On {env['device_name']}, the fused block takes {sentence} (below 1 favours fused).")
+        parts = [f"{by[p][key]:.2f}x the {mem} and {by[p]['time_ratio_fused']:.2f}x the step time of {NAMES[p]}"
+                 for p in ("torchvision", "torchvision_me")]
+        print(f"\n  On {env['device_name']}, the fused block takes\n    " + ",\n    ".join(parts)
+              + "\n  (below 1 favours fused).")
     if not cuda:
         print("  (On a CPU a step is GEMM-bound: the bottleneck GEMM the fused block recomputes in backward shows\n"
               "   in its time; the memory is the point.)")
@@ -172,7 +176,8 @@ def print_accuracy(acc: Dict[str, object]) -> bool:
     print(f"  float32, the tolerance rule: fused error <= 2 x torchvision's float32 error + {FLOAT32_FLOOR:g}\n"
           f"  + what flipping ReLU masks moves. {acc['near_zero']} ReLU inputs of the float64 step lie within\n"
           f"  float32 rounding of 0 (2^-23 of that ReLU's largest input); their mask can flip in any float32\n"
-          f"  implementation, and flipping all of them moves the float64 gradients by the row above the bound.\n"
+          f"  implementation. Flipping all of their masks moves the float64 gradients by the row \"every near-0\n"
+          f"  mask flipped\", which the bound adds.\n"
           f"  fused float32 within the bound for output, input grad and every param grad: {'OK' if ok32 else 'MISMATCH'}")
     return ok64 and ok32
 
