@@ -77,7 +77,7 @@ def test_unknown_provider():
 def test_results_table_with_budget_searches(tmp_path):
     import importlib.util
     import os
-    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "make_table.py")
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks", "make_table.py")
     spec = importlib.util.spec_from_file_location("make_table", path)
     make_table = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(make_table)
