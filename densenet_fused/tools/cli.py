@@ -1,7 +1,7 @@
 """The densenet-fused command: demo, bench, train and cost.
 
   densenet-fused demo     the fused block against torchvision's _DenseBlock on this machine:
-                          memory, step time and accuracy, side by side (about a minute on a CPU)
+                          memory, step time and accuracy, side by side
   densenet-fused bench    fused against torchvision (plain, memory_efficient=True, torch.compile)
                           on a set of cases: tables on stdout, JSON and PNG plots in --out
   densenet-fused train    train a DenseNet on a CIFAR root or an ImageFolder
@@ -14,6 +14,7 @@ prints one line "densenet-fused CMD: error: ..." and exits with status 2.
 import argparse
 import os
 import sys
+import textwrap
 
 import torch
 
@@ -89,17 +90,22 @@ def _add_demo(sub) -> Parser:
 # `bench --quick` on CUDA: three blocks (whole models: `bench --cases densenet121_n64`, ...)
 QUICK_CUDA_CASES = ("densenet121_block3_n128", "densenet121_block1_n128", "densenet_bc100_k12_block1_n64")
 
+def _wrapped(text: str, indent: str, first: str = "") -> str:
+    return textwrap.fill(text, width=96, initial_indent=first or indent, subsequent_indent=indent)
+
+
 def _bench_description() -> str:
     from . import bench as B
 
+    providers = "\n".join(_wrapped(B.PROVIDER_NOTES.get(p, ""), " " * 35, f"  {p:<32} ") for p in B.PROVIDERS)
     return ("Training steps of dense blocks and whole models, the fused implementation against\n"
             "torchvision's in one run, providers interleaved (A B A B), medians. Tables on stdout,\n"
-            "JSON and PNG plots in --out.\n\nproviders:\n"
-            + "\n".join(f"  {p:<32} {B.PROVIDER_NOTES.get(p, '')}" for p in B.PROVIDERS)
-            + "\n\ncases (--cases selects by substring):\n  on CUDA: " + _names(B.CASES)
-            + "\n  on a CPU: " + _names(B.CPU_CASES)
-            + "\n\nWith --quick: on CUDA " + _names(QUICK_CUDA_CASES) + " in bf16; on a CPU the CPU\n"
-            "cases in fp32, without the torch.compile providers (compiling takes minutes on a CPU).")
+            "JSON and PNG plots in --out.\n\nproviders:\n" + providers
+            + "\n\ncases (--cases selects by substring):\n"
+            + _wrapped("on CUDA: " + _names(B.CASES), "    ", "  ") + "\n"
+            + _wrapped("on a CPU: " + _names(B.CPU_CASES), "    ", "  ") + "\n\n"
+            + _wrapped(f"With --quick: on CUDA {_names(QUICK_CUDA_CASES)} in bf16; on a CPU the CPU cases in fp32, "
+                       "without the torch.compile providers (compiling takes minutes on a CPU).", ""))
 
 
 def _add_bench(sub) -> Parser:
