@@ -269,7 +269,8 @@ def test_transition_head_and_stem_kernels_compile_without_spills():
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__)))] + env.get("PYTHONPATH", "").split(os.pathsep))
+    tests = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # flags.py
+    env["PYTHONPATH"] = os.pathsep.join([tests] + env.get("PYTHONPATH", "").split(os.pathsep))
     res = subprocess.run([sys.executable, "-c", _COMPILE_EDGES], capture_output=True, text=True, env=env,
                          timeout=1200)
     assert res.returncode == 0, res.stderr[-3000:]
