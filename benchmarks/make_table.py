@@ -1,7 +1,10 @@
-"""Regenerate the README's results table from benchmarks/results/*.json.
+"""Regenerate the README's generated blocks: the headline and the results tables from
+benchmarks/results/*.json, and the train synopsis from `densenet-fused train --help`.
 
-    python benchmarks/make_table.py            # rewrites the block between the markers in README.md
-    python benchmarks/make_table.py --print    # prints it instead
+    python benchmarks/make_table.py            # rewrites the blocks between their markers in README.md
+    python benchmarks/make_table.py --print    # prints them instead
+
+tests/tools/test_readme.py fails when the README's blocks differ from what this script writes.
 """
 import glob
 import json
@@ -9,11 +12,23 @@ import os
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-START, END = "<!-- results:start -->", "<!-- results:end -->"
+BLOCKS = ("headline", "results", "train-usage")
+USAGE_WIDTH = 100  # the train synopsis is formatted at this width, whatever the terminal
 PROVIDERS = ("fused_graphed", "fused_keep_b", "fused_aten3x3",
              "fused_triton3x3",  # fused_triton3x3: results before it became the default
              "torchvision", "torchvision_me", "torchvision_compile", "torchvision_graphed",
              "torchvision_compile_budget0.3", "torchvision_compile_budget0.05")
+
+
+# providers of older result files that the benchmark no longer has
+OLD_PROVIDERS = {"fused_triton3x3": "fused with the Triton 3x3 kernels, before they became the default on CUDA "
+                                    "(fused then ran the 3x3 on cuDNN)"}
+
+
+def _note(provider):
+    sys.path.insert(0, ROOT)
+    from densenet_fused.tools.bench import PROVIDER_NOTES
+    return OLD_PROVIDERS.get(provider) or PROVIDER_NOTES[provider]
 
 
 def _fmt(v, spec):
@@ -47,6 +62,7 @@ def table(path):
             cells += [f"{r['time_ms']:.2f} [{_fmt(r.get('time_ratio_fused'), '.2f')}]",
                       f"{_fmt(r.get(mem_key), '.1f')} [{_fmt(mem_ratio, '.2f')}]"]
         out.append("| " + " | ".join(cells) + " |")
+    out += ["", "Providers: " + "; ".join(f"`{p}`: {_note(p)}" for p in ["fused"] + present) + "."]
     png = os.path.splitext(path)[0] + "_steps.png"
     if os.path.exists(png):
         out += ["", f"![step time and memory per provider]({os.path.relpath(png, ROOT)})"]
@@ -75,19 +91,75 @@ def table(path):
     return "\n".join(out)
 
 
+def _results_files():
+    """The benchmark's JSON files (`densenet-fused bench`), not the other scripts' (model_saved_bytes.py)."""
+    files = []
+    for path in sorted(glob.glob(os.path.join(ROOT, "benchmarks", "results", "*.json"))):
+        with open(path) as f:
+            if "results" in json.load(f):
+                files.append(path)
+    return files
+
+
+def headline(paths) -> str:
+    """Fused against torchvision in the latest run of each device: one table row per case."""
+    latest = {}
+    for path in paths:
+        data = json.load(open(path))
+        env = data["environment"]
+        if not any(r["mode"] == "step" for r in data["results"]):
+            continue
+        if env["device"] not in latest or env["date"] >= latest[env["device"]][0]["date"]:
+            latest[env["device"]] = (env, data["results"], path)
+    out = ["| device, date | training step of | memory, fused / torchvision | time, fused / torchvision |",
+           "|---|---|---|---|"]
+    for device in sorted(latest, key=lambda d: d != "cuda"):  # GPU first
+        env, results, path = latest[device]
+        for r in sorted((r for r in results if r["mode"] == "step" and r["provider"] == "torchvision"),
+                        key=lambda r: r["case"]):
+            peak = r.get("peak_ratio_fused")
+            mem = f"{peak:.2f}x (peak)" if peak else f"{_fmt(r.get('saved_ratio_fused'), '.2f')}x (saved for backward)"
+            out.append(f"| {env['device_name']}, {env['date']} | {r['case']} ({r['dtype']}) | {mem} | "
+                       f"{_fmt(r.get('time_ratio_fused'), '.2f')}x |")
+    return "\n".join(out)
+
+
+def train_usage() -> str:
+    """The synopsis of `densenet-fused train --help`, at USAGE_WIDTH columns."""
+    os.environ["COLUMNS"] = str(USAGE_WIDTH)
+    sys.path.insert(0, ROOT)
+    from densenet_fused.tools.cli import build_parser
+    usage = build_parser().commands["train"].format_usage().strip()
+    return "```\n" + usage.removeprefix("usage: ") + "\n```"
+
+
+def blocks() -> dict:
+    """{marker name: generated text} of every generated README block."""
+    files = _results_files()
+    return {"headline": headline(files),
+            "results": "\n\n".join(table(f) for f in files) if files else "No results yet.",
+            "train-usage": train_usage()}
+
+
+def replace_block(text: str, name: str, body: str) -> str:
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    if start not in text or end not in text:
+        raise SystemExit(f"make_table.py: README.md has no {start} ... {end} block")
+    return text[:text.index(start) + len(start)] + "\n" + body + "\n" + text[text.index(end):]
+
+
 def main():
-    files = sorted(glob.glob(os.path.join(ROOT, "benchmarks", "results", "*.json")))
-    text = "\n\n".join(table(f) for f in files) if files else "No results yet."
+    generated = blocks()
     if "--print" in sys.argv:
-        print(text)
+        print("\n\n".join(generated.values()))
         return
     readme = os.path.join(ROOT, "README.md")
     s = open(readme).read()
-    if START not in s or END not in s:
-        raise SystemExit(f"README.md has no {START} ... {END} block")
-    s = s[:s.index(START) + len(START)] + "\n" + text + "\n" + s[s.index(END):]
+    for name, body in generated.items():
+        s = replace_block(s, name, body)
     open(readme, "w").write(s)
-    print("README.md results table regenerated from", ", ".join(os.path.relpath(f, ROOT) for f in files))
+    print("README.md regenerated: headline and results from",
+          ", ".join(os.path.relpath(f, ROOT) for f in _results_files()), "and the train synopsis from --help")
 
 
 if __name__ == "__main__":

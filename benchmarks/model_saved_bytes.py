@@ -1,8 +1,8 @@
 """Activation bytes a whole DenseNet saves for backward: torchvision against densenet_fused.
 
 One training forward per model (fp32, N=4, 224x224, on the CPU unless --device is given), counted
-with torch.autograd.graph.saved_tensors_hooks, each storage once, parameters excluded (issue 13's
-measure).  Writes benchmarks/results/<device>_model_saved_bytes.json and the README table between
+with torch.autograd.graph.saved_tensors_hooks, each storage once, parameters excluded (the
+measure of the README's whole-model table).  Writes benchmarks/results/<device>_model_saved_bytes.json and the README table between
 the markers below.
 
     python benchmarks/model_saved_bytes.py [--device cpu] [--batch 4] [--no-readme]

@@ -43,7 +43,7 @@ TORCH_LIBRARY(densenet_fused, m) {
   // One-pass backward of bnrelu_conv1x1 with g = (dout @ weight) * (x*scale+shift > 0):
   // G += scale * g (in place), returns dweight = dout^T @ relu(x*scale+shift) (fp32/fp64),
   // dgamma = sum(g * (x - mean) * rstd), dbeta = sum(g) per channel.  With P and Q (the
-  // block's per-channel BN-gradient scalars, DESIGN section 2 fact 3) it also accumulates
+  // block's per-channel BN-gradient scalars, docs/design.md section 2 fact 3) it also accumulates
   // P += scale*dbeta/count and Q += scale*rstd*dgamma/count in place.
   // With db_b, db_mean, db_p, db_q, db_scale, dout is the fp32 (fp64) gradient g2 after BN2's ReLU and the
   // op finishes BN2's input gradient tile by tile as bn_grad_finish does (one launch and a write and read

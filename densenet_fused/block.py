@@ -1,4 +1,4 @@
-"""The dense block as one autograd node over a shared NHWC feature buffer (DESIGN sections 2-3).
+"""The dense block as one autograd node over a shared NHWC feature buffer (docs/design.md sections 2-3).
 
 Forward writes every layer's k new channels into one preallocated (N*H*W, C_total) buffer
 and computes each channel's batch statistics once, when it is written.  Backward sweeps

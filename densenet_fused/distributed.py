@@ -1,7 +1,7 @@
 """Batch statistics over a process group, for fused modules whose norms are nn.SyncBatchNorm.
 
 A fused block computes each channel's batch statistics once, when the channel is written
-(DESIGN section 2).  With ``nn.SyncBatchNorm`` norms (``convert_sync_batchnorm``) those
+(docs/design.md section 2).  With ``nn.SyncBatchNorm`` norms (``convert_sync_batchnorm``) those
 statistics are taken over the norms' process group instead of the local batch, as torch's
 SyncBatchNorm does:
 

@@ -1,6 +1,6 @@
 """FusedFeatures: a DenseNet's ``features`` container (torchvision's names: ``conv0, norm0, relu0,
 pool0, denseblock1, transition1, ..., norm5``) that threads each dense block's batch statistics
-into the fused transition or head that reads its output (DESIGN section 9: no statistics pass
+into the fused transition or head that reads its output (docs/design.md section 9: no statistics pass
 over a block's output).
 
 ``forward(x)`` is torchvision's ``features(x)`` (it ends with norm5's output); ``forward_pooled(x)``

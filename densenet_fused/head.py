@@ -1,4 +1,4 @@
-"""The fused DenseNet head: norm5, ReLU and the global average pool as one op (DESIGN section 9).
+"""The fused DenseNet head: norm5, ReLU and the global average pool as one op (docs/design.md section 9).
 
 ``fused_head(norm5, x, stats)`` returns ``flatten(adaptive_avg_pool2d(relu(norm5(x)), 1), 1)``
 (N, C), reading x (the last block's buffer) once; with the block's batch statistics

@@ -1,5 +1,5 @@
 """The fused stem of an ImageNet DenseNet: ``pool0(relu0(norm0(conv0(x))))`` as one autograd node
-(DESIGN section 9).
+(docs/design.md section 9).
 
 conv0 stays an ATen convolution (cuDNN on a GPU, oneDNN on the CPU); its output y is made
 channels-last so that its per-channel batch statistics (``channel_stats``) and the fused

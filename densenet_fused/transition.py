@@ -1,5 +1,5 @@
 """FusedTransition: torchvision's ``_Transition`` (BN-ReLU-conv1x1-avgpool2x2) as one fused op
-(DESIGN section 9).
+(docs/design.md section 9).
 
 Same children (``norm, relu, conv, pool``) and state_dict keys as
 ``torchvision.models.densenet._Transition``.  The 2x2 average pool runs before the 1x1

@@ -1,4 +1,4 @@
-"""A transition and the dense block after it as one autograd node (DESIGN section 9): the
+"""A transition and the dense block after it as one autograd node (docs/design.md section 9): the
 transition writes its output straight into the first C_0 channels of the block's buffer, so the
 block copies nothing in, and the block computes those channels' statistics there, once.
 

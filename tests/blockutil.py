@@ -6,7 +6,7 @@ from torchvision.models.densenet import _DenseBlock
 from densenet_fused import FusedDenseBlock
 from densenet_fused.tools.bench import SavedBytes  # noqa: F401  (re-exported for the tests)
 
-ODD = dict(num_layers=5, num_input_features=13, growth_rate=7, bn_size=3)  # DESIGN section 6 sizes
+ODD = dict(num_layers=5, num_input_features=13, growth_rate=7, bn_size=3)  # docs/design.md section 6 sizes
 
 
 def randomize_bn(module, generator=None):

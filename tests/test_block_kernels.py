@@ -3,7 +3,7 @@
 - Without a GPU: the Triton bnrelu_conv1x1 kernels run under TRITON_INTERPRET=1 on CPU
   tensors, substituted for the CPU kernels, so CI checks the block as it runs on CUDA.
 - With a GPU: the block on CUDA against torchvision, float32 and bf16 autocast, by the
-  tolerance rule of DESIGN section 6 (error against float64 at most 2x torchvision's own
+  tolerance rule of docs/design.md section 6 (error against float64 at most 2x torchvision's own
   error in that dtype, plus a small floor).
 """
 import os

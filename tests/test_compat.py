@@ -1,4 +1,4 @@
-"""A converted model keeps working with the tools people use on DenseNets (issue 12): FX feature
+"""A converted model keeps working with the tools people use on DenseNets: FX feature
 extraction, torch.export, pickling, deepcopy, torch.func.functional_call, frozen parameters and
 timm features_only backbones."""
 import copy
@@ -145,7 +145,7 @@ def _grads(model, x):
 
 @pytest.mark.parametrize("train", [True, False])
 def test_parameters_get_gradients_when_input_does_not_require_grad(train):
-    """The usual first-block case (issue 16): x.requires_grad=False, every parameter gets its gradient."""
+    """The usual first-block case: x.requires_grad=False, every parameter gets its gradient."""
     torch.manual_seed(0)
     source = randomize_bn(_DenseBlock(3, 5, 2, 3, 0.0)).double().train(train)
     block = convert(copy.deepcopy(source))

@@ -213,7 +213,7 @@ def _step_with(model, x, grad):
 def test_small_densenet_float32_by_tolerance_rule(device, no_tf32):
     """The whole model (fused stem, blocks, transition-into-block nodes, head) in float32,
     channels-last, against float64 torchvision with the same weights: its error may be at most 2x
-    torchvision's own float32 error plus a small floor (DESIGN section 6).  On CUDA this runs the Triton
+    torchvision's own float32 error plus a small floor (docs/design.md section 6).  On CUDA this runs the Triton
     kernels of the stem, transitions and head.  (bf16 autocast is not compared at the model level: there
     torchvision's own gradient errors after a dozen train-mode BatchNorms are 40-80% of the largest
     gradient on such a small model, so the rule could not fail; the block-level tests cover bf16.)

@@ -1,4 +1,4 @@
-// bnrelu_avgpool_conv1x1 on the CPU: the fused DenseNet transition (DESIGN section 9).
+// bnrelu_avgpool_conv1x1 on the CPU: the fused DenseNet transition (docs/design.md section 9).
 // Forward: out = avgpool2x2(relu(x*scale + shift)) @ W^T, the pool applied before the 1x1
 // convolution (both linear: they commute), inside the GEMM's prologue: each pooled row is the
 // average of its 4 pixels' BN-ReLU, built in a small per-thread tile (rounded to the feature

@@ -1,5 +1,5 @@
 // bnrelu_global_avgpool on the CPU: the fused DenseNet head (norm5, ReLU, global average pool;
-// DESIGN section 9).  Forward: pooled[n, c] = mean over the H*W pixels of image n of
+// docs/design.md section 9).  Forward: pooled[n, c] = mean over the H*W pixels of image n of
 // relu(x*scale + shift), accumulated in the accumulation dtype.  Backward (elementwise):
 // g = dpooled[n, c] / (H*W) except where x*scale + shift <= 0 (a NaN passes, as in torch); dx = scale*g
 // in eval, and with batch statistics dx = scale*(g - mean(g) - xhat*mean(g*xhat)) (a first pass for the two

@@ -1,5 +1,5 @@
 // bnrelu_maxpool on the CPU: the stem's BatchNorm-ReLU-3x3/2 max pool (pad 1) on conv0's output
-// y (an (N*H*W, C) NHWC matrix), and its backward (DESIGN section 9).
+// y (an (N*H*W, C) NHWC matrix), and its backward (docs/design.md section 9).
 //
 // Forward: out = max over each window of relu(y*scale + shift) rounded to y's dtype (what a
 // torch BatchNorm-ReLU chain in that dtype feeds the pool), the window position kh*3 + kw of the

@@ -1,4 +1,4 @@
-"""bn_grad_finish: dx = G [* G_scale] - P - (x - mean) * Q over a channel slice (DESIGN section 2,
+"""bn_grad_finish: dx = G [* G_scale] - P - (x - mean) * Q over a channel slice (docs/design.md section 2,
 fact 3; with G_scale, one BatchNorm's whole input gradient in one pass).
 
 Kernels: ``csrc/cpu/bn_grad_finish.cpp`` (CPU), ``csrc/cuda/bn_grad_finish.cu`` (CUDA).

@@ -1,5 +1,5 @@
 """bn_scale_shift: a BatchNorm's folded affine map, ``rstd = 1/sqrt(var + eps)``,
-``scale = gamma * rstd``, ``shift = beta - mean * scale`` (DESIGN section 2, fact 1).
+``scale = gamma * rstd``, ``shift = beta - mean * scale`` (docs/design.md section 2, fact 1).
 
 One launch per BatchNorm per layer instead of five small torch ops: on CUDA a Triton
 kernel (launch overhead dominates a step of small layers); on the CPU the C++ kernel

@@ -1,4 +1,4 @@
-"""bnrelu_avgpool_conv1x1: the fused DenseNet transition (DESIGN section 9),
+"""bnrelu_avgpool_conv1x1: the fused DenseNet transition (docs/design.md section 9),
 ``out = avgpool2x2(relu(x*scale + shift)) @ W^T`` straight from a block's NHWC buffer, and its
 backward with the whole BatchNorm input gradient.
 

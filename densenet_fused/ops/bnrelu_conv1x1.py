@@ -1,5 +1,5 @@
 """bnrelu_conv1x1: ``out = relu(x*scale + shift) @ W^T`` straight from the shared buffer,
-and its one-pass backward (DESIGN section 2 facts 1-3, section 3 steps 2 and 4).
+and its one-pass backward (docs/design.md section 2 facts 1-3, section 3 steps 2 and 4).
 
 - CPU kernel: ``csrc/cpu/bnrelu_conv1x1.cpp``.
 - CUDA kernel: the Triton kernels below (float32, float16, bfloat16).  The BN-ReLU

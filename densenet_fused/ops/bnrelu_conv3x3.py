@@ -1,4 +1,4 @@
-"""bnrelu_conv3x3: the second half of a dense layer (DESIGN section 3, forward step 2 and
+"""bnrelu_conv3x3: the second half of a dense layer (docs/design.md section 3, forward step 2 and
 backward step 3): ``out = conv3x3(relu(b*scale + shift), W2)`` (pad 1, the zero padding
 applied to the activated values), written into a channel slice of the feature buffer, with
 the new channels' statistics; and its backward through BN2-ReLU.

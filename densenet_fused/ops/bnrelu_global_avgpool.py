@@ -1,4 +1,4 @@
-"""bnrelu_global_avgpool: the fused DenseNet head (norm5, ReLU, global average pool; DESIGN
+"""bnrelu_global_avgpool: the fused DenseNet head (norm5, ReLU, global average pool; docs/design.md
 section 9), ``pooled[n, c] = mean over image n's pixels of relu(x*scale + shift)`` straight from
 the last block's NHWC buffer, and its elementwise backward with the whole BatchNorm input gradient.
 

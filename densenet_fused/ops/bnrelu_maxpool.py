@@ -1,5 +1,5 @@
 """bnrelu_maxpool: the stem's BatchNorm-ReLU and 3x3/2 max pool (padding 1) on conv0's output,
-and its backward (DESIGN section 9).
+and its backward (docs/design.md section 9).
 
 Forward: ``out = maxpool(relu(y*scale + shift))`` on y as an (N*H*W, C) NHWC matrix, plus the
 window position of each maximum (kh*3 + kw) as int8: what backward needs besides y itself.  The

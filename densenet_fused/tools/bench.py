@@ -86,7 +86,7 @@ CASES: Dict[str, Case] = {c.name: c for c in (
     + [Case("densenet_bc100_k12_block1_n64", "block", 64, 32, 16, 24, 12),
        Case("densenet_bc190_k40_block1_n64", "block", 64, 32, 31, 80, 40),
        Case("densenet121_n64", "model", 64, 224, arch="densenet121"),
-       Case("densenet121_n128", "model", 128, 224, arch="densenet121"),  # issue 10's model target
+       Case("densenet121_n128", "model", 128, 224, arch="densenet121"),  # a whole model at the batch of the block cases
        Case("densenet201_n64", "model", 64, 224, arch="densenet201"),
        Case("densenet264_n64", "model", 64, 224, arch="densenet264")])}
 
@@ -530,29 +530,109 @@ def write_json(path, env: dict, rows: List[dict], budget_rows: Optional[List[dic
         json.dump({"environment": env, "results": rows, "depth_at_budget": budget_rows or []}, f, indent=1)
 
 
-def format_table(rows: List[dict], mode: str = "step") -> str:
-    """A text table: one line per (case, dtype), one column per provider, ratios fused/provider."""
-    keys = sorted({(r["case"], r["dtype"]) for r in rows if r["mode"] == mode})
+# What each provider is, printed once under the tables and in `bench --help`.
+PROVIDER_NOTES = {
+    "fused": "densenet_fused: FusedDenseBlock, or the fused DenseNet for a whole model",
+    "fused_keep_b": "fused with keep_bottleneck=True: keeps each bottleneck for backward instead of recomputing it",
+    "fused_aten3x3": "fused with its 3x3 convolution on cuDNN (block.conv3x3_impl='aten'), not the Triton kernels",
+    "torchvision": "torchvision's _DenseBlock / DenseNet, memory_efficient=False (the default)",
+    "torchvision_me": "torchvision with memory_efficient=True (checkpointing: recomputes each concatenation)",
+    "torchvision_compile": "torch.compile(torchvision)",
+    "torchvision_compile_budget0.3": "torch.compile(torchvision) at activation_memory_budget 0.3 (min-cut recomputation)",
+    "torchvision_compile_budget0.05": "torch.compile(torchvision) at activation_memory_budget 0.05",
+}
+DTYPE_NAMES = {"fp32": "float32", "bf16": "bf16 autocast"}
+
+
+def _memory_key(rows: List[dict]):
+    """("peak_mb", ...) where CUDA measured a peak, else the bytes saved for backward."""
+    if any(r.get("peak_mb") for r in rows):
+        return "peak_mb", "peak_ratio_fused", "peak MB", "peak memory"
+    return "saved_mb", "saved_ratio_fused", "saved MB", "saved-for-backward memory"
+
+
+def _find(rows, case, dtype, mode, provider):
+    return next((r for r in rows if (r["case"], r["dtype"], r["mode"], r["provider"]) == (case, dtype, mode, provider)),
+                None)
+
+
+def headline(rows: List[dict], env: dict, against: str = "torchvision") -> str:
+    """The result as sentences: per case, fused's memory and time as multiples of ``against``'s."""
+    steps = [r for r in rows if r["mode"] == "step"]
+    mem, ratio, _, mem_words = _memory_key(steps)
+    lines = []
+    for case, dtype in sorted({(r["case"], r["dtype"]) for r in steps}):
+        r = _find(steps, case, dtype, "step", against)
+        if r is None or r["status"] != "ok" or not r.get("time_ratio_fused") or not r.get(ratio):
+            why = (r or {}).get("status", "not run")
+            lines.append(f"{case} ({DTYPE_NAMES.get(dtype, dtype)}): no comparison with {against} ({why}).")
+            continue
+        lines.append(f"{case} ({DTYPE_NAMES.get(dtype, dtype)}): a fused training step needs {r[ratio]:.2f}x "
+                     f"{against}'s {mem_words} and {r['time_ratio_fused']:.2f}x its time.")
+    head = f"On {env['device_name']} ({env['date']}; below 1 favours fused):"
+    return "\n".join([head] + ["  " + line for line in lines])
+
+
+def legend(rows: List[dict]) -> str:
+    """Every column, ratio and provider of the tables, explained once."""
+    _, _, mem_col, _ = _memory_key([r for r in rows if r["mode"] == "step"])
+    mem_text = ("peak MB: the peak memory allocated during one training step, above what was allocated before it"
+                if mem_col == "peak MB" else
+                "saved MB: the memory autograd keeps from forward for backward (distinct storages,\n"
+                "    parameters included); no peak is measured on a CPU")
     providers = [p for p in PROVIDERS if any(r["provider"] == p for r in rows)]
-    head = f"{'case':<34} {'dtype':<5} " + " ".join(f"{p:>22}" for p in providers)
-    lines = [f"{mode}: time ms / peak MB (CUDA) or saved MB (CPU); [fused/provider time ratio]", head]
-    for case, dtype in keys:
-        cells = []
+    return "\n".join(
+        ["columns:",
+         "  time ms: median over the timed steps (providers interleaved A B A B in one run); lower is better",
+         f"  {mem_text}; lower is better",
+         "  [fused/x]: the fused value divided by this provider's: below 1 favours fused",
+         "  step = forward + backward; oom: did not fit in memory; error: failed (message in the JSON)",
+         "providers:"] + [f"  {p:<31} {PROVIDER_NOTES.get(p, '')}" for p in providers])
+
+
+def format_table(rows: List[dict], mode: str = "step") -> str:
+    """A text table for one mode: one line per (case, dtype, provider), ratios fused/provider."""
+    sel = [r for r in rows if r["mode"] == mode]
+    mem, ratio, mem_col, _ = _memory_key(sel)
+    providers = [p for p in PROVIDERS if any(r["provider"] == p for r in sel)]
+    title = {"step": "training step (forward + backward)", "forward": "forward", "backward": "backward"}[mode]
+    lines = [f"{title}:",
+             f"  {'case':<32} {'dtype':<5} {'provider':<31} {'time ms':>9} {'[fused/x]':>9} {mem_col:>9} {'[fused/x]':>9}"]
+    for case, dtype in sorted({(r["case"], r["dtype"]) for r in sel}):
+        first = True
         for p in providers:
-            r = next((r for r in rows if (r["case"], r["dtype"], r["mode"], r["provider"]) ==
-                      (case, dtype, mode, p)), None)
+            r = _find(sel, case, dtype, mode, p)
+            lead = f"  {case if first else '':<32} {dtype if first else '':<5} {p:<31}"
+            first = False
             if r is None or r["status"] != "ok":
-                cells.append(f"{(r or {}).get('status', '-'):>22}")
+                lines.append(f"{lead} {(r or {}).get('status', '-'):>9}")
                 continue
-            mem = r["peak_mb"] if r["peak_mb"] is not None else r["saved_mb"]
-            ratio = f"[{r['time_ratio_fused']:.2f}]" if r["time_ratio_fused"] and p != "fused" else ""
-            cells.append(f"{r['time_ms']:7.2f}/{mem:7.1f} {ratio:>6}")
-        lines.append(f"{case:<34} {dtype:<5} " + " ".join(cells))
+            t_ratio = f"[{r['time_ratio_fused']:.2f}]" if p != "fused" and r.get("time_ratio_fused") else ""
+            m_ratio = f"[{r[ratio]:.2f}]" if p != "fused" and r.get(ratio) else ""
+            m = f"{r[mem]:9.4g}" if r.get(mem) is not None else f"{'-':>9}"
+            lines.append(f"{lead} {r['time_ms']:9.2f} {t_ratio:>9} {m} {m_ratio:>9}")
     return "\n".join(lines)
 
 
-def plot(rows: List[dict], budget_rows: List[dict], path_prefix: str) -> List[str]:
-    """PNG plots: step time and memory per case and provider; memory vs depth at a budget."""
+def report(rows: List[dict], env: dict) -> str:
+    """What `densenet-fused bench` prints: the environment, the headline, the tables, the legend."""
+    parts = [f"{env['device_name']} | torch {env['torch']} | triton {env['triton']} | {env['date']}",
+             headline(rows, env)]
+    parts += [format_table(rows, mode) for mode in ("step", "forward", "backward")
+              if any(r["mode"] == mode for r in rows)]
+    parts.append(legend(rows))
+    return "\n\n".join(parts)
+
+
+def plot_title(rows: List[dict], env: dict) -> str:
+    dtypes = sorted({DTYPE_NAMES.get(r["dtype"], r["dtype"]) for r in rows})
+    return (f"Training step per provider, {env['device_name']}, {env['date']}, {', '.join(dtypes)} "
+            f"(torch {env['torch']}); lower is better")
+
+
+def plot(rows: List[dict], budget_rows: List[dict], path_prefix: str, env: dict) -> List[str]:
+    """PNG plots: step time and memory per case and provider; memory vs depth at a budget; each titled
+    with the device, the date and the dtype (``env``: ``environment()``'s dict)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -563,9 +643,10 @@ def plot(rows: List[dict], budget_rows: List[dict], path_prefix: str) -> List[st
     providers = [p for p in PROVIDERS if any(r["provider"] == p for r in steps)]
     if cases:
         fig, axes = plt.subplots(1, 2, figsize=(14, 0.45 * len(cases) + 2.5))
-        for ax, key, label in ((axes[0], "time_ms", "step time (ms)"),
-                               (axes[1], "peak_mb" if any(r["peak_mb"] for r in steps) else "saved_mb",
-                                "peak memory (MB)" if any(r["peak_mb"] for r in steps) else "saved for backward (MB)")):
+        mem_key = "peak_mb" if any(r["peak_mb"] for r in steps) else "saved_mb"
+        mem_label = "peak memory of a step (MB)" if mem_key == "peak_mb" else "saved for backward (MB)"
+        for ax, key, label in ((axes[0], "time_ms", "median step time (ms), lower is better"),
+                               (axes[1], mem_key, mem_label + ", lower is better")):
             h = 0.8 / max(1, len(providers))
             for j, p in enumerate(providers):
                 vals = []
@@ -580,8 +661,10 @@ def plot(rows: List[dict], budget_rows: List[dict], path_prefix: str) -> List[st
             ax.margins(x=0.15)
             ax.invert_yaxis()
         handles, labels = axes[0].get_legend_handles_labels()
-        fig.legend(handles, labels, loc="upper center", ncol=len(providers), fontsize=8)
-        fig.tight_layout(rect=(0, 0, 1, 0.92))
+        fig.suptitle(plot_title(steps, env), fontsize=10)
+        fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.95), ncol=min(len(providers), 5),
+                   fontsize=8)
+        fig.tight_layout(rect=(0, 0, 1, 0.86))
         fig.savefig(path_prefix + "_steps.png", dpi=110)
         plt.close(fig)
         written.append(path_prefix + "_steps.png")
@@ -594,7 +677,9 @@ def plot(rows: List[dict], budget_rows: List[dict], path_prefix: str) -> List[st
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=f"{p} k={growth}")
         ax.set_xlabel("DenseNet-BC depth")
-        ax.set_ylabel("peak memory of one step (MB)")
+        ax.set_ylabel("peak memory of one step (MB), lower is better")
+        ax.set_title(f"Deepest DenseNet-BC under {budget_rows[0]['budget_gb']:g} GB, {env['device_name']}, "
+                     f"{env['date']}, {DTYPE_NAMES.get(budget_rows[0]['dtype'], budget_rows[0]['dtype'])}", fontsize=9)
         ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(path_prefix + "_depth.png", dpi=110)

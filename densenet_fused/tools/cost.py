@@ -1,4 +1,4 @@
-"""GPU cost of a block's training step, counted without a GPU (DESIGN section 8).
+"""GPU cost of a block's training step, counted without a GPU (docs/design.md section 8).
 
 ``densenet-fused cost [--case NAME]`` runs one training forward and backward of a dense
 block along its CUDA code path on *fake* CUDA tensors (``FakeTensorMode``: shapes, dtypes
@@ -18,7 +18,7 @@ that path is recorded with the bytes it reads and writes:
 Launches are attributed to layers by the block's ``ops.launch.mark`` calls.  The run needs no GPU and no
 Triton compiler; it predicts, a GPU profiler has the last word.
 
-The floor (``floor_bytes``) is the traffic this design cannot avoid, in DESIGN section 8
+The floor (``floor_bytes``) is the traffic this design cannot avoid, in docs/design.md section 8
 terms, per layer l (M rows, C_l input channels, cb = bn_size*k, s = bytes of the compute
 dtype): forward reads the buffer slice once (M*C_l*s), writes B and reads it once
 (2*M*cb*s) and writes its k new channels (M*k*s); backward reads the slice twice
@@ -26,7 +26,7 @@ dtype): forward reads the buffer slice once (M*C_l*s), writes B and reads it onc
 (8*M*C_l) and makes four bottleneck-sized passes (B recomputed and read by the 3x3
 backward, dB written and read by the 1x1 backward: 4*M*cb*s).  Per block: x read and
 copied into the buffer (2*M*C_0*s), grad_out read once (M*C_total*s) and dx written once
-(M*C_0*s).  For DenseNet-121 block 3 (N=128, bf16) the per-layer terms are DESIGN's 6.2 GB
+(M*C_0*s).  For DenseNet-121 block 3 (N=128, bf16) the per-layer terms are docs/design.md's 6.2 GB (section 8)
 and the whole floor 6.31 GB.
 """
 import contextlib
@@ -284,7 +284,7 @@ def record_step(case: CostCase) -> Recording:
 
 # ----------------------------------------------------------------------------- floor and report
 def floor_bytes(case: CostCase) -> float:
-    """Bytes per training step this design cannot avoid (module docstring; DESIGN section 8)."""
+    """Bytes per training step this design cannot avoid (module docstring; docs/design.md section 8)."""
     m, s, k, cb = case.rows, torch.empty((), dtype=case.dtype).element_size(), case.growth, case.bn_size * case.growth
     total = 0
     for l in range(case.layers):

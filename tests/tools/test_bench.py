@@ -94,4 +94,4 @@ def test_results_table_with_budget_searches(tmp_path):
     assert "| tiny_block | fp32 |" in text
     assert "| fused | 12 | 190 (190.0M) | 250 |" in text
     assert "| densenet121_n64 | torchvision | 32 | 64 |" in text
-    assert len(B.plot(rows, budget, str(tmp_path / "p"))) == 2
+    assert len(B.plot(rows, budget, str(tmp_path / "p"), B.environment("cpu"))) == 2

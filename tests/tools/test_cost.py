@@ -100,7 +100,7 @@ def test_dropout_draws_its_seeds_on_the_device(recordings):
 
 
 def test_floor_matches_design_section_8():
-    """DESIGN section 8: about 6.2 GB for DenseNet-121 block 3 (N=128, bf16) in its per-layer
+    """docs/design.md section 8: about 6.2 GB for DenseNet-121 block 3 (N=128, bf16) in its per-layer
     terms; the block-level terms (x in, grad_out in, dx out) add M*(3*C_0 + C_total)*2 bytes."""
     case = cost.CASES["densenet121_block3"]
     m = case.rows
@@ -272,7 +272,7 @@ def test_transition_head_and_stem_kernels_compile_without_spills():
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    tests = os.path.dirname(os.path.dirname(__file__))  # flags.py
+    tests = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # flags.py
     env["PYTHONPATH"] = os.pathsep.join([tests] + env.get("PYTHONPATH", "").split(os.pathsep))
     res = subprocess.run([sys.executable, "-c", _COMPILE_EDGES], capture_output=True, text=True, env=env,
                          timeout=1200)
