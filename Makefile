@@ -67,4 +67,4 @@ dist-check: dist
 
 # On a GPU machine: build, GPU tests and benchmark, logs and JSON into OUTDIR.
 gpu-check:
-	bash benchmarks/gpu_check.sh $(OUTDIR)
+	bash benchmarks/gpu_check.sh $(OUTDIR) $(or $(MODE),first)

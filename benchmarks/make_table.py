@@ -12,7 +12,7 @@ import os
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BLOCKS = ("headline", "results", "train-usage")
+BLOCKS = ("headline", "results", "host-time", "train-usage")
 USAGE_WIDTH = 100  # the train synopsis is formatted at this width, whatever the terminal
 PROVIDERS = ("fused_graphed", "fused_keep_b", "fused_aten3x3",
              "fused_triton3x3",  # fused_triton3x3: results before it became the default
@@ -124,6 +124,26 @@ def headline(paths) -> str:
     return "\n".join(out)
 
 
+def host_time() -> str:
+    """`densenet-fused cost --host --out benchmarks/results/*_host_cost.json` rows: one table per file."""
+    out = []
+    for path in sorted(glob.glob(os.path.join(ROOT, "benchmarks", "results", "*_host_cost.json"))):
+        rows = json.load(open(path))
+        if not rows:
+            continue
+        r0 = rows[0]
+        out += [f"{os.path.relpath(path, ROOT)}: {r0['host']} ({r0['cpus']} CPUs), {r0['date']}, torch {r0['torch']}, "
+                f"triton {r0['triton']}, medians of {r0['processes']} processes per provider", "",
+                "| case | fused ms/step | torchvision ms/step | ratio | fused us/layer fwd + bwd | "
+                "Triton launches/layer |", "|---|---|---|---|---|---|"]
+        for r in rows:
+            out.append(f"| {r['case']} | {r['fused_step_ms']:.2f} | {r['torchvision_step_ms']:.2f} | "
+                       f"{r['ratio']:.3f} | {r['fused_fwd_us_per_layer']:.0f} + {r['fused_bwd_us_per_layer']:.0f} | "
+                       f"{r['fused_triton_launches_per_layer']:.1f} |")
+        out.append("")
+    return "\n".join(out).strip() or "No host-time results yet."
+
+
 def train_usage() -> str:
     """The synopsis of `densenet-fused train --help`, at USAGE_WIDTH columns."""
     os.environ["COLUMNS"] = str(USAGE_WIDTH)
@@ -138,6 +158,7 @@ def blocks() -> dict:
     files = _results_files()
     return {"headline": headline(files),
             "results": "\n\n".join(table(f) for f in files) if files else "No results yet.",
+            "host-time": host_time(),
             "train-usage": train_usage()}
 
 

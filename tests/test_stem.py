@@ -8,7 +8,6 @@ from torch import nn
 
 from blockutil import SavedBytes, assert_close, randomize_bn
 from densenet_fused.stem import fused_stem
-from flags import patched
 
 
 def tv_stem(features=13, in_channels=3, momentum=0.1, dtype=torch.float64):

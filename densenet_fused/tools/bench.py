@@ -22,7 +22,7 @@ import platform
 import statistics
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -533,11 +533,13 @@ def write_json(path, env: dict, rows: List[dict], budget_rows: Optional[List[dic
 # What each provider is, printed once under the tables and in `bench --help`.
 PROVIDER_NOTES = {
     "fused": "densenet_fused: FusedDenseBlock, or the fused DenseNet for a whole model",
+    "fused_graphed": "fused, its whole training step captured once as a CUDA graph (make_graphed_callables) and replayed",
     "fused_keep_b": "fused with keep_bottleneck=True: keeps each bottleneck for backward instead of recomputing it",
     "fused_aten3x3": "fused with its 3x3 convolution on cuDNN (block.conv3x3_impl='aten'), not the Triton kernels",
     "torchvision": "torchvision's _DenseBlock / DenseNet, memory_efficient=False (the default)",
     "torchvision_me": "torchvision with memory_efficient=True (checkpointing: recomputes each concatenation)",
     "torchvision_compile": "torch.compile(torchvision)",
+    "torchvision_graphed": "torch.compile(torchvision, mode='reduce-overhead'): torchvision's step as CUDA graphs",
     "torchvision_compile_budget0.3": "torch.compile(torchvision) at activation_memory_budget 0.3 (min-cut recomputation)",
     "torchvision_compile_budget0.05": "torch.compile(torchvision) at activation_memory_budget 0.05",
 }
