@@ -30,11 +30,15 @@ class BlockSpec:
     training: bool       # batch statistics (True) or running statistics (False)
     dtype: torch.dtype   # buffer / compute dtype
     keep_bottleneck: bool = False  # save each layer's B (M x bn_size*k) instead of recomputing it
-    conv3x3_impl: str = ""         # "aten" / "triton" on CUDA; "": the default (ops.using_conv3x3), settled
-                                   # by the forward so that its backward runs the same
+    conv3x3_impl: str = ""         # "aten" / "triton" on CUDA; "": the default (ops.using_conv3x3; the
+                                   # modules settle it when they make the spec, so backward runs the same)
     sync: Optional[StatsGroup] = None  # batch statistics over this process group (SyncBatchNorm norms)
     with_stats: bool = False  # the autograd node also outputs the batch (mean, var) of the output channels
-    ops: Optional[BlockOps] = None  # the op implementations (ops.block_ops), settled by the forward
+    ops: Optional[BlockOps] = None  # the op implementations (ops.block_ops); None: the device's
+
+
+def _ops(spec: BlockSpec, dev) -> BlockOps:
+    return spec.ops if spec.ops is not None else block_ops(dev)
 
 
 def _layer_params(params, l):
@@ -79,32 +83,47 @@ def new_buffer(n: int, c_total: int, h: int, w: int, dtype, device) -> torch.Ten
     return torch.empty((n, c_total, h, w), dtype=dtype, device=device, memory_format=torch.channels_last)
 
 
-def _compute_weights(spec: BlockSpec, params, dev) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
-    """Every layer's (W1 as a (cb, C_l) matrix, W2) in the compute dtype, in the layout the kernels read:
-    the parameters themselves (views) when they are in the compute dtype; else cast in one copy per kind
-    and step (W1s concatenated, W2s stacked in their own layout, contiguous or channels-last: no
-    relayout), the per-layer views kept for backward."""
+def _compute_weights(spec: BlockSpec, params, dev) -> Tuple[torch.Tensor, ...]:
+    """Every layer's W1 and W2 in the compute dtype, cast in one copy per kind and step: (W1s concatenated,
+    W2s stacked in their own layout, contiguous or channels-last: no relayout); () when the parameters
+    are already in the compute dtype.  ``_weight_views`` gives the per-layer weights; backward keeps
+    these tensors (save_for_backward) and takes the views again."""
     num = len(spec.layers)
     w1s = [params[PARAMS_PER_LAYER * l + 2] for l in range(num)]
     w2s = [params[PARAMS_PER_LAYER * l + 5] for l in range(num)]
-    if not num:
-        return [], []
-    cb = w1s[0].shape[0]
-    if all(w.dtype == spec.dtype for w in w1s + w2s):
-        return [w.view(cb, -1) for w in w1s], w2s
+    if not num or all(w.dtype == spec.dtype for w in w1s + w2s):
+        return ()
     flat1 = torch.empty(sum(w.numel() for w in w1s), dtype=spec.dtype, device=dev)
     torch.cat([w.reshape(-1) for w in w1s], out=flat1)  # a view of each 1x1 weight, contiguous or channels-last
-    w1c, o = [], 0
-    for w in w1s:
-        w1c.append(flat1[o:o + w.numel()].view(cb, -1))
-        o += w.numel()
-    k = w2s[0].shape[0]
-    if all(w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous() for w in w2s):
+    k, cb = w2s[0].shape[:2]
+    if _channels_last(w2s):
         flat2 = torch.empty((num, k, 3, 3, cb), dtype=spec.dtype, device=dev)
         torch.stack([w.permute(0, 2, 3, 1) for w in w2s], out=flat2)
+    else:
+        flat2 = torch.empty((num, k, cb, 3, 3), dtype=spec.dtype, device=dev)
+        torch.stack(w2s, out=flat2)
+    return flat1, flat2
+
+
+def _channels_last(w2s) -> bool:
+    return all(w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous() for w in w2s)
+
+
+def _weight_views(spec: BlockSpec, params, flats) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+    """Every layer's (W1 as a (cb, C_l) matrix, W2) in the compute dtype, in the layout the kernels read:
+    views of ``_compute_weights``' tensors, or of the parameters themselves when ``flats`` is ()."""
+    num = len(spec.layers)
+    w1s = [params[PARAMS_PER_LAYER * l + 2] for l in range(num)]
+    w2s = [params[PARAMS_PER_LAYER * l + 5] for l in range(num)]
+    if not flats:
+        return [w.view(w.shape[0], -1) for w in w1s], w2s
+    flat1, flat2 = flats
+    w1c, o = [], 0
+    for w in w1s:
+        w1c.append(flat1[o:o + w.numel()].view(w.shape[0], -1))
+        o += w.numel()
+    if flat2.shape[-1] != 3:  # channels-last: (L, k, 3, 3, cb)
         return w1c, [f.permute(0, 3, 1, 2) for f in flat2.unbind(0)]
-    flat2 = torch.empty((num, k, cb, 3, 3), dtype=spec.dtype, device=dev)
-    torch.stack(w2s, out=flat2)
     return w1c, list(flat2.unbind(0))
 
 
@@ -113,6 +132,7 @@ class _Sweep:
     """The step-wide values of a forward sweep (one per block call)."""
     spec: BlockSpec
     ops: BlockOps
+    impl: str                      # the conv3x3 implementation
     params: Sequence[torch.Tensor]
     buf2: torch.Tensor             # the buffer as an (N*H*W, C_total) matrix
     nhw: List[int]
@@ -167,13 +187,13 @@ def _forward_layer(sw: _Sweep, l: int, w1c, w2c, aff1: Optional[torch.Tensor]):
         if nxt is not None and sw.sync is None:
             aff1 = torch.empty((3, c_l + k), dtype=acc, device=sw.buf2.device)
             bn = (aff1, nxt.weight, nxt.bias, nxt.eps)
-        K.bnrelu_conv3x3_fwd(bott, scale2, shift2, w2c, sw.nhw, new_slice, True, spec.conv3x3_impl,
+        K.bnrelu_conv3x3_fwd(bott, scale2, shift2, w2c, sw.nhw, new_slice, True, sw.impl,
                              sw.mean[:c_l + k], sw.var[:c_l + k], *bn, **drop)
         if sw.sync is not None:  # merged statistics; the next layer folds its map from them
             sl = slice(c_l, c_l + k)
             _, sw.mean[sl], sw.var[sl] = sw.sync.merge_moments(m, sw.mean[sl], sw.var[sl])
     else:
-        K.bnrelu_conv3x3_fwd(bott, scale2, shift2, w2c, sw.nhw, new_slice, False, spec.conv3x3_impl, **drop)
+        K.bnrelu_conv3x3_fwd(bott, scale2, shift2, w2c, sw.nhw, new_slice, False, sw.impl, **drop)
     return LayerSaved(scale1, shift1, r1, m2, r2, scale2, shift2), bn2, bott, seed, aff1
 
 
@@ -189,10 +209,10 @@ def _update_running_stats(spec: BlockSpec, mean, var, bn2_stats, count: int) -> 
 
 def block_forward(spec: BlockSpec, x: Optional[torch.Tensor], params: Sequence[torch.Tensor], save: bool,
                   extra: bool = False, buf: Optional[torch.Tensor] = None):
-    """Run the block.  Returns (output, saved) where saved = (tensors, seeds, kept, weights) holds what
+    """Run the block.  Returns (output, saved) where saved = (tensors, seeds, kept, flats) holds what
     backward needs (None when ``save`` is False): tensors = [batch mean (None in eval)] + every layer's
-    LayerSaved, so backward recomputes no scale/shift; weights = the compute-dtype weights, so it casts
-    none.  With ``extra``, returns (output, saved, (count, mean, var)): the number of values per channel
+    LayerSaved, so backward recomputes no scale/shift; flats = the cast weights (``_compute_weights``),
+    so it casts none.  With ``extra``, returns (output, saved, (count, mean, var)): the number of values per channel
     of the batch statistics (global with ``spec.sync``; backward needs it) and the batch mean and biased
     variance of all output channels (None in eval), for the modules that read the output with a
     BatchNorm of their own.
@@ -216,10 +236,6 @@ def block_forward(spec: BlockSpec, x: Optional[torch.Tensor], params: Sequence[t
     dev = (x if buf is None else buf).device
     sync = spec.sync if spec.training else None
     count = m
-    if spec.ops is None:
-        spec.ops = block_ops(dev)
-    if not spec.conv3x3_impl:
-        spec.conv3x3_impl = conv3x3_impl()
     mark("forward", -1)
 
     if buf is None:
@@ -230,7 +246,8 @@ def block_forward(spec: BlockSpec, x: Optional[torch.Tensor], params: Sequence[t
         raise ValueError(f"block_forward: expected a channels-last ({n}, {c_total}, {h}, {w}) {dtype} buffer, got "
                          f"{tuple(buf.shape)} {buf.dtype} strides {buf.stride()}")
     buf2 = buf.permute(0, 2, 3, 1).view(m, c_total)  # rows = pixels: the GEMM operand
-    w1cs, w2cs = _compute_weights(spec, params, dev)
+    flats = _compute_weights(spec, params, dev)
+    w1cs, w2cs = _weight_views(spec, params, flats)
     mean = var = None
     if spec.training:
         mean = torch.empty(c_total, dtype=acc, device=dev)
@@ -240,7 +257,8 @@ def block_forward(spec: BlockSpec, x: Optional[torch.Tensor], params: Sequence[t
         if sync is not None:
             count, mu, v = sync.merge_moments(m, mu, v, want_count=True)
         mean[:c0], var[:c0] = mu, v
-    sw = _Sweep(spec, spec.ops, params, buf2, [n, h, w], mean, var, acc, sync)
+    sw = _Sweep(spec, _ops(spec, dev), spec.conv3x3_impl or conv3x3_impl(), params, buf2, [n, h, w], mean, var, acc,
+                sync)
     seeds: List[Optional[torch.Tensor]] = []  # per layer: its dropout seed (a 1-element device tensor)
     kept: List[torch.Tensor] = []
     saved_layers: List[torch.Tensor] = []
@@ -258,7 +276,7 @@ def block_forward(spec: BlockSpec, x: Optional[torch.Tensor], params: Sequence[t
     mark("forward", -1)
     if spec.training:
         _update_running_stats(spec, mean, var, bn2_stats, count)
-    saved = ([mean] + saved_layers, seeds, kept, (w1cs, w2cs)) if save else None
+    saved = ([mean] + saved_layers, seeds, kept, flats) if save else None
     return (buf, saved, (count, mean, var)) if extra else (buf, saved)
 
 
@@ -267,6 +285,7 @@ class _BackSweep:
     """The step-wide values of a backward sweep."""
     spec: BlockSpec
     ops: BlockOps
+    impl: str             # the conv3x3 implementation (the forward's)
     params: Sequence[torch.Tensor]
     buf2: torch.Tensor    # the buffer (the output) as an (N*H*W, C_total) matrix
     nhw: List[int]
@@ -302,7 +321,7 @@ def _backward_layer(bw: _BackSweep, l: int, saved: LayerSaved, seed, bott, w1c, 
         bott = K.bnrelu_conv1x1_fwd(buf2[:, :c_l], scale1, shift1, w1c, False)[0]
     # 3. conv3x3 backward through BN2-ReLU: g2 and BN2's input-gradient scalars (zeros in eval).
     g2v, dw2, dgamma2, dbeta2, p2, q2 = K.bnrelu_conv3x3_bwd(G[:, sl], bott, scale2, shift2, w2c, bw.nhw, m2, r2,
-                                                           spec.conv3x3_impl, bw.count, *finish)
+                                                           bw.impl, bw.count, *finish)
     if bw.sync is not None:  # BN2's input-gradient scalars over the group
         p2, q2 = bw.sync.sum_(torch.stack((p2, q2))).unbind(0)
     # 4. one pass over the buffer: dB = scale2 * (g2 - mean(g2) - xhat2 * mean(g2 * xhat2)) formed
@@ -328,7 +347,7 @@ def block_backward(spec: BlockSpec, out, grad_out, params, stats, seeds, kept, w
     mark("backward", -1)
     buf2 = out.permute(0, 2, 3, 1).reshape(m, c_total)  # a view: the buffer is channels-last
     mean, saved_layers = stats[0], LayerSaved.unflatten(stats[1:])
-    w1cs, w2cs = weights
+    w1cs, w2cs = _weight_views(spec, params, weights)
     if not spec.training:
         mean = torch.zeros(c_total, dtype=acc, device=dev)
     G = torch.empty((n, h, w, c_total), dtype=acc, device=dev)
@@ -336,7 +355,8 @@ def block_backward(spec: BlockSpec, out, grad_out, params, stats, seeds, kept, w
     G = G.view(m, c_total)
     PQ = torch.zeros((2, c_total), dtype=acc, device=dev)  # one fill
     P, Q = PQ.unbind(0)
-    bw = _BackSweep(spec, spec.ops, params, buf2, [n, h, w], mean, G, PQ, P, Q,
+    bw = _BackSweep(spec, _ops(spec, dev), spec.conv3x3_impl or conv3x3_impl(), params, buf2, [n, h, w], mean, G,
+                    PQ, P, Q,
                     (count or m) if spec.training else 0, sync)
     grads: List[Optional[torch.Tensor]] = [None] * len(params)
     for l in reversed(range(len(spec.layers))):
@@ -389,10 +409,10 @@ def save_block(ctx, spec: BlockSpec, out, saved, count: int, params, mean, var, 
     """Saves what block_backward needs on an autograd ctx (``before``: tensors of another op of the
     same node, saved first) and returns the node's outputs: out, or (out, mean, var) with
     ``spec.with_stats`` (statistics non-differentiable; None in eval)."""
-    stats, seeds, kept, weights = saved
-    ctx.spec, ctx.count, ctx.seeds, ctx.weights = spec, count, seeds, weights  # weights: made here, never modified
-    ctx.block_sizes = (len(before), len(stats), len(kept))
-    ctx.save_for_backward(*before, out, *stats, *kept, *params)
+    stats, seeds, kept, flats = saved
+    ctx.spec, ctx.count, ctx.seeds = spec, count, seeds
+    ctx.block_sizes = (len(before), len(stats), len(kept), len(flats))
+    ctx.save_for_backward(*before, out, *stats, *kept, *flats, *params)
     if not spec.with_stats:
         return out
     if mean is None:
@@ -402,11 +422,12 @@ def save_block(ctx, spec: BlockSpec, out, saved, count: int, params, mean, var, 
 
 
 def saved_block(ctx):
-    """(before, out, stats, kept, params) as save_block saved them."""
-    nb, ns, nk = ctx.block_sizes
+    """(before, out, stats, kept, flats, params) as save_block saved them (flats: the cast weights)."""
+    nb, ns, nk, nf = ctx.block_sizes
     saved = ctx.saved_tensors
     rest = saved[nb + 1:]
-    return saved[:nb], saved[nb], rest[:ns], rest[ns:ns + nk], rest[ns + nk:]
+    return (saved[:nb], saved[nb], rest[:ns], rest[ns:ns + nk], rest[ns + nk:ns + nk + nf],
+            rest[ns + nk + nf:])
 
 
 class FusedDenseBlockFunction(torch.autograd.Function):
@@ -426,9 +447,9 @@ class FusedDenseBlockFunction(torch.autograd.Function):
     @staticmethod
     @_first_order_only
     def backward(ctx, grad_out, _grad_mean=None, _grad_var=None):
-        _, out, stats, kept, params = saved_block(ctx)
+        _, out, stats, kept, flats, params = saved_block(ctx)
         with autocast_off(out.device.type):
-            dx, grads = block_backward(ctx.spec, out, grad_out, params, stats, ctx.seeds, kept, ctx.weights,
+            dx, grads = block_backward(ctx.spec, out, grad_out, params, stats, ctx.seeds, kept, flats,
                                        ctx.x_meta, ctx.needs_input_grad[1], ctx.count)
         grads = [g if need else None for g, need in zip(grads, ctx.needs_input_grad[2:])]
         return (None, dx, *grads)

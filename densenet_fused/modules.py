@@ -13,7 +13,9 @@ from torch import Tensor, nn
 from ._checks import check_batch, check_input, compute_dtype, has_hooks
 from .block import BlockSpec, FusedDenseBlockFunction, block_forward
 from .distributed import stats_group
+from .ops import block_ops
 from .ops._common import autocast_off
+from .ops.bnrelu_conv3x3 import conv3x3_impl as default_conv3x3_impl
 
 
 class FusedDenseLayer(nn.Module):
@@ -302,7 +304,8 @@ def block_setup(layers, x: Tensor, c_in: int, growth: int, who: str, keep_bottle
         sync = stats_group([layer._modules[n] for layer in layers for n in ("norm1", "norm2")], who, sync_group)
     dtype = compute_dtype(x, layers[0].conv1.weight, who)
     spec = BlockSpec(layers=layers, num_input_features=c_in, growth_rate=growth, training=training, dtype=dtype,
-                     keep_bottleneck=keep_bottleneck, conv3x3_impl=conv3x3_impl, sync=sync, with_stats=with_stats)
+                     keep_bottleneck=keep_bottleneck, conv3x3_impl=conv3x3_impl or default_conv3x3_impl(),
+                     sync=sync, with_stats=with_stats, ops=block_ops(x.device))
     params = []
     for layer in layers:
         mods = layer._modules

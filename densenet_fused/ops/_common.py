@@ -27,6 +27,15 @@ def autocast_off(device_type: str):
     return contextlib.nullcontext()
 
 
+def _current_device(default: int) -> int:
+    """torch.cuda.current_device(), or ``default`` where there is no CUDA driver (fake CUDA tensors:
+    `densenet-fused cost`; there is no device to switch to)."""
+    try:
+        return torch.cuda.current_device()
+    except RuntimeError:
+        return default
+
+
 def on_tensor_device(fn):
     """A CUDA kernel registration that launches on its first tensor argument's GPU.
 
@@ -37,8 +46,7 @@ def on_tensor_device(fn):
     @functools.wraps(fn)
     def guarded(first, *args, **kwargs):
         dev = first.device
-        if dev.type == "cuda" and dev.index is not None and torch.cuda.is_available() and \
-                dev.index != torch.cuda.current_device():  # (fake CUDA tensors without a GPU: `cost`)
+        if dev.type == "cuda" and dev.index is not None and dev.index != _current_device(dev.index):
             with torch.cuda.device(dev):
                 return fn(first, *args, **kwargs)
         return fn(first, *args, **kwargs)

@@ -148,6 +148,8 @@ def launch(kernel, grid, args, **constexprs) -> None:
 def mark(phase: str, layer: int) -> None:
     """The block's sweeps say where each layer's work starts ("forward"/"backward", layer index; -1:
     block-level work) to the observer of ``recording``, if any."""
+    if torch.compiler.is_compiling():  # nothing observes a traced graph
+        return
     obs = _observer.get()
     if obs is not None and obs[2] is not None:
         obs[2](phase, layer)

@@ -1,6 +1,6 @@
 """`densenet-fused train --cuda-graphs`: refused with one line where it cannot run (no CUDA, several
 processes), the last partial batch dropped (CPU); on a GPU, graphed steps equal eager steps by the
-tolerance rule (DESIGN section 6) and the command trains."""
+tolerance rule (docs/design.md section 6) and the command trains."""
 import copy
 import types
 
