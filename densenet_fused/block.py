@@ -13,7 +13,7 @@ from typing import List, NamedTuple, Optional, Sequence, Tuple
 import torch
 
 from .ops import BlockOps, bn_grad_finish, block_ops, channel_stats, running_stats_update
-from .ops._common import acc_dtype, autocast_off
+from .ops._common import acc_dtype, autocast_off, device_guard
 from .ops.bnrelu_conv3x3 import conv3x3_impl
 from .ops.launch import mark
 from .distributed import StatsGroup
@@ -38,7 +38,7 @@ class BlockSpec:
 
 
 def _ops(spec: BlockSpec, dev) -> BlockOps:
-    return spec.ops if spec.ops is not None else block_ops(dev)
+    return spec.ops if spec.ops is not None else block_ops(dev, dtype=spec.dtype, conv3x3=spec.conv3x3_impl)
 
 
 def _layer_params(params, l):
@@ -149,6 +149,7 @@ def _forward_layer(sw: _Sweep, l: int, w1c, w2c, aff1: Optional[torch.Tensor]):
     Returns (LayerSaved, BN2 batch (mean, var) or None, B, the layer's dropout seed or None, next aff1)."""
     spec, K, acc = sw.spec, sw.ops, sw.acc
     layer = spec.layers[l]
+    norm1, norm2 = layer._modules["norm1"], layer._modules["norm2"]  # (not nn.Module.__getattr__: host time)
     k, m = spec.growth_rate, sw.buf2.shape[0]
     c_l = spec.num_input_features + l * k
     g1, b1, _, g2, b2, _ = _layer_params(sw.params, l)
@@ -156,22 +157,21 @@ def _forward_layer(sw: _Sweep, l: int, w1c, w2c, aff1: Optional[torch.Tensor]):
         scale1, shift1, r1 = aff1.unbind(0)
     else:
         batch1 = (sw.mean[:c_l], sw.var[:c_l]) if spec.training else None
-        _, r1, scale1, shift1 = _affine(K, layer.norm1, g1, b1, batch1, acc)
+        _, r1, scale1, shift1 = _affine(K, norm1, g1, b1, batch1, acc)
     bn2 = None
     if spec.training:  # B, its statistics and BN2's folded map from them, written by the same op
         cb = w1c.shape[0]
         aff2 = torch.empty((3, cb), dtype=acc, device=sw.buf2.device)
-        bott, m2, bv = K.bnrelu_conv1x1_fwd(sw.buf2[:, :c_l], scale1, shift1, w1c, True, aff2, g2, b2,
-                                            layer.norm2.eps)
+        bott, m2, bv = K.bnrelu_conv1x1_fwd(sw.buf2[:, :c_l], scale1, shift1, w1c, True, aff2, g2, b2, norm2.eps)
         if sw.sync is not None:  # the op folded local statistics: fold again from the merged ones
             _, m2, bv = sw.sync.merge_moments(m, m2, bv)
-            scale2, shift2, r2 = K.bn_scale_shift(g2, b2, m2, bv, layer.norm2.eps)
+            scale2, shift2, r2 = K.bn_scale_shift(g2, b2, m2, bv, norm2.eps)
         else:
             scale2, shift2, r2 = aff2.unbind(0)
         bn2 = (m2, bv)
     else:
         bott = K.bnrelu_conv1x1_fwd(sw.buf2[:, :c_l], scale1, shift1, w1c, False)[0]
-        m2, r2, scale2, shift2 = _affine(K, layer.norm2, g2, b2, None, acc)
+        m2, r2, scale2, shift2 = _affine(K, norm2, g2, b2, None, acc)
     new_slice = sw.buf2[:, c_l:c_l + k]
     drop, seed = {}, None
     p = float(layer.drop_rate)
@@ -182,11 +182,11 @@ def _forward_layer(sw: _Sweep, l: int, w1c, w2c, aff1: Optional[torch.Tensor]):
         drop = dict(drop_p=p, drop_seed=seed)
     aff1 = None
     if spec.training:  # the new channels' statistics written in place, and the next layer's BN1 map
-        nxt = spec.layers[l + 1].norm1 if l + 1 < len(spec.layers) else None
         bn = ()
-        if nxt is not None and sw.sync is None:
+        if l + 1 < len(spec.layers) and sw.sync is None:  # the next layer's norm1: its weight, bias and eps
             aff1 = torch.empty((3, c_l + k), dtype=acc, device=sw.buf2.device)
-            bn = (aff1, nxt.weight, nxt.bias, nxt.eps)
+            g1n, b1n = _layer_params(sw.params, l + 1)[:2]
+            bn = (aff1, g1n, b1n, spec.layers[l + 1]._modules["norm1"].eps)
         K.bnrelu_conv3x3_fwd(bott, scale2, shift2, w2c, sw.nhw, new_slice, True, sw.impl,
                              sw.mean[:c_l + k], sw.var[:c_l + k], *bn, **drop)
         if sw.sync is not None:  # merged statistics; the next layer folds its map from them
@@ -201,7 +201,7 @@ def _update_running_stats(spec: BlockSpec, mean, var, bn2_stats, count: int) -> 
     """Every BatchNorm's running statistics, as nn.BatchNorm2d updates them, in one op."""
     c0, k, num = spec.num_input_features, spec.growth_rate, len(spec.layers)
     running_stats_update(
-        [layer.norm1 for layer in spec.layers] + [layer.norm2 for layer in spec.layers],
+        [layer._modules["norm1"] for layer in spec.layers] + [layer._modules["norm2"] for layer in spec.layers],
         [mean[:c0 + l * k] for l in range(num)] + [s[0] for s in bn2_stats],
         [var[:c0 + l * k] for l in range(num)] + [s[1] for s in bn2_stats],
         count=count)
@@ -264,15 +264,16 @@ def block_forward(spec: BlockSpec, x: Optional[torch.Tensor], params: Sequence[t
     saved_layers: List[torch.Tensor] = []
     bn2_stats: List[Tuple[torch.Tensor, torch.Tensor]] = []
     aff1: Optional[torch.Tensor] = None  # (scale1, shift1, rstd1) of the next layer, when already folded
-    for l in range(num_layers):
-        mark("forward", l)
-        lsaved, bn2, bott, seed, aff1 = _forward_layer(sw, l, w1cs[l], w2cs[l], aff1)
-        saved_layers += lsaved
-        seeds.append(seed)
-        if bn2 is not None:
-            bn2_stats.append(bn2)
-        if save and spec.keep_bottleneck:
-            kept.append(bott)
+    with device_guard(dev):  # the direct ops hold none of their own (ops.table)
+        for l in range(num_layers):
+            mark("forward", l)
+            lsaved, bn2, bott, seed, aff1 = _forward_layer(sw, l, w1cs[l], w2cs[l], aff1)
+            saved_layers += lsaved
+            seeds.append(seed)
+            if bn2 is not None:
+                bn2_stats.append(bn2)
+            if save and spec.keep_bottleneck:
+                kept.append(bott)
     mark("forward", -1)
     if spec.training:
         _update_running_stats(spec, mean, var, bn2_stats, count)
@@ -307,7 +308,7 @@ def _backward_layer(bw: _BackSweep, l: int, saved: LayerSaved, seed, bott, w1c, 
     c_l = spec.num_input_features + l * k
     g1, b1, w1, g2, b2, w2 = _layer_params(bw.params, l)
     scale1, shift1, r1, m2, r2, scale2, shift2 = saved
-    m1 = bw.mean[:c_l] if spec.training else layer.norm1.running_mean.to(scale1.dtype)
+    m1 = bw.mean[:c_l] if spec.training else layer._modules["norm1"].running_mean.to(scale1.dtype)
     # 1. the gradient of this layer's k output channels is complete: the conv3x3 backward finishes it on
     # the fly from G, P, Q (and through the forward's dropout mask, regenerated from its seed)
     sl = slice(c_l, c_l + k)
@@ -317,8 +318,9 @@ def _backward_layer(bw: _BackSweep, l: int, saved: LayerSaved, seed, bott, w1c, 
     if seed is not None:
         finish += (float(layer.drop_rate), seed)
     # 2. the bottleneck (recomputed, or kept from the forward).
+    x_l = buf2[:, :c_l]  # the layer's input features
     if bott is None:
-        bott = K.bnrelu_conv1x1_fwd(buf2[:, :c_l], scale1, shift1, w1c, False)[0]
+        bott = K.bnrelu_conv1x1_fwd(x_l, scale1, shift1, w1c, False)[0]
     # 3. conv3x3 backward through BN2-ReLU: g2 and BN2's input-gradient scalars (zeros in eval).
     g2v, dw2, dgamma2, dbeta2, p2, q2 = K.bnrelu_conv3x3_bwd(G[:, sl], bott, scale2, shift2, w2c, bw.nhw, m2, r2,
                                                            bw.impl, bw.count, *finish)
@@ -328,10 +330,15 @@ def _backward_layer(bw: _BackSweep, l: int, saved: LayerSaved, seed, bott, w1c, 
     # tile by tile from g2 (in the compute dtype, as bn_grad_finish writes it), G += scale1*g,
     # per-channel sums, dW1.  (training: also P[:c_l] += scale1*dbeta1/M and Q[:c_l] += scale1*rstd1*dgamma1/M)
     pq = (P[:c_l], Q[:c_l], bw.count) if spec.training else (None, None, 0)
-    dw1, dgamma1, dbeta1 = K.bnrelu_conv1x1_bwd(g2v, buf2[:, :c_l], scale1, shift1, w1c, m1, r1, G[:, :c_l], *pq,
+    dw1, dgamma1, dbeta1 = K.bnrelu_conv1x1_bwd(g2v, x_l, scale1, shift1, w1c, m1, r1, G[:, :c_l], *pq,
                                                 bott, m2, p2, q2, scale2)
-    return [dgamma1.to(g1.dtype), dbeta1.to(b1.dtype), dw1.view_as(w1).to(w1.dtype), dgamma2.to(g2.dtype),
-            dbeta2.to(b2.dtype), dw2.to(w2.dtype)]
+    return [_cast(dgamma1, g1), _cast(dbeta1, b1), _cast(dw1.view_as(w1), w1), _cast(dgamma2, g2), _cast(dbeta2, b2),
+            _cast(dw2, w2)]
+
+
+def _cast(grad: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """``grad`` in ``param``'s dtype (no call where it already is: the common case, fp32 parameters)."""
+    return grad if grad.dtype == param.dtype else grad.to(param.dtype)
 
 
 def block_backward(spec: BlockSpec, out, grad_out, params, stats, seeds, kept, weights, x_meta, needs_input_grad,
@@ -359,10 +366,11 @@ def block_backward(spec: BlockSpec, out, grad_out, params, stats, seeds, kept, w
                     PQ, P, Q,
                     (count or m) if spec.training else 0, sync)
     grads: List[Optional[torch.Tensor]] = [None] * len(params)
-    for l in reversed(range(len(spec.layers))):
-        mark("backward", l)
-        grads[PARAMS_PER_LAYER * l:PARAMS_PER_LAYER * (l + 1)] = _backward_layer(
-            bw, l, saved_layers[l], seeds[l], kept[l] if kept else None, w1cs[l], w2cs[l])
+    with device_guard(dev):  # the direct ops hold none of their own (ops.table)
+        for l in reversed(range(len(spec.layers))):
+            mark("backward", l)
+            grads[PARAMS_PER_LAYER * l:PARAMS_PER_LAYER * (l + 1)] = _backward_layer(
+                bw, l, saved_layers[l], seeds[l], kept[l] if kept else None, w1cs[l], w2cs[l])
     mark("backward", -1)
     dx = None
     if needs_input_grad:

@@ -303,9 +303,10 @@ def block_setup(layers, x: Tensor, c_in: int, growth: int, who: str, keep_bottle
     if training:
         sync = stats_group([layer._modules[n] for layer in layers for n in ("norm1", "norm2")], who, sync_group)
     dtype = compute_dtype(x, layers[0].conv1.weight, who)
+    impl = conv3x3_impl or default_conv3x3_impl()
     spec = BlockSpec(layers=layers, num_input_features=c_in, growth_rate=growth, training=training, dtype=dtype,
-                     keep_bottleneck=keep_bottleneck, conv3x3_impl=conv3x3_impl or default_conv3x3_impl(),
-                     sync=sync, with_stats=with_stats, ops=block_ops(x.device))
+                     keep_bottleneck=keep_bottleneck, conv3x3_impl=impl, sync=sync, with_stats=with_stats,
+                     ops=block_ops(x.device, dtype=dtype, conv3x3=impl))
     params = []
     for layer in layers:
         mods = layer._modules

@@ -151,19 +151,9 @@ def assert_same_nonfinite(got: dict, want: dict):
 
 
 def triton_block_ops():
-    """The block's ops as its Triton launchers (1x1, 3x3, scale/shift), for ``ops.table.substituted``: under
+    """The block's ops as the eager CUDA hot path runs them when every GEMM-shaped op is Triton
+    (``ops.table.TRITON_DIRECT``: the unchecked launchers), for ``ops.table.substituted``: under
     TRITON_INTERPRET=1 the block runs its CUDA kernels on CPU tensors (on CUDA, float32 without TF32 would
     run cuBLAS/cuDNN instead)."""
-    import importlib
-
-    from densenet_fused.ops import BlockOps
-    op1 = importlib.import_module("densenet_fused.ops.bnrelu_conv1x1")
-    op3 = importlib.import_module("densenet_fused.ops.bnrelu_conv3x3")
-    ss = importlib.import_module("densenet_fused.ops.bn_scale_shift")
-    return BlockOps(
-        bnrelu_conv1x1_fwd=op1.triton_fwd,
-        bnrelu_conv1x1_bwd=op1.triton_bwd,
-        bnrelu_conv3x3_fwd=lambda *args, **kw: op3._fwd_triton(*args[:7], *args[8:], **kw),  # without the impl arg
-        bnrelu_conv3x3_bwd=lambda *args, **kw: op3._bwd_triton(*args[:8], *args[9:], **kw),
-        bn_scale_shift=ss.triton_scale_shift,
-    )
+    from densenet_fused.ops.table import TRITON_DIRECT
+    return TRITON_DIRECT

@@ -36,19 +36,22 @@ def _current_device(default: int) -> int:
         return default
 
 
-def on_tensor_device(fn):
-    """A CUDA kernel registration that launches on its first tensor argument's GPU.
+def device_guard(device: torch.device):
+    """Launches within go to ``device``'s GPU: ``torch.cuda.device(device)`` when it is a CUDA device other
+    than the current one, else nothing (one device query).  Triton launches on the current CUDA device;
+    with a model on ``cuda:1`` while ``cuda:0`` is current, its kernels would be issued to the wrong GPU."""
+    if device.type == "cuda" and device.index is not None and device.index != _current_device(device.index):
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
 
-    Triton launches on the current CUDA device; with a model on ``cuda:1`` while ``cuda:0`` is
-    current, its kernels would be issued to the wrong GPU. The C++ CUDA kernels hold a
-    ``CUDAGuard``; this is the same guard for the Python-registered (Triton) kernels, and costs
-    one device query when the device is already current."""
+
+def on_tensor_device(fn):
+    """A CUDA kernel registration that launches on its first tensor argument's GPU (``device_guard``):
+    the C++ CUDA kernels hold a ``CUDAGuard``; this is the same guard for the Python-registered (Triton)
+    kernels.  (The block's direct hot path holds one guard for a whole sweep instead: block.py.)"""
     @functools.wraps(fn)
     def guarded(first, *args, **kwargs):
-        dev = first.device
-        if dev.type == "cuda" and dev.index is not None and dev.index != _current_device(dev.index):
-            with torch.cuda.device(dev):
-                return fn(first, *args, **kwargs)
-        return fn(first, *args, **kwargs)
+        with device_guard(first.device):
+            return fn(first, *args, **kwargs)
 
     return guarded

@@ -604,6 +604,21 @@ def cuda_bwd_trusted(dy, b, scale, shift, weight, nhw, mean, rstd, impl="", coun
                      drop_seed)
 
 
+
+def triton_fwd_direct(b, scale, shift, weight, nhw, out, stats, impl, mean_out=None, var_out=None, bn_out=None,
+                      bn_gamma=None, bn_beta=None, bn_eps=0.0, drop_p=0.0, drop_seed=None):
+    """The Triton forward on the block's hot path, where ``ops.block_ops`` chose Triton for the step (``impl``
+    resolved to "triton", a 16-bit or TF32 dtype): no checks, no per-call choice."""
+    return _fwd_triton(b, scale, shift, weight, nhw, out, stats, mean_out, var_out, bn_out, bn_gamma, bn_beta, bn_eps,
+                       drop_p, drop_seed, checked=False)
+
+
+def triton_bwd_direct(dy, b, scale, shift, weight, nhw, mean, rstd, impl, count=0, dy_x=None, dy_mean=None,
+                      dy_p=None, dy_q=None, drop_p=0.0, drop_seed=None):
+    """The Triton backward on the block's hot path (see triton_fwd_direct)."""
+    return _bwd_triton(dy, b, scale, shift, weight, nhw, mean, rstd, count, dy_x, dy_mean, dy_p, dy_q, drop_p,
+                       drop_seed, checked=False)
+
 _lib = torch.library.Library("densenet_fused", "IMPL")
 for _key in ("CPU", "CUDA"):
     _lib.impl("bnrelu_conv3x3_fwd", on_tensor_device(cuda_fwd), _key)

@@ -71,23 +71,15 @@ _compiled: Dict[tuple, tuple] = {}
 
 
 _Tensor = torch.Tensor
-
-
-def _arg_key(a):
-    if isinstance(a, _Tensor):
-        return a.dtype, not a.data_ptr() & 15
-    t = type(a)
-    if t is float:
-        return float
-    if t is bool:  # True == 1 for a dict: Triton types them apart (i1, i32)
-        return bool, a
-    return a
+_int, _float = int, float
 
 
 def _signature(args, constexprs) -> tuple:
-    """What Triton specializes a launch on, cheaply: tensors by dtype and 16-byte alignment, integers
-    and everything else by value (exact values: over-specific, never wrong)."""
-    return (*map(_arg_key, args), *constexprs.items())
+    """What Triton specializes a launch on, cheaply: tensors by dtype and 16-byte alignment, floats by type,
+    integers by value, every other value by (type, value) (exact values: over-specific, never wrong; the
+    type keeps True apart from 1, which Triton types apart: i1, i32).  One comprehension: it runs per launch."""
+    return (*[a if type(a) is _int else (a.dtype, not a.data_ptr() & 15) if isinstance(a, _Tensor)
+              else _float if type(a) is _float else (type(a), a) for a in args], *constexprs.items())
 
 
 def _first_launch(kernel, grid, args, constexprs):

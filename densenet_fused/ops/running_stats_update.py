@@ -21,9 +21,10 @@ def running_stats_update(bns: Sequence[nn.BatchNorm2d], means: List[torch.Tensor
     if not bns:
         return
     momentum = momentum_list([bn.momentum for bn in bns])
+    buffers = [bn._buffers for bn in bns]  # (not nn.Module.__getattr__: host time in every step)
     torch.ops.densenet_fused.running_stats_update(
-        [bn.running_mean for bn in bns], [bn.running_var for bn in bns],
-        [bn.num_batches_tracked for bn in bns], means, variances, momentum, count)
+        [b["running_mean"] for b in buffers], [b["running_var"] for b in buffers],
+        [b["num_batches_tracked"] for b in buffers], means, variances, momentum, count)
 
 
 def momentum_list(momenta: Sequence[Optional[float]]) -> List[float]:

@@ -8,7 +8,7 @@ import triton
 import triton.language as tl
 
 from densenet_fused.ops import block_ops, launch as seam
-from densenet_fused.ops.table import CUDA_DIRECT, REGISTERED
+from densenet_fused.ops.table import CUDA_DIRECT, REGISTERED, TRITON_DIRECT
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -60,6 +60,9 @@ def test_routing_sends_meta_tensors_to_the_cuda_implementations_within_its_scope
     assert block_ops(meta) is REGISTERED
     with seam.routing("meta"):
         assert block_ops(meta) is CUDA_DIRECT
+        assert block_ops(meta, dtype=torch.bfloat16) is TRITON_DIRECT  # chosen once for the step
+        assert block_ops(meta, dtype=torch.bfloat16, conv3x3="aten") is CUDA_DIRECT
+        assert block_ops(meta, dtype=torch.float64) is CUDA_DIRECT  # cuBLAS / cuDNN, chosen per call
         assert block_ops(meta, direct=False) is REGISTERED
         assert block_ops(torch.device("cpu")) is REGISTERED
     assert block_ops(meta) is REGISTERED
