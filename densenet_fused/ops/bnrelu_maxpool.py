@@ -8,7 +8,9 @@ Backward: the pooled gradient is routed to each window's maximum and masked by t
 the BatchNorm input gradient ``dy = scale*(g - mean(g) - xhat*mean(g*xhat))`` (batch statistics) or
 ``scale*g`` (running statistics), with dgamma = sum(g*xhat), dbeta = sum(g).  Two passes: the sums
 over the pooled outputs (reading y only at the maxima), then dy over y's pixels, each gathering g
-from the at most 2x2 windows that contain it (no scatter, no atomics, deterministic).
+from the at most 2x2 windows that contain it (no scatter, no atomics, deterministic).  With running
+statistics torch's dgamma also holds 0*xhat of every pixel g = 0 (NaN where xhat is infinite): the dy
+pass adds those terms (the Triton kernel as a masked store of NaN, nothing in the finite case).
 
 - CPU kernel: ``csrc/cpu/bnrelu_maxpool.cpp``.
 - CUDA kernel: the Triton kernels below (float64, float32, float16, bfloat16; statistics and sums
@@ -201,10 +203,14 @@ def _gather(DOUT, IDX, o, code, ok, rc, c_ok, C, g):
 
 
 @triton.jit
-def _bwd_dy_kernel(DOUT, IDX, Y, ldy, SCALE, SHIFT, MEAN, RSTD, AB, DY, M, C, H, W, HP, WP,
-                   BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+def _bwd_dy_kernel(DOUT, IDX, Y, ldy, SCALE, SHIFT, MEAN, RSTD, AB, DY, DGAMMA, M, C, H, W, HP, WP,
+                   BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, RUNNING: tl.constexpr):
     """dy over y's pixels: g gathered from the (at most 2x2) windows containing each pixel, in the
-    order (oh0, ow0), (oh0, ow0+1), (oh0+1, ow0), (oh0+1, ow0+1), then the BatchNorm backward."""
+    order (oh0, ow0), (oh0, ow0+1), (oh0+1, ow0), (oh0+1, ow0+1), then the BatchNorm backward.
+    RUNNING (running statistics): also the terms of torch's dgamma = sum(g*xhat) over every pixel
+    that the sums kernel (the maxima only) did not see, 0*xhat where g = 0: 0, or NaN where xhat is
+    not finite; ``dgamma += NaN`` is a store of NaN, so racing programs agree and nothing is written
+    in the finite case."""
     rm = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     rc = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     m_ok = rm < M
@@ -239,6 +245,9 @@ def _bwd_dy_kernel(DOUT, IDX, Y, ldy, SCALE, SHIFT, MEAN, RSTD, AB, DY, M, C, H,
     # running statistics (b = 0): dy = scale*g, even where xhat is infinite (as torch's)
     dy = s[None, :] * (g - a[None, :] - tl.where(b[None, :] == 0.0, 0.0, xhat * b[None, :]))
     tl.store(DY + rm[:, None] * C + rc[None, :], dy.to(DY.dtype.element_ty), mask=ym)
+    if RUNNING:
+        z = tl.sum(tl.where(ym & (g == 0.0), 0.0 * xhat, 0.0), axis=0)  # 0 or NaN per channel
+        tl.store(DGAMMA + rc, tl.full((BLOCK_C,), float("nan"), s.dtype), mask=c_ok & (z != z))
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -304,7 +313,8 @@ def triton_bwd(dout, index, y, scale, shift, mean, rstd, nhw, count):
     launch(_bwd_finish_kernel, (cdiv(c, block),), (part[0], part[1], splits, c, dbeta, dgamma, ab,
         1.0 / count if count > 0 else 0.0), BLOCK=block)
     launch(_bwd_dy_kernel, (cdiv(m, bm), cdiv(c, bc)), (dout, index, y, y.stride(0), scale, shift,
-        mean, rstd, ab, dy, m, c, hgt, wid, hp, wp), BLOCK_M=bm, BLOCK_C=bc, num_warps=warps)
+        mean, rstd, ab, dy, dgamma, m, c, hgt, wid, hp, wp), BLOCK_M=bm, BLOCK_C=bc, RUNNING=count == 0,
+        num_warps=warps)
     return dy, dgamma, dbeta
 
 
@@ -319,5 +329,5 @@ TRITON_WRITES = {
     "_fwd_kernel": {"OUT": "w", "IDX": "w"},
     "_bwd_sums_kernel": {"PSG": "w", "PSGX": "w"},
     "_bwd_finish_kernel": {"DBETA": "w", "DGAMMA": "w", "AB": "w"},
-    "_bwd_dy_kernel": {"DY": "w"},
+    "_bwd_dy_kernel": {"DY": "w", "DGAMMA": "w"},
 }

@@ -187,21 +187,7 @@ def _reference_and_op(name, impl, scenario, batch_stats, run=None):
 def test_nonfinite_positions_match_torch(name, impl, scenario, batch_stats):
     want, got = _reference_and_op(name, impl, scenario, batch_stats)
     assert any(not torch.isfinite(t).all() for t in want.values())  # the case has non-finite values
-    known = KNOWN_GAPS.get((name, impl, scenario, batch_stats))
-    if known is not None:
-        key, reason = known
-        assert_same_nonfinite(got, {k: v for k, v in want.items() if k != key})
-        if nonfinite_mismatch(got[key], want[key]) is not None:
-            pytest.xfail(reason)
     assert_same_nonfinite(got, want)
-
-
-# Left as they are (the launchers would need another reduction): with running statistics, torch's
-# dgamma = sum(g*xhat) over every pixel is NaN where a pixel that no max-pool window took has an
-# infinite xhat (0*Inf); the Triton stem backward sums over the maxima only (the CPU kernel adds these
-# terms in its dy pass).
-KNOWN_GAPS = {("bnrelu_maxpool", "triton", "x", False): (
-    "dgamma", "Triton bnrelu_maxpool_bwd with running statistics: 0*xhat of pixels no window took is not summed")}
 
 
 def test_running_stats_case_is_local():
