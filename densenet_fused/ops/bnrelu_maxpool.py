@@ -70,9 +70,15 @@ def _check(y, scale, shift, nhw, op):
     if len(nhw) != 3 or min(nhw) <= 0 or nhw[0] * nhw[1] * nhw[2] != y.shape[0]:
         raise RuntimeError(f"{op}: expected nhw = [N, H, W] (positive) with N*H*W = {y.shape[0]} rows of y, got "
                            f"{list(nhw)}")
+    _check_vectors(op, y, (("scale", scale), ("shift", shift)))
+
+
+def _check_vectors(op, y, named):
+    """Each (name, t) of ``named``: a 1-D unit-stride tensor of y's channels in its accumulation dtype,
+    on its device."""
     c = y.shape[1]
     acc = acc_dtype(y.dtype)
-    for name, t in (("scale", scale), ("shift", shift)):
+    for name, t in named:
         if t.shape != (c,) or t.dtype != acc or t.device != y.device or (c > 1 and t.stride(0) != 1):
             raise RuntimeError(f"{op}: expected {name} to be a 1-D tensor of {c} channels, dtype {acc} on "
                                f"{y.device} with unit stride, got {tuple(t.shape)} {t.dtype} on {t.device}")
@@ -82,11 +88,7 @@ def _check_bwd(dout, index, y, mean, rstd, nhw, count):
     op = "bnrelu_maxpool_bwd"
     p = nhw[0] * pooled_size(nhw[1]) * pooled_size(nhw[2])
     c = y.shape[1]
-    acc = acc_dtype(y.dtype)
-    for name, t in (("mean", mean), ("rstd", rstd)):
-        if t.shape != (c,) or t.dtype != acc or t.device != y.device or (c > 1 and t.stride(0) != 1):
-            raise RuntimeError(f"{op}: expected {name} to be a 1-D tensor of {c} channels, dtype {acc} on "
-                               f"{y.device} with unit stride, got {tuple(t.shape)} {t.dtype} on {t.device}")
+    _check_vectors(op, y, (("mean", mean), ("rstd", rstd)))
     if dout.shape != (p, c) or not dout.is_contiguous() or dout.dtype != y.dtype or dout.device != y.device:
         raise RuntimeError(f"{op}: expected dout to be a contiguous ({p}, {c}) matrix (N*Hp*Wp pooled rows) of "
                            f"dtype {y.dtype}, got {tuple(dout.shape)} {dout.dtype} strides {dout.stride()}")
@@ -107,15 +109,25 @@ def _bnrelu_rounded(y, s, h, Y_DTYPE: tl.constexpr):
 
 
 @triton.jit
+def _program_tile(ROWS, C, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """This program's (rows as int64, channels, rows in range, channels in range) of a (ROWS, C) grid of
+    (BLOCK_R, BLOCK_C) tiles (program ids 0 and 1)."""
+    r = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    rc = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    return r, rc, r < ROWS, rc < C
+
+
+@triton.jit
+def _nhw(r, HGT, WID):
+    """(n, h, w) of NHWC row r of an (N, HGT, WID) grid."""
+    return r // (WID * HGT), (r // WID) % HGT, r % WID
+
+
+@triton.jit
 def _fwd_kernel(Y, ldy, SCALE, SHIFT, OUT, IDX, P, C, H, W, HP, WP,
                 BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    rp = (tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)).to(tl.int64)
-    rc = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    p_ok = rp < P
-    c_ok = rc < C
-    ow = rp % WP
-    oh = (rp // WP) % HP
-    n = rp // (WP * HP)
+    rp, rc, p_ok, c_ok = _program_tile(P, C, BLOCK_P, BLOCK_C)
+    n, oh, ow = _nhw(rp, HP, WP)
     s = tl.load(SCALE + rc, mask=c_ok, other=0.0)
     h = tl.load(SHIFT + rc, mask=c_ok, other=0.0)
     best = tl.full((BLOCK_P, BLOCK_C), float("-inf"), s.dtype)
@@ -156,9 +168,7 @@ def _bwd_sums_kernel(DOUT, IDX, Y, ldy, SCALE, SHIFT, MEAN, RSTD, PSG, PSGX, P, 
     for i in range(0, tiles_per_split):
         rp = ((split * tiles_per_split + i) * BLOCK_P + tl.arange(0, BLOCK_P)).to(tl.int64)
         p_ok = rp < P
-        ow = rp % WP
-        oh = (rp // WP) % HP
-        n = rp // (WP * HP)
+        n, oh, ow = _nhw(rp, HP, WP)
         m = p_ok[:, None] & c_ok[None, :]
         offs = rp[:, None] * C + rc[None, :]
         k = tl.load(IDX + offs, mask=m, other=0).to(tl.int32)
@@ -211,13 +221,8 @@ def _bwd_dy_kernel(DOUT, IDX, Y, ldy, SCALE, SHIFT, MEAN, RSTD, AB, DY, DGAMMA, 
     that the sums kernel (the maxima only) did not see, 0*xhat where g = 0: 0, or NaN where xhat is
     not finite; ``dgamma += NaN`` is a store of NaN, so racing programs agree and nothing is written
     in the finite case."""
-    rm = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    rc = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    m_ok = rm < M
-    c_ok = rc < C
-    iw = rm % W
-    ih = (rm // W) % H
-    n = rm // (W * H)
+    rm, rc, m_ok, c_ok = _program_tile(M, C, BLOCK_M, BLOCK_C)
+    n, ih, iw = _nhw(rm, H, W)
     # windows containing ih: oh0 = ih // 2 (window row kh = ih % 2 + 1), and oh0 + 1 (kh = 0) for odd ih
     oh0 = ih // 2
     kh0 = ih % 2 + 1
