@@ -1,18 +1,25 @@
 """NaN and Inf in a whole block and a whole model go where torchvision's modules send them: the
 same positions are NaN / +Inf / -Inf in the output, the input gradient, every parameter gradient
 and every buffer (running statistics) after one step, in train and eval mode; the block also on its
-Triton kernels (interpreted on CPU tensors without a GPU).  The per-op checks are in
+Triton kernels (interpreted on CPU tensors without a GPU), a transition with odd sizes on its CPU,
+Triton and ATen kernels.  The per-op checks are in
 tests/ops/test_nonfinite_ops.py."""
 import os
+
+import contextlib
 
 import pytest
 import torch
 import torchvision
+from torchvision.models.densenet import _Transition
 
 import densenet_fused
+import densenet_fused.transition as transition_mod
 from blockutil import make_pair, nonfinite_mismatch, randomize_bn, triton_block_ops
+from densenet_fused.ops import bnrelu_avgpool_conv1x1 as transition_op
 from densenet_fused.ops.table import substituted
-from flags import tf32_disabled
+from densenet_fused.transition import FusedTransition
+from flags import patched, tf32_disabled
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 NAN, INF = float("nan"), float("inf")
@@ -69,6 +76,54 @@ def test_block_on_triton_kernels_nonfinite_positions_match_torchvision(mode):
     want = _step(ref, x, grad)
     with tf32_disabled(), substituted(triton_block_ops()):
         got = _step(fused, x.float(), grad.float())
+    assert _compare(got, want) > 0
+
+
+def _transition_kernels(impl):
+    """The fused transition on the op's CPU kernel (the registered op), or with its Triton or ATen
+    launchers in its place (interpreted Triton on CPU tensors)."""
+    if impl == "cpu":
+        return contextlib.nullcontext()
+    fwd_impl = {"triton": transition_op.triton_fwd, "aten": transition_op.aten_fwd}[impl]
+    bwd_impl = {"triton": transition_op.triton_bwd, "aten": transition_op.aten_bwd}[impl]
+
+    def fwd(x, scale, shift, weight, nhw, out=None):
+        out = x.new_empty((nhw[0] * (nhw[1] // 2) * (nhw[2] // 2), weight.shape[0])) if out is None else out
+        fwd_impl(x, scale, shift, weight, nhw, out)
+        return out
+    return patched(transition_mod, bnrelu_avgpool_conv1x1_fwd=fwd, bnrelu_avgpool_conv1x1_bwd=bwd_impl)
+
+
+@pytest.mark.parametrize("impl", ["cpu", "triton", "aten"])
+@pytest.mark.parametrize("kind", ["nan", "inf", "all", "grad"])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_transition_with_odd_sizes_nonfinite_positions_match_torchvision(mode, kind, impl):
+    """A transition on a 7x9 input (the pool drops the last row and column) against torchvision's
+    _Transition: NaN / Inf of x on those pixels, inside, or NaN in the upstream gradient."""
+    if impl == "triton" and not INTERPRET:
+        pytest.skip("substitutes interpreted Triton kernels on CPU tensors")
+    torch.manual_seed(0)
+    ref = randomize_bn(_Transition(6, 4)).double()
+    fused = FusedTransition(6, 4).double()
+    fused.load_state_dict(ref.state_dict(), strict=True)
+    ref.train(mode == "train"), fused.train(mode == "train")
+    x = torch.randn(2, 6, 7, 9, dtype=torch.float64)
+    grad = torch.randn(2, 4, 3, 4, dtype=torch.float64)
+    if kind == "grad":
+        grad[1, 2, 0, 3] = NAN
+    else:
+        x = _poison(x, "nan" if kind == "nan" else "inf")
+        if kind in ("nan", "all"):
+            x[1, 3, 6, 4] = NAN   # last row
+        if kind in ("inf", "all"):
+            x[0, 4, 2, 8] = INF   # last column
+            x[1, 5, 6, 8] = -INF  # the corner
+    want = _step(ref, x, grad)
+    if impl == "triton":
+        fused.float()
+        x, grad = x.float(), grad.float()
+    with tf32_disabled(), _transition_kernels(impl):
+        got = _step(fused, x, grad)
     assert _compare(got, want) > 0
 
 

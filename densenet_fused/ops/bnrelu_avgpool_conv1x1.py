@@ -11,7 +11,9 @@ memory.  Odd H/W are floored (last row/column dropped) as ``nn.AvgPool2d(2, 2)``
 - CUDA kernel: the Triton kernels below (float32, float16, bfloat16); fixed tile sizes (not
   autotuned yet).  Backward: ``_dw_kernel`` (dW = dout^T @ pooled activation, per-split partials
   reduced in a fixed order), ``_dx_kernel`` pass 1 (per-tile partial sums of g and g*xhat, and dx
-  in eval), pass 2 (dx with the batch-statistics terms), ``_dropped_kernel`` (the floored pixels).
+  in eval), pass 2 (dx with the batch-statistics terms), ``_dropped_kernel`` (the floored pixels:
+  their mean terms with batch statistics; in eval the NaN that torch's transition, which convolves
+  before it pools, gets there in dgamma and dweight from a non-finite x).
   float64 on CUDA runs ``aten_fwd`` / ``aten_bwd``: an accuracy dtype, not a speed one.
 Under ``TRITON_INTERPRET=1`` the Triton launchers run on CPU tensors (the CI tests).
 """
@@ -98,11 +100,11 @@ def _check_bwd(dout, x, weight, nhw, mean, rstd):
 
 # ----------------------------------------------------------------------------- ATen (float64 on CUDA)
 def _pooled_activation(x, scale, shift, nhw):
+    """(the 2x2 average pool of relu(x*scale + shift) as (N*(H/2)*(W/2), C) rows, the activation (N, H, W, C))."""
     n, h, w = nhw
     c = x.shape[1]
     a = torch.relu(torch.addcmul(shift, x.to(scale.dtype), scale)).view(n, h, w, c)
-    a = a[:, :h // 2 * 2, :w // 2 * 2]
-    return a.reshape(n, h // 2, 2, w // 2, 2, c).mean((2, 4)).reshape(-1, c), a
+    return a[:, :h // 2 * 2, :w // 2 * 2].reshape(n, h // 2, 2, w // 2, 2, c).mean((2, 4)).reshape(-1, c), a
 
 
 def aten_fwd(x, scale, shift, weight, nhw, out):
@@ -119,9 +121,14 @@ def aten_bwd(dout, x, scale, shift, weight, nhw, mean, rstd, batch_stats):
     n, h, w = nhw
     c = x.shape[1]
     acc = scale.dtype
-    pooled = _pooled_activation(x, scale, shift, nhw)[0].to(x.dtype).to(acc)
+    pooled, act = _pooled_activation(x, scale, shift, nhw)
     db = dout.to(acc)
-    dweight = db.t() @ pooled
+    dweight = db.t() @ pooled.to(x.dtype).to(acc)
+    if h % 2 or w % 2:
+        # the pixels the floor dropped (gradient 0): torch's transition convolves before it pools, so its
+        # dweight[:, c] also holds 0*relu(y) there, NaN where relu(y) is NaN or +Inf
+        z = (act[:, h // 2 * 2:] * 0).sum((0, 1, 2)) + (act[:, :h // 2 * 2, w // 2 * 2:] * 0).sum((0, 1, 2))
+        dweight = torch.where(z.isnan(), z, dweight)
     da = (db @ weight.to(acc)).view(n, h // 2, 1, w // 2, 1, c) * 0.25
     d = torch.zeros((n, h, w, c), dtype=acc, device=x.device)  # 0 on the pixels the floor dropped
     d[:, :h // 2 * 2, :w // 2 * 2] = da.expand(n, h // 2, 2, w // 2, 2, c).reshape(n, h // 2 * 2, w // 2 * 2, c)
@@ -239,21 +246,53 @@ def _dx_kernel(DOUT, lddo, X, ldx, SCALE, SHIFT, Wt, ldw, MEAN, RSTD, P, Q, DX, 
 
 
 @triton.jit
-def _dropped_kernel(X, ldx, MEAN, P, Q, DX, M, C, H, W, HO, WO, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
-    """dx = -P - (x - mean)*Q on the pixels the floor dropped (last row / column of odd H / W)."""
-    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+def _dropped_pixel(k, H, W, HO, WO):
+    """Row of x (NHWC pixel index, int64) of the k-th pixel the floor drops: per image, first the last
+    column of rows [0, 2*HO) (odd W), then the last row (odd H)."""
+    k64 = k.to(tl.int64)
+    col = W - 2 * WO  # 1 for odd W, else 0
+    per_image = 2 * HO * col + (H - 2 * HO) * W
+    img = k64 // per_image
+    j = k64 % per_image
+    j2 = j - 2 * HO * col
+    pix = tl.where(j2 < 0, j * W + W - 1, (2 * HO + j2 // W) * W + j2 % W)
+    return img * (H * W) + pix
+
+
+@triton.jit
+def _dropped_kernel(X, ldx, SCALE, SHIFT, MEAN, RSTD, P, Q, DX, DGAMMA, DWEIGHT, ND, C, COUT, H, W, HO, WO,
+                    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BATCH: tl.constexpr):
+    """The ND pixels the floor dropped (last row / column of odd H / W), where g = 0.  Batch statistics:
+    dx = -P - (x - mean)*Q.  Running statistics (dx = 0 there already): the terms torch's transition
+    (convolution, then the pool) has there and the other kernels never read, dgamma += 0*xhat and
+    dweight[:, c] += 0*relu(x*scale + shift): 0, or NaN where x is not finite; ``+= NaN`` is a store of
+    NaN, so racing programs agree and nothing is written in the finite case."""
+    rk = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rc = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    rm64 = rm.to(tl.int64)
-    hw = rm64 % (H * W)
-    dropped = (rm < M) & ((hw // W >= 2 * HO) | (hw % W >= 2 * WO))
+    k_ok = rk < ND
     c_ok = rc < C
-    mask = dropped[:, None] & c_ok[None, :]
-    x = tl.load(X + rm64[:, None] * ldx + rc[None, :], mask=mask, other=0.0).to(tl.float32)
+    pix = _dropped_pixel(tl.where(k_ok, rk, 0), H, W, HO, WO)
+    mask = k_ok[:, None] & c_ok[None, :]
+    x = tl.load(X + pix[:, None] * ldx + rc[None, :], mask=mask, other=0.0).to(tl.float32)
     mu = tl.load(MEAN + rc, mask=c_ok, other=0.0)
-    pp = tl.load(P + rc, mask=c_ok, other=0.0)
-    qq = tl.load(Q + rc, mask=c_ok, other=0.0)
-    dx = -pp[None, :] - (x - mu[None, :]) * qq[None, :]
-    tl.store(DX + rm64[:, None] * C + rc[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+    if BATCH:
+        pp = tl.load(P + rc, mask=c_ok, other=0.0)
+        qq = tl.load(Q + rc, mask=c_ok, other=0.0)
+        dx = -pp[None, :] - (x - mu[None, :]) * qq[None, :]
+        tl.store(DX + pix[:, None] * C + rc[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+    else:
+        s = tl.load(SCALE + rc, mask=c_ok, other=0.0)
+        h = tl.load(SHIFT + rc, mask=c_ok, other=0.0)
+        rs = tl.load(RSTD + rc, mask=c_ok, other=0.0)
+        y = x * s[None, :] + h[None, :]
+        zg = tl.sum(0.0 * ((x - mu[None, :]) * rs[None, :]), axis=0)
+        zw = tl.sum(0.0 * tl.where(y <= 0.0, 0.0, y), axis=0)  # relu keeping a NaN, as torch's
+        nan = tl.full((BLOCK_C,), float("nan"), tl.float32)
+        tl.store(DGAMMA + rc, nan, mask=c_ok & (zg != zg))
+        for n0 in range(0, COUT, BLOCK_M):
+            rn = n0 + tl.arange(0, BLOCK_M)
+            tl.store(DWEIGHT + rn[:, None] * C + rc[None, :], tl.broadcast_to(nan[None, :], (BLOCK_M, BLOCK_C)),
+                     mask=(rn < COUT)[:, None] & (c_ok & (zw != zw))[None, :])
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -339,10 +378,14 @@ def triton_bwd(dout, x, scale, shift, weight, nhw, mean, rstd, batch_stats):
             BATCH=batch, PRECISION=prec, num_warps=warps)
 
     dgamma, dbeta, p, q = bn_grad_passes(dx_pass, tiles, x, scale, rstd, batch_stats)
-    if batch_stats and dropped:
+    if dropped:
+        nd = m - 4 * mo  # the pixels the floor dropped
         bmd = 32 if interpreted(x) else 64
-        launch(_dropped_kernel, (cdiv(m, bmd), cdiv(c, bc)), (x, x.stride(0), mean, p, q, dx, m, c, h,
-            w, ho, wo), BLOCK_M=bmd, BLOCK_C=bc, num_warps=4)
+        if not batch_stats:
+            p = q = mean  # P and Q are not read with running statistics
+        launch(_dropped_kernel, (cdiv(nd, bmd), cdiv(c, bc)), (x, x.stride(0), scale, shift, mean, rstd,
+            p, q, dx, dgamma, dweight, nd, c, cout, h, w, ho, wo), BLOCK_M=bmd, BLOCK_C=bc, BATCH=batch_stats,
+            num_warps=4)
     return dx, dweight, dgamma, dbeta
 
 
@@ -369,5 +412,5 @@ TRITON_WRITES = {
     "_fwd_kernel": {"OUT": "w"},
     "_dw_kernel": {"PDW": "w"},
     "_dx_kernel": {"DX": "w", "PSG": "w", "PSGX": "w"},
-    "_dropped_kernel": {"DX": "w"},
+    "_dropped_kernel": {"DX": "w", "DGAMMA": "w", "DWEIGHT": "w"},
 }

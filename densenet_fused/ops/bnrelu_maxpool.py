@@ -8,7 +8,9 @@ Backward: the pooled gradient is routed to each window's maximum and masked by t
 the BatchNorm input gradient ``dy = scale*(g - mean(g) - xhat*mean(g*xhat))`` (batch statistics) or
 ``scale*g`` (running statistics), with dgamma = sum(g*xhat), dbeta = sum(g).  Two passes: the sums
 over the pooled outputs (reading y only at the maxima), then dy over y's pixels, each gathering g
-from the at most 2x2 windows that contain it (no scatter, no atomics, deterministic).
+from the at most 2x2 windows that contain it (no scatter, no atomics, deterministic).  With running
+statistics torch's dgamma also holds 0*xhat of every pixel g = 0 (NaN where xhat is infinite): the dy
+pass adds those terms (the Triton kernel as a masked store of NaN, nothing in the finite case).
 
 - CPU kernel: ``csrc/cpu/bnrelu_maxpool.cpp``.
 - CUDA kernel: the Triton kernels below (float64, float32, float16, bfloat16; statistics and sums
@@ -68,9 +70,15 @@ def _check(y, scale, shift, nhw, op):
     if len(nhw) != 3 or min(nhw) <= 0 or nhw[0] * nhw[1] * nhw[2] != y.shape[0]:
         raise RuntimeError(f"{op}: expected nhw = [N, H, W] (positive) with N*H*W = {y.shape[0]} rows of y, got "
                            f"{list(nhw)}")
+    _check_vectors(op, y, (("scale", scale), ("shift", shift)))
+
+
+def _check_vectors(op, y, named):
+    """Each (name, t) of ``named``: a 1-D unit-stride tensor of y's channels in its accumulation dtype,
+    on its device."""
     c = y.shape[1]
     acc = acc_dtype(y.dtype)
-    for name, t in (("scale", scale), ("shift", shift)):
+    for name, t in named:
         if t.shape != (c,) or t.dtype != acc or t.device != y.device or (c > 1 and t.stride(0) != 1):
             raise RuntimeError(f"{op}: expected {name} to be a 1-D tensor of {c} channels, dtype {acc} on "
                                f"{y.device} with unit stride, got {tuple(t.shape)} {t.dtype} on {t.device}")
@@ -80,11 +88,7 @@ def _check_bwd(dout, index, y, mean, rstd, nhw, count):
     op = "bnrelu_maxpool_bwd"
     p = nhw[0] * pooled_size(nhw[1]) * pooled_size(nhw[2])
     c = y.shape[1]
-    acc = acc_dtype(y.dtype)
-    for name, t in (("mean", mean), ("rstd", rstd)):
-        if t.shape != (c,) or t.dtype != acc or t.device != y.device or (c > 1 and t.stride(0) != 1):
-            raise RuntimeError(f"{op}: expected {name} to be a 1-D tensor of {c} channels, dtype {acc} on "
-                               f"{y.device} with unit stride, got {tuple(t.shape)} {t.dtype} on {t.device}")
+    _check_vectors(op, y, (("mean", mean), ("rstd", rstd)))
     if dout.shape != (p, c) or not dout.is_contiguous() or dout.dtype != y.dtype or dout.device != y.device:
         raise RuntimeError(f"{op}: expected dout to be a contiguous ({p}, {c}) matrix (N*Hp*Wp pooled rows) of "
                            f"dtype {y.dtype}, got {tuple(dout.shape)} {dout.dtype} strides {dout.stride()}")
@@ -105,15 +109,25 @@ def _bnrelu_rounded(y, s, h, Y_DTYPE: tl.constexpr):
 
 
 @triton.jit
+def _program_tile(ROWS, C, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """This program's (rows as int64, channels, rows in range, channels in range) of a (ROWS, C) grid of
+    (BLOCK_R, BLOCK_C) tiles (program ids 0 and 1)."""
+    r = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    rc = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    return r, rc, r < ROWS, rc < C
+
+
+@triton.jit
+def _nhw(r, HGT, WID):
+    """(n, h, w) of NHWC row r of an (N, HGT, WID) grid."""
+    return r // (WID * HGT), (r // WID) % HGT, r % WID
+
+
+@triton.jit
 def _fwd_kernel(Y, ldy, SCALE, SHIFT, OUT, IDX, P, C, H, W, HP, WP,
                 BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    rp = (tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)).to(tl.int64)
-    rc = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    p_ok = rp < P
-    c_ok = rc < C
-    ow = rp % WP
-    oh = (rp // WP) % HP
-    n = rp // (WP * HP)
+    rp, rc, p_ok, c_ok = _program_tile(P, C, BLOCK_P, BLOCK_C)
+    n, oh, ow = _nhw(rp, HP, WP)
     s = tl.load(SCALE + rc, mask=c_ok, other=0.0)
     h = tl.load(SHIFT + rc, mask=c_ok, other=0.0)
     best = tl.full((BLOCK_P, BLOCK_C), float("-inf"), s.dtype)
@@ -154,9 +168,7 @@ def _bwd_sums_kernel(DOUT, IDX, Y, ldy, SCALE, SHIFT, MEAN, RSTD, PSG, PSGX, P, 
     for i in range(0, tiles_per_split):
         rp = ((split * tiles_per_split + i) * BLOCK_P + tl.arange(0, BLOCK_P)).to(tl.int64)
         p_ok = rp < P
-        ow = rp % WP
-        oh = (rp // WP) % HP
-        n = rp // (WP * HP)
+        n, oh, ow = _nhw(rp, HP, WP)
         m = p_ok[:, None] & c_ok[None, :]
         offs = rp[:, None] * C + rc[None, :]
         k = tl.load(IDX + offs, mask=m, other=0).to(tl.int32)
@@ -201,17 +213,16 @@ def _gather(DOUT, IDX, o, code, ok, rc, c_ok, C, g):
 
 
 @triton.jit
-def _bwd_dy_kernel(DOUT, IDX, Y, ldy, SCALE, SHIFT, MEAN, RSTD, AB, DY, M, C, H, W, HP, WP,
-                   BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+def _bwd_dy_kernel(DOUT, IDX, Y, ldy, SCALE, SHIFT, MEAN, RSTD, AB, DY, DGAMMA, M, C, H, W, HP, WP,
+                   BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, RUNNING: tl.constexpr):
     """dy over y's pixels: g gathered from the (at most 2x2) windows containing each pixel, in the
-    order (oh0, ow0), (oh0, ow0+1), (oh0+1, ow0), (oh0+1, ow0+1), then the BatchNorm backward."""
-    rm = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    rc = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    m_ok = rm < M
-    c_ok = rc < C
-    iw = rm % W
-    ih = (rm // W) % H
-    n = rm // (W * H)
+    order (oh0, ow0), (oh0, ow0+1), (oh0+1, ow0), (oh0+1, ow0+1), then the BatchNorm backward.
+    RUNNING (running statistics): also the terms of torch's dgamma = sum(g*xhat) over every pixel
+    that the sums kernel (the maxima only) did not see, 0*xhat where g = 0: 0, or NaN where xhat is
+    not finite; ``dgamma += NaN`` is a store of NaN, so racing programs agree and nothing is written
+    in the finite case."""
+    rm, rc, m_ok, c_ok = _program_tile(M, C, BLOCK_M, BLOCK_C)
+    n, ih, iw = _nhw(rm, H, W)
     # windows containing ih: oh0 = ih // 2 (window row kh = ih % 2 + 1), and oh0 + 1 (kh = 0) for odd ih
     oh0 = ih // 2
     kh0 = ih % 2 + 1
@@ -239,6 +250,9 @@ def _bwd_dy_kernel(DOUT, IDX, Y, ldy, SCALE, SHIFT, MEAN, RSTD, AB, DY, M, C, H,
     # running statistics (b = 0): dy = scale*g, even where xhat is infinite (as torch's)
     dy = s[None, :] * (g - a[None, :] - tl.where(b[None, :] == 0.0, 0.0, xhat * b[None, :]))
     tl.store(DY + rm[:, None] * C + rc[None, :], dy.to(DY.dtype.element_ty), mask=ym)
+    if RUNNING:
+        z = tl.sum(tl.where(ym & (g == 0.0), 0.0 * xhat, 0.0), axis=0)  # 0 or NaN per channel
+        tl.store(DGAMMA + rc, tl.full((BLOCK_C,), float("nan"), s.dtype), mask=c_ok & (z != z))
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -304,7 +318,8 @@ def triton_bwd(dout, index, y, scale, shift, mean, rstd, nhw, count):
     launch(_bwd_finish_kernel, (cdiv(c, block),), (part[0], part[1], splits, c, dbeta, dgamma, ab,
         1.0 / count if count > 0 else 0.0), BLOCK=block)
     launch(_bwd_dy_kernel, (cdiv(m, bm), cdiv(c, bc)), (dout, index, y, y.stride(0), scale, shift,
-        mean, rstd, ab, dy, m, c, hgt, wid, hp, wp), BLOCK_M=bm, BLOCK_C=bc, num_warps=warps)
+        mean, rstd, ab, dy, dgamma, m, c, hgt, wid, hp, wp), BLOCK_M=bm, BLOCK_C=bc, RUNNING=count == 0,
+        num_warps=warps)
     return dy, dgamma, dbeta
 
 
@@ -319,5 +334,5 @@ TRITON_WRITES = {
     "_fwd_kernel": {"OUT": "w", "IDX": "w"},
     "_bwd_sums_kernel": {"PSG": "w", "PSGX": "w"},
     "_bwd_finish_kernel": {"DBETA": "w", "DGAMMA": "w", "AB": "w"},
-    "_bwd_dy_kernel": {"DY": "w"},
+    "_bwd_dy_kernel": {"DY": "w", "DGAMMA": "w"},
 }

@@ -108,14 +108,14 @@ def _conv3x3(impl, x, vec, weight, dout, batch_stats):
     return dict(out=out, out_mean=omean, out_var=ovar, dx=dx, dgamma=dgamma, dbeta=dbeta, dweight=dweight)
 
 
-def _avgpool_conv1x1(impl, x, vec, weight, dout, batch_stats):
+def _avgpool_conv1x1(impl, x, vec, weight, dout, batch_stats, nhw=(N, H, W)):
     fwd, bwd = {"cpu": (avgpool_op.bnrelu_avgpool_conv1x1_fwd, avgpool_op.bnrelu_avgpool_conv1x1_bwd),
                 "triton": (avgpool_op.triton_fwd, avgpool_op.triton_bwd),
                 "aten": (avgpool_op.aten_fwd, avgpool_op.aten_bwd)}[impl]
     mean, rstd, scale, shift = vec
     out = torch.empty(dout.shape, device=x.device)
-    fwd(x, scale, shift, weight, [N, H, W], out)
-    dx, dweight, dgamma, dbeta = bwd(dout, x, scale, shift, weight, [N, H, W], mean, rstd, batch_stats)
+    fwd(x, scale, shift, weight, list(nhw), out)
+    dx, dweight, dgamma, dbeta = bwd(dout, x, scale, shift, weight, list(nhw), mean, rstd, batch_stats)
     return dict(out=out, dx=dx, dgamma=dgamma, dbeta=dbeta, dweight=dweight)
 
 
@@ -187,21 +187,7 @@ def _reference_and_op(name, impl, scenario, batch_stats, run=None):
 def test_nonfinite_positions_match_torch(name, impl, scenario, batch_stats):
     want, got = _reference_and_op(name, impl, scenario, batch_stats)
     assert any(not torch.isfinite(t).all() for t in want.values())  # the case has non-finite values
-    known = KNOWN_GAPS.get((name, impl, scenario, batch_stats))
-    if known is not None:
-        key, reason = known
-        assert_same_nonfinite(got, {k: v for k, v in want.items() if k != key})
-        if nonfinite_mismatch(got[key], want[key]) is not None:
-            pytest.xfail(reason)
     assert_same_nonfinite(got, want)
-
-
-# Left as they are (the launchers would need another reduction): with running statistics, torch's
-# dgamma = sum(g*xhat) over every pixel is NaN where a pixel that no max-pool window took has an
-# infinite xhat (0*Inf); the Triton stem backward sums over the maxima only (the CPU kernel adds these
-# terms in its dy pass).
-KNOWN_GAPS = {("bnrelu_maxpool", "triton", "x", False): (
-    "dgamma", "Triton bnrelu_maxpool_bwd with running statistics: 0*xhat of pixels no window took is not summed")}
 
 
 def test_running_stats_case_is_local():
@@ -271,32 +257,57 @@ def test_triton_old_relu_tile_is_caught():
     assert nonfinite_mismatch(got["out"], want["out"]) is not None
 
 
-@pytest.mark.parametrize("batch_stats", [False, True], ids=["running_stats", "batch_stats"])
-def test_transition_nonfinite_on_pixels_the_floor_drops(batch_stats):
-    """Odd H and W: torch's transition convolves before it pools and its BatchNorm backward sums over
-    every pixel, so a NaN or Inf on the last row / column (which the pool drops: output finite,
-    gradient 0 there) still makes that channel's dgamma (0*xhat) and dweight (0*relu) NaN.  The CPU
-    kernel (the Triton and ATen paths do not read those pixels: not matched there)."""
-    n, h, w = 2, 5, 7
+ODD_NHW = (2, 5, 7)  # the pool drops the last row and the last column
+
+
+def _odd_inputs(scenario):
+    """Like ``_inputs`` on the odd ``ODD_NHW`` grid: non-finite x on pixels the pool drops (last row, last
+    column, the corner; +Inf on the negative-gamma channel: -Inf after the BatchNorm, ReLU off) and one
+    interior NaN, or NaN in the upstream gradient."""
+    n, h, w = ODD_NHW
     g = torch.Generator().manual_seed(4)
     x = torch.randn(n * h * w, C, dtype=torch.float64, generator=g)
-    x[(0 * h + 4) * w + 2, 0] = NAN   # last row
-    x[(1 * h + 1) * w + 6, 1] = INF   # last column
-    x[(1 * h + 4) * w + 6, 2] = -INF  # the corner
     gamma = torch.rand(C, dtype=torch.float64, generator=g) + 0.5
+    gamma[NEG] = -gamma[NEG]
     beta = torch.randn(C, dtype=torch.float64, generator=g) * 0.5
-    rm, rv = torch.zeros(C, dtype=torch.float64), torch.ones(C, dtype=torch.float64)
-    wd = torch.randn(COUT, C, dtype=torch.float64, generator=g).requires_grad_()
+    rm = torch.randn(C, dtype=torch.float64, generator=g) * 0.3
+    rv = torch.rand(C, dtype=torch.float64, generator=g) + 0.5
     grad = torch.randn(n, COUT, h // 2, w // 2, dtype=torch.float64, generator=g)
-    out, grads, vecs = bnrelu_reference(x, (n, h, w), gamma, beta, batch_stats, rm, rv,
+    if scenario == "x":
+        pix = lambda i, r, c: (i * h + r) * w + c  # noqa: E731
+        x[pix(0, 4, 2), 0] = NAN     # last row
+        x[pix(1, 1, 6), 1] = INF     # last column
+        x[pix(1, 4, 6), 2] = -INF    # the corner: -Inf after the BatchNorm
+        x[pix(0, 2, 6), NEG] = INF   # last column, -Inf after the BatchNorm
+        x[pix(1, 2, 3), 4] = NAN     # interior
+    else:
+        grad[0, 1, 1, 2] = NAN
+        grad[1, 3, 0, 0] = NAN
+    return x, gamma, beta, rm, rv, grad
+
+
+@pytest.mark.parametrize("batch_stats", [False, True], ids=["running_stats", "batch_stats"])
+@pytest.mark.parametrize("scenario", ["x", "grad"], ids=["nonfinite_x", "nan_grad"])
+@pytest.mark.parametrize("impl", ["cpu", "triton", "aten"])
+def test_transition_nonfinite_with_odd_sizes(impl, scenario, batch_stats):
+    """Odd H and W: torch's transition convolves before it pools and its BatchNorm backward sums over
+    every pixel, so a NaN or Inf on the last row / column (which the pool drops: output finite,
+    gradient 0 there) still makes that channel's dgamma (0*xhat) and, where relu(bn(x)) is NaN or +Inf,
+    its dweight column (0*relu) NaN; a NaN gradient reaches the window's four pixels only."""
+    if impl == "triton" and TRITON_DEVICE is None:
+        pytest.skip("Triton kernels need TRITON_INTERPRET=1 or a CUDA device")
+    device = TRITON_DEVICE if impl == "triton" else "cpu"
+    n, h, w = ODD_NHW
+    x, gamma, beta, rm, rv, grad = _odd_inputs(scenario)
+    wd = (torch.randn(COUT, C, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+          / C ** 0.5).requires_grad_()
+    out, grads, vecs = bnrelu_reference(x, ODD_NHW, gamma, beta, batch_stats, rm, rv,
                                         lambda a: F.avg_pool2d(F.conv2d(a, wd[:, :, None, None]), 2), grad)
     want = dict(out=_rows(out), dweight=wd.grad, **grads)
-    mean, rstd, scale, shift = _vectors(vecs, "cpu")
-    got_out = torch.empty(n * (h // 2) * (w // 2), COUT)
-    wf = wd.detach().float()
-    avgpool_op.bnrelu_avgpool_conv1x1_fwd(x.float(), scale, shift, wf, [n, h, w], got_out)
-    dx, dweight, dgamma, dbeta = avgpool_op.bnrelu_avgpool_conv1x1_bwd(
-        _rows(grad).float().contiguous(), x.float(), scale, shift, wf, [n, h, w], mean, rstd, batch_stats)
-    assert batch_stats or torch.isfinite(want["out"]).all()  # the dropped pixels never reach the output
-    assert torch.isnan(want["dgamma"][:3]).all() and torch.isnan(want["dweight"][:, :2]).all()
-    assert_same_nonfinite(dict(out=got_out, dx=dx, dweight=dweight, dgamma=dgamma, dbeta=dbeta), want)
+    if scenario == "x":  # the case is the one described: finite output, NaN from the dropped pixels
+        assert batch_stats or int(torch.isnan(want["out"]).any(1).sum()) == 1  # the interior NaN's window only
+        assert torch.isnan(want["dgamma"][:4]).all() and torch.isnan(want["dweight"][:, :2]).all()
+        assert batch_stats or torch.isfinite(want["dweight"][:, 2:4]).all()
+    got = _avgpool_conv1x1(impl, x.float().to(device), _vectors(vecs, device), wd.detach().float().to(device),
+                           _rows(grad).float().to(device).contiguous(), batch_stats, nhw=ODD_NHW)
+    assert_same_nonfinite(got, want)
