@@ -95,3 +95,15 @@ def test_results_table_with_budget_searches(tmp_path):
     assert "| fused | 12 | 190 (190.0M) | 250 |" in text
     assert "| densenet121_n64 | torchvision | 32 | 64 |" in text
     assert len(B.plot(rows, budget, str(tmp_path / "p"), B.environment("cpu"))) == 2
+
+
+@pytest.mark.parametrize("i", [1, 2, 3, 4])
+def test_densenet121_block_cases_are_torchvisions_blocks(i):
+    import torchvision
+
+    with torch.device("meta"):
+        block = getattr(torchvision.models.densenet121().features, f"denseblock{i}")
+    case = B.densenet121_block(i, 2)
+    assert (case.layers, case.c0, case.growth) == (len(block), block.denselayer1.norm1.num_features,
+                                                   block.denselayer1.conv2.out_channels)
+    assert case.hw == 224 // 2 ** (i + 1)
