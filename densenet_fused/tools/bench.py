@@ -22,7 +22,7 @@ import platform
 import statistics
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -493,40 +493,40 @@ def one_step(case, provider, device, dtype, builder) -> dict:
     return row
 
 
-def depth_at_budget(device: str, budget_gb: float, growth: int, providers, depths, batch=64, dtype="bf16",
-                    progress=None) -> List[dict]:
-    """Deepest DenseNet-BC (3 blocks, 32x32) each provider trains one step of under a memory cap."""
+def _under_cap(device: str, budget_gb: float, providers, values, row_of, progress) -> List[dict]:
+    """``row_of(provider, value)`` for each provider and the ascending ``values`` under a memory cap, up to
+    the first whose status is not "ok" (its row included)."""
     rows = []
     with MemoryCap(device, budget_gb):
         for p in providers:
-            for depth in depths:
-                case = Case(f"densenet_bc{depth}_k{growth}", "model", batch, 32, c0=3)
-                rows.append({"search": "depth", "provider": p, "depth": depth, "growth": growth, "batch": batch,
-                             "dtype": dtype, "budget_gb": budget_gb,
-                             **one_step(case, p, device, dtype, _bc_builder(depth, growth))})
+            for value in values:
+                rows.append(row_of(p, value))
                 if progress is not None:
                     progress.update(1)
                 if rows[-1]["status"] != "ok":
                     break
     return rows
+
+
+def depth_at_budget(device: str, budget_gb: float, growth: int, providers, depths, batch=64, dtype="bf16",
+                    progress=None) -> List[dict]:
+    """Deepest DenseNet-BC (3 blocks, 32x32) each provider trains one step of under a memory cap."""
+    def row_of(p, depth):
+        case = Case(f"densenet_bc{depth}_k{growth}", "model", batch, 32, c0=3)
+        return {"search": "depth", "provider": p, "depth": depth, "growth": growth, "batch": batch, "dtype": dtype,
+                "budget_gb": budget_gb, **one_step(case, p, device, dtype, _bc_builder(depth, growth))}
+
+    return _under_cap(device, budget_gb, providers, depths, row_of, progress)
 
 
 def batch_at_budget(device: str, budget_gb: float, case: Case, providers, batches, dtype="bf16",
                     progress=None) -> List[dict]:
     """Largest batch of ``case`` each provider trains one step of under a memory cap."""
-    rows = []
-    with MemoryCap(device, budget_gb):
-        for p in providers:
-            for batch in batches:
-                c = Case(case.name, case.kind, batch, case.hw, case.layers, case.c0, case.growth, case.bn_size,
-                         case.arch)
-                rows.append({"search": "batch", "case": case.name, "provider": p, "batch": batch, "dtype": dtype,
-                             "budget_gb": budget_gb, **one_step(c, p, device, dtype, build)})
-                if progress is not None:
-                    progress.update(1)
-                if rows[-1]["status"] != "ok":
-                    break
-    return rows
+    def row_of(p, batch):
+        return {"search": "batch", "case": case.name, "provider": p, "batch": batch, "dtype": dtype,
+                "budget_gb": budget_gb, **one_step(replace(case, batch=batch), p, device, dtype, build)}
+
+    return _under_cap(device, budget_gb, providers, batches, row_of, progress)
 
 
 def write_json(path, env: dict, rows: List[dict], budget_rows: Optional[List[dict]] = None) -> None:
