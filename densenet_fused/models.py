@@ -47,14 +47,15 @@ def densenet_bc_config(depth: int, growth_rate: int) -> DenseNetConfig:
 class DenseNet(nn.Module):
     """DenseNet-BC (Huang et al. 2017) with fused dense blocks.
 
-    Args are torchvision's (defaults: densenet121); ``small_inputs=True`` uses the CIFAR stem (one 3x3 convolution,
-    no BN/pooling before the first block) for 32x32 inputs.
+    Args are torchvision's (defaults: densenet121); ``small_inputs=True`` uses the CIFAR stem (one 3x3
+    convolution, no BN/pooling before the first block) for 32x32 inputs.
     """
 
     def __init__(self, growth_rate: int = CONFIGS["densenet121"].growth_rate,
                  block_config: Sequence[int] = CONFIGS["densenet121"].block_config,
-                 num_init_features: int = CONFIGS["densenet121"].num_init_features, bn_size: int = 4, drop_rate: float = 0.0, num_classes: int = 1000,
-                 memory_efficient: bool = False, small_inputs: bool = False) -> None:
+                 num_init_features: int = CONFIGS["densenet121"].num_init_features, bn_size: int = 4,
+                 drop_rate: float = 0.0, num_classes: int = 1000, memory_efficient: bool = False,
+                 small_inputs: bool = False) -> None:
         super().__init__()
         if small_inputs:
             stem = [("conv0", nn.Conv2d(3, num_init_features, kernel_size=3, stride=1, padding=1, bias=False))]
