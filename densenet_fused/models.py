@@ -8,7 +8,7 @@ with torchvision's.
 forward on the same parameters (``__prepare_scriptable__``): the scripted model runs unfused.
 """
 from collections import OrderedDict
-from typing import Sequence
+from typing import Dict, NamedTuple, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -19,16 +19,43 @@ from .modules import FusedDenseBlock
 from .transition import FusedTransition
 
 
+class DenseNetConfig(NamedTuple):
+    """The architecture of a DenseNet: ``DenseNet(**config._asdict())``."""
+    growth_rate: int
+    block_config: Tuple[int, ...]
+    num_init_features: int
+
+
+# torchvision's configurations (densenet264: Huang et al. 2017), the one table the tools read as well.
+CONFIGS: Dict[str, DenseNetConfig] = {
+    "densenet121": DenseNetConfig(32, (6, 12, 24, 16), 64),
+    "densenet161": DenseNetConfig(48, (6, 12, 36, 24), 96),
+    "densenet169": DenseNetConfig(32, (6, 12, 32, 32), 64),
+    "densenet201": DenseNetConfig(32, (6, 12, 48, 32), 64),
+    "densenet264": DenseNetConfig(32, (6, 12, 64, 48), 64),
+}
+
+
+def densenet_bc_config(depth: int, growth_rate: int) -> DenseNetConfig:
+    """DenseNet-BC for 32x32 inputs: 3 blocks of (depth - 4) / 6 layers, 2k stem features."""
+    if depth < 10 or (depth - 4) % 6 != 0:
+        raise ValueError(f"densenet_bc: expected depth = 6n + 4 with n >= 1 (e.g. 100, 190, 250), got {depth}")
+    n = (depth - 4) // 6
+    return DenseNetConfig(growth_rate, (n, n, n), 2 * growth_rate)
+
+
 class DenseNet(nn.Module):
     """DenseNet-BC (Huang et al. 2017) with fused dense blocks.
 
-    Args are torchvision's; ``small_inputs=True`` uses the CIFAR stem (one 3x3 convolution,
-    no BN/pooling before the first block) for 32x32 inputs.
+    Args are torchvision's (defaults: densenet121); ``small_inputs=True`` uses the CIFAR stem (one 3x3
+    convolution, no BN/pooling before the first block) for 32x32 inputs.
     """
 
-    def __init__(self, growth_rate: int = 32, block_config: Sequence[int] = (6, 12, 24, 16),
-                 num_init_features: int = 64, bn_size: int = 4, drop_rate: float = 0.0, num_classes: int = 1000,
-                 memory_efficient: bool = False, small_inputs: bool = False) -> None:
+    def __init__(self, growth_rate: int = CONFIGS["densenet121"].growth_rate,
+                 block_config: Sequence[int] = CONFIGS["densenet121"].block_config,
+                 num_init_features: int = CONFIGS["densenet121"].num_init_features, bn_size: int = 4,
+                 drop_rate: float = 0.0, num_classes: int = 1000, memory_efficient: bool = False,
+                 small_inputs: bool = False) -> None:
         super().__init__()
         if small_inputs:
             stem = [("conv0", nn.Conv2d(3, num_init_features, kernel_size=3, stride=1, padding=1, bias=False))]
@@ -93,29 +120,31 @@ class ScriptableDenseNet(nn.Module):
         return self.classifier(torch.flatten(out, 1))
 
 
+def _named(name: str, kwargs) -> DenseNet:
+    return DenseNet(**CONFIGS[name]._asdict(), **kwargs)
+
+
 def densenet121(**kwargs) -> DenseNet:
-    return DenseNet(32, (6, 12, 24, 16), 64, **kwargs)
+    return _named("densenet121", kwargs)
 
 
 def densenet161(**kwargs) -> DenseNet:
-    return DenseNet(48, (6, 12, 36, 24), 96, **kwargs)
+    return _named("densenet161", kwargs)
 
 
 def densenet169(**kwargs) -> DenseNet:
-    return DenseNet(32, (6, 12, 32, 32), 64, **kwargs)
+    return _named("densenet169", kwargs)
 
 
 def densenet201(**kwargs) -> DenseNet:
-    return DenseNet(32, (6, 12, 48, 32), 64, **kwargs)
+    return _named("densenet201", kwargs)
 
 
 def densenet264(**kwargs) -> DenseNet:
-    return DenseNet(32, (6, 12, 64, 48), 64, **kwargs)
+    return _named("densenet264", kwargs)
 
 
 def densenet_bc(depth: int = 100, growth_rate: int = 12, num_classes: int = 10, **kwargs) -> DenseNet:
     """DenseNet-BC for 32x32 inputs: 3 blocks of (depth - 4) / 6 layers, 2k stem features."""
-    if depth < 10 or (depth - 4) % 6 != 0:
-        raise ValueError(f"densenet_bc: expected depth = 6n + 4 with n >= 1 (e.g. 100, 190, 250), got {depth}")
-    n = (depth - 4) // 6
-    return DenseNet(growth_rate, (n, n, n), 2 * growth_rate, num_classes=num_classes, small_inputs=True, **kwargs)
+    return DenseNet(**densenet_bc_config(depth, growth_rate)._asdict(), num_classes=num_classes, small_inputs=True,
+                    **kwargs)

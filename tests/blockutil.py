@@ -31,6 +31,23 @@ def make_pair(dtype=torch.float64, drop_rate=0.0, num_layers=5, num_input_featur
     return ref, fused
 
 
+def dropout_blocks(p, num_input_features, growth_rate):
+    """One layer (bn_size 2, float64) three times with the same weights: torchvision's, the fused one
+    without dropout and the fused one with drop_rate ``p``."""
+    ref, plain = make_pair(torch.float64, num_layers=1, num_input_features=num_input_features,
+                           growth_rate=growth_rate, bn_size=2)
+    dropped = FusedDenseBlock(1, num_input_features, 2, growth_rate, drop_rate=p).double()
+    dropped.load_state_dict(plain.state_dict())
+    return ref, plain, dropped
+
+
+def new_features_in_training(plain, dropped, x):
+    """The new features (the channels after x's) of ``plain`` and ``dropped`` in training mode."""
+    c = x.shape[1]
+    with torch.no_grad():
+        return plain.train()(x)[:, c:], dropped.train()(x)[:, c:]
+
+
 def run_step(block, x, grad):
     xi = x.detach().clone().requires_grad_()
     block.zero_grad(set_to_none=True)

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from blockutil import ODD, SavedBytes, assert_close, make_pair, run_step
+from blockutil import ODD, SavedBytes, assert_close, dropout_blocks, make_pair, new_features_in_training, run_step
 from densenet_fused import FusedDenseBlock, FusedDenseLayer
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-4}
@@ -93,13 +93,9 @@ def test_gradcheck_train_and_eval():
 def test_dropout_distribution_and_scaling():
     torch.manual_seed(0)
     p = 0.3
-    _, plain = make_pair(torch.float64, num_layers=1, num_input_features=6, growth_rate=64, bn_size=2)
-    dropped = FusedDenseBlock(1, 6, 2, 64, drop_rate=p).double()
-    dropped.load_state_dict(plain.state_dict())
+    _, plain, dropped = dropout_blocks(p, num_input_features=6, growth_rate=64)
     x = torch.randn(8, 6, 16, 16, dtype=torch.float64)
-    with torch.no_grad():
-        ref = plain.train()(x)[:, 6:]
-        out = dropped.train()(x)[:, 6:]
+    ref, out = new_features_in_training(plain, dropped, x)
     kept = out != 0
     # every element is either dropped or scaled by 1/(1-p), as F.dropout does
     torch.testing.assert_close(out[kept], ref[kept] / (1 - p), rtol=1e-12, atol=1e-12)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torchvision.models.densenet import _DenseBlock
 
-from blockutil import assert_close, make_pair, randomize_bn
+from blockutil import assert_close, dropout_blocks, make_pair, new_features_in_training, randomize_bn
 from densenet_fused import FusedDenseBlock
 
 C0, K = 5, 3
@@ -197,13 +197,9 @@ def test_dropout_keeps_the_expected_square():
     statistic's relative spread here is about 0.002."""
     torch.manual_seed(0)
     p = 0.3
-    _, plain = make_pair(torch.float64, num_layers=1, num_input_features=4, growth_rate=32, bn_size=2)
-    dropped = FusedDenseBlock(1, 4, 2, 32, drop_rate=p).double()
-    dropped.load_state_dict(plain.state_dict())
+    _, plain, dropped = dropout_blocks(p, num_input_features=4, growth_rate=32)
     x = torch.randn(16, 4, 16, 16, dtype=torch.float64)
-    with torch.no_grad():
-        ref = plain.train()(x)[:, 4:]
-        out = dropped.train()(x)[:, 4:]
+    ref, out = new_features_in_training(plain, dropped, x)
     ratio = out.pow(2).sum().item() * (1 - p) / ref.pow(2).sum().item()
     assert abs(ratio - 1) < 0.02, f"E[out^2] (1-p) / y^2 = {ratio:.4f}, expected 1"
 
@@ -213,9 +209,7 @@ def test_dropout_backward_scales_kept_gradients():
     output: compared with torchvision's layer (no dropout) fed that masked, scaled gradient."""
     torch.manual_seed(0)
     p = 0.4
-    ref, plain = make_pair(torch.float64, num_layers=1, num_input_features=4, growth_rate=6, bn_size=2)
-    dropped = FusedDenseBlock(1, 4, 2, 6, drop_rate=p).double()
-    dropped.load_state_dict(plain.state_dict())
+    ref, _, dropped = dropout_blocks(p, num_input_features=4, growth_rate=6)
     x = torch.randn(3, 4, 5, 5, dtype=torch.float64)
     g_new = torch.randn(3, 6, 5, 5, dtype=torch.float64)
     y = dropped.train()(x)

@@ -22,10 +22,13 @@ import platform
 import statistics
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Callable, Dict, List, Optional
 
 import torch
+
+from ..models import CONFIGS, densenet_bc_config
+from .baseline import torchvision_densenet
 
 PROVIDERS = ("fused", "fused_graphed", "fused_keep_b", "fused_aten3x3", "torchvision", "torchvision_me",
              "torchvision_compile", "torchvision_graphed", "torchvision_compile_budget0.3",
@@ -76,15 +79,26 @@ class Case:
     arch: str = ""            # model: densenet121 / densenet201 / densenet264
 
 
-def _dn121(i, n):
-    layers, c0, hw = [(6, 64, 56), (12, 128, 28), (24, 256, 14), (16, 512, 7)][i - 1]
-    return Case(f"densenet121_block{i}_n{n}", "block", n, hw, layers, c0)
+def densenet121_block(i, n):
+    """Block i of densenet121 on 224x224 images: its layers, input channels and size from the configuration
+    (the stem takes 224 to 56; each transition halves channels and size)."""
+    growth, blocks, c0 = CONFIGS["densenet121"]
+    hw = 56
+    for layers in blocks[:i - 1]:
+        c0, hw = (c0 + layers * growth) // 2, hw // 2
+    return Case(f"densenet121_block{i}_n{n}", "block", n, hw, blocks[i - 1], c0, growth)
+
+
+def densenet_bc_block1(depth, growth, n):
+    """Block 1 of DenseNet-BC (depth, growth) on 32x32 images."""
+    config = densenet_bc_config(depth, growth)
+    return Case(f"densenet_bc{depth}_k{growth}_block1_n{n}", "block", n, 32, config.block_config[0],
+                config.num_init_features, growth)
 
 
 CASES: Dict[str, Case] = {c.name: c for c in (
-    [_dn121(i, n) for i in (1, 2, 3, 4) for n in (64, 128)]
-    + [Case("densenet_bc100_k12_block1_n64", "block", 64, 32, 16, 24, 12),
-       Case("densenet_bc190_k40_block1_n64", "block", 64, 32, 31, 80, 40),
+    [densenet121_block(i, n) for i in (1, 2, 3, 4) for n in (64, 128)]
+    + [densenet_bc_block1(100, 12, 64), densenet_bc_block1(190, 40, 64),
        Case("densenet121_n64", "model", 64, 224, arch="densenet121"),
        Case("densenet121_n128", "model", 128, 224, arch="densenet121"),  # a whole model at the batch of the block cases
        Case("densenet201_n64", "model", 64, 224, arch="densenet201"),
@@ -92,17 +106,13 @@ CASES: Dict[str, Case] = {c.name: c for c in (
 
 # A few seconds on a CPU: what `bench --quick --device cpu` and the CI harness tests run.
 CPU_CASES: Dict[str, Case] = {c.name: c for c in (
-    Case("densenet_bc100_k12_block1_n4", "block", 4, 32, 16, 24, 12),
-    Case("densenet121_block3_n2", "block", 2, 14, 24, 256),
+    densenet_bc_block1(100, 12, 4),
+    densenet121_block(3, 2),
 )}
-
-_TV_ARCH = {"densenet121": (32, (6, 12, 24, 16), 64), "densenet201": (32, (6, 12, 48, 32), 64),
-            "densenet264": (32, (6, 12, 64, 48), 64)}
 
 
 def build(case: Case, provider: str, device) -> torch.nn.Module:
     """The module a provider trains for a case (fresh weights, training mode)."""
-    import torchvision
     from torchvision.models.densenet import _DenseBlock
 
     from .. import models
@@ -117,11 +127,10 @@ def build(case: Case, provider: str, device) -> torch.nn.Module:
         cls = FusedDenseBlock if fused else _DenseBlock
         m = cls(case.layers, case.c0, case.bn_size, case.growth, 0.0, memory_efficient=me)
     else:
-        growth, blocks, init = _TV_ARCH[case.arch]
         if fused:
-            m = models.DenseNet(growth, blocks, init)
+            m = getattr(models, case.arch)()
         else:
-            m = torchvision.models.DenseNet(growth, blocks, init, memory_efficient=me)
+            m = torchvision_densenet(CONFIGS[case.arch], memory_efficient=me)
     for block in m.modules():
         if isinstance(block, FusedDenseBlock):
             # the memory mode that keeps each layer's bottleneck output
@@ -454,9 +463,8 @@ BUDGET_PROVIDERS = ("fused", "torchvision", "torchvision_me")  # what the depth-
 def _bc_builder(depth, growth):
     """DenseNet-BC of a depth for 32x32 inputs, fused or torchvision (with the CIFAR stem)."""
     from .. import models
-    import torchvision
 
-    n = (depth - 4) // 6
+    config = densenet_bc_config(depth, growth)
 
     def builder(case, provider, device):
         if provider not in BUDGET_PROVIDERS:
@@ -464,12 +472,8 @@ def _bc_builder(depth, growth):
         if provider == "fused":
             m = models.densenet_bc(depth, growth, 10)
         else:
-            m = torchvision.models.DenseNet(growth, (n, n, n), 2 * growth, num_classes=10,
-                                            memory_efficient=provider == "torchvision_me")
-            m.features.conv0 = torch.nn.Conv2d(3, 2 * growth, 3, 1, 1, bias=False)
-            m.features.norm0 = torch.nn.Identity()  # the CIFAR stem: one 3x3 convolution, as densenet_bc
-            m.features.relu0 = torch.nn.Identity()
-            m.features.pool0 = torch.nn.Identity()
+            m = torchvision_densenet(config, num_classes=10, small_inputs=True,
+                                     memory_efficient=provider == "torchvision_me")
         return m.to(device).to(memory_format=torch.channels_last).train()
 
     return builder
@@ -489,40 +493,40 @@ def one_step(case, provider, device, dtype, builder) -> dict:
     return row
 
 
-def depth_at_budget(device: str, budget_gb: float, growth: int, providers, depths, batch=64, dtype="bf16",
-                    progress=None) -> List[dict]:
-    """Deepest DenseNet-BC (3 blocks, 32x32) each provider trains one step of under a memory cap."""
+def _under_cap(device: str, budget_gb: float, providers, values, row_of, progress) -> List[dict]:
+    """``row_of(provider, value)`` for each provider and the ascending ``values`` under a memory cap, up to
+    the first whose status is not "ok" (its row included)."""
     rows = []
     with MemoryCap(device, budget_gb):
         for p in providers:
-            for depth in depths:
-                case = Case(f"densenet_bc{depth}_k{growth}", "model", batch, 32, c0=3)
-                rows.append({"search": "depth", "provider": p, "depth": depth, "growth": growth, "batch": batch,
-                             "dtype": dtype, "budget_gb": budget_gb,
-                             **one_step(case, p, device, dtype, _bc_builder(depth, growth))})
+            for value in values:
+                rows.append(row_of(p, value))
                 if progress is not None:
                     progress.update(1)
                 if rows[-1]["status"] != "ok":
                     break
     return rows
+
+
+def depth_at_budget(device: str, budget_gb: float, growth: int, providers, depths, batch=64, dtype="bf16",
+                    progress=None) -> List[dict]:
+    """Deepest DenseNet-BC (3 blocks, 32x32) each provider trains one step of under a memory cap."""
+    def row_of(p, depth):
+        case = Case(f"densenet_bc{depth}_k{growth}", "model", batch, 32, c0=3)
+        return {"search": "depth", "provider": p, "depth": depth, "growth": growth, "batch": batch, "dtype": dtype,
+                "budget_gb": budget_gb, **one_step(case, p, device, dtype, _bc_builder(depth, growth))}
+
+    return _under_cap(device, budget_gb, providers, depths, row_of, progress)
 
 
 def batch_at_budget(device: str, budget_gb: float, case: Case, providers, batches, dtype="bf16",
                     progress=None) -> List[dict]:
     """Largest batch of ``case`` each provider trains one step of under a memory cap."""
-    rows = []
-    with MemoryCap(device, budget_gb):
-        for p in providers:
-            for batch in batches:
-                c = Case(case.name, case.kind, batch, case.hw, case.layers, case.c0, case.growth, case.bn_size,
-                         case.arch)
-                rows.append({"search": "batch", "case": case.name, "provider": p, "batch": batch, "dtype": dtype,
-                             "budget_gb": budget_gb, **one_step(c, p, device, dtype, build)})
-                if progress is not None:
-                    progress.update(1)
-                if rows[-1]["status"] != "ok":
-                    break
-    return rows
+    def row_of(p, batch):
+        return {"search": "batch", "case": case.name, "provider": p, "batch": batch, "dtype": dtype,
+                "budget_gb": budget_gb, **one_step(replace(case, batch=batch), p, device, dtype, build)}
+
+    return _under_cap(device, budget_gb, providers, batches, row_of, progress)
 
 
 def write_json(path, env: dict, rows: List[dict], budget_rows: Optional[List[dict]] = None) -> None:

@@ -28,7 +28,7 @@ QUANTITIES = ("output", "input grad", "worst param grad")
 
 def _case(device: torch.device) -> "B.Case":
     n = 64 if device.type == "cuda" else 8
-    return B.Case(f"densenet_bc100_k12_block1_n{n}", "block", n, 32, 16, 24, 12)
+    return B.densenet_bc_block1(100, 12, n)
 
 
 def _step(block, x, grad):

@@ -18,14 +18,13 @@ gradient) and its ratio.  The GPU is replaced, nothing above it:
   their real host side costs (argument checks, allocation, one launch);
 - torchvision's block runs on CPU tensors of its real channel counts at the smallest spatial size
   (N=2, 2x2 pixels, float32, one thread): the same modules, autograd engine and ATen dispatch, with
-  CPU kernels about as cheap as a CUDA launch's host side.  (On meta tensors torch 2.14 runs much of
-  torchvision's step through Python decompositions, BatchNorm's backward among them: 20x its real
-  host time, a baseline that would flatter the fused block.)  Calibration: DenseNet-121 block 3 so
-  measured takes 30 ms per step on the 2-core CI machine; on an H100 host at N=4 (GPU idle) the
-  profiler measured 33 ms.
+  CPU kernels about as cheap as a CUDA launch's host side.  (On meta tensors torch runs much of
+  torchvision's step through Python decompositions, BatchNorm's backward among them: a baseline far
+  slower than its real host time, that would flatter the fused block.)  The calibration of this
+  baseline against a GPU host: benchmarks/results/host_cost_calibration.md.
 The fused block runs in bf16 parameters and inputs (autocast does not apply to meta tensors: it pays
-no weight cast), channels-last, training mode.  The real driver's launch (``cuLaunchKernel``, 2-5 us)
-is absent from the fused side.  These numbers predict; on a GPU, the profiler has the last word.
+no weight cast), channels-last, training mode.  The real driver's launch (``cuLaunchKernel``) is
+absent from the fused side.  These numbers predict; on a GPU, the profiler has the last word.
 """
 import contextlib
 import json

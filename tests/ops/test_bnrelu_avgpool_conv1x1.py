@@ -1,8 +1,6 @@
 """bnrelu_avgpool_conv1x1 (the fused transition) against plain PyTorch (BatchNorm, ReLU, 1x1
 convolution, AvgPool2d(2, 2)) in float64 autograd: the C++ CPU kernel (float64, float32) and the
 Triton kernels (CPU tensors under TRITON_INTERPRET=1, or a GPU)."""
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,9 +8,7 @@ import torch.nn.functional as F
 from bnrelu_reference import assert_all_close, bnrelu_reference, rel_err
 from densenet_fused.ops import bnrelu_avgpool_conv1x1 as op
 from densenet_fused.ops import bnrelu_avgpool_conv1x1_bwd, bnrelu_avgpool_conv1x1_fwd
-
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-TRITON_DEVICE = "cpu" if INTERPRET else ("cuda" if torch.cuda.is_available() else None)
+from opsutil import TRITON_DEVICE, cpu_kernel_cases, triton_kernel_cases
 
 # (N, H, W, C_total, C, Cout): odd H/W (the floor drops the last row/column), C not a multiple of 8,
 # strided slices of a wider buffer
@@ -64,16 +60,12 @@ def _run(fwd, bwd, shape, dtype, device, batch_stats, tol):
     assert_all_close(ref, tol, dx=dx, dweight=dweight, dgamma=dgamma, dbeta=dbeta)
 
 
-@pytest.mark.parametrize("batch_stats", [True, False])
-@pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+@cpu_kernel_cases(SHAPES, float32_tol=1e-5)
 def test_cpu_kernel_matches_reference(shape, dtype, tol, batch_stats):
     _run(bnrelu_avgpool_conv1x1_fwd, bnrelu_avgpool_conv1x1_bwd, shape, dtype, "cpu", batch_stats, tol)
 
 
-@pytest.mark.skipif(TRITON_DEVICE is None, reason="Triton kernels need TRITON_INTERPRET=1 or a CUDA device")
-@pytest.mark.parametrize("batch_stats", [True, False])
-@pytest.mark.parametrize("shape", SHAPES + [(2, 11, 9, 24, 21, 35)])  # several row / column / Cout tiles
+@triton_kernel_cases(SHAPES + [(2, 11, 9, 24, 21, 35)])  # several row / column / Cout tiles
 def test_triton_kernels_match_reference(shape, batch_stats, no_tf32):
     _run(op.triton_fwd, op.triton_bwd, shape, torch.float32, TRITON_DEVICE, batch_stats, 2e-5)
 

@@ -4,6 +4,7 @@ import torch
 import oracle
 from densenet_fused.ops import bnrelu_conv1x1 as op
 from densenet_fused.ops.bn_grad_finish import bn_grad_finish
+from opsutil import assert_deterministic, conv1x1_backward_into_zeros
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-4}
 SHAPES = [(1, 5, 0, 5, 3), (37, 20, 0, 13, 9), (300, 41, 0, 29, 12), (517, 64, 0, 50, 17)]
@@ -28,11 +29,21 @@ def _close(got, want, dtype):
 IMPLS = {"op": (op.bnrelu_conv1x1_fwd, op.bnrelu_conv1x1_bwd), "chunked_aten": (op.fwd_chunked, op.bwd_chunked)}
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("m,c_total,c_begin,c,cout", SHAPES)
-def test_forward(device, impl, dtype, m, c_total, c_begin, c, cout, monkeypatch):
-    monkeypatch.setattr(op, "_CHUNK_ROWS", 128)  # several chunks for the chunked kernel
+def every_case(test):
+    """``test`` for each implementation, float64 and float32, and each of SHAPES."""
+    test = pytest.mark.parametrize("m,c_total,c_begin,c,cout", SHAPES)(test)
+    test = pytest.mark.parametrize("dtype", [torch.float64, torch.float32])(test)
+    return pytest.mark.parametrize("impl", IMPLS)(test)
+
+
+@pytest.fixture
+def several_chunks(monkeypatch):
+    """Chunks of 128 rows: several of them for the chunked kernel on SHAPES."""
+    monkeypatch.setattr(op, "_CHUNK_ROWS", 128)
+
+
+@every_case
+def test_forward(device, impl, dtype, m, c_total, c_begin, c, cout, several_chunks):
     fwd, _ = IMPLS[impl]
     x, scale, shift, weight, _, _ = _args(m, c_total, c_begin, c, cout, dtype, device)
     out, mean, var = fwd(x, scale, shift, weight, True)
@@ -64,11 +75,8 @@ def test_bn_out_bad_input():
         op.bnrelu_conv1x1_fwd(x, scale, shift, weight, True, torch.empty(3, 8), g, g)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("m,c_total,c_begin,c,cout", SHAPES)
-def test_backward(device, impl, dtype, m, c_total, c_begin, c, cout, monkeypatch):
-    monkeypatch.setattr(op, "_CHUNK_ROWS", 128)
+@every_case
+def test_backward(device, impl, dtype, m, c_total, c_begin, c, cout, several_chunks):
     _, bwd = IMPLS[impl]
     x, scale, shift, weight, mean, rstd = _args(m, c_total, c_begin, c, cout, dtype, device)
     dout = torch.randn(m, cout, dtype=dtype, device=device)
@@ -102,12 +110,8 @@ def test_backward_matches_autograd_of_unfused_chain():
 def test_deterministic(device):
     x, scale, shift, weight, mean, rstd = _args(3000, 40, 0, 40, 16, torch.float32, device)
     dout = torch.randn(3000, 16, device=device)
-    runs = []
-    for _ in range(2):
-        G = torch.zeros(3000, 40, device=device)
-        runs.append((G,) + op.bnrelu_conv1x1_bwd(dout, x, scale, shift, weight, mean, rstd, G))
-    for a, b in zip(*runs):
-        assert torch.equal(a, b)
+    assert_deterministic(lambda: conv1x1_backward_into_zeros(op.bnrelu_conv1x1_bwd, dout, x, scale, shift, weight,
+                                                             mean, rstd))
 
 
 def test_opcheck(device):
@@ -171,13 +175,10 @@ def _db_finish_args(m, cout, dtype, device):
     return g2, b, vec[0], vec[1], vec[2], db_scale
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("m,c_total,c_begin,c,cout", SHAPES)
-def test_backward_finishes_db(device, impl, dtype, m, c_total, c_begin, c, cout, monkeypatch):
+@every_case
+def test_backward_finishes_db(device, impl, dtype, m, c_total, c_begin, c, cout, several_chunks):
     # dout = g2 and BN2's terms: the op forms dB itself; the oracle gets dB from plain PyTorch in
     # float64, rounded to the feature dtype
-    monkeypatch.setattr(op, "_CHUNK_ROWS", 128)
     _, bwd = IMPLS[impl]
     x, scale, shift, weight, mean, rstd = _args(m, c_total, c_begin, c, cout, dtype, device)
     g2, b, mu2, p2, q2, s2 = _db_finish_args(m, cout, dtype, device)

@@ -9,6 +9,7 @@ import oracle
 from densenet_fused.ops import bnrelu_conv1x1 as op
 from densenet_fused.ops._triton_common import cuda_gemm_impl
 from flags import patched
+from opsutil import assert_deterministic, conv1x1_backward_into_zeros
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 if INTERPRET:
@@ -154,12 +155,7 @@ def test_backward_finish_accumulates_p_and_q():
 def test_backward_deterministic():
     x, scale, shift, weight, mean, rstd = _args(100, 30, 30, 20, torch.float32)
     dout = torch.randn(100, 20, device=DEVICE)
-    runs = []
-    for _ in range(2):
-        G = torch.zeros(100, 30, device=DEVICE)
-        runs.append((G,) + op.triton_bwd(dout, x, scale, shift, weight, mean, rstd, G))
-    for a, b in zip(*runs):
-        assert torch.equal(a, b)
+    assert_deterministic(lambda: conv1x1_backward_into_zeros(op.triton_bwd, dout, x, scale, shift, weight, mean, rstd))
 
 
 def test_cuda_registration_routes_by_dtype_and_tf32():

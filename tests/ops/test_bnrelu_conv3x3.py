@@ -7,9 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from densenet_fused.ops import bnrelu_conv3x3 as op
+from opsutil import INTERPRET, TRITON_DEVICE, needs_triton
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-TRITON_DEVICE = "cpu" if INTERPRET else ("cuda" if torch.cuda.is_available() else None)
 SHAPES = [(1, 1, 1, 16, 5), (2, 5, 7, 20, 7), (3, 4, 9, 33, 12)]  # N, H, W, Cb, k
 
 
@@ -104,7 +103,7 @@ def test_aten_implementation(device, dtype, shape, no_tf32):
     _run("aten", dtype, device, *shape)
 
 
-@pytest.mark.skipif(TRITON_DEVICE is None, reason="needs TRITON_INTERPRET=1 or a CUDA device")
+@needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16] + ([] if INTERPRET else [torch.bfloat16]))
 # bfloat16 on GPUs only: the interpreter's bf16 tl.dot multiplies bit patterns (triton-lang/triton#11584)
 @pytest.mark.parametrize("shape", SHAPES)

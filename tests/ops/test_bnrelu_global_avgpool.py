@@ -1,8 +1,6 @@
 """bnrelu_global_avgpool (the fused head: norm5, ReLU, global average pool) against plain PyTorch
 in float64 autograd: the C++ CPU kernel (float64, float32) and the Triton kernels (CPU tensors
 under TRITON_INTERPRET=1, or a GPU)."""
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,9 +8,7 @@ import torch.nn.functional as F
 from bnrelu_reference import assert_all_close, bnrelu_reference
 from densenet_fused.ops import bnrelu_global_avgpool as op
 from densenet_fused.ops import bnrelu_global_avgpool_bwd, bnrelu_global_avgpool_fwd
-
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-TRITON_DEVICE = "cpu" if INTERPRET else ("cuda" if torch.cuda.is_available() else None)
+from opsutil import TRITON_DEVICE, cpu_kernel_cases, triton_kernel_cases
 
 # (N, H, W, C_total, C): odd sizes, 1x1 images, strided slices, several pixel / channel blocks
 SHAPES = [(2, 5, 7, 19, 13), (3, 1, 1, 11, 11), (1, 9, 6, 40, 33), (4, 3, 2, 21, 17)]
@@ -52,16 +48,12 @@ def _run(fwd, bwd, shape, dtype, device, batch_stats, tol):
     assert_all_close(ref, tol, dx=dx, dgamma=dgamma, dbeta=dbeta)
 
 
-@pytest.mark.parametrize("batch_stats", [True, False])
-@pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 5e-5)])
+@cpu_kernel_cases(SHAPES, float32_tol=5e-5)
 def test_cpu_kernel_matches_reference(shape, dtype, tol, batch_stats):
     _run(bnrelu_global_avgpool_fwd, bnrelu_global_avgpool_bwd, shape, dtype, "cpu", batch_stats, tol)
 
 
-@pytest.mark.skipif(TRITON_DEVICE is None, reason="Triton kernels need TRITON_INTERPRET=1 or a CUDA device")
-@pytest.mark.parametrize("batch_stats", [True, False])
-@pytest.mark.parametrize("shape", SHAPES)
+@triton_kernel_cases(SHAPES)
 def test_triton_kernels_match_reference(shape, batch_stats):
     _run(op.triton_fwd, op.triton_bwd, shape, torch.float32, TRITON_DEVICE, batch_stats, 5e-5)
 

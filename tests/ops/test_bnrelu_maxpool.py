@@ -1,17 +1,12 @@
 """bnrelu_maxpool (the stem's BatchNorm-ReLU-3x3/2 max pool): the CPU kernels (and the CUDA op where a GPU
 is present) and the Triton kernels (under TRITON_INTERPRET=1 on CPU tensors, or on a GPU) against a
 plain-PyTorch oracle: F.batch_norm -> relu -> F.max_pool2d(3, 2, 1) with autograd, in float64."""
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from densenet_fused.ops import bnrelu_maxpool as op
-
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-TRITON_DEVICE = "cpu" if INTERPRET else ("cuda" if torch.cuda.is_available() else None)
-needs_triton = pytest.mark.skipif(TRITON_DEVICE is None, reason="Triton kernels need TRITON_INTERPRET=1 or CUDA")
+from opsutil import INTERPRET, TRITON_DEVICE, needs_triton
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-4}
 # (N, C, H, W): odd and even sizes (an even H puts the last row in one window only), C not a multiple
@@ -88,12 +83,14 @@ if TRITON_DEVICE is not None:
     IMPLS["triton"] = (op.triton_fwd, op.triton_bwd)
 
 
-def _impl_device(impl, device):
+def _impl(impl, device):
+    """(device, forward, backward) of an implementation: the Triton launchers on TRITON_DEVICE."""
+    fwd, bwd = IMPLS[impl]
     if impl == "triton":
         if device.type != "cpu":  # one run per Triton device: the parametrized device is the op's
             pytest.skip("the Triton launchers run once, on TRITON_DEVICE")
-        return torch.device(TRITON_DEVICE)
-    return device
+        return torch.device(TRITON_DEVICE), fwd, bwd
+    return device, fwd, bwd
 
 
 # ----------------------------------------------------------------------------- forward
@@ -101,8 +98,7 @@ def _impl_device(impl, device):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_forward(device, impl, dtype, shape):
-    device = _impl_device(impl, device)
-    fwd, _ = IMPLS[impl]
+    device, fwd, _ = _impl(impl, device)
     n, c, h, w = shape
     y2, _, _, _, _, _, _, scale, shift = _case(shape, dtype, device, row_pad=3)
     out, index = fwd(y2, scale, shift, [n, h, w])
@@ -118,8 +114,7 @@ def test_forward(device, impl, dtype, shape):
 def test_forward_ties_and_nan(device, impl):
     # small integers: many equal maxima (and all-zero windows after the ReLU); torch's rule takes the first
     # maximum in scan order, a NaN always (the last NaN of the window), and never the padding
-    device = _impl_device(impl, device)
-    fwd, _ = IMPLS[impl]
+    device, fwd, _ = _impl(impl, device)
     n, c, h, w = 3, 7, 9, 8
     y2 = torch.randint(-2, 3, (n * h * w, c)).float()
     y2[torch.rand(y2.shape) < 0.02] = float("nan")
@@ -138,8 +133,7 @@ def test_forward_ties_and_nan(device, impl):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_backward(device, impl, training, dtype, shape):
-    device = _impl_device(impl, device)
-    fwd, bwd = IMPLS[impl]
+    device, fwd, bwd = _impl(impl, device)
     n, c, h, w = shape
     if training and n * h * w == 1:
         pytest.skip("batch statistics need more than one value per channel")
@@ -167,8 +161,7 @@ def test_backward(device, impl, training, dtype, shape):
 @pytest.mark.parametrize("impl", IMPLS)
 def test_backward_routes_ties_like_torch(device, impl):
     # equal maxima: the gradient goes to the position torch's max_pool2d backward routes it to
-    device = _impl_device(impl, device)
-    fwd, bwd = IMPLS[impl]
+    device, fwd, bwd = _impl(impl, device)
     n, c, h, w = 2, 5, 9, 7
     y2 = torch.randint(-1, 3, (n * h * w, c)).double()
     one, zero = torch.ones(c, dtype=torch.float64), torch.zeros(c, dtype=torch.float64)

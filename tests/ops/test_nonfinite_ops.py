@@ -9,8 +9,6 @@ channel with negative gamma, i.e. -Inf after the BatchNorm) or NaN into the upst
 interior pixels (Inf in a gradient is left out: Inf * 0 from a convolution's zero padding is NaN in
 some of torch's own convolution backends and skipped in others).  With batch statistics a
 non-finite value makes its whole channel NaN, in torch as in the fused ops."""
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -26,9 +24,8 @@ from densenet_fused.ops import bnrelu_conv3x3 as conv3x3_op
 from densenet_fused.ops import bnrelu_global_avgpool as head_op
 from densenet_fused.ops import bnrelu_maxpool as maxpool_op
 from flags import patched
+from opsutil import INTERPRET, TRITON_DEVICE
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-TRITON_DEVICE = "cpu" if INTERPRET else ("cuda" if torch.cuda.is_available() else None)
 NAN, INF = float("nan"), float("inf")
 N, H, W, C, COUT = 2, 6, 6, 5, 4
 NEG = 3  # the channel with negative gamma

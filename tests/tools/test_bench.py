@@ -95,3 +95,45 @@ def test_results_table_with_budget_searches(tmp_path):
     assert "| fused | 12 | 190 (190.0M) | 250 |" in text
     assert "| densenet121_n64 | torchvision | 32 | 64 |" in text
     assert len(B.plot(rows, budget, str(tmp_path / "p"), B.environment("cpu"))) == 2
+
+
+@pytest.mark.parametrize("i", [1, 2, 3, 4])
+def test_densenet121_block_cases_are_torchvisions_blocks(i):
+    import torchvision
+
+    with torch.device("meta"):
+        block = getattr(torchvision.models.densenet121().features, f"denseblock{i}")
+    case = B.densenet121_block(i, 2)
+    assert (case.layers, case.c0, case.growth) == (len(block), block.denselayer1.norm1.num_features,
+                                                   block.denselayer1.conv2.out_channels)
+    assert case.hw == 224 // 2 ** (i + 1)
+
+
+def test_budget_searches_stop_each_provider_at_its_first_step_that_does_not_fit(monkeypatch):
+    """depth_at_budget / batch_at_budget (their cap and steps need CUDA: stood in for here): ascending
+    values per provider up to the first that is not "ok", that row kept, one progress tick a step."""
+    import contextlib
+
+    def one_step(case, provider, device, dtype, builder):
+        size = case.batch if case.name == "densenet121_n64" else int(case.name.split("_")[1][2:])
+        limit = {"fused": 100, "torchvision": 40} if case.name != "densenet121_n64" else {"fused": 16}
+        return {"status": "ok" if size <= limit[provider] else "oom", "error": None, "params": 1, "peak_mb": 1.0}
+
+    class Ticks:
+        n = 0
+
+        def update(self, k):
+            self.n += k
+
+    monkeypatch.setattr(B, "MemoryCap", lambda device, budget_gb: contextlib.nullcontext())
+    monkeypatch.setattr(B, "one_step", one_step)
+    ticks = Ticks()
+    rows = B.depth_at_budget("cuda", 8, 12, ["fused", "torchvision"], [40, 100, 190, 250], progress=ticks)
+    assert [(r["search"], r["provider"], r["depth"], r["status"]) for r in rows] == [
+        ("depth", "fused", 40, "ok"), ("depth", "fused", 100, "ok"), ("depth", "fused", 190, "oom"),
+        ("depth", "torchvision", 40, "ok"), ("depth", "torchvision", 100, "oom")]
+    assert ticks.n == 5 and all(r["growth"] == 12 and r["batch"] == 64 and r["budget_gb"] == 8 for r in rows)
+    rows = B.batch_at_budget("cuda", 8, B.CASES["densenet121_n64"], ["fused"], [8, 16, 32, 64])
+    assert [(r["search"], r["case"], r["batch"], r["status"]) for r in rows] == [
+        ("batch", "densenet121_n64", 8, "ok"), ("batch", "densenet121_n64", 16, "ok"),
+        ("batch", "densenet121_n64", 32, "oom")]

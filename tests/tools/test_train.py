@@ -218,3 +218,30 @@ def test_large_imagefolder_images_get_imagenet_style_224_crops(tmp_path):
     assert data.train[0][0].shape == data.val[0][0].shape == (3, 224, 224)
     small = load_data(str(tmp_path), image_size=48)  # --image-size: CIFAR-style at 48x48
     assert small.train[0][0].shape == small.val[0][0].shape == (3, 48, 48)
+
+
+def test_memory_budget_searches_note_what_fits_and_refuse_nothing(monkeypatch):
+    """--memory-budget's outcomes (the searches themselves need CUDA: stood in for here): the batch or
+    depth found is noted; none found is bad input naming the budget."""
+    from types import SimpleNamespace
+
+    from densenet_fused.tools.train import plan
+
+    args = SimpleNamespace(memory_budget=2.5, batch_size=16, baseline=False, model="densenet121")
+    data = SimpleNamespace(image_size=32, train=range(100))
+    found = {"batch": 8, "depth": 190}
+    monkeypatch.setattr(plan, "search_batch", lambda *a: found["batch"])
+    monkeypatch.setattr(plan, "search_depth", lambda *a: found["depth"])
+    notes = []
+    assert plan._budget_batch(args, "cuda", data, None, notes) == 8
+    assert plan._auto_depth(args, "cuda", data, 12, notes) == 190
+    assert notes == ["--memory-budget: batch 8 is the largest power of two up to 16 that fits 2.5 GB",
+                     f"--depth auto: depth 190 is the deepest of {plan.AUTO_DEPTHS} that fits 2.5 GB at batch 16"]
+    found.update(batch=0, depth=0)
+    with pytest.raises(plan.TrainError, match=r"^--memory-budget 2.5 GB: no batch of 2 or more densenet121 "
+                                              r"training steps at 32x32 fits within it$"):
+        plan._budget_batch(args, "cuda", data, None, notes)
+    with pytest.raises(plan.TrainError, match=r"^--memory-budget 2.5 GB: no DenseNet-BC \(k=12\) of depth >= 40 "
+                                              r"trains a step of batch 16 within it$"):
+        plan._auto_depth(args, "cuda", data, 12, notes)
+    assert len(notes) == 2

@@ -1,39 +1,17 @@
 """The model ``densenet-fused train`` trains: the package's DenseNets, torchvision's or timm's
 (converted), or the same architecture on torchvision's unfused blocks (``--baseline``)."""
 import os
-from collections import OrderedDict
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 from torch import nn
 
+from ...models import CONFIGS, densenet_bc_config
+from ..baseline import torchvision_densenet
 from .config import TrainError, first_line
 
-PACKAGE_MODELS = ("densenet121", "densenet161", "densenet169", "densenet201", "densenet264")
+PACKAGE_MODELS = tuple(CONFIGS)
 MODEL_NAMES = ("densenet_bc",) + PACKAGE_MODELS
-
-
-def architecture(model: nn.Module) -> Tuple[int, Tuple[int, ...], int]:
-    """(growth rate, layers per block, stem features) of one of the package's DenseNets, read from
-    the model densenet_fused.models built (the configurations live there alone)."""
-    from ...modules import FusedDenseBlock
-
-    blocks = [m for m in model.features.children() if isinstance(m, FusedDenseBlock)]
-    return blocks[0].growth_rate, tuple(len(b) for b in blocks), model.features.conv0.out_channels
-
-
-def _torchvision_densenet(growth, blocks, init, num_classes, small_inputs):
-    """torchvision's DenseNet (unfused blocks), with the CIFAR stem (one 3x3 convolution) for
-    ``small_inputs``: the same module names and state_dict keys as the package's models."""
-    import torchvision
-
-    m = torchvision.models.DenseNet(growth, blocks, init, num_classes=num_classes)
-    if small_inputs:
-        conv0 = nn.Conv2d(3, init, kernel_size=3, stride=1, padding=1, bias=False)
-        nn.init.kaiming_normal_(conv0.weight)
-        rest = [(n, c) for n, c in m.features.named_children() if n not in ("conv0", "norm0", "relu0", "pool0")]
-        m.features = nn.Sequential(OrderedDict([("conv0", conv0)] + rest))
-    return m
 
 
 def check_model_name(name: str) -> None:
@@ -52,18 +30,17 @@ def _package_model(name, num_classes, depth, growth_rate, baseline) -> nn.Module
     if name == "densenet_bc":
         depth = 100 if depth is None else depth
         growth = 12 if growth_rate is None else growth_rate
-        if depth < 10 or (depth - 4) % 6:
-            raise TrainError(f"--depth {depth}: densenet_bc expects depth = 6n + 4 with n >= 1 (e.g. 40, 100, 190)")
+        try:
+            config = densenet_bc_config(depth, growth)
+        except ValueError as exc:
+            raise TrainError(f"--depth {depth}: {exc}") from None
         if growth < 1:
             raise TrainError(f"--growth-rate {growth}: expected a positive integer")
-        n = (depth - 4) // 6
-        return (_torchvision_densenet(growth, (n, n, n), 2 * growth, num_classes, small_inputs=True) if baseline
+        return (torchvision_densenet(config, num_classes, small_inputs=True) if baseline
                 else models.densenet_bc(depth, growth, num_classes))
-    if not baseline:
-        return getattr(models, name)(num_classes=num_classes)
-    with torch.random.fork_rng(devices=[]):  # read its architecture; the baseline's weights draw the same numbers
-        arch = architecture(getattr(models, name)(num_classes=num_classes))
-    return _torchvision_densenet(*arch, num_classes, small_inputs=False)
+    if baseline:
+        return torchvision_densenet(CONFIGS[name], num_classes)
+    return getattr(models, name)(num_classes=num_classes)
 
 
 def _hub_model(name, num_classes) -> nn.Module:

@@ -5,7 +5,7 @@ import os
 import random
 import tempfile
 from dataclasses import dataclass, field
-from typing import List, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -123,24 +123,29 @@ def _check_writable(out: str) -> None:
 def _auto_depth(args, device, data: Data, growth: int, notes: List[str]) -> int:
     if data.image_size != 32:
         raise TrainError(f"--depth auto searches 32x32 inputs; the data are {data.image_size}x{data.image_size}")
-    depth = search_depth(device, args.memory_budget, growth, args.batch_size, args.baseline)
-    if depth == 0:
-        raise TrainError(f"--memory-budget {args.memory_budget} GB: no DenseNet-BC (k={growth}) of depth "
-                         f">= {AUTO_DEPTHS[0]} trains a step of batch {args.batch_size} within it")
-    notes.append(f"--depth auto: depth {depth} is the deepest of {AUTO_DEPTHS} that fits "
-                 f"{args.memory_budget} GB at batch {args.batch_size}")
-    return depth
+    return _found_within_budget(
+        args, search_depth(device, args.memory_budget, growth, args.batch_size, args.baseline),
+        f"no DenseNet-BC (k={growth}) of depth >= {AUTO_DEPTHS[0]} trains a step of batch {args.batch_size}",
+        lambda depth: f"--depth auto: depth {depth} is the deepest of {AUTO_DEPTHS} that fits "
+                      f"{args.memory_budget} GB at batch {args.batch_size}", notes)
 
 
 def _budget_batch(args, device, data: Data, make_model, notes: List[str]) -> int:
     cap = args.batch_size if args.batch_size is not None else len(data.train)
-    batch = search_batch(make_model, data.image_size, device, args.memory_budget, cap)
-    if batch == 0:
-        raise TrainError(f"--memory-budget {args.memory_budget} GB: no batch of 2 or more {args.model} "
-                         f"training steps at {data.image_size}x{data.image_size} fits within it")
-    notes.append(f"--memory-budget: batch {batch} is the largest power of two up to {cap} that fits "
-                 f"{args.memory_budget} GB")
-    return batch
+    return _found_within_budget(
+        args, search_batch(make_model, data.image_size, device, args.memory_budget, cap),
+        f"no batch of 2 or more {args.model} training steps at {data.image_size}x{data.image_size} fits",
+        lambda batch: f"--memory-budget: batch {batch} is the largest power of two up to {cap} that fits "
+                      f"{args.memory_budget} GB", notes)
+
+
+def _found_within_budget(args, found: int, nothing_fits: str, note: Callable[[int], str], notes: List[str]) -> int:
+    """What a --memory-budget search found: 0 (nothing fits) is an error saying ``nothing_fits`` within
+    the budget; anything else is returned, ``note(found)`` added to the notes."""
+    if found == 0:
+        raise TrainError(f"--memory-budget {args.memory_budget} GB: {nothing_fits} within it")
+    notes.append(note(found))
+    return found
 
 
 def run_config(args, data: Data, depth, growth, batch: int, device: torch.device, world: int) -> dict:
