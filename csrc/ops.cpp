@@ -40,42 +40,38 @@ TORCH_LIBRARY(densenet_fused, m) {
   m.def("bnrelu_conv1x1_fwd(Tensor x, Tensor scale, Tensor shift, Tensor weight, bool stats, "
         "Tensor(a!)? bn_out=None, Tensor? bn_gamma=None, Tensor? bn_beta=None, float bn_eps=0.0) "
         "-> (Tensor out, Tensor mean, Tensor var)");
-  // One-pass backward of bnrelu_conv1x1 with g = (dout @ weight) * (x*scale+shift > 0):
-  // G += scale * g (in place), returns dweight = dout^T @ relu(x*scale+shift) (fp32/fp64),
-  // dgamma = sum(g * (x - mean) * rstd), dbeta = sum(g) per channel.  With P and Q (the
-  // block's per-channel BN-gradient scalars, docs/design.md section 2 fact 3) it also accumulates
-  // P += scale*dbeta/count and Q += scale*rstd*dgamma/count in place.
-  // With db_b, db_mean, db_p, db_q, db_scale, dout is the fp32 (fp64) gradient g2 after BN2's ReLU and the
-  // op finishes BN2's input gradient tile by tile as bn_grad_finish does (one launch and a write and read
-  // of dB less): dB = db_scale*dout - db_p - (db_b - db_mean)*db_q, rounded to x's dtype, is the dout of
-  // the formulas above (db_b: the bottleneck, x's dtype; the vectors: Cout channels, fp32/fp64).
-  m.def("bnrelu_conv1x1_bwd(Tensor dout, Tensor x, Tensor scale, Tensor shift, Tensor weight, "
-        "Tensor mean, Tensor rstd, Tensor(a!) G, Tensor(b!)? P=None, Tensor(c!)? Q=None, int count=0, "
-        "Tensor? db_b=None, Tensor? db_mean=None, Tensor? db_p=None, Tensor? db_q=None, Tensor? db_scale=None) "
-        "-> (Tensor dweight, Tensor dgamma, Tensor dbeta)");
-  // out (a channel slice of the buffer) = conv3x3(relu(b*scale + shift), weight), pad 1 applied to the
-  // activated values; (mean, var) of out as stored when stats.  With mean_out/var_out (contiguous vectors of
-  // C + k channels: the block's statistics of the buffer up to and including out) they are written into
-  // their last k entries instead (the returned tensors are empty); with bn_out (3, C + k), bn_gamma, bn_beta
-  // also the folded map (scale, shift, rstd) of the BatchNorm reading all C + k channels (the next layer's
-  // norm1), as bn_scale_shift computes it.  impl: "aten" / "triton" on CUDA, "" for the default.
-  // drop_p > 0: dropout of out (before its statistics) with the Philox mask of drop_seed (int64, 1 element).
-  // Kernels: densenet_fused/ops/bnrelu_conv3x3.py (ATen on CPU and CUDA, Triton).
-  m.def("bnrelu_conv3x3_fwd(Tensor b, Tensor scale, Tensor shift, Tensor weight, int[] nhw, Tensor(a!) out, "
-        "bool stats, str impl=\"\", Tensor(b!)? mean_out=None, Tensor(c!)? var_out=None, Tensor(d!)? bn_out=None, "
-        "Tensor? bn_gamma=None, Tensor? bn_beta=None, float bn_eps=0.0, float drop_p=0.0, Tensor? drop_seed=None) "
-        "-> (Tensor mean, Tensor var)");
-  // Backward through conv3x3 and BN2's ReLU: g2 = dA2 * (b*scale+shift > 0), dweight, and
-  // dgamma = sum(g2 * (b - mean) * rstd), dbeta = sum(g2) per channel; with count > 0 also BN2's
+  // One-pass backward of bnrelu_conv1x1 with g = (dout @ weight) * (x*scale+shift > 0), x's BatchNorm
+  // given as bn = [scale, shift, mean, rstd]: G += scale * g (in place), returns dweight = dout^T @
+  // relu(x*scale+shift) (fp32/fp64), dgamma = sum(g * (x - mean) * rstd), dbeta = sum(g) per channel.
+  // With pq = [P, Q] (the block's per-channel BN-gradient scalars, docs/design.md section 2 fact 3) it also
+  // accumulates P += scale*dbeta/count and Q += scale*rstd*dgamma/count in place.
+  // With finish = [b, mean, p, q, scale], dout is the fp32 (fp64) gradient g2 after BN2's ReLU and the op
+  // finishes BN2's input gradient tile by tile as bn_grad_finish does (one launch and a write and read of dB
+  // less): dB = scale*dout - p - (b - mean)*q, rounded to x's dtype, is the dout of the formulas above
+  // (b: the bottleneck, x's dtype; the vectors: Cout channels, fp32/fp64).  Python: ops.options.
+  m.def("bnrelu_conv1x1_bwd(Tensor dout, Tensor x, Tensor weight, Tensor[] bn, Tensor(a!) G, "
+        "Tensor(b!)[]? pq=None, int count=0, Tensor[]? finish=None) -> (Tensor dweight, Tensor dgamma, Tensor dbeta)");
+  // out[0] (a channel slice of the buffer) = conv3x3(relu(b*scale + shift), weight) with bn = [scale, shift],
+  // pad 1 applied to the activated values.  out = [out, mean, var] (contiguous vectors of C + k channels: the
+  // block's statistics of the buffer up to and including out) also writes the batch mean and biased variance
+  // of out as stored into their last k entries; out = [out, mean, var, folded] with fold = [gamma, beta] and
+  // fold_eps also the folded map (scale, shift, rstd) into folded (3, C + k) of the BatchNorm reading all
+  // C + k channels (the next layer's norm1), as bn_scale_shift computes it.  impl: "aten" / "triton" on
+  // CUDA, "" for the default.  drop_p > 0: dropout of out (before its statistics) with the Philox mask of
+  // drop_seed (int64, 1 element).  Kernels: densenet_fused/ops/bnrelu_conv3x3.py (ATen on CPU and CUDA,
+  // Triton).  Python: ops.options (StatsOut, FoldBN, Dropout).
+  m.def("bnrelu_conv3x3_fwd(Tensor b, Tensor[] bn, Tensor weight, int[] nhw, Tensor(a!)[] out, str impl=\"\", "
+        "Tensor[]? fold=None, float fold_eps=0.0, float drop_p=0.0, Tensor? drop_seed=None) -> ()");
+  // Backward through conv3x3 and BN2's ReLU, bn = [scale, shift, mean, rstd]: g2 = dA2 * (b*scale+shift > 0),
+  // dweight, and dgamma = sum(g2 * (b - mean) * rstd), dbeta = sum(g2) per channel; with count > 0 also BN2's
   // input-gradient scalars p = scale*dbeta/count, q = scale*rstd*dgamma/count (zeros when count = 0).
-  // With dy_x, dy_mean, dy_p, dy_q, dy is the block's fp32 gradient sum G of the new channels, finished
-  // on the fly as in bn_grad_finish: dy = G - dy_p - (dy_x - dy_mean) * dy_q (in b's dtype).  drop_p > 0:
-  // dy is the gradient of the forward's dropout output, masked by the same Philox mask (drop_seed).
-  m.def("bnrelu_conv3x3_bwd(Tensor dy, Tensor b, Tensor scale, Tensor shift, Tensor weight, int[] nhw, "
-        "Tensor mean, Tensor rstd, str impl=\"\", int count=0, Tensor? dy_x=None, Tensor? dy_mean=None, "
-        "Tensor? dy_p=None, Tensor? dy_q=None, float drop_p=0.0, Tensor? drop_seed=None) "
+  // With finish = [x, mean, p, q], dy is the block's fp32 gradient sum G of the new channels, finished on
+  // the fly as in bn_grad_finish: dy = G - p - (x - mean) * q (in b's dtype).  drop_p > 0: dy is the
+  // gradient of the forward's dropout output, masked by the same Philox mask (drop_seed).
+  m.def("bnrelu_conv3x3_bwd(Tensor dy, Tensor b, Tensor[] bn, Tensor weight, int[] nhw, str impl=\"\", "
+        "int count=0, Tensor[]? finish=None, float drop_p=0.0, Tensor? drop_seed=None) "
         "-> (Tensor g2, Tensor dweight, Tensor dgamma, Tensor dbeta, Tensor p, Tensor q)");
-  // stem (issue 13)
+  // stem
   // The stem's BatchNorm-ReLU and 3x3/2 max pool (padding 1) on conv0's output y, an (N*H*W, C)
   // NHWC matrix (nhw = [N, H, W]): out[o, c] = the maximum over window o of relu(y*scale + shift)
   // rounded to y's dtype, index[o, c] = kh*3 + kw of that maximum (int8; torch's max_pool2d tie
@@ -90,7 +86,7 @@ TORCH_LIBRARY(densenet_fused, m) {
   // dy (N*H*W, C) contiguous in y's dtype; dgamma, dbeta float32 (float64 for float64 y).
   m.def("bnrelu_maxpool_bwd(Tensor dout, Tensor index, Tensor y, Tensor scale, Tensor shift, Tensor mean, "
         "Tensor rstd, int[] nhw, int count) -> (Tensor dy, Tensor dgamma, Tensor dbeta)");
-  // transition and head (issue 13)
+  // transition and head
   // The fused transition (BN-ReLU-conv1x1-avgpool2x2) with the pool applied first, in the GEMM's
   // prologue: out = avgpool2x2(relu(x*scale + shift)) @ weight^T, x (N*H*W, C) NHWC rows (strided),
   // nhw = [N, H, W]; out (N*(H/2)*(W/2), Cout) in x's dtype, odd H/W floored as nn.AvgPool2d(2, 2), written

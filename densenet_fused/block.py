@@ -14,6 +14,7 @@ import torch
 
 from .ops import BlockOps, bn_grad_finish, block_ops, channel_stats, running_stats_update
 from .ops._common import acc_dtype, autocast_off, device_guard
+from .ops.options import Accumulate, Dropout, FoldBN, GradFinish, StatsOut
 from .ops.bnrelu_conv3x3 import conv3x3_impl
 from .ops.launch import mark
 from .distributed import StatsGroup
@@ -162,7 +163,8 @@ def _forward_layer(sw: _Sweep, l: int, w1c, w2c, aff1: Optional[torch.Tensor]):
     if spec.training:  # B, its statistics and BN2's folded map from them, written by the same op
         cb = w1c.shape[0]
         aff2 = torch.empty((3, cb), dtype=acc, device=sw.buf2.device)
-        bott, m2, bv = K.bnrelu_conv1x1_fwd(sw.buf2[:, :c_l], scale1, shift1, w1c, True, aff2, g2, b2, norm2.eps)
+        bott, m2, bv = K.bnrelu_conv1x1_fwd(sw.buf2[:, :c_l], scale1, shift1, w1c, True,
+                                            fold=FoldBN(aff2, g2, b2, norm2.eps))
         if sw.sync is not None:  # the op folded local statistics: fold again from the merged ones
             _, m2, bv = sw.sync.merge_moments(m, m2, bv)
             scale2, shift2, r2 = K.bn_scale_shift(g2, b2, m2, bv, norm2.eps)
@@ -173,27 +175,26 @@ def _forward_layer(sw: _Sweep, l: int, w1c, w2c, aff1: Optional[torch.Tensor]):
         bott = K.bnrelu_conv1x1_fwd(sw.buf2[:, :c_l], scale1, shift1, w1c, False)[0]
         m2, r2, scale2, shift2 = _affine(K, norm2, g2, b2, None, acc)
     new_slice = sw.buf2[:, c_l:c_l + k]
-    drop, seed = {}, None
+    dropout = seed = None
     p = float(layer.drop_rate)
     if p > 0 and layer.training:  # the mask applied by the conv3x3 op, before the statistics
         if sw.step_seeds is None:  # the step's first dropout layer draws every layer's seed
             sw.step_seeds = _dropout_seeds(len(spec.layers), sw.buf2.device)
         seed = sw.step_seeds[l:l + 1]
-        drop = dict(drop_p=p, drop_seed=seed)
-    aff1 = None
+        dropout = Dropout(p, seed)
+    aff1 = fold = None
     if spec.training:  # the new channels' statistics written in place, and the next layer's BN1 map
-        bn = ()
         if l + 1 < len(spec.layers) and sw.sync is None:  # the next layer's norm1: its weight, bias and eps
             aff1 = torch.empty((3, c_l + k), dtype=acc, device=sw.buf2.device)
             g1n, b1n = _layer_params(sw.params, l + 1)[:2]
-            bn = (aff1, g1n, b1n, spec.layers[l + 1]._modules["norm1"].eps)
-        K.bnrelu_conv3x3_fwd(bott, scale2, shift2, w2c, sw.nhw, new_slice, True, sw.impl,
-                             sw.mean[:c_l + k], sw.var[:c_l + k], *bn, **drop)
+            fold = FoldBN(aff1, g1n, b1n, spec.layers[l + 1]._modules["norm1"].eps)
+        K.bnrelu_conv3x3_fwd(bott, scale2, shift2, w2c, sw.nhw, new_slice, impl=sw.impl,
+                             stats=StatsOut(sw.mean[:c_l + k], sw.var[:c_l + k]), fold=fold, dropout=dropout)
         if sw.sync is not None:  # merged statistics; the next layer folds its map from them
             sl = slice(c_l, c_l + k)
             _, sw.mean[sl], sw.var[sl] = sw.sync.merge_moments(m, sw.mean[sl], sw.var[sl])
     else:
-        K.bnrelu_conv3x3_fwd(bott, scale2, shift2, w2c, sw.nhw, new_slice, False, sw.impl, **drop)
+        K.bnrelu_conv3x3_fwd(bott, scale2, shift2, w2c, sw.nhw, new_slice, impl=sw.impl, dropout=dropout)
     return LayerSaved(scale1, shift1, r1, m2, r2, scale2, shift2), bn2, bott, seed, aff1
 
 
@@ -314,24 +315,24 @@ def _backward_layer(bw: _BackSweep, l: int, saved: LayerSaved, seed, bott, w1c, 
     sl = slice(c_l, c_l + k)
     if bw.sync is not None and l + 1 < len(spec.layers):  # P, Q of these channels summed over the group
         bw.PQ[:, sl] = bw.sync.sum_(bw.PQ[:, sl].contiguous())   # (the last layer's are zeros everywhere)
-    finish = (buf2[:, sl], bw.mean[sl], P[sl], Q[sl])
-    if seed is not None:
-        finish += (float(layer.drop_rate), seed)
+    finish = GradFinish(buf2[:, sl], bw.mean[sl], P[sl], Q[sl])
+    dropout = Dropout(float(layer.drop_rate), seed) if seed is not None else None
     # 2. the bottleneck (recomputed, or kept from the forward).
     x_l = buf2[:, :c_l]  # the layer's input features
     if bott is None:
         bott = K.bnrelu_conv1x1_fwd(x_l, scale1, shift1, w1c, False)[0]
     # 3. conv3x3 backward through BN2-ReLU: g2 and BN2's input-gradient scalars (zeros in eval).
     g2v, dw2, dgamma2, dbeta2, p2, q2 = K.bnrelu_conv3x3_bwd(G[:, sl], bott, scale2, shift2, w2c, bw.nhw, m2, r2,
-                                                           bw.impl, bw.count, *finish)
+                                                           impl=bw.impl, count=bw.count, finish=finish,
+                                                           dropout=dropout)
     if bw.sync is not None:  # BN2's input-gradient scalars over the group
         p2, q2 = bw.sync.sum_(torch.stack((p2, q2))).unbind(0)
     # 4. one pass over the buffer: dB = scale2 * (g2 - mean(g2) - xhat2 * mean(g2 * xhat2)) formed
     # tile by tile from g2 (in the compute dtype, as bn_grad_finish writes it), G += scale1*g,
     # per-channel sums, dW1.  (training: also P[:c_l] += scale1*dbeta1/M and Q[:c_l] += scale1*rstd1*dgamma1/M)
-    pq = (P[:c_l], Q[:c_l], bw.count) if spec.training else (None, None, 0)
-    dw1, dgamma1, dbeta1 = K.bnrelu_conv1x1_bwd(g2v, x_l, scale1, shift1, w1c, m1, r1, G[:, :c_l], *pq,
-                                                bott, m2, p2, q2, scale2)
+    accumulate = Accumulate(P[:c_l], Q[:c_l], bw.count) if spec.training else None
+    dw1, dgamma1, dbeta1 = K.bnrelu_conv1x1_bwd(g2v, x_l, scale1, shift1, w1c, m1, r1, G[:, :c_l],
+                                                accumulate=accumulate, finish=GradFinish(bott, m2, p2, q2, scale2))
     return [_cast(dgamma1, g1), _cast(dbeta1, b1), _cast(dw1.view_as(w1), w1), _cast(dgamma2, g2), _cast(dbeta2, b2),
             _cast(dw2, w2)]
 

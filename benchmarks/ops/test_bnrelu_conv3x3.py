@@ -9,6 +9,7 @@ import torch
 
 from densenet_fused.tools.bench import environment
 from densenet_fused.ops import bnrelu_conv3x3 as op
+from densenet_fused.ops.options import StatsOut
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -45,16 +46,17 @@ def test_conv3x3(benchmark, shape):
     out = buf[:, 512:512 + k]
     dy = torch.randn(m, k, device=DEVICE).to(DTYPE)
     mean, rstd = torch.zeros(cb, device=DEVICE), torch.ones(cb, device=DEVICE)
+    stats = StatsOut(torch.empty(512 + k, device=DEVICE), torch.empty(512 + k, device=DEVICE))
     info = {"kernel": "bnrelu_conv3x3", "N": n, "H": h, "W": w, "Cb": cb, "k": k, "dtype": str(DTYPE)}
     for impl in IMPLS:
-        info[f"{impl}_fwd_ms"] = _time_ms(lambda: op.bnrelu_conv3x3_fwd(b, scale, shift, weight, [n, h, w], out, True,
-                                                                        impl))
+        info[f"{impl}_fwd_ms"] = _time_ms(lambda: op.bnrelu_conv3x3_fwd(b, scale, shift, weight, [n, h, w], out,
+                                                                        impl=impl, stats=stats))
         info[f"{impl}_bwd_ms"] = _time_ms(lambda: op.bnrelu_conv3x3_bwd(dy, b, scale, shift, weight, [n, h, w], mean,
-                                                                        rstd, impl))
+                                                                        rstd, impl=impl))
     if "triton" in IMPLS:
         info["triton_over_aten_fwd"] = info["triton_fwd_ms"] / info["aten_fwd_ms"]
         info["triton_over_aten_bwd"] = info["triton_bwd_ms"] / info["aten_bwd_ms"]
     benchmark.extra_info.update(environment(DEVICE))
     benchmark.extra_info.update(info)
-    benchmark.pedantic(op.bnrelu_conv3x3_fwd, args=(b, scale, shift, weight, [n, h, w], out, True), rounds=3,
-                       iterations=1)
+    benchmark.pedantic(op.bnrelu_conv3x3_fwd, args=(b, scale, shift, weight, [n, h, w], out),
+                       kwargs=dict(stats=stats), rounds=3, iterations=1)

@@ -304,11 +304,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(const at::Tensor& dout, const
   return {dweight, dgamma, dbeta};
 }
 
+// The schema's form: x's BatchNorm bn = [scale, shift, mean, rstd], pq = None, [] or [P, Q], finish = None,
+// [] or [b, mean, p, q, scale] (csrc/ops.cpp).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd_op(const at::Tensor& dout, const at::Tensor& x,
+                                                      const at::Tensor& weight, at::TensorList bn,
+                                                      const at::Tensor& G, std::optional<at::TensorList> pq_,
+                                                      int64_t count, std::optional<at::TensorList> finish_) {
+  const char* op = "bnrelu_conv1x1_bwd";
+  const at::TensorList pq = pq_.value_or(at::TensorList()), finish = finish_.value_or(at::TensorList());
+  TORCH_CHECK(bn.size() == 4, op, ": expected bn = [scale, shift, mean, rstd], got ", bn.size(), " tensors");
+  TORCH_CHECK(pq.empty() || pq.size() == 2, op, ": expected pq = [] or [P, Q], got ", pq.size(), " tensors");
+  TORCH_CHECK(finish.empty() || finish.size() == 5, op, ": expected finish = [] or [b, mean, p, q, scale], got ",
+              finish.size(), " tensors");
+  auto opt = [](at::TensorList l, size_t i) {
+    return l.empty() ? std::optional<at::Tensor>() : std::optional<at::Tensor>(l[i]);
+  };
+  return bwd(dout, x, bn[0], bn[1], weight, bn[2], bn[3], G, opt(pq, 0), opt(pq, 1), count, opt(finish, 0),
+             opt(finish, 1), opt(finish, 2), opt(finish, 3), opt(finish, 4));
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(densenet_fused, CPU, m) {
   m.impl("bnrelu_conv1x1_fwd", &fwd);
-  m.impl("bnrelu_conv1x1_bwd", &bwd);
+  m.impl("bnrelu_conv1x1_bwd", &bwd_op);
 }
 
 }  // namespace cpu

@@ -15,11 +15,14 @@ and its one-pass backward (docs/design.md section 2 facts 1-3, section 3 steps 2
 Under ``TRITON_INTERPRET=1`` the Triton launchers run on CPU tensors (the CI tests).
 """
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
 
 from .launch import interpreted, launch
+from .options import Accumulate, FoldBN, GradFinish, lowered
 from ._common import acc_dtype, cdiv, next_pow2, on_tensor_device
 from ._triton_common import (bnrelu_tile, config_pruner, cuda_gemm_impl, dot_precision, merge_stats,
                              store_tile_stats)
@@ -41,21 +44,18 @@ def _(x, scale, shift, weight, stats, bn_out=None, bn_gamma=None, bn_beta=None, 
 
 
 @torch.library.register_fake("densenet_fused::bnrelu_conv1x1_bwd")
-def _(dout, x, scale, shift, weight, mean, rstd, G, P=None, Q=None, count=0, db_b=None, db_mean=None, db_p=None,
-      db_q=None, db_scale=None):
+def _(dout, x, weight, bn, G, pq=None, count=0, finish=None):
     c = x.shape[1]
     acc = acc_dtype(x.dtype)
     return (x.new_empty((weight.shape[0], c), dtype=acc), x.new_empty(c, dtype=acc),
             x.new_empty(c, dtype=acc))
 
 
-def bnrelu_conv1x1_fwd(x, scale, shift, weight, stats: bool = False, bn_out=None, bn_gamma=None, bn_beta=None,
-                       bn_eps: float = 0.0):
-    """(out, mean, var): out = relu(x*scale+shift) @ weight^T; mean/var of out when stats.  With
-    ``bn_out`` (3, Cout), also the folded map (scale, shift, rstd) of the BatchNorm (bn_gamma,
-    bn_beta, bn_eps) that normalizes out with those statistics, written into its rows."""
-    return torch.ops.densenet_fused.bnrelu_conv1x1_fwd(x, scale, shift, weight, stats, bn_out, bn_gamma, bn_beta,
-                                                       bn_eps)
+def bnrelu_conv1x1_fwd(x, scale, shift, weight, stats: bool = False, *, fold: Optional[FoldBN] = None):
+    """(out, mean, var): out = relu(x*scale+shift) @ weight^T; mean/var of out when stats.  With ``fold``
+    (stats=True), also the folded map (scale, shift, rstd) of the BatchNorm that normalizes out with those
+    statistics, written into ``fold.out`` (3, Cout)."""
+    return torch.ops.densenet_fused.bnrelu_conv1x1_fwd(x, scale, shift, weight, stats, *(fold or _NO_FOLD))
 
 
 def _check_bn_out(x, cout, stats, bn_out, gamma, beta, eps):
@@ -79,14 +79,20 @@ def _check_bn_out(x, cout, stats, bn_out, gamma, beta, eps):
         raise RuntimeError(f"{op}: expected bn_eps >= 0, got {eps}")
 
 
-def bnrelu_conv1x1_bwd(dout, x, scale, shift, weight, mean, rstd, G, P=None, Q=None, count: int = 0, db_b=None,
-                       db_mean=None, db_p=None, db_q=None, db_scale=None):
-    """(dweight, dgamma, dbeta); accumulates scale * g into G in place, and with P, Q also
-    P += scale*dbeta/count, Q += scale*rstd*dgamma/count.  With db_b, db_mean, db_p, db_q, db_scale,
-    dout is the fp32 gradient g2 after BN2's ReLU and the gradient used is its BatchNorm input gradient
-    dB = db_scale*dout - db_p - (db_b - db_mean)*db_q in x's dtype, formed tile by tile (bn_grad_finish's)."""
-    return torch.ops.densenet_fused.bnrelu_conv1x1_bwd(dout, x, scale, shift, weight, mean, rstd, G, P, Q, count,
-                                                       db_b, db_mean, db_p, db_q, db_scale)
+def bnrelu_conv1x1_bwd(dout, x, scale, shift, weight, mean, rstd, G, *, accumulate: Optional[Accumulate] = None,
+                       finish: Optional[GradFinish] = None):
+    """(dweight, dgamma, dbeta); accumulates scale * g into G in place, and with ``accumulate`` also
+    P += scale*dbeta/count, Q += scale*rstd*dgamma/count.  With ``finish`` (its scale given), dout is the fp32
+    gradient g2 after BN2's ReLU and the gradient used is its BatchNorm input gradient
+    dB = scale*dout - p - (x - mean)*q in x's dtype, formed tile by tile (bn_grad_finish's)."""
+    pq, count = ([accumulate.P, accumulate.Q], accumulate.count) if accumulate is not None else (None, 0)
+    if accumulate is not None and (accumulate.P is None or accumulate.Q is None):
+        raise RuntimeError("bnrelu_conv1x1_bwd: expected P and Q together in accumulate=Accumulate(P, Q, count)")
+    if finish is not None and any(t is None for t in finish):
+        raise RuntimeError("bnrelu_conv1x1_bwd: expected finish=GradFinish(x, mean, p, q, scale): all five, the "
+                           "scale included")
+    return torch.ops.densenet_fused.bnrelu_conv1x1_bwd(dout, x, weight, [scale, shift, mean, rstd], G, pq, count,
+                                                       None if finish is None else list(finish))
 
 
 def _check(x, scale, shift, weight, op):
@@ -533,11 +539,17 @@ def cuda_fwd(x, scale, shift, weight, stats, bn_out=None, bn_gamma=None, bn_beta
     return triton_fwd(x, scale, shift, weight, stats, bn_out, bn_gamma, bn_beta, bn_eps)
 
 
-def cuda_fwd_trusted(x, scale, shift, weight, stats, bn_out=None, bn_gamma=None, bn_beta=None, bn_eps=0.0):
-    """cuda_fwd for the block's hot path: no argument checks, (out, None, None) without ``stats``."""
+def cuda_fwd_trusted(x, scale, shift, weight, stats=False, *, fold=None):
+    """cuda_fwd for the block's hot path (bnrelu_conv1x1_fwd's arguments): no argument checks, (out, None,
+    None) without ``stats``."""
     if cuda_gemm_impl(x.dtype) == "aten":
-        return fwd_chunked(x, scale, shift, weight, stats, bn_out, bn_gamma, bn_beta, bn_eps)
-    return _triton_fwd(x, scale, shift, weight, stats, bn_out, bn_gamma, bn_beta, bn_eps)
+        return fwd_chunked(x, scale, shift, weight, stats, *(fold or _NO_FOLD))
+    return _triton_fwd(x, scale, shift, weight, stats, *(fold or _NO_FOLD))
+
+
+def triton_fwd_direct(x, scale, shift, weight, stats=False, *, fold=None):
+    """The Triton forward on the block's hot path, where ``ops.block_ops`` chose Triton for the step."""
+    return _triton_fwd(x, scale, shift, weight, stats, *(fold or _NO_FOLD))
 
 
 def cuda_bwd(dout, x, scale, shift, weight, mean, rstd, G, P=None, Q=None, count=0, db_b=None, db_mean=None,
@@ -549,17 +561,30 @@ def cuda_bwd(dout, x, scale, shift, weight, mean, rstd, G, P=None, Q=None, count
     return triton_bwd(dout, x, scale, shift, weight, mean, rstd, G, P, Q, count, *fin)
 
 
-def cuda_bwd_trusted(dout, x, scale, shift, weight, mean, rstd, G, P=None, Q=None, count=0, db_b=None, db_mean=None,
-                     db_p=None, db_q=None, db_scale=None):
-    """cuda_bwd for the block's hot path: no argument checks."""
-    fin = (db_b, db_mean, db_p, db_q, db_scale)
-    if cuda_gemm_impl(x.dtype) == "aten":
-        return bwd_chunked(dout, x, scale, shift, weight, mean, rstd, G, P, Q, count, *fin)
-    return _triton_bwd(dout, x, scale, shift, weight, mean, rstd, G, P, Q, count, *fin)
+def cuda_bwd_trusted(dout, x, scale, shift, weight, mean, rstd, G, *, accumulate=None, finish=None):
+    """cuda_bwd for the block's hot path (bnrelu_conv1x1_bwd's arguments): no argument checks."""
+    impl = bwd_chunked if cuda_gemm_impl(x.dtype) == "aten" else _triton_bwd
+    return impl(dout, x, scale, shift, weight, mean, rstd, G, *(accumulate or _NO_ACCUMULATE), *(finish or ()))
 
 
+def triton_bwd_direct(dout, x, scale, shift, weight, mean, rstd, G, *, accumulate=None, finish=None):
+    """The Triton backward on the block's hot path, where ``ops.block_ops`` chose Triton for the step."""
+    return _triton_bwd(dout, x, scale, shift, weight, mean, rstd, G, *(accumulate or _NO_ACCUMULATE),
+                       *(finish or ()))
+
+
+def _cuda_bwd_op(dout, x, weight, bn, G, pq=None, count=0, finish=None):
+    """The registered backward (its schema's lists, csrc/ops.cpp) on CUDA: cuda_bwd."""
+    scale, shift, mean, rstd = lowered("bnrelu_conv1x1_bwd", "bn", bn, ("scale", "shift", "mean", "rstd"))
+    P, Q = lowered("bnrelu_conv1x1_bwd", "pq", pq, ("P", "Q"), optional=True)
+    fin = lowered("bnrelu_conv1x1_bwd", "finish", finish, ("b", "mean", "p", "q", "scale"), optional=True)
+    return cuda_bwd(dout, x, scale, shift, weight, mean, rstd, G, P, Q, count, *fin)
+
+
+_NO_FOLD = (None, None, None, 0.0)  # bn_out, bn_gamma, bn_beta, bn_eps of the launchers
+_NO_ACCUMULATE = (None, None, 0)    # P, Q, count
 _lib.impl("bnrelu_conv1x1_fwd", on_tensor_device(cuda_fwd), "CUDA")
-_lib.impl("bnrelu_conv1x1_bwd", on_tensor_device(cuda_bwd), "CUDA")
+_lib.impl("bnrelu_conv1x1_bwd", on_tensor_device(_cuda_bwd_op), "CUDA")
 
 
 # The tensor arguments each Triton kernel of this file writes ("w") or reads and writes ("rw"); every other

@@ -23,6 +23,7 @@ Under ``TRITON_INTERPRET=1`` the Triton launchers run on CPU tensors.
 import contextlib
 import contextvars
 import os
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +31,7 @@ import triton
 import triton.language as tl
 
 from .launch import cuda_path, interpreted, launch
+from .options import Dropout, FoldBN, GradFinish, StatsOut, lowered
 from ._common import acc_dtype, cdiv, next_pow2, on_tensor_device
 from ._triton_common import bnrelu_tile, cuda_gemm_impl, dot_precision, merge_stats, store_tile_stats
 from .bn_grad_finish import bn_grad_finish
@@ -584,94 +586,116 @@ def cuda_bwd(dy, b, scale, shift, weight, nhw, mean, rstd, impl="", count=0, dy_
     return _bwd_aten(dy, b, scale, shift, weight, nhw, mean, rstd, count, *finish, drop_p, drop_seed)
 
 
-def cuda_fwd_trusted(b, scale, shift, weight, nhw, out, stats, impl="", mean_out=None, var_out=None, bn_out=None,
-                     bn_gamma=None, bn_beta=None, bn_eps=0.0, drop_p=0.0, drop_seed=None):
-    """cuda_fwd for the block's hot path: no argument checks (its arguments are right by construction)."""
+def cuda_fwd_trusted(b, scale, shift, weight, nhw, out, *, impl="", stats=None, fold=None, dropout=None):
+    """cuda_fwd for the block's hot path (bnrelu_conv3x3_fwd's arguments): no argument checks (its arguments
+    are right by construction)."""
+    args = (b, scale, shift, weight, nhw, out, stats is not None, *(stats or _NO_STATS), *(fold or _NO_FOLD),
+            *(dropout or _NO_DROPOUT))
     if _use_triton(b, impl):
-        return _fwd_triton(b, scale, shift, weight, nhw, out, stats, mean_out, var_out, bn_out, bn_gamma, bn_beta,
-                           bn_eps, drop_p, drop_seed, checked=False)
-    return _fwd_aten(b, scale, shift, weight, nhw, out, stats, mean_out, var_out, bn_out, bn_gamma, bn_beta, bn_eps,
-                     drop_p, drop_seed)
+        _fwd_triton(*args, checked=False)
+    else:
+        _fwd_aten(*args)
 
 
-def cuda_bwd_trusted(dy, b, scale, shift, weight, nhw, mean, rstd, impl="", count=0, dy_x=None, dy_mean=None,
-                     dy_p=None, dy_q=None, drop_p=0.0, drop_seed=None):
-    """cuda_bwd for the block's hot path: no argument checks."""
+def cuda_bwd_trusted(dy, b, scale, shift, weight, nhw, mean, rstd, *, impl="", count=0, finish=None, dropout=None):
+    """cuda_bwd for the block's hot path (bnrelu_conv3x3_bwd's arguments): no argument checks."""
+    args = (dy, b, scale, shift, weight, nhw, mean, rstd, count, *(finish[:4] if finish else _NO_FINISH),
+            *(dropout or _NO_DROPOUT))
     if _use_triton(b, impl):
-        return _bwd_triton(dy, b, scale, shift, weight, nhw, mean, rstd, count, dy_x, dy_mean, dy_p, dy_q, drop_p,
-                           drop_seed, checked=False)
-    return _bwd_aten(dy, b, scale, shift, weight, nhw, mean, rstd, count, dy_x, dy_mean, dy_p, dy_q, drop_p,
-                     drop_seed)
+        return _bwd_triton(*args, checked=False)
+    return _bwd_aten(*args)
 
 
-
-def triton_fwd_direct(b, scale, shift, weight, nhw, out, stats, impl, mean_out=None, var_out=None, bn_out=None,
-                      bn_gamma=None, bn_beta=None, bn_eps=0.0, drop_p=0.0, drop_seed=None):
+def triton_fwd_direct(b, scale, shift, weight, nhw, out, *, impl="", stats=None, fold=None, dropout=None):
     """The Triton forward on the block's hot path, where ``ops.block_ops`` chose Triton for the step (``impl``
     resolved to "triton", a 16-bit or TF32 dtype): no checks, no per-call choice."""
-    return _fwd_triton(b, scale, shift, weight, nhw, out, stats, mean_out, var_out, bn_out, bn_gamma, bn_beta, bn_eps,
-                       drop_p, drop_seed, checked=False)
+    _fwd_triton(b, scale, shift, weight, nhw, out, stats is not None, *(stats or _NO_STATS), *(fold or _NO_FOLD),
+                *(dropout or _NO_DROPOUT), checked=False)
 
 
-def triton_bwd_direct(dy, b, scale, shift, weight, nhw, mean, rstd, impl, count=0, dy_x=None, dy_mean=None,
-                      dy_p=None, dy_q=None, drop_p=0.0, drop_seed=None):
+def triton_bwd_direct(dy, b, scale, shift, weight, nhw, mean, rstd, *, impl="", count=0, finish=None, dropout=None):
     """The Triton backward on the block's hot path (see triton_fwd_direct)."""
-    return _bwd_triton(dy, b, scale, shift, weight, nhw, mean, rstd, count, dy_x, dy_mean, dy_p, dy_q, drop_p,
-                       drop_seed, checked=False)
+    return _bwd_triton(dy, b, scale, shift, weight, nhw, mean, rstd, count, *(finish[:4] if finish else _NO_FINISH),
+                       *(dropout or _NO_DROPOUT), checked=False)
+
+
+_NO_STATS, _NO_FOLD, _NO_DROPOUT, _NO_FINISH = (None, None), (None, None, None, 0.0), (0.0, None), (None,) * 4
+
+
+# ----------------------------------------------------------------------------- the registered ops
+def _fwd_op(b, bn, weight, nhw, out, impl="", fold=None, fold_eps=0.0, drop_p=0.0, drop_seed=None):
+    """The registered forward (its schema's lists, csrc/ops.cpp): cuda_fwd, on the CPU and CUDA."""
+    op = "bnrelu_conv3x3_fwd"
+    scale, shift = lowered(op, "bn", bn, ("scale", "shift"))
+    if len(out) not in (1, 3, 4):
+        raise RuntimeError(f"{op}: expected out = [out], [out, mean, var] or [out, mean, var, folded], got "
+                           f"{len(out)} tensors")
+    gamma, beta = lowered(op, "fold", fold, ("gamma", "beta"), optional=True)
+    if (len(out) == 4) != (gamma is not None):
+        raise RuntimeError(f"{op}: expected fold = [gamma, beta] exactly with out = [out, mean, var, folded]")
+    o, mean_out, var_out, bn_out = (*out, None, None, None)[:4]
+    cuda_fwd(b, scale, shift, weight, nhw, o, len(out) > 1, impl, mean_out, var_out, bn_out, gamma, beta, fold_eps,
+             drop_p, drop_seed)
+
+
+def _bwd_op(dy, b, bn, weight, nhw, impl="", count=0, finish=None, drop_p=0.0, drop_seed=None):
+    """The registered backward (its schema's lists): cuda_bwd, on the CPU and CUDA."""
+    scale, shift, mean, rstd = lowered("bnrelu_conv3x3_bwd", "bn", bn, ("scale", "shift", "mean", "rstd"))
+    fin = lowered("bnrelu_conv3x3_bwd", "finish", finish, ("x", "mean", "p", "q"), optional=True)
+    return cuda_bwd(dy, b, scale, shift, weight, nhw, mean, rstd, impl, count, *fin, drop_p, drop_seed)
+
 
 _lib = torch.library.Library("densenet_fused", "IMPL")
 for _key in ("CPU", "CUDA"):
-    _lib.impl("bnrelu_conv3x3_fwd", on_tensor_device(cuda_fwd), _key)
-    _lib.impl("bnrelu_conv3x3_bwd", on_tensor_device(cuda_bwd), _key)
+    _lib.impl("bnrelu_conv3x3_fwd", on_tensor_device(_fwd_op), _key)
+    _lib.impl("bnrelu_conv3x3_bwd", on_tensor_device(_bwd_op), _key)
 
 
 @torch.library.register_fake("densenet_fused::bnrelu_conv3x3_fwd")
-def _(b, scale, shift, weight, nhw, out, stats, impl="", mean_out=None, var_out=None, bn_out=None, bn_gamma=None,
-      bn_beta=None, bn_eps=0.0, drop_p=0.0, drop_seed=None):
-    n = weight.shape[0] if stats and mean_out is None else 0
-    acc = acc_dtype(b.dtype)
-    return b.new_empty(n, dtype=acc), b.new_empty(n, dtype=acc)
+def _(b, bn, weight, nhw, out, impl="", fold=None, fold_eps=0.0, drop_p=0.0, drop_seed=None):
+    return None
 
 
 @torch.library.register_fake("densenet_fused::bnrelu_conv3x3_bwd")
-def _(dy, b, scale, shift, weight, nhw, mean, rstd, impl="", count=0, dy_x=None, dy_mean=None, dy_p=None,
-      dy_q=None, drop_p=0.0, drop_seed=None):
+def _(dy, b, bn, weight, nhw, impl="", count=0, finish=None, drop_p=0.0, drop_seed=None):
     acc = acc_dtype(b.dtype)
     cb = b.shape[1]
     return (b.new_empty(b.shape, dtype=acc), torch.empty_like(weight, dtype=acc, memory_format=weight_layout(weight)),
             *(b.new_empty(cb, dtype=acc) for _ in range(4)))
 
 
-def bnrelu_conv3x3_fwd(b, scale, shift, weight, nhw, out, stats: bool, impl: str = "", mean_out=None, var_out=None,
-                       bn_out=None, bn_gamma=None, bn_beta=None, bn_eps: float = 0.0, drop_p: float = 0.0,
-                       drop_seed=None):
-    """Write conv3x3(relu(b*scale+shift)) into ``out`` (an (N*H*W, k) channel slice of the
-    buffer); returns (mean, var) of the values as stored when ``stats`` (else empty).  With
-    ``mean_out``/``var_out`` (vectors of C + k channels: the buffer's statistics up to and including
-    out) they go into their last k entries instead (empty tensors returned); with ``bn_out``
-    (3, C + k), ``bn_gamma``, ``bn_beta``, ``bn_eps`` also the folded map (scale, shift, rstd) of the
-    BatchNorm reading all C + k channels (the next layer's norm1).  ``impl`` ("aten" / "triton")
-    overrides the CUDA default (``conv3x3_impl()``).  ``drop_p`` > 0: dropout of the output (before
-    its statistics) with the Philox mask of ``drop_seed`` (a 1-element int64 tensor on b's device;
-    ``dropout_mask`` gives the mask)."""
-    return torch.ops.densenet_fused.bnrelu_conv3x3_fwd(b, scale, shift, weight, list(nhw), out, stats, impl,
-                                                       mean_out, var_out, bn_out, bn_gamma, bn_beta, bn_eps,
-                                                       drop_p, drop_seed)
+def bnrelu_conv3x3_fwd(b, scale, shift, weight, nhw, out, *, impl: str = "", stats: Optional[StatsOut] = None,
+                       fold: Optional[FoldBN] = None, dropout: Optional[Dropout] = None) -> None:
+    """Write conv3x3(relu(b*scale+shift)) into ``out`` (an (N*H*W, k) channel slice of the buffer).  With
+    ``stats``, the batch mean and biased variance of the values as stored go into the last k entries of
+    ``stats.mean`` / ``stats.var`` (vectors of C + k channels: the buffer's statistics up to and including
+    out); with ``fold`` (and stats), also the folded map (scale, shift, rstd) of the BatchNorm reading all C + k
+    channels (the next layer's norm1) into ``fold.out`` (3, C + k).  ``impl`` ("aten" / "triton") overrides
+    the CUDA default (``conv3x3_impl()``).  ``dropout``: dropout of the output (before its statistics) with
+    the Philox mask of its seed (``dropout_mask`` gives the mask)."""
+    if fold is not None and stats is None:
+        raise RuntimeError("bnrelu_conv3x3_fwd: expected stats=StatsOut(mean, var) with fold (it folds them)")
+    outs = [out] if stats is None else [out, stats.mean, stats.var] + ([fold.out] if fold is not None else [])
+    fl, eps = ([fold.gamma, fold.beta], float(fold.eps)) if fold is not None else (None, 0.0)
+    torch.ops.densenet_fused.bnrelu_conv3x3_fwd(b, [scale, shift], weight, list(nhw), outs, impl, fl, eps,
+                                                *(dropout or _NO_DROPOUT))
 
 
-def bnrelu_conv3x3_bwd(dy, b, scale, shift, weight, nhw, mean, rstd, impl: str = "", count: int = 0, dy_x=None,
-                       dy_mean=None, dy_p=None, dy_q=None, drop_p: float = 0.0, drop_seed=None):
+def bnrelu_conv3x3_bwd(dy, b, scale, shift, weight, nhw, mean, rstd, *, impl: str = "", count: int = 0,
+                       finish: Optional[GradFinish] = None, dropout: Optional[Dropout] = None):
     """Backward through conv3x3 and the ReLU of BN2: (g2, dweight, dgamma, dbeta, p, q) with
     g2 = dA2 * !(b*scale+shift <= 0) (fp32; a NaN passes the gradient, as in torch), dweight of weight's
-    shape and layout (fp32), dgamma = sum(g2*xhat2),
-    dbeta = sum(g2) per channel, xhat2 = (b - mean) * rstd, and BN2's input-gradient scalars
-    p = scale*dbeta/count, q = scale*rstd*dgamma/count (zeros when count is 0).  With dy_x, dy_mean,
-    dy_p, dy_q, ``dy`` is the block's fp32 gradient sum G of the new channels and the op finishes
-    their input gradient dy = G - dy_p - (dy_x - dy_mean) * dy_q itself (rounded to b's dtype).  With
-    ``drop_p`` > 0, dy is the gradient of the forward's dropout output: it goes through the same mask
-    (regenerated from ``drop_seed``) and scale."""
-    return torch.ops.densenet_fused.bnrelu_conv3x3_bwd(dy, b, scale, shift, weight, list(nhw), mean, rstd, impl,
-                                                       count, dy_x, dy_mean, dy_p, dy_q, drop_p, drop_seed)
+    shape and layout (fp32), dgamma = sum(g2*xhat2), dbeta = sum(g2) per channel, xhat2 = (b - mean) * rstd,
+    and BN2's input-gradient scalars p = scale*dbeta/count, q = scale*rstd*dgamma/count (zeros when count is
+    0).  With ``finish`` (x, mean, p, q; no scale), ``dy`` is the block's fp32 gradient sum G of the new
+    channels and the op finishes their input gradient dy = G - p - (x - mean) * q itself (rounded to b's
+    dtype).  With ``dropout``, dy is the gradient of the forward's dropout output: it goes through the same
+    mask (regenerated from the seed) and scale."""
+    if finish is not None and finish.scale is not None:
+        raise RuntimeError("bnrelu_conv3x3_bwd: expected finish=GradFinish(x, mean, p, q) without a scale")
+    return torch.ops.densenet_fused.bnrelu_conv3x3_bwd(dy, b, [scale, shift, mean, rstd], weight, list(nhw), impl,
+                                                       count, list(finish[:4]) if finish is not None else None,
+                                                       *(dropout or _NO_DROPOUT))
 
 
 # The tensor arguments each Triton kernel of this file writes ("w") or reads and writes ("rw"); every other

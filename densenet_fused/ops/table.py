@@ -36,7 +36,7 @@ REGISTERED = BlockOps(_c1.bnrelu_conv1x1_fwd, _c1.bnrelu_conv1x1_bwd, _c3.bnrelu
 CUDA_DIRECT = BlockOps(_c1.cuda_fwd_trusted, _c1.cuda_bwd_trusted, _c3.cuda_fwd_trusted, _c3.cuda_bwd_trusted,
                        _ss.cuda_scale_shift)
 # CUDA_DIRECT where every GEMM-shaped op of the step runs Triton (the implementation chosen once per step)
-TRITON_DIRECT = BlockOps(_c1._triton_fwd, _c1._triton_bwd, _c3.triton_fwd_direct, _c3.triton_bwd_direct,
+TRITON_DIRECT = BlockOps(_c1.triton_fwd_direct, _c1.triton_bwd_direct, _c3.triton_fwd_direct, _c3.triton_bwd_direct,
                          _ss.cuda_scale_shift)
 _substitute: contextvars.ContextVar = contextvars.ContextVar("densenet_fused_block_ops", default=None)
 

@@ -4,6 +4,7 @@ import torch
 import oracle
 from densenet_fused.ops import bnrelu_conv1x1 as op
 from densenet_fused.ops.bn_grad_finish import bn_grad_finish
+from densenet_fused.ops.options import Accumulate, FoldBN, GradFinish
 from opsutil import assert_deterministic, conv1x1_backward_into_zeros
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-4}
@@ -26,7 +27,19 @@ def _close(got, want, dtype):
     torch.testing.assert_close(got.cpu().double(), want.cpu(), rtol=tol, atol=tol * max(1.0, want.abs().max().item()))
 
 
-IMPLS = {"op": (op.bnrelu_conv1x1_fwd, op.bnrelu_conv1x1_bwd), "chunked_aten": (op.fwd_chunked, op.bwd_chunked)}
+def _op_fwd(x, scale, shift, weight, stats=False, bn_out=None, gamma=None, beta=None, eps=0.0):
+    """The registered op through its named options, in the launchers' positional form."""
+    fold = None if bn_out is None else FoldBN(bn_out, gamma, beta, eps)
+    return op.bnrelu_conv1x1_fwd(x, scale, shift, weight, stats, fold=fold)
+
+
+def _op_bwd(dout, x, scale, shift, weight, mean, rstd, G, P=None, Q=None, count=0, *finish):
+    accumulate = None if P is None and Q is None else Accumulate(P, Q, count)
+    return op.bnrelu_conv1x1_bwd(dout, x, scale, shift, weight, mean, rstd, G, accumulate=accumulate,
+                                 finish=GradFinish(*finish) if finish else None)
+
+
+IMPLS = {"op": (_op_fwd, _op_bwd), "chunked_aten": (op.fwd_chunked, op.bwd_chunked)}
 
 
 def every_case(test):
@@ -68,11 +81,11 @@ def test_bn_out_bad_input():
     x, scale, shift, weight, _, _ = _args(37, 20, 0, 13, 9, torch.float32, "cpu")
     g = torch.ones(9)
     with pytest.raises(RuntimeError, match="expected bn_out, bn_gamma and bn_beta together"):
-        op.bnrelu_conv1x1_fwd(x, scale, shift, weight, True, torch.empty(3, 9), g)
+        op.bnrelu_conv1x1_fwd(x, scale, shift, weight, True, fold=FoldBN(torch.empty(3, 9), g, None, 1e-5))
     with pytest.raises(RuntimeError, match="expected stats=True with bn_out"):
-        op.bnrelu_conv1x1_fwd(x, scale, shift, weight, False, torch.empty(3, 9), g, g)
+        op.bnrelu_conv1x1_fwd(x, scale, shift, weight, False, fold=FoldBN(torch.empty(3, 9), g, g, 1e-5))
     with pytest.raises(RuntimeError, match=r"expected bn_out of shape \(3, 9\)"):
-        op.bnrelu_conv1x1_fwd(x, scale, shift, weight, True, torch.empty(3, 8), g, g)
+        op.bnrelu_conv1x1_fwd(x, scale, shift, weight, True, fold=FoldBN(torch.empty(3, 8), g, g, 1e-5))
 
 
 @every_case
@@ -124,11 +137,10 @@ def test_opcheck(device):
                            g, 1e-5))
     dout = torch.randn(45, 6, device=device)
     G = torch.zeros(45, 11, device=device)
-    torch.library.opcheck(torch.ops.densenet_fused.bnrelu_conv1x1_bwd.default,
-                          (dout, x, scale, shift, weight, mean, rstd, G))
+    bn = [scale, shift, mean, rstd]
+    torch.library.opcheck(torch.ops.densenet_fused.bnrelu_conv1x1_bwd.default, (dout, x, weight, bn, G))
     P, Q = torch.zeros(11, device=device), torch.zeros(11, device=device)
-    torch.library.opcheck(torch.ops.densenet_fused.bnrelu_conv1x1_bwd.default,
-                          (dout, x, scale, shift, weight, mean, rstd, G, P, Q, 45))
+    torch.library.opcheck(torch.ops.densenet_fused.bnrelu_conv1x1_bwd.default, (dout, x, weight, bn, G, [P, Q], 45))
 
 
 def test_bad_input():
@@ -210,9 +222,16 @@ def test_backward_finishes_db_bad_input():
     x, scale, shift, weight, mean, rstd = _args(37, 20, 0, 13, 9, torch.float32, "cpu")
     g2, b, mu2, p2, q2, s2 = _db_finish_args(37, 9, torch.float32, "cpu")
     G = torch.zeros(37, 13)
-    for impl in (op.bnrelu_conv1x1_bwd, op.bwd_chunked):
-        with pytest.raises(RuntimeError, match="db_b, db_mean, db_p, db_q and db_scale together"):
-            impl(g2, x, scale, shift, weight, mean, rstd, G, None, None, 0, b, mu2, p2, q2)
+    with pytest.raises(RuntimeError, match=r"expected finish=GradFinish\(x, mean, p, q, scale\): all five"):
+        _op_bwd(g2, x, scale, shift, weight, mean, rstd, G, None, None, 0, b, mu2, p2, q2)
+    with pytest.raises(RuntimeError, match=r"expected finish = \[\] or \[b, mean, p, q, scale\], got 4 tensors"):
+        torch.ops.densenet_fused.bnrelu_conv1x1_bwd(g2, x, weight, [scale, shift, mean, rstd], G, [], 0,
+                                                    [b, mu2, p2, q2])
+    with pytest.raises(RuntimeError, match=r"expected bn = \[scale, shift, mean, rstd\], got 2 tensors"):
+        torch.ops.densenet_fused.bnrelu_conv1x1_bwd(g2, x, weight, [scale, shift], G)
+    with pytest.raises(RuntimeError, match="db_b, db_mean, db_p, db_q and db_scale together"):
+        op.bwd_chunked(g2, x, scale, shift, weight, mean, rstd, G, None, None, 0, b, mu2, p2, q2)
+    for impl in (_op_bwd, op.bwd_chunked):
         with pytest.raises(RuntimeError, match=r"dout of .*dtype (Float|torch\.float32) \(the fp32 gradient g2"):
             impl(g2.double(), x, scale, shift, weight, mean, rstd, G, None, None, 0, b, mu2, p2, q2, s2)
         with pytest.raises(RuntimeError, match=r"expected db_b of shape \(37, 9\)"):
@@ -230,4 +249,4 @@ def test_opcheck_finishes_db(device):
     G = torch.zeros(45, 11, device=device)
     P, Q = torch.zeros(11, device=device), torch.zeros(11, device=device)
     torch.library.opcheck(torch.ops.densenet_fused.bnrelu_conv1x1_bwd.default,
-                          (g2, x, scale, shift, weight, mean, rstd, G, P, Q, 45, b, mu2, p2, q2, s2))
+                          (g2, x, weight, [scale, shift, mean, rstd], G, [P, Q], 45, [b, mu2, p2, q2, s2]))

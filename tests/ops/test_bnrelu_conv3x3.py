@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from densenet_fused.ops import bnrelu_conv3x3 as op
+from densenet_fused.ops.options import Dropout, FoldBN, GradFinish, StatsOut
 from opsutil import INTERPRET, TRITON_DEVICE, needs_triton
 
 SHAPES = [(1, 1, 1, 16, 5), (2, 5, 7, 20, 7), (3, 4, 9, 33, 12)]  # N, H, W, Cb, k
@@ -115,12 +116,17 @@ def test_opcheck(device):
     b, scale, shift, weight, mean, rstd = _args(2, 3, 4, 16, 5, torch.float32, device)
     out = torch.empty(24, 7, device=device)[:, 1:6]
     ops = torch.ops.densenet_fused
-    torch.library.opcheck(ops.bnrelu_conv3x3_fwd.default, (b, scale, shift, weight, [2, 3, 4], out, True, ""))
+    torch.library.opcheck(ops.bnrelu_conv3x3_fwd.default, (b, [scale, shift], weight, [2, 3, 4], [out], ""))
     dy = torch.randn(24, 5, device=device)
-    torch.library.opcheck(ops.bnrelu_conv3x3_bwd.default, (dy, b, scale, shift, weight, [2, 3, 4], mean, rstd, "", 24))
-    st = torch.empty(2, 5, device=device)
-    torch.library.opcheck(ops.bnrelu_conv3x3_fwd.default, (b, scale, shift, weight, [2, 3, 4], out, True, "", st[0],
-                                                           st[1]))
+    bn = [scale, shift, mean, rstd]
+    torch.library.opcheck(ops.bnrelu_conv3x3_bwd.default, (dy, b, bn, weight, [2, 3, 4], "", 24))
+    x, vec = torch.randn(24, 5, device=device), torch.randn(3, 5, device=device)
+    torch.library.opcheck(ops.bnrelu_conv3x3_bwd.default, (dy, b, bn, weight, [2, 3, 4], "", 24, [x, *vec]))
+    st = torch.empty(2, 7, device=device)  # statistics of C + k = 2 + 5 channels, and the folded map
+    folded, gb = torch.empty(3, 7, device=device), torch.rand(2, 7, device=device) + 0.5
+    torch.library.opcheck(ops.bnrelu_conv3x3_fwd.default, (b, [scale, shift], weight, [2, 3, 4], [out, st[0], st[1]]))
+    torch.library.opcheck(ops.bnrelu_conv3x3_fwd.default, (b, [scale, shift], weight, [2, 3, 4],
+                                                           [out, st[0], st[1], folded], "", [gb[0], gb[1]], 1e-5))
 
 
 def test_default_cuda_impl_is_triton():
@@ -154,26 +160,38 @@ def test_impl_switch_and_bad_input():
     assert op.conv3x3_impl() == os.environ.get("DENSENET_FUSED_CONV3X3", "triton")  # restored
     b, scale, shift, weight, _, _ = _args(2, 3, 4, 16, 5, torch.float32, "cpu")
     with pytest.raises(RuntimeError, match=r"nhw = \[N, H, W\] with N\*H\*W = 24"):
-        op.bnrelu_conv3x3_fwd(b, scale, shift, weight, [2, 3, 5], torch.empty(24, 5), False)
+        op.bnrelu_conv3x3_fwd(b, scale, shift, weight, [2, 3, 5], torch.empty(24, 5))
     with pytest.raises(RuntimeError, match=r"expected out of shape \(24, 5\)"):
-        op.bnrelu_conv3x3_fwd(b, scale, shift, weight, [2, 3, 4], torch.empty(24, 4), False)
+        op.bnrelu_conv3x3_fwd(b, scale, shift, weight, [2, 3, 4], torch.empty(24, 4))
     with pytest.raises(RuntimeError, match=r"expected mean_out to be a contiguous 1-D tensor of C \+ 5 channels"):
-        op.bnrelu_conv3x3_fwd(b, scale, shift, weight, [2, 3, 4], torch.empty(24, 5), True, "",
-                              torch.empty(4), torch.empty(5))
+        op.bnrelu_conv3x3_fwd(b, scale, shift, weight, [2, 3, 4], torch.empty(24, 5),
+                              stats=StatsOut(torch.empty(4), torch.empty(5)))
     with pytest.raises(RuntimeError, match=r"expected bn_out of shape \(3, 7\)"):
-        op.bnrelu_conv3x3_fwd(b, scale, shift, weight, [2, 3, 4], torch.empty(24, 5), True, "",
-                              torch.empty(7), torch.empty(7), torch.empty(3, 5), torch.ones(7), torch.ones(7))
-    with pytest.raises(RuntimeError, match=r"expected stats=True with mean_out/var_out"):
-        op.bnrelu_conv3x3_fwd(b, scale, shift, weight, [2, 3, 4], torch.empty(24, 5), False, "",
-                              torch.empty(5), torch.empty(5))
-    with pytest.raises(RuntimeError, match=r"expected dy_x, dy_mean, dy_p and dy_q together"):
-        op.bnrelu_conv3x3_bwd(torch.empty(24, 5), b, scale, shift, weight, [2, 3, 4], scale, scale, "", 24,
-                              torch.empty(24, 5))
+        op.bnrelu_conv3x3_fwd(b, scale, shift, weight, [2, 3, 4], torch.empty(24, 5),
+                              stats=StatsOut(torch.empty(7), torch.empty(7)),
+                              fold=FoldBN(torch.empty(3, 5), torch.ones(7), torch.ones(7), 1e-5))
+    with pytest.raises(RuntimeError, match=r"expected stats=StatsOut\(mean, var\) with fold"):
+        op.bnrelu_conv3x3_fwd(b, scale, shift, weight, [2, 3, 4], torch.empty(24, 5),
+                              fold=FoldBN(torch.empty(3, 7), torch.ones(7), torch.ones(7), 1e-5))
+    fwd = torch.ops.densenet_fused.bnrelu_conv3x3_fwd  # the schema's lists: lengths checked, one line
+    with pytest.raises(RuntimeError, match=r"expected out = \[out\], \[out, mean, var\] or"):
+        fwd(b, [scale, shift], weight, [2, 3, 4], [torch.empty(24, 5), torch.empty(5)])
+    with pytest.raises(RuntimeError, match=r"expected bn = \[scale, shift\], got 1 tensors"):
+        fwd(b, [scale], weight, [2, 3, 4], [torch.empty(24, 5)])
+    with pytest.raises(RuntimeError, match=r"expected fold = \[gamma, beta\] exactly with"):
+        fwd(b, [scale, shift], weight, [2, 3, 4], [torch.empty(24, 5), torch.empty(5), torch.empty(5)], "",
+            [torch.ones(5), torch.ones(5)])
+    bwd = torch.ops.densenet_fused.bnrelu_conv3x3_bwd
+    with pytest.raises(RuntimeError, match=r"expected finish = \[\] or \[x, mean, p, q\], got 1 tensors"):
+        bwd(torch.empty(24, 5), b, [scale, shift, scale, scale], weight, [2, 3, 4], "", 24, [torch.empty(24, 5)])
+    with pytest.raises(RuntimeError, match=r"expected finish=GradFinish\(x, mean, p, q\) without a scale"):
+        op.bnrelu_conv3x3_bwd(torch.empty(24, 5), b, scale, shift, weight, [2, 3, 4], scale, scale, count=24,
+                              finish=GradFinish(torch.empty(24, 5), *torch.empty(4, 5)))
     with pytest.raises(RuntimeError, match=r"expected dy of shape \(24, 5\), dtype torch.float32"):
         op.bnrelu_conv3x3_bwd(torch.empty(24, 5, dtype=torch.float64), b, scale, shift, weight, [2, 3, 4], scale,
-                              scale, "", 24, torch.empty(24, 5), *torch.empty(3, 5))
+                              scale, count=24, finish=GradFinish(torch.empty(24, 5), *torch.empty(3, 5)))
     with pytest.raises(RuntimeError, match=r"expected count >= 0"):
-        op.bnrelu_conv3x3_bwd(torch.empty(24, 5), b, scale, shift, weight, [2, 3, 4], scale, scale, "", -1)
+        op.bnrelu_conv3x3_bwd(torch.empty(24, 5), b, scale, shift, weight, [2, 3, 4], scale, scale, count=-1)
 
 
 # ----------------------------------------------------------------------------- dropout
@@ -236,13 +254,13 @@ def test_dropout_bad_input():
     b, scale, shift, weight, _, _ = _args(2, 3, 4, 16, 5, torch.float32, "cpu")
     out = torch.empty(24, 5)
     with pytest.raises(RuntimeError, match="expected drop_seed, a 1-element int64 tensor"):
-        op.bnrelu_conv3x3_fwd(b, scale, shift, weight, [2, 3, 4], out, False, drop_p=0.5)
+        torch.ops.densenet_fused.bnrelu_conv3x3_fwd(b, [scale, shift], weight, [2, 3, 4], [out], "", [], 0.0, 0.5)
     with pytest.raises(RuntimeError, match="expected drop_seed, a 1-element int64 tensor"):
-        op.bnrelu_conv3x3_bwd(out, b, scale, shift, weight, [2, 3, 4], scale, scale, drop_p=0.5,
-                              drop_seed=torch.zeros(1, dtype=torch.int32))
+        op.bnrelu_conv3x3_bwd(out, b, scale, shift, weight, [2, 3, 4], scale, scale,
+                              dropout=Dropout(0.5, torch.zeros(1, dtype=torch.int32)))
     with pytest.raises(RuntimeError, match="expected 0 <= drop_p <= 1"):
-        op.bnrelu_conv3x3_fwd(b, scale, shift, weight, [2, 3, 4], out, False, drop_p=1.5,
-                              drop_seed=torch.zeros(1, dtype=torch.int64))
+        op.bnrelu_conv3x3_fwd(b, scale, shift, weight, [2, 3, 4], out,
+                              dropout=Dropout(1.5, torch.zeros(1, dtype=torch.int64)))
 
 
 def test_a_bad_conv3x3_environment_value_is_refused_at_import():

@@ -23,6 +23,7 @@ from densenet_fused.ops import bnrelu_conv1x1 as conv1x1_op
 from densenet_fused.ops import bnrelu_conv3x3 as conv3x3_op
 from densenet_fused.ops import bnrelu_global_avgpool as head_op
 from densenet_fused.ops import bnrelu_maxpool as maxpool_op
+from densenet_fused.ops.options import Accumulate
 from flags import patched
 from opsutil import INTERPRET, TRITON_DEVICE
 
@@ -82,7 +83,10 @@ def _conv1x1(impl, x, vec, weight, dout, batch_stats):
     G = torch.zeros(m, c, device=x.device)
     if batch_stats:
         P, Q = torch.zeros(c, device=x.device), torch.zeros(c, device=x.device)
-        dweight, dgamma, dbeta = bwd(dout, x, scale, shift, weight, mean, rstd, G, P, Q, m)
+        if impl == "cpu":  # the registered op: its named option
+            dweight, dgamma, dbeta = bwd(dout, x, scale, shift, weight, mean, rstd, G, accumulate=Accumulate(P, Q, m))
+        else:
+            dweight, dgamma, dbeta = bwd(dout, x, scale, shift, weight, mean, rstd, G, P, Q, m)
         dx = oracle.bn_grad_finish(G, x, mean, P, Q)
     else:
         dweight, dgamma, dbeta = bwd(dout, x, scale, shift, weight, mean, rstd, G)
