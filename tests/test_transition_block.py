@@ -53,8 +53,8 @@ class _Calls(TorchDispatchMode):
         name = str(func.overloadpacket)
         if name.endswith("bnrelu_avgpool_conv1x1_fwd"):
             self.transition_out.append(args[5].untyped_storage().data_ptr())
-        elif name.endswith("bnrelu_conv3x3_fwd"):
-            self.block_out.append(args[5].untyped_storage().data_ptr())
+        elif name.endswith("bnrelu_conv3x3_fwd"):  # out = [the new channels, statistics...]
+            self.block_out.append(args[4][0].untyped_storage().data_ptr())
         elif name == "aten.copy_":
             self.copies.append(tuple(args[1].shape))
         return func(*args, **kwargs)
