@@ -141,7 +141,7 @@ def cuda_gemm_impl(dtype) -> str:
     """The implementation a GEMM-shaped op (bnrelu_conv1x1, bnrelu_conv3x3) runs on CUDA tensors of
     ``dtype``: "triton", or "aten" (cuBLAS / cuDNN) for float64 and for float32 without TF32
     (``torch.backends.cuda.matmul.allow_tf32`` False, PyTorch's default): full fp32 products
-    lower ``tl.dot`` to FMAs, slow and spilling 7.5-18.8 KB of stack per thread in the 1x1 backward,
+    lower ``tl.dot`` to FMAs, slow and spilling heavily (benchmarks/results/kernel_resources.md),
     where cuBLAS / cuDNN compute them at full speed.  16-bit dtypes and float32 with TF32 run Triton."""
     if dtype == torch.float64 or (dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32):
         return "aten"
