@@ -420,7 +420,8 @@ _bwd_tuned = triton.autotune(_BWD_CONFIGS, key=["C_BUCKET", "COUT", "PRECISION",
 def _fwd_block_m(m, cout, interp):
     if interp:
         return 32
-    return 128 if cdiv(m, 128) * cdiv(cout, 128) >= 264 else 64  # >= 2 waves of 132 SMs
+    from ._triton_common import device_target
+    return 128 if cdiv(m, 128) * cdiv(cout, 128) >= 2 * device_target().sms else 64  # >= 2 waves of programs
 
 
 def triton_fwd(x, scale, shift, weight, stats, bn_out=None, bn_gamma=None, bn_beta=None, bn_eps=0.0):
@@ -466,11 +467,13 @@ def _triton_fwd(x, scale, shift, weight, stats, bn_out=None, bn_gamma=None, bn_b
 
 
 def _splits(m, c, interp):
-    """Row splits of the backward: shape-only, about two waves of 132 programs for 64-channel
-    column blocks (each split writes a Cout x C fp32 partial of dW that is read back once)."""
+    """Row splits of the backward: a function of the shape and the device's multiprocessor count,
+    about two waves of programs (two per multiprocessor) for 64-channel column blocks (each split
+    writes a Cout x C fp32 partial of dW that is read back once)."""
     if interp:
         return max(1, min(4, cdiv(m, 32)))
-    return max(1, min(cdiv(m, 128), cdiv(264, cdiv(c, 64))))
+    from ._triton_common import device_target
+    return max(1, min(cdiv(m, 128), cdiv(2 * device_target().sms, cdiv(c, 64))))
 
 
 def triton_bwd(dout, x, scale, shift, weight, mean, rstd, G, P=None, Q=None, count=0, db_b=None, db_mean=None,

@@ -25,6 +25,7 @@ import triton.language as tl
 
 from .launch import interpreted, launch
 from ._common import acc_dtype, cdiv, next_pow2, on_tensor_device
+from ._triton_common import device_target
 
 POOL_KERNEL, POOL_STRIDE, POOL_PADDING = 3, 2, 1
 
@@ -285,11 +286,12 @@ def triton_fwd(y, scale, shift, nhw):
 
 
 def _splits(p, c, block_p, block_c, interp):
-    """Row splits of the sums pass: shape-only, about two waves of 132 programs (each split writes
-    2*C partial sums, reduced in a fixed order by the finish kernel)."""
+    """Row splits of the sums pass: a function of the shape and the device's multiprocessor count, about
+    two waves of programs (two per multiprocessor; each split writes 2*C partial sums, reduced in a
+    fixed order by the finish kernel)."""
     if interp:
         return max(1, min(3, cdiv(p, block_p)))
-    return max(1, min(cdiv(p, block_p), cdiv(264, cdiv(c, block_c))))
+    return max(1, min(cdiv(p, block_p), cdiv(2 * device_target().sms, cdiv(c, block_c))))
 
 
 def triton_bwd(dout, index, y, scale, shift, mean, rstd, nhw, count):
