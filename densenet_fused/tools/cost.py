@@ -37,6 +37,8 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from .bench import densenet121_block, densenet_bc_block1
+
 GB = 1e9
 MB = 1e6
 
@@ -57,10 +59,16 @@ class CostCase:
         return self.batch * self.hw * self.hw
 
 
+def _from_bench(name: str, case) -> CostCase:
+    """The cost case of one of bench's block cases (its shapes derived from ``models.CONFIGS`` /
+    ``densenet_bc_config``): the configurations are written once, in models.py."""
+    return CostCase(name, case.layers, case.c0, case.growth, case.bn_size, case.batch, case.hw)
+
+
 CASES: Dict[str, CostCase] = {c.name: c for c in (
-    CostCase("densenet121_block3", 24, 256, 32, 4, 128, 14),
-    CostCase("densenet121_block1", 6, 64, 32, 4, 128, 56),
-    CostCase("densenet_bc100_k12", 16, 24, 12, 4, 64, 32),
+    _from_bench("densenet121_block3", densenet121_block(3, 128)),
+    _from_bench("densenet121_block1", densenet121_block(1, 128)),
+    _from_bench("densenet_bc100_k12", densenet_bc_block1(100, 12, 64)),
 )}
 
 # The tensor arguments each Triton kernel writes are declared beside it, in its op file's TRITON_WRITES
