@@ -27,13 +27,16 @@ def test_a_training_step_on_the_cuda_path_never_synchronizes(monkeypatch, drop_r
     """Fake CUDA tensors (FakeTensorMode raises on any value read back to the host) and every synchronizing
     call made to raise: the block's forward (dropout seeds included) and backward run their CUDA code path
     to the end, the Triton launches recorded at the launch seam instead of run.  (Called as the autograd
-    node calls them: autograd's engine itself needs a CUDA driver, even for fake tensors.)"""
+    node calls them: autograd's engine itself needs a CUDA driver, even for fake tensors.)  The launchers
+    read the device's properties from Triton's driver: `densenet-fused cost`'s stand-in for an H100."""
+    import triton
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from densenet_fused.block import block_backward, block_forward
     from densenet_fused.modules import fused_block_setup
+    from densenet_fused.tools.host_cost import stand_in
     launches = []
-    with FakeTensorMode(allow_non_fake_inputs=False):
+    with stand_in(triton.runtime.driver, 90), FakeTensorMode(allow_non_fake_inputs=False):
         with torch.device("cuda"):
             blk = FusedDenseBlock(3, 16, 2, 8, drop_rate=drop_rate).train()
         for layer in blk.values():  # channels-last 3x3 weights (Module.to cannot swap fake parameters)

@@ -6,7 +6,8 @@ import torch
 
 
 def cdiv(a: int, b: int) -> int:
-    """ceil(a / b) of Python integers (``triton.cdiv`` is a constexpr function: ~3 us a host call)."""
+    """ceil(a / b) of Python integers (``triton.cdiv`` is a constexpr function, slow on the host:
+    benchmarks/results/host_overheads.md)."""
     return -(-a // b)
 
 

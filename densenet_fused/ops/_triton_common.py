@@ -141,7 +141,7 @@ def cuda_gemm_impl(dtype) -> str:
     """The implementation a GEMM-shaped op (bnrelu_conv1x1, bnrelu_conv3x3) runs on CUDA tensors of
     ``dtype``: "triton", or "aten" (cuBLAS / cuDNN) for float64 and for float32 without TF32
     (``torch.backends.cuda.matmul.allow_tf32`` False, PyTorch's default): full fp32 products
-    lower ``tl.dot`` to FMAs, slow and spilling 7.5-18.8 KB of stack per thread in the 1x1 backward,
+    lower ``tl.dot`` to FMAs, slow and spilling heavily (benchmarks/results/kernel_resources.md),
     where cuBLAS / cuDNN compute them at full speed.  16-bit dtypes and float32 with TF32 run Triton."""
     if dtype == torch.float64 or (dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32):
         return "aten"
@@ -155,34 +155,42 @@ def dot_precision(dtype):
     return "tf32"
 
 
-# The GPUs a config is checked for: shared memory a block may use (opt-in maximum, bytes) per
-# compute capability, what `densenet-fused cost --kernels` checks compiled kernels against.  On a
-# GPU the autotuners prune with the device's own values (``device_target``).
+# The GPUs a config is checked for, per compute capability: shared memory a block may use (opt-in
+# maximum, bytes), what `densenet-fused cost --kernels` checks compiled kernels against, and the
+# streaming multiprocessors of the architecture's reference GPU, what `densenet-fused cost` sizes the
+# shape-dependent grids for.  On a GPU the launchers use the device's own values (``device_target``).
 SMEM_PER_BLOCK = {80: 166912, 90: 232448}  # A100; H100 / H200
+SMS = {80: 108, 90: 132}  # A100; H100 SXM / H200
 
 
 class Target(NamedTuple):
     arch: int   # compute capability, major * 10 + minor
     smem: int   # shared memory per block, bytes
+    sms: int    # streaming multiprocessors
 
 
 def cost_target(arch: int) -> Target:
-    return Target(arch, SMEM_PER_BLOCK[arch])
+    return Target(arch, SMEM_PER_BLOCK[arch], SMS[arch])
 
 
+# (id(driver), device index) -> (driver, Target): the driver kept alive with its entry, so that its id
+# is never reused by another (a stand-in driver of `densenet-fused cost` for another architecture)
 _targets: dict = {}
 
 
 def device_target() -> Target:
-    """Compute capability and shared memory per block (opt-in maximum) of the device Triton launches on
-    (the current one: the launchers run under their tensors' device), read from Triton's active driver."""
+    """Compute capability, shared memory per block (opt-in maximum) and multiprocessor count of the
+    device Triton launches on (the current one: the launchers run under their tensors' device), read
+    from Triton's active driver."""
     drv = triton.runtime.driver.active
     index = drv.get_current_device()
-    key = (id(drv), index)
-    if key not in _targets:
-        smem = int(drv.utils.get_device_properties(index)["max_shared_mem"])
-        _targets[key] = Target(drv.get_current_target().arch, smem)
-    return _targets[key]
+    entry = _targets.get((id(drv), index))
+    if entry is None:
+        props = drv.utils.get_device_properties(index)
+        entry = _targets[(id(drv), index)] = (drv, Target(drv.get_current_target().arch,
+                                                          int(props["max_shared_mem"]),
+                                                          int(props["multiprocessor_count"])))
+    return entry[1]
 
 
 def config_pruner(fits, name):

@@ -298,12 +298,10 @@ def _dropped_kernel(X, ldx, SCALE, SHIFT, MEAN, RSTD, P, Q, DX, DGAMMA, DWEIGHT,
 # ----------------------------------------------------------------------------- launchers
 # Tiles and warps (BLOCK_M, BLOCK_N, BLOCK_K or BLOCK_C, num_warps) per kernel: "mma" for 16-bit inputs,
 # "tf32" for float32 with TF32 products, "ieee" for full fp32 products (FMAs, operands in registers); small
-# under the interpreter.  Fixed, chosen from ptxas resources (`densenet-fused cost --kernels --case
-# transition_head_stem`, sm_90a and sm_80, triton 3.6 and 3.8): 0 spills for every dtype.  16-bit: the
-# forward (64, 64, 32) with 4 warps; _dw_kernel (32, 64, 32) with 4 warps; _dx_kernel (64, 64, 32) with 8
-# warps.  float32 spilled on those tiles (forward 296 B on sm_90a, _dw_kernel 4288 B on sm_80, _dx_kernel
-# 8-28 B on one or the other version), so it spreads the GEMM tiles over 8 warps, and its dx tiles are
-# 32 rows (TF32: also 32 output columns a step, 4 warps).
+# under the interpreter.  Fixed: tiles that compile without spills on sm_90a and sm_80 in every dtype
+# (`densenet-fused cost --kernels --case transition_head_stem`).  float32 spills on the 16-bit tiles
+# (benchmarks/results/kernel_resources.md), so it spreads the GEMM tiles over 8 warps, and its dx tiles
+# are 32 rows (TF32: also 32 output columns a step, 4 warps).
 _TILES = {
     "fwd": {"mma": (64, 64, 32, 4), "tf32": (64, 64, 32, 8), "ieee": (64, 64, 32, 8)},
     "dw": {"mma": (32, 64, 32, 4), "tf32": (32, 64, 32, 8), "ieee": (32, 64, 32, 8)},

@@ -341,15 +341,14 @@ _FWD_CONFIGS = [triton.Config(dict(BLOCK_N=bn, BLOCK_K=bk), num_warps=w, num_sta
                 for bn, bk, w, st in [(128, 64, 8, 3), (128, 64, 4, 4), (128, 32, 4, 4), (64, 64, 4, 4),
                                       (128, 128, 8, 3), (64, 128, 4, 3), (256, 64, 8, 3), (64, 64, 8, 3),
                                       (64, 32, 4, 4)]]
-# (64, 64) with 4 warps and 3 stages is not offered: compiled for sm_90a in bf16 it spills 444-952 B per
-# thread at 255 registers (`densenet-fused cost --kernels`); (64, 64) with 8 warps covers the tile.
+# (64, 64) with 4 warps and 3 stages is not offered: it spills on sm_90a in bf16
+# (benchmarks/results/kernel_resources.md); (64, 64) with 8 warps covers the tile.
 _BWD_CONFIGS = [triton.Config(dict(BLOCK_M=bm, BLOCK_C=bc), num_warps=w, num_stages=st)
                 for bm, bc, w, st in [(64, 64, 8, 2), (64, 32, 4, 3), (32, 64, 4, 3), (128, 32, 8, 2),
                                       (32, 128, 8, 2), (64, 32, 8, 2), (32, 32, 4, 3), (32, 32, 8, 2)]]
 # Offered only with FINISH (dB formed from g2): the sm_80 tiles that hold the fp32 g2 tile without
-# spilling in bf16 (64 x 32 with 4 warps spills 48 B there, 8 warps none), and 32 x 32 with 8 warps,
-# the one tile of 128 bottleneck channels that float32 with TF32 runs spill-free on sm_80 (228
-# registers; 64 x 32 with 8 warps spills 84 B there, 32 x 32 with 4 warps 12 B).
+# spilling in bf16 (64 x 32 with 8 warps, not 4), and 32 x 32 with 8 warps, the one tile of 128
+# bottleneck channels that float32 with TF32 runs spill-free on sm_80 (benchmarks/results/kernel_resources.md).
 _BWD_FINISH_ONLY = {(64, 32, 8, 2), (32, 32, 4, 3), (32, 32, 8, 2)}
 
 
@@ -359,13 +358,13 @@ def _fwd_fits(cfg, args, target):
       the narrowest offered (64), which the smallest bottlenecks (bn_size*k < 64) need;
     - registers: the fp32 accumulator, the BN-ReLU'd A tile and the W tile held per thread,
       at most 192 values, or 128 when W's rows are not 16-element aligned (its tile is then
-      loaded through registers): above that, sm_90a spills (BLOCK_M=128: up to 2.6 KB); before
-      sm_90 (mma.sync's A operand in registers) also at most 32 values of the A tile per thread
-      (64: 12 B spilled on sm_80), and no 128 x 32 column tile with 4 warps (ptxas holds some of
-      its variants to 128 registers and spills 12 B, triton 3.6);
+      loaded through registers): above that, sm_90a spills; before sm_90 (mma.sync's A operand
+      in registers) also at most 32 values of the A tile per thread, and no 128 x 32 column tile
+      with 4 warps (ptxas holds some of its variants to 128 registers, and spills);
     - shared memory: num_stages buffers of the A and W tiles, plus the A tile once more after its
       prologue (the MMA operand), in the input dtype, within the device's limit (float32 tiles of
-      128 rows exceed 227 KB in several configs)."""
+      128 rows exceed 227 KB in several configs).
+    The spills behind these bounds: benchmarks/results/kernel_resources.md."""
     bm, bn, bk = args["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
     if bn > max(64, next_pow2(args["COUT"])):  # (64: the narrowest tile offered, kept for small outputs)
         return False
@@ -381,18 +380,16 @@ def _fwd_fits(cfg, args, target):
 def _bwd_fits(cfg, args, target):
     """Whether a backward config suits a launch:
     - before sm_90 (mma.sync: the dW accumulator and the resident W tile in registers) only
-      BLOCK_C = 32 and BLOCK_M = 64: on sm_80 BLOCK_C of 64 and 128 spill 244-2964 B at 255
-      registers, and BLOCK_M = 128 36 B with triton 3.6;
+      BLOCK_C = 32 and BLOCK_M = 64 (wider or taller tiles spill on sm_80);
     - shared memory: num_stages buffers of the dout and x tiles, the resident W tile and the
       activated x tile (the dW product's operand), within the device's limit;
     - with FINISH (dB formed from g2 in the kernel): num_stages buffers of the fp32 g2 tile, the
-      bottleneck tile and the x tile, and the activated x tile (as the compiled kernels use:
-      224 KB for float32 64 x 32 with 3 stages on sm_80); registers: at most 32 values of the dB
-      tile per thread and at most 144 of the dB, W and dW tiles together (bf16, sm_90a: 64 x 32 and
-      128 x 32 tiles spill 140-224 B, 32 x 64 with 4 warps 48 B; sm_80: 64 x 32 with 4 warps 48 B),
-      with 4 warps at most 32 x 32 (64 x 32 spills 36 B with 48 bottleneck channels), and when W's
-      rows are not 16-element aligned (its tile loaded through registers) at most 64 x 32 (64 x 64
-      spills 24 B there); the configs of ``_BWD_FINISH_ONLY`` only there."""
+      bottleneck tile and the x tile, and the activated x tile (as the compiled kernels use);
+      registers: at most 32 values of the dB tile per thread and at most 144 of the dB, W and dW
+      tiles together, with 4 warps at most 32 x 32, and when W's rows are not 16-element aligned
+      (its tile loaded through registers) at most 64 x 32; the configs of ``_BWD_FINISH_ONLY`` only
+      there.
+    The spills and shared memory behind these bounds: benchmarks/results/kernel_resources.md."""
     bm, bc, cp = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_C"], args["COUT_PAD"]
     if target.arch < 90 and (bc > 32 or bm > 64):
         return False
@@ -404,11 +401,10 @@ def _bwd_fits(cfg, args, target):
         if (cfg.num_warps < 8 and bm * bc > 1024) or (args["ldw"] % 16 != 0 and bm * bc > 2048):
             return False
         # Bytes per thread in x's dtype (float32 with TF32 holds twice the bf16 registers per value):
-        # the x-side tiles (x, its activation, g and G's update: BLOCK_M x BLOCK_C) at most 32 B (fp32
-        # with TF32, sm_90a: every tile of 16 values per thread spilled 16-1148 B, every tile of 8
-        # none); before sm_90, mma.sync's A operand, the dB tile, at most 64 B in registers (fp32 on
-        # sm_80: 32 values per thread spilled 12-84 B with 128 bottleneck channels, 16 none).  In
-        # bf16/fp16 both hold for every config the rules above keep (32 values of dB, 16 of x).
+        # the x-side tiles (x, its activation, g and G's update: BLOCK_M x BLOCK_C) at most 32 B;
+        # before sm_90, mma.sync's A operand, the dB tile, at most 64 B in registers (fp32 with TF32
+        # spills above either: benchmarks/results/kernel_resources.md).  In bf16/fp16 both hold for
+        # every config the rules above keep (32 values of dB, 16 of x).
         if bm * bc * s / threads > 32 or (target.arch < 90 and bm * cp * s / threads > 64):
             return False
         smem = cfg.num_stages * (bm * cp * (4 + s) + bm * bc * s) + bm * bc * s
@@ -430,7 +426,8 @@ _bwd_tuned = triton.autotune(_BWD_CONFIGS, key=["C_BUCKET", "COUT", "PRECISION",
 def _fwd_block_m(m, cout, interp):
     if interp:
         return 32
-    return 128 if cdiv(m, 128) * cdiv(cout, 128) >= 264 else 64  # >= 2 waves of 132 SMs
+    from ._triton_common import device_target
+    return 128 if cdiv(m, 128) * cdiv(cout, 128) >= 2 * device_target().sms else 64  # >= 2 waves of programs
 
 
 def triton_fwd(x, scale, shift, weight, stats, bn_out=None, bn_gamma=None, bn_beta=None, bn_eps=0.0):
@@ -476,11 +473,13 @@ def _triton_fwd(x, scale, shift, weight, stats, bn_out=None, bn_gamma=None, bn_b
 
 
 def _splits(m, c, interp):
-    """Row splits of the backward: shape-only, about two waves of 132 programs for 64-channel
-    column blocks (each split writes a Cout x C fp32 partial of dW that is read back once)."""
+    """Row splits of the backward: a function of the shape and the device's multiprocessor count,
+    about two waves of programs (two per multiprocessor) for 64-channel column blocks (each split
+    writes a Cout x C fp32 partial of dW that is read back once)."""
     if interp:
         return max(1, min(4, cdiv(m, 32)))
-    return max(1, min(cdiv(m, 128), cdiv(264, cdiv(c, 64))))
+    from ._triton_common import device_target
+    return max(1, min(cdiv(m, 128), cdiv(2 * device_target().sms, cdiv(c, 64))))
 
 
 def triton_bwd(dout, x, scale, shift, weight, mean, rstd, G, P=None, Q=None, count=0, db_b=None, db_mean=None,

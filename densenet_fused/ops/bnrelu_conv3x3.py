@@ -13,11 +13,8 @@ Two implementations of the same op on CUDA:
 A block's ``conv3x3_impl`` attribute, or ``using_conv3x3("triton" | "aten")`` around its forward (the
 default: ``DENSENET_FUSED_CONV3X3``, else "triton"), picks the CUDA one for
 16-bit dtypes and float32 with TF32 (float64 and float32 without TF32 always run cuDNN).  The
-default is ``triton``, measured on an H100 (torch 2.11, triton 3.6, bf16 autocast, training
-step of the block): DenseNet-121 block 3 at N=128 50.9 ms / 180 MB peak against 66.0 ms /
-227 MB with ``aten``, block 1 25.0 ms against 32.2 ms (DenseNet-BC-100 k=12 at N=64: 32.7 ms
-against 30.5 ms, the one case where ``aten`` was faster); the step is host-bound and the
-Triton path launches 36 kernels per layer against 57 (benchmarks/results/h100_profile_*).
+default is ``triton``: faster than ``aten`` on an H100 for DenseNet-121's blocks, in less memory
+and fewer launches per layer (benchmarks/results/h100_conv3x3_impl.md).
 Under ``TRITON_INTERPRET=1`` the Triton launchers run on CPU tensors.
 """
 import contextlib
@@ -445,7 +442,7 @@ def _fwd_triton(b, scale, shift, weight, nhw, out, stats, mean_out=None, var_out
         drop = _check_drop(drop_p, drop_seed, m, k, b.device, "bnrelu_conv3x3_fwd")
     else:
         (m, cb), k, h, w, drop = b.shape, weight.shape[0], nhw[1], nhw[2], drop_p > 0
-    # 4-byte inputs (fp32 with TF32): half the K step (the 64-wide one spilled 764 B on sm_80, `cost --kernels`)
+    # 4-byte inputs (fp32 with TF32): half the K step (spills on sm_80, benchmarks/results/kernel_resources.md)
     bm, bn = _tiles(b, 32, 128), max(16, min(64, next_pow2(k)))
     bk = _tiles(b, 16, 64 // (b.element_size() // 2))
     tiles = cdiv(m, bm)
@@ -485,7 +482,7 @@ def _bwd_triton(dy, b, scale, shift, weight, nhw, mean, rstd, count=0, dy_x=None
     launch(_dgrad_kernel, (tiles, cdiv(cb, bn)), (dy, dy.stride(0), *fin, b, scale, shift, mean, rstd, weight,
         g2, psum[0], psum[1], m, h, w, cb, k, *dargs), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=min(kpad, 64),
         PRECISION=dot_precision(b.dtype), FINISH=finish, DROP=drop, W_CL=w_cl, num_warps=4)
-    # 4-byte inputs: 64-row tiles (128 rows took 176 KB of shared memory, over sm_80's 163 KB)
+    # 4-byte inputs: 64-row tiles (128 rows exceed sm_80's shared memory, benchmarks/results/kernel_resources.md)
     bmw, bc = _tiles(b, 32, 128 // (b.element_size() // 2)), _tiles(b, 16, 64)
     splits = max(1, min(cdiv(m, bmw), _tiles(b, 3, 1024 // (9 * cdiv(cb, bc)) + 1)))
     tiles_per_split = cdiv(cdiv(m, bmw), splits)
@@ -505,8 +502,8 @@ def _bwd_triton(dy, b, scale, shift, weight, nhw, mean, rstd, count=0, dy_x=None
 
 # ----------------------------------------------------------------------------- the ops
 # Schemas in csrc/ops.cpp; the same Python functions serve the CPU and CUDA dispatch keys
-# (registered with torch.library.Library, whose dispatch costs ~2 us against ~15 us for a
-# torch.library.custom_op).
+# (registered with torch.library.Library, whose dispatch is cheaper than a torch.library.custom_op's:
+# benchmarks/results/host_overheads.md).
 def _use_triton(b, impl):
     """Triton for CUDA tensors when chosen (``impl``, else ``conv3x3_impl()``), except float64 and
     float32 without TF32, which run cuDNN whatever the choice (``_triton_common.cuda_gemm_impl``)."""

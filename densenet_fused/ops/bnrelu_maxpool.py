@@ -25,6 +25,7 @@ import triton.language as tl
 
 from .launch import interpreted, launch
 from ._common import acc_dtype, cdiv, next_pow2, on_tensor_device
+from ._triton_common import device_target
 
 POOL_KERNEL, POOL_STRIDE, POOL_PADDING = 3, 2, 1
 
@@ -258,10 +259,9 @@ def _bwd_dy_kernel(DOUT, IDX, Y, ldy, SCALE, SHIFT, MEAN, RSTD, AB, DY, DGAMMA, 
 # ----------------------------------------------------------------------------- launchers
 def _tiles(c, interp):
     """(pixels, channels, warps) per program of the elementwise kernels (forward, dy) and of the sums kernel:
-    shape-only, small tiles under the interpreter.  Compiled for sm_90a (triton 3.8, ptxas -v, C = 64): the
-    64x64 / 8-warp forward and dy use 92-141 registers in bf16/fp32 (152-187 in fp64), no spills; the sums
-    kernel gathers y with per-element addresses and uses 174-198 registers at 32x64 / 4 warps (spilling
-    300 B in fp64), 96-110 (164 in fp64) at 32x32: no spills in any dtype."""
+    shape-only, small tiles under the interpreter.  Tiles that compile without spills on sm_90a in every
+    dtype: the sums kernel, which gathers y with per-element addresses, on narrower ones
+    (benchmarks/results/kernel_resources.md)."""
     if interp:
         return (16, 16, 4), (16, 16, 4)
     bc = min(64, max(16, next_pow2(c)))
@@ -279,18 +279,19 @@ def triton_fwd(y, scale, shift, nhw):
     if p and c:
         (bp, bc, warps), _ = _tiles(c, interpreted(y))
         if y.dtype == torch.float64 and not interpreted(y):
-            bp //= 2  # 64 fp64 rows spilled 8 B on sm_80 with triton 3.6
+            bp //= 2  # 64 fp64 rows spill on sm_80 (benchmarks/results/kernel_resources.md)
         launch(_fwd_kernel, (cdiv(p, bp), cdiv(c, bc)), (y, y.stride(0), scale, shift, out, index, p,
             c, hgt, wid, hp, wp), BLOCK_P=bp, BLOCK_C=bc, num_warps=warps)
     return out, index
 
 
 def _splits(p, c, block_p, block_c, interp):
-    """Row splits of the sums pass: shape-only, about two waves of 132 programs (each split writes
-    2*C partial sums, reduced in a fixed order by the finish kernel)."""
+    """Row splits of the sums pass: a function of the shape and the device's multiprocessor count, about
+    two waves of programs (two per multiprocessor; each split writes 2*C partial sums, reduced in a
+    fixed order by the finish kernel)."""
     if interp:
         return max(1, min(3, cdiv(p, block_p)))
-    return max(1, min(cdiv(p, block_p), cdiv(264, cdiv(c, block_c))))
+    return max(1, min(cdiv(p, block_p), cdiv(2 * device_target().sms, cdiv(c, block_c))))
 
 
 def triton_bwd(dout, index, y, scale, shift, mean, rstd, nhw, count):

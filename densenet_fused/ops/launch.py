@@ -1,10 +1,11 @@
 """The one launch seam: every Triton kernel of the package is launched through ``launch``.
 
-On the hot path a Triton launch through ``kernel[grid](...)`` costs about 25-30 us of host time
-(the binder, the cache key, the autotuner, the launcher's Python).  ``launch`` does that work once
-per *signature* (the kernel, the dtypes and 16-byte alignment of its pointer arguments, the exact
-values of its integer arguments and constexprs) and afterwards calls the compiled kernel's launcher
-directly: the autotuner's choice, the grid and the constexpr tail of the argument list are kept.
+On the hot path a Triton launch through ``kernel[grid](...)`` costs tens of microseconds of host time
+(the binder, the cache key, the autotuner, the launcher's Python; benchmarks/results/host_overheads.md).
+``launch`` does that work once per *signature* (the kernel, the dtypes and 16-byte alignment of its
+pointer arguments, the exact values of its integer arguments and constexprs) and afterwards calls the
+compiled kernel's launcher directly: the autotuner's choice, the grid and the constexpr tail of the
+argument list are kept.
 The signature is computed exactly as Triton specializes (a different alignment or integer is a
 different entry), so the cache can only make a launch cheaper, never different.
 

@@ -37,6 +37,8 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from .bench import densenet121_block, densenet_bc_block1
+
 GB = 1e9
 MB = 1e6
 
@@ -57,10 +59,16 @@ class CostCase:
         return self.batch * self.hw * self.hw
 
 
+def _from_bench(name: str, case) -> CostCase:
+    """The cost case of one of bench's block cases (its shapes derived from ``models.CONFIGS`` /
+    ``densenet_bc_config``): the configurations are written once, in models.py."""
+    return CostCase(name, case.layers, case.c0, case.growth, case.bn_size, case.batch, case.hw)
+
+
 CASES: Dict[str, CostCase] = {c.name: c for c in (
-    CostCase("densenet121_block3", 24, 256, 32, 4, 128, 14),
-    CostCase("densenet121_block1", 6, 64, 32, 4, 128, 56),
-    CostCase("densenet_bc100_k12", 16, 24, 12, 4, 64, 32),
+    _from_bench("densenet121_block3", densenet121_block(3, 128)),
+    _from_bench("densenet121_block1", densenet121_block(1, 128)),
+    _from_bench("densenet_bc100_k12", densenet_bc_block1(100, 12, 64)),
 )}
 
 # The tensor arguments each Triton kernel writes are declared beside it, in its op file's TRITON_WRITES
@@ -244,8 +252,18 @@ def _obeys_layout(grad: torch.Tensor, param: torch.Tensor) -> bool:
     return all(g == p for g, p, n in zip(grad.stride(), param.stride(), param.shape) if n != 1)
 
 
-def record_step(case: CostCase) -> Recording:
-    """Launches of one training step of the case's block on the CUDA path, channels-last as the benchmark
+def _on_gpu(arch: int):
+    """Triton's stand-in driver for the reference GPU of sm_<arch> (host_cost.py) active within: the
+    launchers size their shape-dependent grids (``_triton_common.device_target``) for that GPU."""
+    import triton
+
+    from .host_cost import stand_in
+    return stand_in(triton.runtime.driver, arch)
+
+
+def record_step(case: CostCase, arch: int = 90) -> Recording:
+    """Launches of one training step of the case's block on the CUDA path of the reference GPU of
+    sm_<arch> (``_triton_common.SMS``), channels-last as the benchmark
     and a channels-last model run it, 16-bit cases as under autocast (float32 parameters, the case's dtype
     for the compute): the block's forward and backward (called directly: autograd's engine needs a CUDA
     driver even for fake tensors) and the gradient accumulation's copies where a gradient does not have
@@ -259,7 +277,7 @@ def record_step(case: CostCase) -> Recording:
     from ..ops.launch import recording
 
     rec = Recording()
-    with FakeTensorMode(allow_non_fake_inputs=False) as mode:
+    with _on_gpu(arch), FakeTensorMode(allow_non_fake_inputs=False) as mode:
         with torch.device("cuda"):
             blk = FusedDenseBlock(case.layers, case.c0, case.bn_size, case.growth).train()
         half = case.dtype in (torch.bfloat16, torch.float16)
@@ -389,10 +407,11 @@ HEADS = (("densenet121", 128, 7, 7, 1024), ("densenet_bc100", 64, 8, 8, 342))  #
 STEMS = (("densenet121", 128, 112, 112, 64), ("densenet161", 128, 112, 112, 96))  # conv0's output
 
 
-def record_edges(dtype) -> Recording:
+def record_edges(dtype, arch: int = 90) -> Recording:
     """Triton launches of the transition, head and stem ops' CUDA code paths (forward, backward with
     batch statistics and without: eval, or statistics synchronized across processes) at the shapes
-    above in ``dtype``, on fake CUDA tensors (TF32 as torch.backends.cuda.matmul.allow_tf32 says)."""
+    above in ``dtype``, on fake CUDA tensors of the reference GPU of sm_<arch> (TF32 as
+    torch.backends.cuda.matmul.allow_tf32 says)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     import importlib
@@ -401,8 +420,8 @@ def record_edges(dtype) -> Recording:
     trans, head, stem = (importlib.import_module(f"densenet_fused.ops.{m}")
                          for m in ("bnrelu_avgpool_conv1x1", "bnrelu_global_avgpool", "bnrelu_maxpool"))
     rec = Recording()
-    with FakeTensorMode(allow_non_fake_inputs=False) as mode, recording(_observer(rec)), torch.no_grad(), \
-            torch.device("cuda"):
+    with _on_gpu(arch), FakeTensorMode(allow_non_fake_inputs=False) as mode, recording(_observer(rec)), \
+            torch.no_grad(), torch.device("cuda"):
         acc = torch.float64 if dtype == torch.float64 else torch.float32
         vec = lambda c: torch.empty(c, dtype=acc)  # noqa: E731
         for _, n, h, w, c, cout, ldo in TRANSITIONS:
@@ -588,7 +607,7 @@ def _refuse_interpreter():
         raise SystemExit("cost --kernels: unset TRITON_INTERPRET (the kernels are compiled, not interpreted)")
 
 
-def block_recordings(case: CostCase) -> List[Tuple[str, Recording]]:
+def block_recordings(case: CostCase, arch: int = 90) -> List[Tuple[str, Recording]]:
     """The case's training step recorded in every dtype / TF32 setting whose GEMM-shaped ops run
     Triton (``_triton_common.cuda_gemm_impl``, what their launchers decide by): bf16, fp16 and fp32
     with TF32.  fp32 without TF32 and fp64 run cuBLAS / cuDNN for the GEMMs (their launch costs are
@@ -597,7 +616,7 @@ def block_recordings(case: CostCase) -> List[Tuple[str, Recording]]:
     import dataclasses
 
     from ..ops._triton_common import cuda_gemm_impl
-    return precision_recordings(lambda dtype: record_step(dataclasses.replace(case, dtype=dtype)),
+    return precision_recordings(lambda dtype: record_step(dataclasses.replace(case, dtype=dtype), arch),
                                 lambda dtype: cuda_gemm_impl(dtype) == "triton")
 
 
@@ -608,7 +627,7 @@ def kernels_report(case: CostCase, arch: int = 90) -> str:
     cannot load)."""
     _refuse_interpreter()
     return _rows_report(f"{case.name}: Triton kernels of a training step, every dtype and autotuner config",
-                        compile_rows(block_recordings(case), arch), arch)
+                        compile_rows(block_recordings(case, arch), arch), arch)
 
 
 EDGES = "transition_head_stem"
@@ -619,7 +638,7 @@ def edges_report(arch: int = 90) -> str:
     CUDA paths launch Triton with, compiled for sm_<arch>."""
     _refuse_interpreter()
     return _rows_report(f"{EDGES}: Triton kernels of the transitions, head and stem (fixed tiles), every dtype",
-                        compile_rows(precision_recordings(record_edges), arch), arch)
+                        compile_rows(precision_recordings(lambda dtype: record_edges(dtype, arch)), arch), arch)
 
 
 def main(case: str = "densenet121_block3", kernels: bool = False, arch: int = 90, host: bool = False,

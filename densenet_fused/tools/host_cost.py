@@ -67,10 +67,11 @@ def stand_in_driver(arch: int = 90):
     from triton.backends.driver import DriverBase
     from triton.backends.nvidia.driver import CudaLauncher
 
-    from ..ops._triton_common import SMEM_PER_BLOCK
+    from ..ops._triton_common import SMEM_PER_BLOCK, SMS
 
-    utils = _StandInUtils(dict(max_shared_mem=SMEM_PER_BLOCK[arch], multiprocessor_count=132, max_num_regs=65536,
-                               warpSize=32, sm_clock_rate=1980000, mem_clock_rate=2619000, mem_bus_width=5120))
+    utils = _StandInUtils(dict(max_shared_mem=SMEM_PER_BLOCK[arch], multiprocessor_count=SMS[arch],
+                               max_num_regs=65536, warpSize=32, sm_clock_rate=1980000, mem_clock_rate=2619000,
+                               mem_bus_width=5120))
 
     class StandInLauncher(CudaLauncher):
         """Triton's CUDA launcher (its ``__call__`` runs as is) without the C signature metadata."""

@@ -41,6 +41,32 @@ def test_every_case_is_within_the_budget(recordings, name):
     assert s.total <= BUDGET[name][0] and s.ratio <= BUDGET[name][1], s.line()
 
 
+def test_cases_are_blocks_of_the_model_configurations():
+    """The cases' shapes come from models.CONFIGS / densenet_bc_config (written once, in models.py)."""
+    from densenet_fused.models import CONFIGS, densenet_bc_config
+    growth, blocks, c0 = CONFIGS["densenet121"]
+    b1, b3 = cost.CASES["densenet121_block1"], cost.CASES["densenet121_block3"]
+    assert (b1.layers, b1.c0, b1.growth, b1.hw, b1.batch) == (blocks[0], c0, growth, 56, 128)
+    assert (b3.layers, b3.c0, b3.growth, b3.hw, b3.batch) == (blocks[2], 256, growth, 14, 128)  # two transitions
+    bc, config = cost.CASES["densenet_bc100_k12"], densenet_bc_config(100, 12)
+    assert (bc.layers, bc.c0, bc.growth, bc.hw, bc.batch) == (config.block_config[0], config.num_init_features,
+                                                               config.growth_rate, 32, 64)
+
+
+def test_grids_are_sized_for_the_architectures_gpu(recordings):
+    """A step recorded for sm_80 takes the A100's 108 SMs: the 1x1 backward splits its rows over two waves
+    of them (fewer splits than for the H100's 132, what the sm_90 recordings take)."""
+    case = cost.CASES["densenet121_block3"]
+
+    def splits(rec):  # per layer, the last one first (the backward's order)
+        return [args[list(fn.arg_names).index("SPLITS")] for fn, args, _ in rec.triton_calls
+                if cost._triton_name(fn) == "bnrelu_conv1x1._bwd_kernel"]
+    h100, a100 = splits(recordings[case.name]), splits(cost.record_step(case, arch=80))
+    blocks = case.c0 // 64  # layer 0: cdiv(2 * SMs, C / 64) splits, fewer than its 196 row tiles of 128
+    assert len(h100) == len(a100) == case.layers and (h100[-1], a100[-1]) == (-(-264 // blocks), -(-216 // blocks))
+    assert all(a <= h for a, h in zip(a100, h100)) and a100 != h100
+
+
 def test_the_1x1_backward_forms_db_from_g2(recordings):
     """No separate pass writes dB: the 1x1 backward reads g2 (fp32) and the bottleneck B instead, and
     bn_grad_finish runs once per step (dx), not per layer."""
