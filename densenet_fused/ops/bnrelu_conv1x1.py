@@ -24,7 +24,7 @@ import triton.language as tl
 from .launch import interpreted, launch
 from .options import Accumulate, FoldBN, GradFinish, lowered
 from ._common import acc_dtype, cdiv, next_pow2, on_tensor_device
-from ._triton_common import (bnrelu_tile, config_pruner, cuda_gemm_impl, dot_precision, merge_stats,
+from ._triton_common import (bnrelu_tile, config_pruner, cuda_gemm_impl, device_target, dot_precision, merge_stats,
                              store_tile_stats)
 from .bn_scale_shift import bn_scale_shift
 from .channel_stats import channel_stats
@@ -426,7 +426,6 @@ _bwd_tuned = triton.autotune(_BWD_CONFIGS, key=["C_BUCKET", "COUT", "PRECISION",
 def _fwd_block_m(m, cout, interp):
     if interp:
         return 32
-    from ._triton_common import device_target
     return 128 if cdiv(m, 128) * cdiv(cout, 128) >= 2 * device_target().sms else 64  # >= 2 waves of programs
 
 
@@ -478,7 +477,6 @@ def _splits(m, c, interp):
     writes a Cout x C fp32 partial of dW that is read back once)."""
     if interp:
         return max(1, min(4, cdiv(m, 32)))
-    from ._triton_common import device_target
     return max(1, min(cdiv(m, 128), cdiv(2 * device_target().sms, cdiv(c, 64))))
 
 
