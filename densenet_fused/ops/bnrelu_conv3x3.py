@@ -446,15 +446,15 @@ def _fwd_triton(b, scale, shift, weight, nhw, out, stats, mean_out=None, var_out
     bm, bn = _tiles(b, 32, 128), max(16, min(64, next_pow2(k)))
     bk = _tiles(b, 16, 64 // (b.element_size() // 2))
     tiles = cdiv(m, bm)
-    part = torch.empty((2, tiles, k), dtype=torch.float32, device=b.device)
-    launch(_fwd_kernel, (tiles, cdiv(k, bn)), (b, scale, shift, weight, out, out.stride(0), part[0], part[1],
+    pmean, pm2 = torch.empty((2, tiles, k), dtype=torch.float32, device=b.device).unbind(0)
+    launch(_fwd_kernel, (tiles, cdiv(k, bn)), (b, scale, shift, weight, out, out.stride(0), pmean, pm2,
         m, h, w, cb, k, *_drop_args(drop, drop_p, drop_seed, scale)), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
         STATS=stats, PRECISION=dot_precision(b.dtype), DROP=drop, W_CL=weight_layout(weight) == torch.channels_last,
         num_warps=4)
     if stats and mean_out is None:
-        return merge_stats(part, m, bm)
+        return merge_stats(pmean, pm2, m, bm)
     if stats:
-        merge_stats(part, m, bm, mean_out, var_out,
+        merge_stats(pmean, pm2, m, bm, mean_out, var_out,
                     affine=None if bn_out is None else (bn_out, bn_gamma, bn_beta, float(bn_eps)))
     if not checked:
         return None, None
@@ -478,9 +478,9 @@ def _bwd_triton(dy, b, scale, shift, weight, nhw, mean, rstd, count=0, dy_x=None
     bm, bn = _tiles(b, 32, 64), _tiles(b, 16, 64)
     tiles = cdiv(m, bm)
     g2 = torch.empty((m, cb), dtype=torch.float32, device=b.device)
-    psum = torch.empty((2, tiles, cb), dtype=torch.float32, device=b.device)
+    psg, psgx = torch.empty((2, tiles, cb), dtype=torch.float32, device=b.device).unbind(0)
     launch(_dgrad_kernel, (tiles, cdiv(cb, bn)), (dy, dy.stride(0), *fin, b, scale, shift, mean, rstd, weight,
-        g2, psum[0], psum[1], m, h, w, cb, k, *dargs), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=min(kpad, 64),
+        g2, psg, psgx, m, h, w, cb, k, *dargs), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=min(kpad, 64),
         PRECISION=dot_precision(b.dtype), FINISH=finish, DROP=drop, W_CL=w_cl, num_warps=4)
     # 4-byte inputs: 64-row tiles (128 rows exceed sm_80's shared memory, benchmarks/results/kernel_resources.md)
     bmw, bc = _tiles(b, 32, 128 // (b.element_size() // 2)), _tiles(b, 16, 64)
@@ -494,7 +494,7 @@ def _bwd_triton(dy, b, scale, shift, weight, nhw, mean, rstd, count=0, dy_x=None
     vec = torch.empty((4, cb), dtype=torch.float32, device=b.device).unbind(0)  # dgamma, dbeta, p, q
     block_w, block_c = 1024, _tiles(b, 16, 64)
     w_programs = cdiv(9 * k * cb, block_w)
-    launch(_bwd_finish_kernel, (w_programs + cdiv(cb, block_c),), (pdw, splits, dweight, psum[0], psum[1],
+    launch(_bwd_finish_kernel, (w_programs + cdiv(cb, block_c),), (pdw, splits, dweight, psg, psgx,
         tiles, scale, rstd, *vec, 1.0 / count if count > 0 else 0.0, cb, k,
         w_programs), BLOCK_W=block_w, BLOCK_T=_tiles(b, 4, 32), BLOCK_C=block_c, W_CL=w_cl)
     return (g2, dweight, *vec)
