@@ -30,3 +30,25 @@ def test_hooks_names_every_hook_dict_of_a_module():
     assert set(HOOKS) <= hook_dicts
     assert hook_dicts - set(HOOKS) <= {"_forward_hooks_with_kwargs", "_forward_hooks_always_called",
                                        "_forward_pre_hooks_with_kwargs"}
+
+
+def test_routed_meta_tensors_take_the_cuda_autocast_dtype():
+    """Under ``launch.routing("meta")`` meta tensors take the CUDA code path, CUDA's autocast state included
+    (`cost --host` runs the block as under torch.autocast on a GPU); outside it, meta has no autocast."""
+    import torch
+
+    from densenet_fused._checks import compute_dtype
+    from densenet_fused.ops.launch import routing
+    x, w = torch.empty((2, 3, 4, 4), device="meta"), torch.empty(3, device="meta")
+    before = torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
+    torch.set_autocast_enabled("cuda", True)
+    torch.set_autocast_dtype("cuda", torch.bfloat16)
+    try:
+        assert compute_dtype(x, w, "t") == torch.float32
+        with routing("meta"):
+            assert compute_dtype(x, w, "t") == torch.bfloat16
+            assert compute_dtype(x.double(), w.double(), "t", never_cast=True) == torch.float64
+        assert compute_dtype(x, w, "t") == torch.float32
+    finally:
+        torch.set_autocast_enabled("cuda", before[0])
+        torch.set_autocast_dtype("cuda", before[1])
