@@ -268,13 +268,16 @@ def _validate(layers, x, c_in: int, growth: int, who: str) -> bool:
                 raise ValueError(f"{who}: layer {i + 1} {bn_name} expected {channels} features, has "
                                  f"{bn.num_features}")
             modes.add(bn.training)
-        for mod in ("norm1", "conv1", "norm2", "conv2"):
+        for mod in ("norm1", "conv1", "norm2", "conv2"):  # the parameters and the running statistics the block reads
             m = mods[mod]
-            for attr, p in (*m._parameters.items(), *m._buffers.items()):
-                if p is not None and p.device != dev and attr != "num_batches_tracked":
-                    raise ValueError(f"{who}: expected the input on the device of the parameters and buffers, "
-                                     f"got the input on {x.device} and layer {i + 1} {mod}.{attr} on {p.device}")
-        if conv1.weight.shape[1:] != (c_l, 1, 1) or conv2.weight.shape != (growth, conv1.out_channels, 3, 3):
+            tensors = (m._parameters, m._buffers) if mod[0] == "n" else (m._parameters,)
+            for attrs in tensors:
+                for attr, p in attrs.items():
+                    if p is not None and p.device != dev and attr != "num_batches_tracked":
+                        raise ValueError(f"{who}: expected the input on the device of the parameters and buffers, "
+                                         f"got the input on {x.device} and layer {i + 1} {mod}.{attr} on {p.device}")
+        w1, w2 = conv1._parameters["weight"], conv2._parameters["weight"]
+        if w1.shape[1:] != (c_l, 1, 1) or w2.shape != (growth, conv1.out_channels, 3, 3):
             raise ValueError(f"{who}: layer {i + 1} convolutions do not match a dense layer with {c_l} inputs "
                              f"and growth rate {growth}")
     if len(modes) > 1:
