@@ -13,9 +13,9 @@ import torch
 from torch import Tensor
 
 from .block import _first_order_only, block_backward, block_forward, new_buffer, save_block, saved_block
-from .modules import FusedDenseBlock, fused_block_setup
-from .transition import (FusedTransition, _transition_forward, begin_transition, prepare_transition,
-                         transition_backward)
+from ..modules.dense import FusedDenseBlock, fused_block_setup
+from ..modules.transition import (FusedTransition, _transition_forward, begin_transition, prepare_transition,
+                                  transition_backward)
 
 
 def _forward(tspec, bspec, x, tparams, t_mean, t_var, bparams, save: bool):

@@ -23,12 +23,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._checks import has_hooks
+from .._checks import has_hooks
 from .head import fused_head
-from .modules import FusedDenseBlock
+from .dense import FusedDenseBlock
 from .stem import fused_stem
 from .transition import FusedTransition
-from .transition_block import transition_into_block
+from ..autograd.transition_block import transition_into_block
 
 STEM = ("conv0", "norm0", "relu0", "pool0")
 

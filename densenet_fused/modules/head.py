@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from ._checks import has_hooks
-from .ops import bn_scale_shift, bnrelu_global_avgpool_bwd, bnrelu_global_avgpool_fwd
+from .._checks import has_hooks
+from ..ops import bn_scale_shift, bnrelu_global_avgpool_bwd, bnrelu_global_avgpool_fwd
 from .transition import TransitionSpec as HeadSpec  # the same fields: nhw, eps, training, dtype, sync, count
 from .transition import batch_or_running, check_input, check_norm, checked_input, nhwc_rows, synced_grad_finish
 

@@ -26,12 +26,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from ._checks import check_batch, compute_dtype, has_hooks
-from .distributed import StatsGroup, stats_group
-from .ops import (bn_grad_finish, bn_scale_shift, bnrelu_maxpool_bwd, bnrelu_maxpool_fwd, channel_stats,
+from .._checks import check_batch, compute_dtype, has_hooks
+from ..autograd.distributed import StatsGroup, stats_group
+from ..ops import (bn_grad_finish, bn_scale_shift, bnrelu_maxpool_bwd, bnrelu_maxpool_fwd, channel_stats,
                   running_stats_update)
-from .ops._common import acc_dtype
-from .ops.bnrelu_maxpool import POOL_KERNEL, POOL_PADDING, POOL_STRIDE, pooled_size
+from ..ops._common import acc_dtype
+from ..ops.bnrelu_maxpool import POOL_KERNEL, POOL_PADDING, POOL_STRIDE, pooled_size
 
 _WHO = "fused_stem"
 

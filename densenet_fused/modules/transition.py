@@ -17,11 +17,11 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from ._checks import check_batch, check_input, compute_dtype, has_hooks
-from .distributed import StatsGroup, stats_group
-from .ops import (bn_grad_finish, bn_scale_shift, bnrelu_avgpool_conv1x1_bwd, bnrelu_avgpool_conv1x1_fwd,
+from .._checks import check_batch, check_input, compute_dtype, has_hooks
+from ..autograd.distributed import StatsGroup, stats_group
+from ..ops import (bn_grad_finish, bn_scale_shift, bnrelu_avgpool_conv1x1_bwd, bnrelu_avgpool_conv1x1_fwd,
                   channel_stats, running_stats_update)
-from .ops._common import acc_dtype
+from ..ops._common import acc_dtype
 
 
 

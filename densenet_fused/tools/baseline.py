@@ -4,7 +4,7 @@ from collections import OrderedDict
 
 from torch import nn
 
-from ..models import DenseNetConfig
+from ..modules.models import DenseNetConfig
 
 _IMAGENET_STEM = ("conv0", "norm0", "relu0", "pool0")
 

@@ -272,8 +272,8 @@ def record_step(case: CostCase, arch: int = 90) -> Recording:
 
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from ..block import block_backward, block_forward
-    from ..modules import FusedDenseBlock, fused_block_setup
+    from ..autograd.block import block_backward, block_forward
+    from ..modules.dense import FusedDenseBlock, fused_block_setup
     from ..ops.launch import recording
 
     rec = Recording()

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from blockutil import SavedBytes, assert_close, randomize_bn
-from densenet_fused.stem import fused_stem
+from densenet_fused.modules.stem import fused_stem
 
 
 def tv_stem(features=13, in_channels=3, momentum=0.1, dtype=torch.float64):
