@@ -14,7 +14,7 @@ import torchvision
 from torchvision.models.densenet import _Transition
 
 import densenet_fused
-import densenet_fused.modules.transition as transition_mod
+import densenet_fused.autograd.transition as transition_mod
 from blockutil import make_pair, nonfinite_mismatch, randomize_bn, triton_block_ops
 from densenet_fused.ops import bnrelu_avgpool_conv1x1 as transition_op
 from densenet_fused.ops.table import substituted

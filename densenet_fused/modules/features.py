@@ -28,7 +28,7 @@ from .head import fused_head
 from .dense import FusedDenseBlock
 from .stem import fused_stem
 from .transition import FusedTransition
-from ..autograd.transition_block import transition_into_block
+from .transition_block import transition_into_block
 
 STEM = ("conv0", "norm0", "relu0", "pool0")
 

@@ -10,13 +10,13 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import densenet_fused.modules.transition as transition_mod
+import densenet_fused.autograd.transition as transition_mod
 from blockutil import SavedBytes, assert_close, randomize_bn
 from densenet_fused import FusedDenseBlock
 from densenet_fused.modules.features import FusedFeatures
 from densenet_fused.ops import bnrelu_avgpool_conv1x1 as op
 from densenet_fused.modules.transition import FusedTransition
-from densenet_fused.autograd.transition_block import transition_into_block
+from densenet_fused.modules.transition_block import transition_into_block
 from flags import patched, tf32_disabled
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
