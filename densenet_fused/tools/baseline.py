@@ -1,4 +1,4 @@
-"""The unfused baseline of the tools: torchvision's DenseNet of one of densenet_fused.models'
+"""The unfused baseline of the tools: torchvision's DenseNet of one of densenet_fused.modules.models'
 configurations, with the same module names and state_dict keys as the package's model."""
 from collections import OrderedDict
 

@@ -190,7 +190,7 @@ def test_hooks_refused():
 
 
 def test_sync_batchnorm_without_a_process_group_runs_as_batchnorm():
-    """A world of one process (or none) has nothing to synchronize (tests/test_distributed.py checks
+    """A world of one process (or none) has nothing to synchronize (tests/autograd/test_distributed.py checks
     two processes): the stem runs as nn.BatchNorm2d, as nn.SyncBatchNorm itself does."""
     stem = tv_stem()
     sync = nn.SyncBatchNorm(13).double()

@@ -42,7 +42,7 @@ def test_every_case_is_within_the_budget(recordings, name):
 
 
 def test_cases_are_blocks_of_the_model_configurations():
-    """The cases' shapes come from models.CONFIGS / densenet_bc_config (written once, in models.py)."""
+    """The cases' shapes come from models.CONFIGS / densenet_bc_config (written once, in modules/models.py)."""
     from densenet_fused.modules.models import CONFIGS, densenet_bc_config
     growth, blocks, c0 = CONFIGS["densenet121"]
     b1, b3 = cost.CASES["densenet121_block1"], cost.CASES["densenet121_block3"]
