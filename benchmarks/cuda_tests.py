@@ -19,8 +19,9 @@ A test needs CUDA when, collected on a CUDA machine, it
 from before the test modules are imported, so the collection is the one a GPU machine makes; nothing
 runs.
 
-With --cuda-only the kept tests run in this order: tests/test_build.py, the other top-level tests (whole
-blocks, models), tests/tools, tests/ops (a run stopped at its time limit has the most telling results).
+With --cuda-only the kept tests run in this order: tests/test_build.py, the other runtime tests (whole
+blocks, models: tests/autograd, tests/modules and the top level), tests/tools, tests/ops (a run stopped
+at its time limit has the most telling results).
 
 After a test fails with an error that leaves the CUDA context unusable (an illegal memory access, a
 device-side assert, a launch failure), every later test in that process is skipped ("CUDA context lost

@@ -1,6 +1,6 @@
 // Autograd-key kernels of the densenet_fused ops.
 //
-// The ops are differentiated as a whole block by FusedDenseBlockFunction (densenet_fused/block.py),
+// The ops are differentiated as a whole block by FusedDenseBlockFunction (densenet_fused/autograd/block.py),
 // never one by one.  They must still be callable with tensors that require grad while grad mode
 // is on: torch.export inlines the block's autograd.Function, so an exported program
 // (ep.module()(x)) calls the ops directly with the model's Parameters.  The default autograd
@@ -115,9 +115,9 @@ void no_gradient(const c10::OperatorHandle& op, c10::DispatchKeySet ks, torch::j
 
 }  // namespace
 
-// Ops differentiated as a whole by an autograd.Function: the block's (FusedDenseBlockFunction, block.py),
-// the stem's (FusedStemFunction, stem.py), the transition's and the head's (FusedTransitionFunction,
-// FusedHeadFunction in transition.py / head.py).
+// Ops differentiated as a whole by an autograd.Function (densenet_fused/autograd/): the block's
+// (FusedDenseBlockFunction, block.py), the stem's (FusedStemFunction, stem.py), the transition's and the
+// head's (FusedTransitionFunction, FusedHeadFunction in transition.py / head.py).
 TORCH_LIBRARY_IMPL(densenet_fused, Autograd, m) {
   for (const char* op : {"channel_stats", "bn_grad_finish", "bn_scale_shift", "bnrelu_conv1x1_fwd",
                          "bnrelu_conv1x1_bwd", "bnrelu_conv3x3_fwd", "bnrelu_conv3x3_bwd",

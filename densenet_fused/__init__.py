@@ -6,14 +6,9 @@ statistics computed once per channel and a one-pass backward.
 """
 from ._loader import WITH_CUDA, TORCH_VERSION_BUILT  # noqa: F401  (loads the ops first)
 from . import ops  # noqa: F401  (fake implementations, CUDA kernels from Python)
-from .convert import convert
-from .models import DenseNet, densenet121, densenet161, densenet169, densenet201, densenet264, densenet_bc
-from .features import FusedFeatures
-from .head import fused_head
-from .modules import FusedDenseBlock, FusedDenseLayer
-from .stem import fused_stem
-from .transition import FusedTransition
-from .sync_batchnorm import convert_sync_batchnorm
+from .modules import (DenseNet, FusedDenseBlock, FusedDenseLayer, FusedFeatures, FusedTransition, convert,
+                      convert_sync_batchnorm, densenet121, densenet161, densenet169, densenet201, densenet264,
+                      densenet_bc, fused_head, fused_stem)
 
 from ._version import __version__  # noqa: E402  (one source: pyproject reads it too)
 

@@ -3,7 +3,7 @@
 autocast, ``torch.compile(mode="reduce-overhead")`` of a converted model, and dropout drawing new masks on
 every replay.  A graphed step equals the eager one by the tolerance rule (here the same kernels on the same
 data: equal up to the order of fp32 reductions, which is fixed); the CPU side of capturability (no host
-synchronization) is tests/test_host_path.py."""
+synchronization) is tests/autograd/test_host_path.py."""
 import copy
 
 import pytest

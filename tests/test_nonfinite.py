@@ -14,11 +14,11 @@ import torchvision
 from torchvision.models.densenet import _Transition
 
 import densenet_fused
-import densenet_fused.transition as transition_mod
+import densenet_fused.autograd.transition as transition_mod
 from blockutil import make_pair, nonfinite_mismatch, randomize_bn, triton_block_ops
 from densenet_fused.ops import bnrelu_avgpool_conv1x1 as transition_op
 from densenet_fused.ops.table import substituted
-from densenet_fused.transition import FusedTransition
+from densenet_fused.modules.transition import FusedTransition
 from flags import patched, tf32_disabled
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"

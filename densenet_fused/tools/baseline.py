@@ -1,10 +1,10 @@
-"""The unfused baseline of the tools: torchvision's DenseNet of one of densenet_fused.models'
+"""The unfused baseline of the tools: torchvision's DenseNet of one of densenet_fused.modules.models'
 configurations, with the same module names and state_dict keys as the package's model."""
 from collections import OrderedDict
 
 from torch import nn
 
-from ..models import DenseNetConfig
+from ..modules.models import DenseNetConfig
 
 _IMAGENET_STEM = ("conv0", "norm0", "relu0", "pool0")
 

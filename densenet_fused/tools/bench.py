@@ -27,7 +27,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from ..models import CONFIGS, densenet_bc_config
+from ..modules.models import CONFIGS, densenet_bc_config
 from .baseline import torchvision_densenet
 
 PROVIDERS = ("fused", "fused_graphed", "fused_keep_b", "fused_aten3x3", "torchvision", "torchvision_me",
@@ -115,7 +115,7 @@ def build(case: Case, provider: str, device) -> torch.nn.Module:
     """The module a provider trains for a case (fresh weights, training mode)."""
     from torchvision.models.densenet import _DenseBlock
 
-    from .. import models
+    from ..modules import models
     from ..modules import FusedDenseBlock
 
     reason = unavailable(provider, device)
@@ -462,7 +462,7 @@ BUDGET_PROVIDERS = ("fused", "torchvision", "torchvision_me")  # what the depth-
 
 def _bc_builder(depth, growth):
     """DenseNet-BC of a depth for 32x32 inputs, fused or torchvision (with the CIFAR stem)."""
-    from .. import models
+    from ..modules import models
 
     config = densenet_bc_config(depth, growth)
 

@@ -61,7 +61,7 @@ class CostCase:
 
 def _from_bench(name: str, case) -> CostCase:
     """The cost case of one of bench's block cases (its shapes derived from ``models.CONFIGS`` /
-    ``densenet_bc_config``): the configurations are written once, in models.py."""
+    ``densenet_bc_config``): the configurations are written once, in modules/models.py."""
     return CostCase(name, case.layers, case.c0, case.growth, case.bn_size, case.batch, case.hw)
 
 
@@ -272,8 +272,8 @@ def record_step(case: CostCase, arch: int = 90) -> Recording:
 
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from ..block import block_backward, block_forward
-    from ..modules import FusedDenseBlock, fused_block_setup
+    from ..autograd.block import block_backward, block_forward
+    from ..modules.dense import FusedDenseBlock, fused_block_setup
     from ..ops.launch import recording
 
     rec = Recording()

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import densenet_fused
-from densenet_fused.models import CONFIGS, densenet_bc_config
+from densenet_fused.modules.models import CONFIGS, densenet_bc_config
 from densenet_fused.tools.baseline import torchvision_densenet
 
 

@@ -42,8 +42,8 @@ def test_every_case_is_within_the_budget(recordings, name):
 
 
 def test_cases_are_blocks_of_the_model_configurations():
-    """The cases' shapes come from models.CONFIGS / densenet_bc_config (written once, in models.py)."""
-    from densenet_fused.models import CONFIGS, densenet_bc_config
+    """The cases' shapes come from models.CONFIGS / densenet_bc_config (written once, in modules/models.py)."""
+    from densenet_fused.modules.models import CONFIGS, densenet_bc_config
     growth, blocks, c0 = CONFIGS["densenet121"]
     b1, b3 = cost.CASES["densenet121_block1"], cost.CASES["densenet121_block3"]
     assert (b1.layers, b1.c0, b1.growth, b1.hw, b1.batch) == (blocks[0], c0, growth, 56, 128)
@@ -109,7 +109,7 @@ def test_dropout_draws_its_seeds_on_the_device(recordings):
     """drop_rate > 0: the step records on fake CUDA tensors (a host synchronization such as .item()
     raises there) and costs one launch more per step (every layer's seed in one draw on the device),
     the same bytes: the conv3x3 kernels apply the masks from those seeds."""
-    import densenet_fused.modules as mods
+    import densenet_fused.modules.dense as mods
     from flags import patched
     case = cost.CASES["densenet121_block3"]
     orig = mods.FusedDenseBlock

@@ -179,10 +179,11 @@ def test_merge_keeps_each_providers_first_run(tmp_path):
 def test_cuda_tests_run_order():
     from types import SimpleNamespace
     cuda_tests = _module("cuda_tests")
-    ids = ["tests/ops/test_a.py::t", "tests/tools/test_b.py::t", "tests/test_block.py::t", "tests/test_build.py::t",
-           "tests/test_models.py::t"]
+    ids = ["tests/ops/test_a.py::t", "tests/tools/test_b.py::t", "tests/autograd/test_block.py::t",
+           "tests/test_build.py::t", "tests/modules/test_models.py::t"]
     got = sorted((SimpleNamespace(nodeid=i) for i in ids), key=cuda_tests._priority)
-    assert [i.nodeid for i in got] == ["tests/test_build.py::t", "tests/test_block.py::t", "tests/test_models.py::t",
+    assert [i.nodeid for i in got] == ["tests/test_build.py::t", "tests/autograd/test_block.py::t",
+                                       "tests/modules/test_models.py::t",
                                        "tests/tools/test_b.py::t", "tests/ops/test_a.py::t"]
 
 

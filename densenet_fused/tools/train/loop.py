@@ -82,7 +82,7 @@ def _build(s: Session) -> None:
     if s.cuda:
         model = model.to(memory_format=torch.channels_last)
     if s.distributed and args.sync_bn:  # fused blocks synchronize their own statistics; other norms: SyncBatchNorm
-        from ...sync_batchnorm import convert_sync_batchnorm
+        from ...modules.sync_batchnorm import convert_sync_batchnorm
         model = convert_sync_batchnorm(model)
     s.raw = model
     if s.distributed:

@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ...models import CONFIGS, densenet_bc_config
+from ...modules.models import CONFIGS, densenet_bc_config
 from ..baseline import torchvision_densenet
 from .config import TrainError, first_line
 
@@ -25,7 +25,7 @@ def check_model_name(name: str) -> None:
 
 
 def _package_model(name, num_classes, depth, growth_rate, baseline) -> nn.Module:
-    from ... import models
+    from ...modules import models
 
     if name == "densenet_bc":
         depth = 100 if depth is None else depth
@@ -81,7 +81,7 @@ def build_model(name: str, num_classes: int, depth: Optional[int] = None, growth
                 baseline: bool = False, weights: Optional[str] = None) -> nn.Module:
     """The model to train (CPU, float32, training mode); ``weights`` is a local state_dict
     (or a checkpoint.pt of this command) loaded with strict=True."""
-    from ...convert import convert
+    from ...modules.convert import convert
     from ...modules import FusedDenseBlock
 
     check_model_name(name)

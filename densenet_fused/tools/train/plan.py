@@ -236,6 +236,6 @@ def _norms_outside_fused_blocks(model: nn.Module) -> List[str]:
     nn.SyncBatchNorm (those no fused module synchronizes itself), from a conversion of a copy."""
     import copy
 
-    from ...sync_batchnorm import convert_sync_batchnorm
+    from ...modules.sync_batchnorm import convert_sync_batchnorm
     converted = convert_sync_batchnorm(copy.deepcopy(model))
     return [name for name, m in converted.named_modules() if isinstance(m, nn.SyncBatchNorm)]

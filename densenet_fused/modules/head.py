@@ -10,46 +10,11 @@ statistics and the backward's two gradient sums are over the process group.
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 
-from ._checks import has_hooks
-from .ops import bn_scale_shift, bnrelu_global_avgpool_bwd, bnrelu_global_avgpool_fwd
-from .transition import TransitionSpec as HeadSpec  # the same fields: nhw, eps, training, dtype, sync, count
-from .transition import batch_or_running, check_input, check_norm, checked_input, nhwc_rows, synced_grad_finish
-
-
-def _head_forward(spec: HeadSpec, x, gamma, beta, mean, var):
-    scale, shift, rstd = bn_scale_shift(gamma, beta, mean, var, spec.eps)
-    return bnrelu_global_avgpool_fwd(nhwc_rows(x), scale, shift, spec.nhw), (mean, rstd, scale, shift)
-
-
-class FusedHeadFunction(torch.autograd.Function):
-    """One autograd node: BN (given statistics), ReLU, global average pool, flatten."""
-
-    @staticmethod
-    def forward(ctx, spec: HeadSpec, x: Tensor, gamma: Tensor, beta: Tensor, mean: Tensor, var: Tensor):
-        with torch.autocast(x.device.type, enabled=False):
-            out, saved = _head_forward(spec, x, gamma, beta, mean, var)
-        ctx.spec = spec
-        ctx.param_dtypes = (gamma.dtype, beta.dtype)
-        ctx.save_for_backward(x, *saved)
-        return out
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dpooled):
-        spec = ctx.spec
-        x, mean, rstd, scale, shift = ctx.saved_tensors
-        n, h, w = spec.nhw
-        with torch.autocast(x.device.type, enabled=False):
-            sync = spec.sync if spec.training else None
-            x2 = nhwc_rows(x)
-            dx, dgamma, dbeta = bnrelu_global_avgpool_bwd(dpooled.to(x.dtype), x2, scale, shift, spec.nhw,
-                                                          mean, rstd, spec.training and sync is None)
-            if sync is not None:
-                dx = synced_grad_finish(sync, dx, x2, mean, rstd, scale, dgamma, dbeta, spec.count, x.dtype)
-        dx = dx.view(n, h, w, -1).permute(0, 3, 1, 2)  # channels-last, as the input
-        return None, dx, dgamma.to(ctx.param_dtypes[0]), dbeta.to(ctx.param_dtypes[1]), None, None
+from .._checks import check_input, has_hooks
+from ..autograd._norm import NormSpec, nhwc_rows
+from ..autograd.head import FusedHeadFunction, _head_forward
+from ._norm import batch_or_running, check_norm, checked_input
 
 
 def fused_head(norm5: nn.Module, x: Tensor, stats=None, sync_group=None) -> Tensor:
@@ -70,7 +35,7 @@ def fused_head(norm5: nn.Module, x: Tensor, stats=None, sync_group=None) -> Tens
     training = norm5.training
     n, _, h, w = x.shape
     mean, var, count = batch_or_running(norm5, nhwc_rows(xin), stats, training, acc, sync)
-    spec = HeadSpec(nhw=(n, h, w), eps=float(norm5.eps), training=training, dtype=dtype, sync=sync, count=count)
+    spec = NormSpec(nhw=(n, h, w), eps=float(norm5.eps), training=training, dtype=dtype, sync=sync, count=count)
     if torch.is_grad_enabled() and (xin.requires_grad or norm5.weight.requires_grad or norm5.bias.requires_grad):
         return FusedHeadFunction.apply(spec, xin, norm5.weight, norm5.bias, mean, var)
     with torch.autocast(x.device.type, enabled=False):

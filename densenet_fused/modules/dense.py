@@ -10,12 +10,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._checks import check_batch, check_input, compute_dtype, has_hooks
-from .block import BlockSpec, FusedDenseBlockFunction, block_forward
-from .distributed import stats_group
-from .ops import block_ops
-from .ops._common import autocast_off
-from .ops.bnrelu_conv3x3 import conv3x3_impl as default_conv3x3_impl
+from .._checks import check_batch, check_input, compute_dtype, has_hooks
+from ..autograd.block import BlockSpec, FusedDenseBlockFunction, block_forward
+from ..autograd.distributed import stats_group
+from ..ops import block_ops
+from ..ops._common import autocast_off
+from ..ops.bnrelu_conv3x3 import conv3x3_impl as default_conv3x3_impl
 
 
 class FusedDenseLayer(nn.Module):

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .features import FusedFeatures
-from .modules import FusedDenseBlock
+from .dense import FusedDenseBlock
 from .transition import FusedTransition
 
 

@@ -1,4 +1,4 @@
-"""A transition and the block after it as one node (transition_block.py): the transition's output is
+"""A transition and the block after it as one node (autograd/transition_block.py): the transition's output is
 written straight into the block's buffer (no copy), and everything equals running the two modules
 apart (float64, odd sizes, train and eval, several steps); checks of both modules run before any
 state changes."""
@@ -10,13 +10,13 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import densenet_fused.transition as transition_mod
+import densenet_fused.autograd.transition as transition_mod
 from blockutil import SavedBytes, assert_close, randomize_bn
 from densenet_fused import FusedDenseBlock
-from densenet_fused.features import FusedFeatures
+from densenet_fused.modules.features import FusedFeatures
 from densenet_fused.ops import bnrelu_avgpool_conv1x1 as op
-from densenet_fused.transition import FusedTransition
-from densenet_fused.transition_block import transition_into_block
+from densenet_fused.modules.transition import FusedTransition
+from densenet_fused.modules.transition_block import transition_into_block
 from flags import patched, tf32_disabled
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -91,7 +91,7 @@ def test_saves_no_more_than_the_two_modules_apart():
 @pytest.mark.parametrize("hw", [(9, 7), (8, 8)])
 def test_equals_the_two_modules_apart(mode, hw, drop_rate):
     """Against the same modules run one by one (a hook on the transition makes FusedFeatures call it
-    as a module; its values are torchvision's, tests/test_transition.py): output, input gradient,
+    as a module; its values are torchvision's, tests/modules/test_transition.py): output, input gradient,
     every parameter gradient, running statistics, over 3 steps; with dropout the same masks (the
     same seeds drawn in the same order)."""
     pair = _features(drop_rate=drop_rate).train(mode == "train")

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from blockutil import assert_close, randomize_bn
-from densenet_fused.head import fused_head
+from densenet_fused.modules.head import fused_head
 
 
 def _ref_head(bn, x):

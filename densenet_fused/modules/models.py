@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .features import FusedFeatures
-from .modules import FusedDenseBlock
+from .dense import FusedDenseBlock
 from .transition import FusedTransition
 
 

@@ -1,4 +1,4 @@
-"""FusedDenseBlock as a module (modules.py): hooks on its layers, device checks, double backward,
+"""FusedDenseBlock as a module (modules/dense.py): hooks on its layers, device checks, double backward,
 and second, independent checks of the per-BN eps, the dropout scale and eval-mode dropout."""
 import copy
 

@@ -10,9 +10,9 @@ model is converted by torch's function.
 import torch
 from torch import nn
 
-from .distributed import _WORLD
+from ..autograd.distributed import _WORLD
 from .features import STEM, FusedFeatures
-from .modules import FusedDenseBlock, FusedDenseLayer
+from .dense import FusedDenseBlock, FusedDenseLayer
 from .transition import FusedTransition
 
 

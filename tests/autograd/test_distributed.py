@@ -175,7 +175,7 @@ def _stem(rank, world, sizes, order):
     """The fused stem with an nn.SyncBatchNorm norm0 against torchvision's stem on the full batch."""
     from collections import OrderedDict
 
-    from densenet_fused.stem import fused_stem
+    from densenet_fused.modules.stem import fused_stem
     torch.manual_seed(2)
     ref = nn.Sequential(OrderedDict(conv0=nn.Conv2d(3, 6, 7, 2, 3, bias=False), norm0=nn.BatchNorm2d(6),
                                     relu0=nn.ReLU(inplace=True), pool0=nn.MaxPool2d(3, 2, 1))).double().train()

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .modules import FusedDenseLayer
+from .dense import FusedDenseLayer
 
 
 class ReferenceDenseLayer(FusedDenseLayer):

@@ -103,8 +103,8 @@ def _compare_steps(tv, ours, shape, mode, steps=3, tol=1e-10):
 @pytest.mark.parametrize("mode", ["train", "eval"])
 @pytest.mark.parametrize("hw", [(40, 40), (37, 45)])  # odd sizes: every transition floors a row / column
 def test_small_densenet_matches_torchvision(mode, hw):
-    from densenet_fused.features import FusedFeatures
-    from densenet_fused.transition import FusedTransition
+    from densenet_fused.modules.features import FusedFeatures
+    from densenet_fused.modules.transition import FusedTransition
     tv, ours = _pair(**SMALL)
     assert isinstance(ours.features, FusedFeatures)
     assert isinstance(ours.features.transition1, FusedTransition)
@@ -173,7 +173,7 @@ def test_saved_activation_bytes_ratio_pinned():
 def test_transitions_and_head_use_the_blocks_statistics():
     """No statistics pass over a block's output: the transitions and the head take the block's
     batch statistics (their own channel_stats pass runs only when called alone)."""
-    import densenet_fused.transition as transition
+    import densenet_fused.modules._norm as norm  # the statistics pass of the transitions and the head
     from flags import patched
     calls = []
 
@@ -182,7 +182,7 @@ def test_transitions_and_head_use_the_blocks_statistics():
         return densenet_fused.ops.channel_stats(x, eps)
     _, ours = _pair(**SMALL)
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
-    with patched(transition, channel_stats=counting):
+    with patched(norm, channel_stats=counting):
         ours(x).sum().backward()
         assert calls == []
         ours.features.transition1(torch.randn(2, 32, 8, 8, dtype=torch.float64))

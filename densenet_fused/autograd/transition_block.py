@@ -2,23 +2,19 @@
 transition writes its output straight into the first C_0 channels of the block's buffer, so the
 block copies nothing in, and the block computes those channels' statistics there, once.
 
-Used by features.FusedFeatures for every ``transitionI, denseblockI+1`` pair without hooks.  It
-saves what the two nodes would save apart (the transition's input, which is the previous block's
+Run by modules/transition_block.py (``transition_into_block``: features.FusedFeatures calls it for
+every ``transitionI, denseblockI+1`` pair without hooks).  It saves what the two nodes would save apart (the transition's input, which is the previous block's
 buffer, and the block's own), and backward runs the block's reverse sweep, then the transition's
 backward on the gradient of the block input.
 """
-from typing import Optional, Tuple
-
 import torch
 from torch import Tensor
 
 from .block import _first_order_only, block_backward, block_forward, new_buffer, save_block, saved_block
-from .modules import FusedDenseBlock, fused_block_setup
-from .transition import (FusedTransition, _transition_forward, begin_transition, prepare_transition,
-                         transition_backward)
+from .transition import _transition_forward, transition_backward
 
 
-def _forward(tspec, bspec, x, tparams, t_mean, t_var, bparams, save: bool):
+def transition_block_forward(tspec, bspec, x, tparams, t_mean, t_var, bparams, save: bool):
     n, _, h, w = x.shape
     ho, wo = h // 2, w // 2
     c0 = bspec.num_input_features
@@ -38,8 +34,8 @@ class TransitionBlockFunction(torch.autograd.Function):
     def forward(ctx, tspec, bspec, x: Tensor, gamma: Tensor, beta: Tensor, weight: Tensor, t_mean: Tensor,
                 t_var: Tensor, *bparams: Tensor):
         with torch.autocast(x.device.type, enabled=False):
-            out, tsaved, bsaved, (count, mean, var) = _forward(tspec, bspec, x, (gamma, beta, weight), t_mean, t_var,
-                                                               bparams, save=True)
+            out, tsaved, bsaved, (count, mean, var) = transition_block_forward(
+                tspec, bspec, x, (gamma, beta, weight), t_mean, t_var, bparams, save=True)
         ctx.tspec = tspec
         ctx.param_dtypes = (gamma.dtype, beta.dtype, weight.dtype)
         return save_block(ctx, bspec, out, bsaved, count, bparams, mean, var, before=(x, *tsaved))
@@ -57,23 +53,3 @@ class TransitionBlockFunction(torch.autograd.Function):
                 tgrads = transition_backward(ctx.tspec, x, tsaved, dxb, ctx.param_dtypes)
         grads = [g if need else None for g, need in zip(grads, ctx.needs_input_grad[8:])]
         return (None, None, *tgrads, None, None, *grads)
-
-
-def transition_into_block(transition: FusedTransition, block: FusedDenseBlock, x: Tensor,
-                          stats: Optional[Tuple[Tensor, Tensor]] = None, with_stats: bool = False):
-    """``block(transition(x, stats))`` with the transition's output written into the block's buffer;
-    ``(out, mean, var)`` as ``block.forward_with_stats`` with ``with_stats``.  Every check of both
-    modules runs before any state changes.  The modules must have no hooks (the caller calls hooked
-    modules one by one)."""
-    prep = prepare_transition(transition, x, stats)
-    n, c, ho, wo = prep.out_shape
-    # the block's checks on what the transition will output (shape, dtype, device): a stand-in of one element
-    standin = torch.empty((), dtype=prep.dtype, device=x.device).expand(n, c, ho, wo)
-    bspec, bparams = fused_block_setup(block, standin, with_stats)
-    tspec, tparams, t_mean, t_var = begin_transition(prep)
-    xin = prep.x
-    if torch.is_grad_enabled() and (xin.requires_grad or any(p.requires_grad for p in (*tparams, *bparams))):
-        return TransitionBlockFunction.apply(tspec, bspec, xin, *tparams, t_mean, t_var, *bparams)
-    with torch.autocast(x.device.type, enabled=False):
-        out, _, _, (_, mean, var) = _forward(tspec, bspec, xin, tparams, t_mean, t_var, bparams, save=False)
-    return (out, mean, var) if with_stats else out

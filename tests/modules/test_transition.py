@@ -8,7 +8,7 @@ import torch
 from torchvision.models.densenet import _Transition
 
 from blockutil import assert_close, randomize_bn
-from densenet_fused.transition import FusedTransition
+from densenet_fused.modules.transition import FusedTransition
 
 
 def _pair(c_in=13, c_out=6, dtype=torch.float64, momentum=0.1):

@@ -98,8 +98,8 @@ def test_convert_torchvision_densenet_fuses_transitions_and_matches_the_package_
     same logits as torchvision's relu/pool after the converted features."""
     import densenet_fused
     from torchvision.models.densenet import _Transition
-    from densenet_fused.features import FusedFeatures
-    from densenet_fused.transition import FusedTransition
+    from densenet_fused.modules.features import FusedFeatures
+    from densenet_fused.modules.transition import FusedTransition
     torch.manual_seed(0)
     cfg = dict(growth_rate=6, block_config=(2, 3, 2), num_init_features=10, bn_size=2, num_classes=4)
     tv = randomize_bn(torchvision.models.DenseNet(**cfg)).double().train()
@@ -167,7 +167,7 @@ def test_convert_is_all_or_nothing():
 
 def test_torch_jit_script_of_a_converted_model_matches_eager_and_keeps_it_fused():
     from blockutil import assert_script_matches_eager
-    from densenet_fused.features import FusedFeatures
+    from densenet_fused.modules.features import FusedFeatures
     torch.manual_seed(0)
     model = randomize_bn(torchvision.models.DenseNet(growth_rate=4, block_config=(2, 2), num_init_features=8,
                                                      bn_size=2, num_classes=3)).double()

@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._checks import has_hooks
+from .._checks import has_hooks
 from .head import fused_head
-from .modules import FusedDenseBlock
+from .dense import FusedDenseBlock
 from .stem import fused_stem
 from .transition import FusedTransition
 from .transition_block import transition_into_block

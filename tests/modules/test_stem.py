@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from blockutil import SavedBytes, assert_close, randomize_bn
-from densenet_fused.stem import fused_stem
+from densenet_fused.modules.stem import fused_stem
 
 
 def tv_stem(features=13, in_channels=3, momentum=0.1, dtype=torch.float64):
@@ -190,7 +190,7 @@ def test_hooks_refused():
 
 
 def test_sync_batchnorm_without_a_process_group_runs_as_batchnorm():
-    """A world of one process (or none) has nothing to synchronize (tests/test_distributed.py checks
+    """A world of one process (or none) has nothing to synchronize (tests/autograd/test_distributed.py checks
     two processes): the stem runs as nn.BatchNorm2d, as nn.SyncBatchNorm itself does."""
     stem = tv_stem()
     sync = nn.SyncBatchNorm(13).double()

@@ -32,8 +32,8 @@ def test_a_training_step_on_the_cuda_path_never_synchronizes(monkeypatch, drop_r
     import triton
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from densenet_fused.block import block_backward, block_forward
-    from densenet_fused.modules import fused_block_setup
+    from densenet_fused.autograd.block import block_backward, block_forward
+    from densenet_fused.modules.dense import fused_block_setup
     from densenet_fused.tools.host_cost import stand_in
     launches = []
     with stand_in(triton.runtime.driver, 90), FakeTensorMode(allow_non_fake_inputs=False):

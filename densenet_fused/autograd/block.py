@@ -12,11 +12,11 @@ from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
-from .ops import BlockOps, bn_grad_finish, block_ops, channel_stats, running_stats_update
-from .ops._common import acc_dtype, autocast_off, device_guard
-from .ops.options import Accumulate, Dropout, FoldBN, GradFinish, StatsOut
-from .ops.bnrelu_conv3x3 import conv3x3_impl
-from .ops.launch import mark
+from ..ops import BlockOps, bn_grad_finish, block_ops, channel_stats, running_stats_update
+from ..ops._common import acc_dtype, autocast_off, device_guard
+from ..ops.options import Accumulate, Dropout, FoldBN, GradFinish, StatsOut
+from ..ops.bnrelu_conv3x3 import conv3x3_impl
+from ..ops.launch import mark
 from .distributed import StatsGroup
 
 PARAMS_PER_LAYER = 6  # norm1.weight, norm1.bias, conv1.weight, norm2.weight, norm2.bias, conv2.weight
