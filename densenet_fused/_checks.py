@@ -1,13 +1,13 @@
 """The rules shared by the fused modules (dense block, transition, stem, head), each in one place: the
 input check, the hooks a fused module cannot call, the batch of one in training, the compute dtype.
-Every message names what was expected.  Imports nothing of the package but the launch seam (ops/launch.py,
-the lowest layer: which device type's code path a tensor takes), so any layer may use it."""
+Every message names what was expected.  Imports nothing of the package but ``_route`` (which device type's
+code path a tensor takes), so any layer may use it."""
 from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
-from .ops.launch import code_path_device_type
+from ._route import code_path_device_type
 
 HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 

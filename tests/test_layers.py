@@ -15,7 +15,7 @@ FORBIDDEN = {
     "ops": {"autograd", "modules", "tools"},
     "autograd": {"modules", "tools"},
     "modules": {"tools"},
-    "base": {"ops", "autograd", "modules", "tools"},  # densenet_fused/_checks.py, _loader.py, _version.py
+    "base": {"ops", "autograd", "modules", "tools"},  # densenet_fused/_checks.py, _loader.py, _route.py, _version.py
 }
 RUNTIME = sorted(FORBIDDEN)
 

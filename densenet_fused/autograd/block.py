@@ -86,9 +86,9 @@ def new_buffer(n: int, c_total: int, h: int, w: int, dtype, device) -> torch.Ten
 
 def _compute_weights(spec: BlockSpec, params, dev) -> Tuple[torch.Tensor, ...]:
     """Every layer's W1 and W2 in the compute dtype, cast in one copy per step: (one flat tensor: the W1s, then
-    the W2s each in its own layout, contiguous or channels-last: no relayout), or () when the parameters are
-    already in the compute dtype.  ``_weight_views`` gives the per-layer weights; backward keeps this tensor
-    (save_for_backward) and takes the views again."""
+    the W2s, all channels-last when every W2 parameter is, else all contiguous), or () when the parameters
+    are already in the compute dtype.  ``_weight_views`` gives the per-layer weights; backward keeps this
+    tensor (save_for_backward) and the forward's views of it (``CastWeights``)."""
     num = len(spec.layers)
     w1s = [params[PARAMS_PER_LAYER * l + 2] for l in range(num)]
     w2s = [params[PARAMS_PER_LAYER * l + 5] for l in range(num)]
@@ -443,12 +443,18 @@ def save_block(ctx, spec: BlockSpec, out, saved, count: int, params, mean, var, 
 
 
 def saved_block(ctx):
-    """(before, out, stats, kept, weights, params) as save_block saved them (weights: ``CastWeights``)."""
+    """(before, out, stats, kept, weights, params) as save_block saved them (weights: ``CastWeights``).  The
+    forward's weight views are handed over once and dropped from the ctx, so that the graph does not keep
+    them (and the cast weights behind them) alive after the backward; a second backward (retain_graph)
+    takes them again from the saved tensors."""
     nb, ns, nk, nf = ctx.block_sizes
     saved = ctx.saved_tensors
     rest = saved[nb + 1:]
-    weights = CastWeights(rest[ns + nk:ns + nk + nf], *ctx.weight_views)
-    return saved[:nb], saved[nb], rest[:ns], rest[ns:ns + nk], weights, rest[ns + nk + nf:]
+    flats, params = rest[ns + nk:ns + nk + nf], rest[ns + nk + nf:]
+    views, ctx.weight_views = ctx.weight_views, None
+    if views is None:
+        views = _weight_views(ctx.spec, params, flats)
+    return saved[:nb], saved[nb], rest[:ns], rest[ns:ns + nk], CastWeights(flats, *views), params
 
 
 class FusedDenseBlockFunction(torch.autograd.Function):

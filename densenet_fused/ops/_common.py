@@ -4,6 +4,8 @@ import functools
 
 import torch
 
+from .._route import code_path_device_type
+
 
 def cdiv(a: int, b: int) -> int:
     """ceil(a / b) of Python integers (``triton.cdiv`` is a constexpr function, slow on the host:
@@ -22,7 +24,9 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def autocast_off(device_type: str):
-    """torch.autocast disabled on ``device_type`` (nothing to disable where it has none)."""
+    """torch.autocast disabled on ``device_type``'s code path (``launch.code_path_device_type``: CUDA's for the
+    routed meta tensors of `cost --host`; nothing to disable where it has none)."""
+    device_type = code_path_device_type(device_type)
     if torch.amp.is_autocast_available(device_type):
         return torch.autocast(device_type, enabled=False)
     return contextlib.nullcontext()
@@ -49,7 +53,7 @@ def device_guard(device: torch.device):
 def on_tensor_device(fn):
     """A CUDA kernel registration that launches on its first tensor argument's GPU (``device_guard``):
     the C++ CUDA kernels hold a ``CUDAGuard``; this is the same guard for the Python-registered (Triton)
-    kernels.  (The block's direct hot path holds one guard for a whole sweep instead: block.py.)"""
+    kernels.  (The block's direct hot path holds one guard for a whole sweep instead: autograd/block.py.)"""
     @functools.wraps(fn)
     def guarded(first, *args, **kwargs):
         with device_guard(first.device):

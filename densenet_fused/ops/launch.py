@@ -11,9 +11,10 @@ different entry), so the cache can only make a launch cheaper, never different.
 
 The seam is also where `densenet-fused cost` observes: ``recording(observer, execute=False)``
 hands every launch to ``observer(kernel, args, constexprs)`` (and skips it), instead of patching
-Triton.  ``routing(device_type)`` makes the block's ops take their CUDA implementations, and the modules CUDA's
-autocast state, for tensors of another device (meta tensors in `cost --host`).  Both are context managers that restore
-on exit; nothing here is a process-wide switch.
+Triton.  ``routing(device_type)`` (defined in ``densenet_fused._route``, below every layer; re-exported here)
+makes the block's ops take their CUDA implementations, and the modules CUDA's autocast state, for tensors of
+another device (meta tensors in `cost --host`).  Both are context managers that restore on exit; nothing
+here is a process-wide switch.
 
 Under ``TRITON_INTERPRET=1`` (CPU tests) launches go through Triton's interpreter unchanged.
 """
@@ -27,10 +28,11 @@ from triton import knobs
 from triton.knobs import HookChain as _HookChain
 from triton.runtime import driver
 
+from .._route import code_path_device_type, cuda_path, routing  # noqa: F401  (re-exported: launch.routing)
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 _observer: contextvars.ContextVar = contextvars.ContextVar("densenet_fused_launch_observer", default=None)
-_cuda_route: contextvars.ContextVar = contextvars.ContextVar("densenet_fused_cuda_route", default=None)
 
 
 @contextlib.contextmanager
@@ -45,33 +47,10 @@ def recording(observer: Callable, execute: bool = False, on_mark: Optional[Calla
         _observer.reset(token)
 
 
-@contextlib.contextmanager
-def routing(device_type: str):
-    """Within, tensors of ``device_type`` (e.g. "meta") take the ops' CUDA implementations, and the modules
-    choose their compute dtype by CUDA's autocast state (``code_path_device_type``)."""
-    token = _cuda_route.set(device_type)
-    try:
-        yield
-    finally:
-        _cuda_route.reset(token)
-
-
 def interpreted(t: torch.Tensor) -> bool:
     """Whether a launch on ``t`` runs in Triton's interpreter (TRITON_INTERPRET=1 and a CPU tensor): the
     launchers pick small tiles there, and the GPU's tiles for CUDA (or fake, or meta) tensors."""
     return INTERPRET and t.device.type == "cpu"
-
-
-def code_path_device_type(device: torch.device) -> str:
-    """The device type whose code path, and whose autocast state, tensors on ``device`` take: "cuda" for the
-    device type ``routing`` names (meta tensors in `cost --host` run as CUDA tensors, under CUDA's autocast
-    as a model on the GPU does), else the device's own."""
-    return "cuda" if device.type == _cuda_route.get() else device.type
-
-
-def cuda_path(device: torch.device) -> bool:
-    """Whether ops on ``device`` take their CUDA (Triton) implementations."""
-    return device.type == "cuda" or device.type == _cuda_route.get()
 
 
 # (id(kernel), signature) -> (compiled kernel, tail of constexpr / config values, autotuner config kwargs, kernel)

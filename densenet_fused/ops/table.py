@@ -3,7 +3,7 @@
 The registered ops (``torch.ops.densenet_fused.*``, with their fakes) are what ``torch.compile``,
 ``torch.export`` and ``opcheck`` see, and what runs on the CPU.  The eager CUDA hot path calls the
 same CUDA implementations those ops dispatch to, directly: the dispatcher's boxing and the Python
-op wrapper cost more host time than a launch (tests/test_block_kernels.py checks that both give
+op wrapper cost more host time than a launch (tests/autograd/test_block_kernels.py checks that both give
 identical results)."""
 import contextlib
 import contextvars

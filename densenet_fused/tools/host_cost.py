@@ -6,7 +6,7 @@ and reports the process CPU time of a training step (forward + backward, one pre
 gradient) and its ratio.  The GPU is replaced, nothing above it:
 
 - every tensor is a meta tensor (shapes, dtypes and strides; no memory, no kernel runs);
-- the fused block takes its CUDA code path (``ops.launch.routing("meta")``): block.py, the autograd
+- the fused block takes its CUDA code path (``ops.launch.routing("meta")``): autograd/block.py, the autograd
   engine, the launchers, the launch seam and, on the first step with a given signature, Triton's
   binder, autotuner and compiler.  The Triton kernels are really compiled for sm_90a (H100) under a
   stand-in Triton driver whose only stubs are the GPU itself: loading a binary and the launch call
