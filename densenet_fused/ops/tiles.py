@@ -34,7 +34,7 @@ from .launch import interpreted
 Shape = dict
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # compared and hashed by identity (a key of the choices)
 class TileRule:
     kernel: str  # "op.kernel", for messages
     candidates: Union[Sequence[triton.Config], Callable[[Shape], triton.Config]]
@@ -66,14 +66,32 @@ def _options(cfg: triton.Config) -> dict:
     return {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
 
 
+# (rule, interpreted, target, shape items) -> Tiles: a launch's choice is made once per shape and device
+# (a choice costs several microseconds of host time, a look-up well under one); emptied when it grows past
+# _CHOSEN_MAX entries (shapes that change from call to call)
+_chosen: dict = {}
+_CHOSEN_MAX = 4096
+
+
 def choose(rule: TileRule, x: torch.Tensor, **shape) -> Tiles:
     """The tiles of one launch of ``rule``'s kernel on ``x``'s device, for ``shape`` (the names its rule
-    reads)."""
-    if interpreted(x):
+    reads).  The returned keywords are shared between launches: read them, never modify them."""
+    interp = interpreted(x)
+    target = device_target() if rule.reads_device and not interp else None
+    key = (rule, interp, target, *shape.items())
+    tiles = _chosen.get(key)
+    if tiles is None:
+        if len(_chosen) >= _CHOSEN_MAX:
+            _chosen.clear()
+        tiles = _chosen[key] = _choose(rule, interp, target, shape)
+    return tiles
+
+
+def _choose(rule, interp, target, shape) -> Tiles:
+    if interp:
         cfg = rule.interpreter if isinstance(rule.interpreter, triton.Config) else rule.interpreter(shape)
         kwargs = _options(cfg)
         return Tiles(kwargs, rule.interpreter_splits(shape, kwargs) if rule.splits is not None else 1, False)
-    target = device_target() if rule.reads_device else None
     kwargs = rule.shape_blocks(shape, target) if rule.shape_blocks is not None else {}
     if not rule.tuned:
         kwargs = {**kwargs, **_options(rule.candidates(shape))}
