@@ -1,18 +1,22 @@
 """The rules shared by the fused modules (dense block, transition, stem, head), each in one place: the
 input check, the hooks a fused module cannot call, the batch of one in training, the compute dtype.
-Every message names what was expected.  Imports nothing of the package (any layer may use it)."""
+Every message names what was expected.  Imports nothing of the package but the launch seam (ops/launch.py,
+the lowest layer: which device type's code path a tensor takes), so any layer may use it."""
 from typing import Optional
 
 import torch
 from torch import Tensor, nn
+
+from .ops.launch import code_path_device_type
 
 HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 
 
 def has_hooks(module: nn.Module) -> bool:
     """Whether ``module`` has forward, forward-pre, backward or backward-pre hooks of its own."""
-    d = module.__dict__  # (direct: nn.Module.__getattr__ costs host time in every step)
-    return any(d.get(attr) for attr in HOOKS)
+    d = module.__dict__  # (direct, and no generator: it runs for every module of a block in every step)
+    return bool(d.get("_forward_hooks") or d.get("_forward_pre_hooks") or d.get("_backward_hooks")
+                or d.get("_backward_pre_hooks"))
 
 
 def check_batch(training: bool, values_per_channel: int, size) -> None:
@@ -24,7 +28,7 @@ def check_batch(training: bool, values_per_channel: int, size) -> None:
 def compute_dtype(x: Tensor, param: Tensor, who: str, never_cast: bool = False) -> torch.dtype:
     """The dtype a fused module computes in: torch.autocast's where it is on (and applies: not with
     ``never_cast``, e.g. float64 tensors), else the parameters', which the input must have."""
-    dev = x.device.type
+    dev = code_path_device_type(x.device)
     amp: Optional[torch.dtype] = None
     if torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev):
         amp = torch.get_autocast_dtype(dev)

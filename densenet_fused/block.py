@@ -85,25 +85,20 @@ def new_buffer(n: int, c_total: int, h: int, w: int, dtype, device) -> torch.Ten
 
 
 def _compute_weights(spec: BlockSpec, params, dev) -> Tuple[torch.Tensor, ...]:
-    """Every layer's W1 and W2 in the compute dtype, cast in one copy per kind and step: (W1s concatenated,
-    W2s stacked in their own layout, contiguous or channels-last: no relayout); () when the parameters
-    are already in the compute dtype.  ``_weight_views`` gives the per-layer weights; backward keeps
-    these tensors (save_for_backward) and takes the views again."""
+    """Every layer's W1 and W2 in the compute dtype, cast in one copy per step: (one flat tensor: the W1s, then
+    the W2s each in its own layout, contiguous or channels-last: no relayout), or () when the parameters are
+    already in the compute dtype.  ``_weight_views`` gives the per-layer weights; backward keeps this tensor
+    (save_for_backward) and takes the views again."""
     num = len(spec.layers)
     w1s = [params[PARAMS_PER_LAYER * l + 2] for l in range(num)]
     w2s = [params[PARAMS_PER_LAYER * l + 5] for l in range(num)]
     if not num or all(w.dtype == spec.dtype for w in w1s + w2s):
         return ()
-    flat1 = torch.empty(sum(w.numel() for w in w1s), dtype=spec.dtype, device=dev)
-    torch.cat([w.reshape(-1) for w in w1s], out=flat1)  # a view of each 1x1 weight, contiguous or channels-last
-    k, cb = w2s[0].shape[:2]
-    if _channels_last(w2s):
-        flat2 = torch.empty((num, k, 3, 3, cb), dtype=spec.dtype, device=dev)
-        torch.stack([w.permute(0, 2, 3, 1) for w in w2s], out=flat2)
-    else:
-        flat2 = torch.empty((num, k, cb, 3, 3), dtype=spec.dtype, device=dev)
-        torch.stack(w2s, out=flat2)
-    return flat1, flat2
+    cl = _channels_last(w2s)
+    parts = [w.reshape(-1) for w in w1s] + [w.permute(0, 2, 3, 1).reshape(-1) if cl else w.reshape(-1) for w in w2s]
+    flat = torch.empty(sum(p.numel() for p in parts), dtype=spec.dtype, device=dev)
+    torch.cat(parts, out=flat)  # views of the weights (a copy only for a W2 neither contiguous nor channels-last)
+    return (flat,)
 
 
 def _channels_last(w2s) -> bool:
@@ -112,20 +107,34 @@ def _channels_last(w2s) -> bool:
 
 def _weight_views(spec: BlockSpec, params, flats) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
     """Every layer's (W1 as a (cb, C_l) matrix, W2) in the compute dtype, in the layout the kernels read:
-    views of ``_compute_weights``' tensors, or of the parameters themselves when ``flats`` is ()."""
+    views of ``_compute_weights``' tensor, or of the parameters themselves when ``flats`` is ()."""
     num = len(spec.layers)
     w1s = [params[PARAMS_PER_LAYER * l + 2] for l in range(num)]
     w2s = [params[PARAMS_PER_LAYER * l + 5] for l in range(num)]
     if not flats:
         return [w.view(w.shape[0], -1) for w in w1s], w2s
-    flat1, flat2 = flats
+    flat, = flats
     w1c, o = [], 0
     for w in w1s:
-        w1c.append(flat1[o:o + w.numel()].view(w.shape[0], -1))
+        w1c.append(flat[o:o + w.numel()].view(w.shape[0], -1))
         o += w.numel()
-    if flat2.shape[-1] != 3:  # channels-last: (L, k, 3, 3, cb)
-        return w1c, [f.permute(0, 3, 1, 2) for f in flat2.unbind(0)]
-    return w1c, list(flat2.unbind(0))
+    w2c = []
+    cl = _channels_last(w2s)
+    for w in w2s:
+        k, cb = w.shape[:2]
+        v = flat[o:o + w.numel()]
+        w2c.append(v.view(k, 3, 3, cb).permute(0, 3, 1, 2) if cl else v.view(k, cb, 3, 3))
+        o += w.numel()
+    return w1c, w2c
+
+
+class CastWeights(NamedTuple):
+    """The block's weights as the kernels read them: ``flats`` (``_compute_weights``: () or the one cast tensor,
+    saved for backward) and every layer's W1 (``w1``) and W2 (``w2``) views of it (or of the parameters): taken
+    once in the forward, kept on the autograd ctx for the backward (views of a saved tensor, not saved again)."""
+    flats: Tuple[torch.Tensor, ...]
+    w1: List[torch.Tensor]
+    w2: List[torch.Tensor]
 
 
 @dataclass
@@ -210,10 +219,10 @@ def _update_running_stats(spec: BlockSpec, mean, var, bn2_stats, count: int) -> 
 
 def block_forward(spec: BlockSpec, x: Optional[torch.Tensor], params: Sequence[torch.Tensor], save: bool,
                   extra: bool = False, buf: Optional[torch.Tensor] = None):
-    """Run the block.  Returns (output, saved) where saved = (tensors, seeds, kept, flats) holds what
+    """Run the block.  Returns (output, saved) where saved = (tensors, seeds, kept, weights) holds what
     backward needs (None when ``save`` is False): tensors = [batch mean (None in eval)] + every layer's
-    LayerSaved, so backward recomputes no scale/shift; flats = the cast weights (``_compute_weights``),
-    so it casts none.  With ``extra``, returns (output, saved, (count, mean, var)): the number of values per channel
+    LayerSaved, so backward recomputes no scale/shift; weights = the weights as the kernels read them
+    (``CastWeights``), so it casts none and takes no views.  With ``extra``, returns (output, saved, (count, mean, var)): the number of values per channel
     of the batch statistics (global with ``spec.sync``; backward needs it) and the batch mean and biased
     variance of all output channels (None in eval), for the modules that read the output with a
     BatchNorm of their own.
@@ -249,6 +258,7 @@ def block_forward(spec: BlockSpec, x: Optional[torch.Tensor], params: Sequence[t
     buf2 = buf.permute(0, 2, 3, 1).view(m, c_total)  # rows = pixels: the GEMM operand
     flats = _compute_weights(spec, params, dev)
     w1cs, w2cs = _weight_views(spec, params, flats)
+    weights = CastWeights(flats, w1cs, w2cs)
     mean = var = None
     if spec.training:
         mean = torch.empty(c_total, dtype=acc, device=dev)
@@ -278,7 +288,7 @@ def block_forward(spec: BlockSpec, x: Optional[torch.Tensor], params: Sequence[t
     mark("forward", -1)
     if spec.training:
         _update_running_stats(spec, mean, var, bn2_stats, count)
-    saved = ([mean] + saved_layers, seeds, kept, flats) if save else None
+    saved = ([mean] + saved_layers, seeds, kept, weights) if save else None
     return (buf, saved, (count, mean, var)) if extra else (buf, saved)
 
 
@@ -344,8 +354,9 @@ def _cast(grad: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
 
 def block_backward(spec: BlockSpec, out, grad_out, params, stats, seeds, kept, weights, x_meta, needs_input_grad,
                    count: int = 0):
-    """Reverse sweep; returns (dx or None, [grad per param]).  ``count``: values per channel of the
-    batch statistics (block_forward's; 0: the local N*H*W)."""
+    """Reverse sweep; returns (dx or None, [grad per param]).  ``stats``, ``seeds``, ``kept``, ``weights``
+    (``CastWeights``): what block_forward saved; ``count``: values per channel of the batch statistics
+    (block_forward's; 0: the local N*H*W)."""
     n, c_total, h, w = out.shape
     m = n * h * w
     c0 = spec.num_input_features
@@ -355,7 +366,7 @@ def block_backward(spec: BlockSpec, out, grad_out, params, stats, seeds, kept, w
     mark("backward", -1)
     buf2 = out.permute(0, 2, 3, 1).reshape(m, c_total)  # a view: the buffer is channels-last
     mean, saved_layers = stats[0], LayerSaved.unflatten(stats[1:])
-    w1cs, w2cs = _weight_views(spec, params, weights)
+    w1cs, w2cs = weights.w1, weights.w2  # (CastWeights: the forward's views)
     if not spec.training:
         mean = torch.zeros(c_total, dtype=acc, device=dev)
     G = torch.empty((n, h, w, c_total), dtype=acc, device=dev)
@@ -418,10 +429,11 @@ def save_block(ctx, spec: BlockSpec, out, saved, count: int, params, mean, var, 
     """Saves what block_backward needs on an autograd ctx (``before``: tensors of another op of the
     same node, saved first) and returns the node's outputs: out, or (out, mean, var) with
     ``spec.with_stats`` (statistics non-differentiable; None in eval)."""
-    stats, seeds, kept, flats = saved
+    stats, seeds, kept, weights = saved
     ctx.spec, ctx.count, ctx.seeds = spec, count, seeds
-    ctx.block_sizes = (len(before), len(stats), len(kept), len(flats))
-    ctx.save_for_backward(*before, out, *stats, *kept, *flats, *params)
+    ctx.weight_views = (weights.w1, weights.w2)  # views of saved tensors (flats or params): not saved again
+    ctx.block_sizes = (len(before), len(stats), len(kept), len(weights.flats))
+    ctx.save_for_backward(*before, out, *stats, *kept, *weights.flats, *params)
     if not spec.with_stats:
         return out
     if mean is None:
@@ -431,12 +443,12 @@ def save_block(ctx, spec: BlockSpec, out, saved, count: int, params, mean, var, 
 
 
 def saved_block(ctx):
-    """(before, out, stats, kept, flats, params) as save_block saved them (flats: the cast weights)."""
+    """(before, out, stats, kept, weights, params) as save_block saved them (weights: ``CastWeights``)."""
     nb, ns, nk, nf = ctx.block_sizes
     saved = ctx.saved_tensors
     rest = saved[nb + 1:]
-    return (saved[:nb], saved[nb], rest[:ns], rest[ns:ns + nk], rest[ns + nk:ns + nk + nf],
-            rest[ns + nk + nf:])
+    weights = CastWeights(rest[ns + nk:ns + nk + nf], *ctx.weight_views)
+    return saved[:nb], saved[nb], rest[:ns], rest[ns:ns + nk], weights, rest[ns + nk + nf:]
 
 
 class FusedDenseBlockFunction(torch.autograd.Function):
@@ -456,9 +468,9 @@ class FusedDenseBlockFunction(torch.autograd.Function):
     @staticmethod
     @_first_order_only
     def backward(ctx, grad_out, _grad_mean=None, _grad_var=None):
-        _, out, stats, kept, flats, params = saved_block(ctx)
+        _, out, stats, kept, weights, params = saved_block(ctx)
         with autocast_off(out.device.type):
-            dx, grads = block_backward(ctx.spec, out, grad_out, params, stats, ctx.seeds, kept, flats,
+            dx, grads = block_backward(ctx.spec, out, grad_out, params, stats, ctx.seeds, kept, weights,
                                        ctx.x_meta, ctx.needs_input_grad[1], ctx.count)
         grads = [g if need else None for g, need in zip(grads, ctx.needs_input_grad[2:])]
         return (None, dx, *grads)

@@ -47,10 +47,10 @@ class TransitionBlockFunction(torch.autograd.Function):
     @staticmethod
     @_first_order_only
     def backward(ctx, grad_out, _grad_mean=None, _grad_var=None):
-        (x, *tsaved), out, stats, kept, flats, bparams = saved_block(ctx)
+        (x, *tsaved), out, stats, kept, weights, bparams = saved_block(ctx)
         need_t = any(ctx.needs_input_grad[2:6])  # x, the transition's gamma, beta, weight
         with torch.autocast(out.device.type, enabled=False):
-            dxb, grads = block_backward(ctx.spec, out, grad_out, bparams, stats, ctx.seeds, kept, flats,
+            dxb, grads = block_backward(ctx.spec, out, grad_out, bparams, stats, ctx.seeds, kept, weights,
                                         (ctx.spec.dtype, True), need_t, ctx.count)
             tgrads = (None,) * 4
             if need_t:

@@ -116,22 +116,22 @@ def stats_merge_kernel(PMEAN, PM2, MEAN, VAR, M, COUT, TILES, C_OFF, GAMMA, BETA
         _folded_bn(rc, ok, mean, var, GAMMA, BETA, AFF, ld_aff, eps)
 
 
-def merge_stats(part, m, tile_rows, mean=None, var=None, affine=None):
-    """(mean, var) from per-tile partials part = (2, tiles, N) written by store_tile_stats; into the
+def merge_stats(pmean, pm2, m, tile_rows, mean=None, var=None, affine=None):
+    """(mean, var) from per-tile partials ``pmean``, ``pm2`` (tiles, N) written by store_tile_stats; into the
     last N entries of ``mean``/``var`` (contiguous float32 vectors of C + N) when given.
     ``affine = (out (3, C + N), gamma, beta, eps)`` also writes the folded map (scale, shift, rstd)
     of the BatchNorm reading all C + N channels of ``mean``/``var``."""
-    tiles, n = part.shape[1], part.shape[2]
+    tiles, n = pmean.shape
     if mean is None:
-        mean = torch.empty(n, dtype=torch.float32, device=part.device)
-        var = torch.empty(n, dtype=torch.float32, device=part.device)
+        mean = torch.empty(n, dtype=torch.float32, device=pmean.device)
+        var = torch.empty(n, dtype=torch.float32, device=pmean.device)
     c_off = mean.shape[0] - n
     aff, gamma, beta, eps = affine if affine is not None else (mean, mean, mean, 0.0)  # unused without AFFINE
-    interp = interpreted(part)
+    interp = interpreted(pmean)
     block_c = 32 if interp else 64
     merge_programs = cdiv(n, block_c)
     grid = merge_programs + (cdiv(c_off, block_c) if affine is not None else 0)
-    launch(stats_merge_kernel, (grid,), (part[0], part[1], mean, var, m, n, tiles, c_off, gamma, beta, aff,
+    launch(stats_merge_kernel, (grid,), (pmean, pm2, mean, var, m, n, tiles, c_off, gamma, beta, aff,
         aff.stride(0) if affine is not None else 0, eps, merge_programs), TILE_ROWS=tile_rows,
         BLOCK_T=4 if interp else 32, BLOCK_C=block_c, AFFINE=affine is not None)
     return mean, var

@@ -357,8 +357,7 @@ def _triton_fwd(x, scale, shift, weight, stats, bn_out=None, bn_gamma=None, bn_b
     block_m = t.kwargs["BLOCK_M"]
     tiles = cdiv(m, block_m)
     if stats:
-        part = torch.empty((2, tiles, cout), dtype=torch.float32, device=x.device)
-        pmean, pm2 = part[0], part[1]
+        pmean, pm2 = torch.empty((2, tiles, cout), dtype=torch.float32, device=x.device).unbind(0)
     else:
         pmean = pm2 = out  # unused
     if m > 0:
@@ -372,7 +371,7 @@ def _triton_fwd(x, scale, shift, weight, stats, bn_out=None, bn_gamma=None, bn_b
             launch(_fwd_tuned, grid, args, **t.kwargs, STATS=stats, PRECISION=dot_precision(x.dtype))
     if not stats:
         return out, None, None
-    mean, var = merge_stats(part, m, block_m,
+    mean, var = merge_stats(pmean, pm2, m, block_m,
                             affine=None if bn_out is None else (bn_out, bn_gamma, bn_beta, float(bn_eps)))
     return out, mean, var
 
@@ -398,9 +397,10 @@ def _triton_bwd(dout, x, scale, shift, weight, mean, rstd, G, P=None, Q=None, co
     splits = t.splits
     pdw = torch.empty((splits, cout, c), dtype=torch.float32, device=x.device)
     psum = torch.empty((2, splits, c), dtype=torch.float32, device=x.device)
+    psg, psgx = psum.unbind(0)
     if m > 0 and c > 0:
         args = (dout, dout.stride(0), x, x.stride(0), scale, shift, weight, weight.stride(0), mean, rstd,
-                G, G.stride(0), pdw, psum[0], psum[1], m, c, cout, next_pow2(c), splits)
+                G, G.stride(0), pdw, psg, psgx, m, c, cout, next_pow2(c), splits)
         finish = db_b is not None
         args += (db_b, db_b.stride(0), db_mean, db_p, db_q, db_scale) if finish else (dout, 0, scale, scale, scale,
                                                                                       scale)  # unused
@@ -421,7 +421,7 @@ def _triton_bwd(dout, x, scale, shift, weight, mean, rstd, G, P=None, Q=None, co
         update = P is not None
         block_w = 1024
         w_programs = cdiv(cout * c, block_w)
-        launch(_bwd_finish_kernel, (w_programs + cdiv(c, 256),), (pdw, dweight, cout * c, psum[0], psum[1],
+        launch(_bwd_finish_kernel, (w_programs + cdiv(c, 256),), (pdw, dweight, cout * c, psg, psgx,
             splits, c, scale, rstd, dbeta, dgamma, P if update else dbeta, Q if update else dgamma,
             1.0 / count if update else 0.0, w_programs), UPDATE_PQ=update, BLOCK_W=block_w, BLOCK=256)
     return dweight, dgamma, dbeta

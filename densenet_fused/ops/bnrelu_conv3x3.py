@@ -441,14 +441,14 @@ def _fwd_triton(b, scale, shift, weight, nhw, out, stats, mean_out=None, var_out
     t = choose(CONV3X3_FWD, b, k=k, size=b.element_size()).kwargs
     bm = t["BLOCK_M"]
     tiles = cdiv(m, bm)
-    part = torch.empty((2, tiles, k), dtype=torch.float32, device=b.device)
-    launch(_fwd_kernel, (tiles, cdiv(k, t["BLOCK_N"])), (b, scale, shift, weight, out, out.stride(0), part[0],
-        part[1], m, h, w, cb, k, *_drop_args(drop, drop_p, drop_seed, scale)), **t,
+    pmean, pm2 = torch.empty((2, tiles, k), dtype=torch.float32, device=b.device).unbind(0)
+    launch(_fwd_kernel, (tiles, cdiv(k, t["BLOCK_N"])), (b, scale, shift, weight, out, out.stride(0), pmean, pm2,
+        m, h, w, cb, k, *_drop_args(drop, drop_p, drop_seed, scale)), **t,
         STATS=stats, PRECISION=dot_precision(b.dtype), DROP=drop, W_CL=weight_layout(weight) == torch.channels_last)
     if stats and mean_out is None:
-        return merge_stats(part, m, bm)
+        return merge_stats(pmean, pm2, m, bm)
     if stats:
-        merge_stats(part, m, bm, mean_out, var_out,
+        merge_stats(pmean, pm2, m, bm, mean_out, var_out,
                     affine=None if bn_out is None else (bn_out, bn_gamma, bn_beta, float(bn_eps)))
     if not checked:
         return None, None
@@ -472,9 +472,9 @@ def _bwd_triton(dy, b, scale, shift, weight, nhw, mean, rstd, count=0, dy_x=None
     t = choose(CONV3X3_DGRAD, b, k=k).kwargs
     tiles = cdiv(m, t["BLOCK_M"])
     g2 = torch.empty((m, cb), dtype=torch.float32, device=b.device)
-    psum = torch.empty((2, tiles, cb), dtype=torch.float32, device=b.device)
+    psg, psgx = torch.empty((2, tiles, cb), dtype=torch.float32, device=b.device).unbind(0)
     launch(_dgrad_kernel, (tiles, cdiv(cb, t["BLOCK_N"])), (dy, dy.stride(0), *fin, b, scale, shift, mean, rstd,
-        weight, g2, psum[0], psum[1], m, h, w, cb, k, *dargs), **t,
+        weight, g2, psg, psgx, m, h, w, cb, k, *dargs), **t,
         PRECISION=dot_precision(b.dtype), FINISH=finish, DROP=drop, W_CL=w_cl)
     wt = choose(CONV3X3_WGRAD, b, m=m, cb=cb, size=b.element_size())
     splits = wt.splits
@@ -488,7 +488,7 @@ def _bwd_triton(dy, b, scale, shift, weight, nhw, mean, rstd, count=0, dy_x=None
     interp = interpreted(b)  # the reduction's sizes: small under the interpreter
     block_w, block_c = 1024, 16 if interp else 64
     w_programs = cdiv(9 * k * cb, block_w)
-    launch(_bwd_finish_kernel, (w_programs + cdiv(cb, block_c),), (pdw, splits, dweight, psum[0], psum[1],
+    launch(_bwd_finish_kernel, (w_programs + cdiv(cb, block_c),), (pdw, splits, dweight, psg, psgx,
         tiles, scale, rstd, *vec, 1.0 / count if count > 0 else 0.0, cb, k,
         w_programs), BLOCK_W=block_w, BLOCK_T=4 if interp else 32, BLOCK_C=block_c, W_CL=w_cl)
     return (g2, dweight, *vec)

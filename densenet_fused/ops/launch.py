@@ -11,8 +11,8 @@ different entry), so the cache can only make a launch cheaper, never different.
 
 The seam is also where `densenet-fused cost` observes: ``recording(observer, execute=False)``
 hands every launch to ``observer(kernel, args, constexprs)`` (and skips it), instead of patching
-Triton.  ``routing(device_type)`` makes the block's ops take their CUDA implementations for
-tensors of another device (meta tensors in `cost --host`).  Both are context managers that restore
+Triton.  ``routing(device_type)`` makes the block's ops take their CUDA implementations, and the modules CUDA's
+autocast state, for tensors of another device (meta tensors in `cost --host`).  Both are context managers that restore
 on exit; nothing here is a process-wide switch.
 
 Under ``TRITON_INTERPRET=1`` (CPU tests) launches go through Triton's interpreter unchanged.
@@ -47,7 +47,8 @@ def recording(observer: Callable, execute: bool = False, on_mark: Optional[Calla
 
 @contextlib.contextmanager
 def routing(device_type: str):
-    """Within the block, tensors of ``device_type`` (e.g. "meta") take the ops' CUDA implementations."""
+    """Within, tensors of ``device_type`` (e.g. "meta") take the ops' CUDA implementations, and the modules
+    choose their compute dtype by CUDA's autocast state (``code_path_device_type``)."""
     token = _cuda_route.set(device_type)
     try:
         yield
@@ -59,6 +60,13 @@ def interpreted(t: torch.Tensor) -> bool:
     """Whether a launch on ``t`` runs in Triton's interpreter (TRITON_INTERPRET=1 and a CPU tensor): the
     launchers pick small tiles there, and the GPU's tiles for CUDA (or fake, or meta) tensors."""
     return INTERPRET and t.device.type == "cpu"
+
+
+def code_path_device_type(device: torch.device) -> str:
+    """The device type whose code path, and whose autocast state, tensors on ``device`` take: "cuda" for the
+    device type ``routing`` names (meta tensors in `cost --host` run as CUDA tensors, under CUDA's autocast
+    as a model on the GPU does), else the device's own."""
+    return "cuda" if device.type == _cuda_route.get() else device.type
 
 
 def cuda_path(device: torch.device) -> bool:

@@ -22,8 +22,9 @@ gradient) and its ratio.  The GPU is replaced, nothing above it:
   torchvision's step through Python decompositions, BatchNorm's backward among them: a baseline far
   slower than its real host time, that would flatter the fused block.)  The calibration of this
   baseline against a GPU host: benchmarks/results/host_cost_calibration.md.
-The fused block runs in bf16 parameters and inputs (autocast does not apply to meta tensors: it pays
-no weight cast), channels-last, training mode.  The real driver's launch (``cuLaunchKernel``) is
+The fused block runs as the GPU benchmark runs it: float32 parameters and input under bf16 autocast
+(CUDA's autocast state, which ``routing`` makes the modules read for meta tensors: the block computes in
+bf16, casts its weights once per step and returns float32 gradients), channels-last, training mode.  The real driver's launch (``cuLaunchKernel``) is
 absent from the fused side.  These numbers predict; on a GPU, the profiler has the last word.
 """
 import contextlib
@@ -173,10 +174,10 @@ def _setup(case, provider):
     torchvision's on small CPU tensors (module docstring)."""
     import torch
 
-    if provider == "fused":
+    if provider == "fused":  # float32 parameters and input, bf16 under CUDA's autocast (_cuda_autocast)
         from ..modules import FusedDenseBlock
         blk = FusedDenseBlock(case.layers, case.c0, case.bn_size, case.growth)
-        dev, dtype, n, hw = "meta", torch.bfloat16, case.batch, case.hw
+        dev, dtype, n, hw = "meta", torch.float32, case.batch, case.hw
     else:
         from torchvision.models.densenet import _DenseBlock
         blk = _DenseBlock(case.layers, case.c0, case.bn_size, case.growth, drop_rate=0.0, memory_efficient=False)
@@ -186,8 +187,25 @@ def _setup(case, provider):
     x = torch.randn if dev == "cpu" else torch.empty
     inp = x((n, case.c0, hw, hw), device=dev, dtype=dtype).to(memory_format=torch.channels_last).requires_grad_()
     c_total = case.c0 + case.layers * case.growth
-    grad = x((n, c_total, hw, hw), device=dev, dtype=dtype).to(memory_format=torch.channels_last)
+    out_dtype = torch.bfloat16 if provider == "fused" else dtype  # the fused output: the autocast dtype
+    grad = x((n, c_total, hw, hw), device=dev, dtype=out_dtype).to(memory_format=torch.channels_last)
     return blk, inp, grad
+
+
+@contextlib.contextmanager
+def _cuda_autocast(dtype):
+    """CUDA's autocast state on (``dtype``) on a machine that may have no GPU (``torch.autocast("cuda")``
+    disables itself there), restored on exit: with ``launch.routing("meta")`` the fused modules choose their
+    compute dtype by it, as a model on the GPU under ``torch.autocast`` does."""
+    import torch
+    enabled, old = torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
+    torch.set_autocast_enabled("cuda", True)
+    torch.set_autocast_dtype("cuda", dtype)
+    try:
+        yield
+    finally:
+        torch.set_autocast_enabled("cuda", enabled)
+        torch.set_autocast_dtype("cuda", old)
 
 
 def _step(blk, x, grad):
@@ -218,6 +236,8 @@ def _count_launches(blk, x, grad):
 def measure(case, provider: str, steps: int, warmup: int = 2) -> StepTimes:
     """Median host time of ``steps`` training steps of the case's block (a name of cost.CASES, or a
     CostCase) by ``provider`` in this process (the fused provider needs TRITON_INTERPRET unset)."""
+    import torch
+
     from .cost import CASES
     if provider not in PROVIDERS:
         raise ValueError(f"cost --host: unknown provider {provider!r}; expected one of {', '.join(PROVIDERS)}")
@@ -229,6 +249,7 @@ def measure(case, provider: str, steps: int, warmup: int = 2) -> StepTimes:
             from ..ops.launch import routing
             stack.enter_context(stand_in(triton.runtime.driver))
             stack.enter_context(routing("meta"))
+            stack.enter_context(_cuda_autocast(torch.bfloat16))
         for _ in range(warmup):
             _step(blk, x, grad)
         fwd, bwd = zip(*(_step(blk, x, grad) for _ in range(steps)))

@@ -52,3 +52,13 @@ def test_unknown_case_and_provider_are_refused():
         host_cost.main("nope")
     with pytest.raises(ValueError, match="unknown provider 'x'"):
         host_cost.measure("densenet121_block3", "x", steps=1)
+
+
+def test_cuda_autocast_state_is_restored_on_exit_and_on_error():
+    import torch
+    before = torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")
+    with pytest.raises(ZeroDivisionError):
+        with host_cost._cuda_autocast(torch.float16):
+            assert torch.is_autocast_enabled("cuda") and torch.get_autocast_dtype("cuda") == torch.float16
+            1 / 0
+    assert (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda")) == before
