@@ -8,12 +8,13 @@ four pixels' BN-ReLU), which makes the GEMM 4x smaller; the normalized activatio
 memory.  Odd H/W are floored (last row/column dropped) as ``nn.AvgPool2d(2, 2)`` does.
 
 - CPU kernel: ``csrc/cpu/bnrelu_avgpool_conv1x1.cpp``.
-- CUDA kernel: the Triton kernels below (float32, float16, bfloat16); fixed tile sizes (not
-  autotuned yet).  Backward: ``_dw_kernel`` (dW = dout^T @ pooled activation, per-split partials
-  reduced in a fixed order), ``_dx_kernel`` pass 1 (per-tile partial sums of g and g*xhat, and dx
-  in eval), pass 2 (dx with the batch-statistics terms), ``_dropped_kernel`` (the floored pixels:
-  their mean terms with batch statistics; in eval the NaN that torch's transition, which convolves
-  before it pools, gets there in dgamma and dweight from a non-finite x).
+- CUDA kernel: the Triton kernels below (float32, float16, bfloat16); fixed tiles per dtype
+  (``tiles.TRANSITION_*``, not autotuned).  Backward: ``_dw_kernel`` (dW = dout^T @ pooled
+  activation, per-split partials reduced in a fixed order), ``_dx_kernel`` pass 1 (per-tile
+  partial sums of g and g*xhat, and dx in eval), pass 2 (dx with the batch-statistics terms),
+  ``_dropped_kernel`` (the floored pixels: their mean terms with batch statistics; in eval the NaN
+  that torch's transition, which convolves before it pools, gets there in dgamma and dweight from a
+  non-finite x).
   float64 on CUDA runs ``aten_fwd`` / ``aten_bwd``: an accuracy dtype, not a speed one.
 Under ``TRITON_INTERPRET=1`` the Triton launchers run on CPU tensors (the CI tests).
 """
@@ -27,6 +28,7 @@ from .launch import interpreted, launch
 from ._bn_grad import aten_bn_grad, bn_grad_passes, bn_grad_tile, check_channel_vectors, check_rows, load_bn_vectors
 from ._common import acc_dtype, cdiv, on_tensor_device
 from ._triton_common import dot_precision
+from .tiles import TRANSITION_DW, TRANSITION_DX, TRANSITION_FWD, choose
 
 _lib = torch.library.Library("densenet_fused", "IMPL")
 
@@ -296,26 +298,8 @@ def _dropped_kernel(X, ldx, SCALE, SHIFT, MEAN, RSTD, P, Q, DX, DGAMMA, DWEIGHT,
 
 
 # ----------------------------------------------------------------------------- launchers
-# Tiles and warps (BLOCK_M, BLOCK_N, BLOCK_K or BLOCK_C, num_warps) per kernel: "mma" for 16-bit inputs,
-# "tf32" for float32 with TF32 products, "ieee" for full fp32 products (FMAs, operands in registers); small
-# under the interpreter.  Fixed: tiles that compile without spills on sm_90a and sm_80 in every dtype
-# (`densenet-fused cost --kernels --case transition_head_stem`).  float32 spills on the 16-bit tiles
-# (benchmarks/results/kernel_resources.md), so it spreads the GEMM tiles over 8 warps, and its dx tiles
-# are 32 rows (TF32: also 32 output columns a step, 4 warps).
-_TILES = {
-    "fwd": {"mma": (64, 64, 32, 4), "tf32": (64, 64, 32, 8), "ieee": (64, 64, 32, 8)},
-    "dw": {"mma": (32, 64, 32, 4), "tf32": (32, 64, 32, 8), "ieee": (32, 64, 32, 8)},
-    "dx": {"mma": (64, 64, 32, 8), "tf32": (32, 32, 32, 4), "ieee": (32, 64, 32, 8)},
-}
-
-
-def _tiles(kernel: str, precision: str, x: torch.Tensor):
-    dtype = x.dtype
-    if interpreted(x):
-        return (16, 16, 16, 4)
-    return _TILES[kernel]["mma" if dtype != torch.float32 else precision]
-
-
+# Tiles: ``tiles.TRANSITION_FWD`` / ``TRANSITION_DW`` / ``TRANSITION_DX`` (fixed per dtype and dot
+# precision; small under the interpreter).
 def triton_fwd(x, scale, shift, weight, nhw, out):
     """Triton forward launcher (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1): writes ``out``."""
     _check(x, scale, shift, weight, nhw, "bnrelu_avgpool_conv1x1_fwd")
@@ -331,14 +315,9 @@ def triton_fwd(x, scale, shift, weight, nhw, out):
         out.zero_()
         return
     prec = dot_precision(x.dtype)
-    bm, bn, bk, warps = _tiles("fwd", prec, x)
-    launch(_fwd_kernel, (cdiv(mo, bm), cdiv(cout, bn)), (x, x.stride(0), scale, shift, weight,
-        weight.stride(0), out, out.stride(0), mo, c, cout, h, w, h // 2, w // 2), BLOCK_M=bm, BLOCK_N=bn,
-        BLOCK_K=bk, PRECISION=prec, num_warps=warps)
-
-
-def _splits(mo, block_m, interp):
-    return max(1, min(4 if interp else 64, cdiv(mo, block_m)))
+    t = choose(TRANSITION_FWD, x, dtype=x.dtype, precision=prec).kwargs
+    launch(_fwd_kernel, (cdiv(mo, t["BLOCK_M"]), cdiv(cout, t["BLOCK_N"])), (x, x.stride(0), scale, shift, weight,
+        weight.stride(0), out, out.stride(0), mo, c, cout, h, w, h // 2, w // 2), **t, PRECISION=prec)
 
 
 def triton_bwd(dout, x, scale, shift, weight, nhw, mean, rstd, batch_stats):
@@ -358,22 +337,22 @@ def triton_bwd(dout, x, scale, shift, weight, nhw, mean, rstd, batch_stats):
         z = torch.zeros(c, dtype=torch.float32, device=x.device)
         return dx.zero_(), torch.zeros((cout, c), dtype=torch.float32, device=x.device), z, z.clone()
     prec = dot_precision(x.dtype)
-    bm, bn, bc, warps = _tiles("dw", prec, x)
-    splits = _splits(mo, bm, interpreted(x))
+    t = choose(TRANSITION_DW, x, dtype=x.dtype, precision=prec, mo=mo)
+    splits = t.splits
     pdw = torch.empty((splits, cout, c), dtype=torch.float32, device=x.device)
-    launch(_dw_kernel, (cdiv(cout, bn), cdiv(c, bc), splits), (dout, dout.stride(0), x, x.stride(0),
-        scale, shift, pdw, mo, c, cout, h, w, ho, wo, splits), BLOCK_M=bm, BLOCK_N=bn, BLOCK_C=bc,
-        PRECISION=prec, num_warps=warps)
-    bm, bn, bc, warps = _tiles("dx", prec, x)
+    launch(_dw_kernel, (cdiv(cout, t.kwargs["BLOCK_N"]), cdiv(c, t.kwargs["BLOCK_C"]), splits), (dout,
+        dout.stride(0), x, x.stride(0), scale, shift, pdw, mo, c, cout, h, w, ho, wo, splits), **t.kwargs,
+        PRECISION=prec)
+    t = choose(TRANSITION_DX, x, dtype=x.dtype, precision=prec).kwargs
+    bc = t["BLOCK_C"]
     dweight = pdw.sum(0)  # fixed order over the splits
-    tiles = cdiv(mo, bm)
+    tiles = cdiv(mo, t["BLOCK_M"])
     grid = (tiles, cdiv(c, bc))
     args = (dout, dout.stride(0), x, x.stride(0), scale, shift, weight, weight.stride(0), mean, rstd)
     geo = (mo, c, cout, h, w, ho, wo)
 
     def dx_pass(p, q, psg, psgx, pass_, batch):  # the partial sums per tile of pooled rows
-        launch(_dx_kernel, grid, (*args, p, q, dx, psg, psgx, *geo), BLOCK_M=bm, BLOCK_N=bn, BLOCK_C=bc, PASS=pass_,
-            BATCH=batch, PRECISION=prec, num_warps=warps)
+        launch(_dx_kernel, grid, (*args, p, q, dx, psg, psgx, *geo), **t, PASS=pass_, BATCH=batch, PRECISION=prec)
 
     dgamma, dbeta, p, q = bn_grad_passes(dx_pass, tiles, x, scale, rstd, batch_stats)
     if dropped:

@@ -21,13 +21,13 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import interpreted, launch
+from .launch import launch
 from .options import Accumulate, FoldBN, GradFinish, lowered
 from ._common import acc_dtype, cdiv, next_pow2, on_tensor_device
-from ._triton_common import (bnrelu_tile, config_pruner, cuda_gemm_impl, device_target, dot_precision, merge_stats,
-                             store_tile_stats)
+from ._triton_common import bnrelu_tile, cuda_gemm_impl, dot_precision, merge_stats, store_tile_stats
 from .bn_scale_shift import bn_scale_shift
 from .channel_stats import channel_stats
+from .tiles import CONV1X1_BWD, CONV1X1_FWD, autotuned, choose
 
 _CHUNK_ROWS = 16384
 _lib = torch.library.Library("densenet_fused", "IMPL")
@@ -327,106 +327,12 @@ def _bwd_finish_kernel(PDW, DW, NW, PSG, PSGX, SPLITS, C, SCALE, RSTD, DBETA, DG
             tl.store(Q + rc, tl.load(Q + rc, mask=ok, other=0.0) + scale * rstd * sgx * inv_count, mask=ok)
 
 
-# Autotuned on CUDA (Hopper and Ampere candidates), keyed by the power-of-two bucket of the
-# input channels so a block's layers share a few tunings, by the forward's tile height (a config
-# tuned at BLOCK_M=64 may not fit at 128) and by the product precision (the tensors' dtypes are
-# part of Triton's key); fixed small tiles under the interpreter.  BLOCK_M of the forward is chosen
-# from the shape (it sets the statistics workspace), and the backward's split count is a function
-# of the shape only.  Configs are pruned per key by ``_fwd_fits`` / ``_bwd_fits`` (the device's
-# shared memory and architecture, registers).  Tunings are cached on disk across processes by
-# Triton (``cache_results``, in triton 3.6 and 3.8 alike: one JSON per key in Triton's cache
-# directory, keyed by the Triton version, the device's target, the kernel source, the key and
-# the configs), so a new process reuses them instead of benchmarking again.
-_FWD_CONFIGS = [triton.Config(dict(BLOCK_N=bn, BLOCK_K=bk), num_warps=w, num_stages=st)
-                for bn, bk, w, st in [(128, 64, 8, 3), (128, 64, 4, 4), (128, 32, 4, 4), (64, 64, 4, 4),
-                                      (128, 128, 8, 3), (64, 128, 4, 3), (256, 64, 8, 3), (64, 64, 8, 3),
-                                      (64, 32, 4, 4)]]
-# (64, 64) with 4 warps and 3 stages is not offered: it spills on sm_90a in bf16
-# (benchmarks/results/kernel_resources.md); (64, 64) with 8 warps covers the tile.
-_BWD_CONFIGS = [triton.Config(dict(BLOCK_M=bm, BLOCK_C=bc), num_warps=w, num_stages=st)
-                for bm, bc, w, st in [(64, 64, 8, 2), (64, 32, 4, 3), (32, 64, 4, 3), (128, 32, 8, 2),
-                                      (32, 128, 8, 2), (64, 32, 8, 2), (32, 32, 4, 3), (32, 32, 8, 2)]]
-# Offered only with FINISH (dB formed from g2): the sm_80 tiles that hold the fp32 g2 tile without
-# spilling in bf16 (64 x 32 with 8 warps, not 4), and 32 x 32 with 8 warps, the one tile of 128
-# bottleneck channels that float32 with TF32 runs spill-free on sm_80 (benchmarks/results/kernel_resources.md).
-_BWD_FINISH_ONLY = {(64, 32, 8, 2), (32, 32, 4, 3), (32, 32, 8, 2)}
-
-
-def _fwd_fits(cfg, args, target):
-    """Whether a forward config suits a launch (compiled resources checked by `cost --kernels`):
-    - no column tile wider than the output (a BLOCK_N of 256 for 128 channels computes zeros), except
-      the narrowest offered (64), which the smallest bottlenecks (bn_size*k < 64) need;
-    - registers: the fp32 accumulator, the BN-ReLU'd A tile and the W tile held per thread,
-      at most 192 values, or 128 when W's rows are not 16-element aligned (its tile is then
-      loaded through registers): above that, sm_90a spills; before sm_90 (mma.sync's A operand
-      in registers) also at most 32 values of the A tile per thread, and no 128 x 32 column tile
-      with 4 warps (ptxas holds some of its variants to 128 registers, and spills);
-    - shared memory: num_stages buffers of the A and W tiles, plus the A tile once more after its
-      prologue (the MMA operand), in the input dtype, within the device's limit (float32 tiles of
-      128 rows exceed 227 KB in several configs).
-    The spills behind these bounds: benchmarks/results/kernel_resources.md."""
-    bm, bn, bk = args["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
-    if bn > max(64, next_pow2(args["COUT"])):  # (64: the narrowest tile offered, kept for small outputs)
-        return False
-    threads = 32 * cfg.num_warps
-    if (bm * bn + bm * bk + bk * bn) / threads > (192 if args["ldw"] % 16 == 0 else 128):
-        return False
-    if target.arch < 90 and (bm * bk / threads > 32 or (bn, bk, cfg.num_warps) == (128, 32, 4)):
-        return False
-    smem = (cfg.num_stages * (bm * bk + bk * bn) + bm * bk) * args["X"].element_size()
-    return smem <= target.smem
-
-
-def _bwd_fits(cfg, args, target):
-    """Whether a backward config suits a launch:
-    - before sm_90 (mma.sync: the dW accumulator and the resident W tile in registers) only
-      BLOCK_C = 32 and BLOCK_M = 64 (wider or taller tiles spill on sm_80);
-    - shared memory: num_stages buffers of the dout and x tiles, the resident W tile and the
-      activated x tile (the dW product's operand), within the device's limit;
-    - with FINISH (dB formed from g2 in the kernel): num_stages buffers of the fp32 g2 tile, the
-      bottleneck tile and the x tile, and the activated x tile (as the compiled kernels use);
-      registers: at most 32 values of the dB tile per thread and at most 144 of the dB, W and dW
-      tiles together, with 4 warps at most 32 x 32, and when W's rows are not 16-element aligned
-      (its tile loaded through registers) at most 64 x 32; the configs of ``_BWD_FINISH_ONLY`` only
-      there.
-    The spills and shared memory behind these bounds: benchmarks/results/kernel_resources.md."""
-    bm, bc, cp = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_C"], args["COUT_PAD"]
-    if target.arch < 90 and (bc > 32 or bm > 64):
-        return False
-    s = args["X"].element_size()
-    if args.get("FINISH"):
-        threads = 32 * cfg.num_warps
-        if bm * cp / threads > 32 or (bm * cp + 2 * cp * bc) / threads > 144:
-            return False
-        if (cfg.num_warps < 8 and bm * bc > 1024) or (args["ldw"] % 16 != 0 and bm * bc > 2048):
-            return False
-        # Bytes per thread in x's dtype (float32 with TF32 holds twice the bf16 registers per value):
-        # the x-side tiles (x, its activation, g and G's update: BLOCK_M x BLOCK_C) at most 32 B;
-        # before sm_90, mma.sync's A operand, the dB tile, at most 64 B in registers (fp32 with TF32
-        # spills above either: benchmarks/results/kernel_resources.md).  In bf16/fp16 both hold for
-        # every config the rules above keep (32 values of dB, 16 of x).
-        if bm * bc * s / threads > 32 or (target.arch < 90 and bm * cp * s / threads > 64):
-            return False
-        smem = cfg.num_stages * (bm * cp * (4 + s) + bm * bc * s) + bm * bc * s
-    else:
-        if (bm, bc, cfg.num_warps, cfg.num_stages) in _BWD_FINISH_ONLY:
-            return False
-        smem = (cfg.num_stages * (bm * cp + bm * bc) + cp * bc + bm * bc) * s
-    return smem <= target.smem
-
-
-_fwd_tuned = triton.autotune(_FWD_CONFIGS, key=["C_BUCKET", "COUT", "STATS", "BLOCK_M", "PRECISION"],
-                             prune_configs_by=dict(early_config_prune=config_pruner(_fwd_fits, "bnrelu_conv1x1_fwd")),
-                             cache_results=True)(_fwd_kernel)
-_bwd_tuned = triton.autotune(_BWD_CONFIGS, key=["C_BUCKET", "COUT", "PRECISION", "FINISH"], restore_value=["G"],
-                             prune_configs_by=dict(early_config_prune=config_pruner(_bwd_fits, "bnrelu_conv1x1_bwd")),
-                             cache_results=True)(_bwd_kernel)
-
-
-def _fwd_block_m(m, cout, interp):
-    if interp:
-        return 32
-    return 128 if cdiv(m, 128) * cdiv(cout, 128) >= 2 * device_target().sms else 64  # >= 2 waves of programs
+# Tiles: ``tiles.CONV1X1_FWD`` / ``tiles.CONV1X1_BWD`` (candidates, their fits on the device, the
+# forward's BLOCK_M and the backward's splits); autotuned on CUDA, fixed small tiles under the interpreter.
+_fwd_tuned = autotuned(CONV1X1_FWD, _fwd_kernel, key=["C_BUCKET", "COUT", "STATS", "BLOCK_M", "PRECISION"],
+                       cache_results=True)
+_bwd_tuned = autotuned(CONV1X1_BWD, _bwd_kernel, key=["C_BUCKET", "COUT", "PRECISION", "FINISH"], restore_value=["G"],
+                       cache_results=True)
 
 
 def triton_fwd(x, scale, shift, weight, stats, bn_out=None, bn_gamma=None, bn_beta=None, bn_eps=0.0):
@@ -447,8 +353,8 @@ def _triton_fwd(x, scale, shift, weight, stats, bn_out=None, bn_gamma=None, bn_b
     m, c = x.shape
     cout = weight.shape[0]
     out = torch.empty((m, cout), dtype=x.dtype, device=x.device)
-    interp = interpreted(x)
-    block_m = _fwd_block_m(m, cout, interp)
+    t = choose(CONV1X1_FWD, x, m=m, cout=cout)
+    block_m = t.kwargs["BLOCK_M"]
     tiles = cdiv(m, block_m)
     if stats:
         pmean, pm2 = torch.empty((2, tiles, cout), dtype=torch.float32, device=x.device).unbind(0)
@@ -457,26 +363,17 @@ def _triton_fwd(x, scale, shift, weight, stats, bn_out=None, bn_gamma=None, bn_b
     if m > 0:
         args = (x, x.stride(0), scale, shift, weight, weight.stride(0), out, pmean, pm2, m, c, cout,
                 next_pow2(max(c, 1)))
-        if interp:
-            launch(_fwd_kernel, (tiles, cdiv(cout, 16)), args, BLOCK_M=block_m, BLOCK_N=16, BLOCK_K=16,
+        if not t.tuned:
+            launch(_fwd_kernel, (tiles, cdiv(cout, t.kwargs["BLOCK_N"])), args, **t.kwargs,
                 STATS=stats, PRECISION=dot_precision(x.dtype))
         else:
             grid = lambda meta: (tiles, cdiv(cout, meta["BLOCK_N"]))  # noqa: E731
-            launch(_fwd_tuned, grid, args, BLOCK_M=block_m, STATS=stats, PRECISION=dot_precision(x.dtype))
+            launch(_fwd_tuned, grid, args, **t.kwargs, STATS=stats, PRECISION=dot_precision(x.dtype))
     if not stats:
         return out, None, None
     mean, var = merge_stats(pmean, pm2, m, block_m,
                             affine=None if bn_out is None else (bn_out, bn_gamma, bn_beta, float(bn_eps)))
     return out, mean, var
-
-
-def _splits(m, c, interp):
-    """Row splits of the backward: a function of the shape and the device's multiprocessor count,
-    about two waves of programs (two per multiprocessor) for 64-channel column blocks (each split
-    writes a Cout x C fp32 partial of dW that is read back once)."""
-    if interp:
-        return max(1, min(4, cdiv(m, 32)))
-    return max(1, min(cdiv(m, 128), cdiv(2 * device_target().sms, cdiv(c, 64))))
 
 
 def triton_bwd(dout, x, scale, shift, weight, mean, rstd, G, P=None, Q=None, count=0, db_b=None, db_mean=None,
@@ -496,8 +393,8 @@ def _triton_bwd(dout, x, scale, shift, weight, mean, rstd, G, P=None, Q=None, co
     m, c = x.shape
     cout = weight.shape[0]
     cout_pad = max(16, next_pow2(cout))
-    interp = interpreted(x)
-    splits = _splits(m, c, interp)
+    t = choose(CONV1X1_BWD, x, m=m, c=c)
+    splits = t.splits
     pdw = torch.empty((splits, cout, c), dtype=torch.float32, device=x.device)
     psum = torch.empty((2, splits, c), dtype=torch.float32, device=x.device)
     psg, psgx = psum.unbind(0)
@@ -507,12 +404,13 @@ def _triton_bwd(dout, x, scale, shift, weight, mean, rstd, G, P=None, Q=None, co
         finish = db_b is not None
         args += (db_b, db_b.stride(0), db_mean, db_p, db_q, db_scale) if finish else (dout, 0, scale, scale, scale,
                                                                                       scale)  # unused
-        if interp:
-            launch(_bwd_kernel, (cdiv(c, 16), splits), args, BLOCK_M=32, BLOCK_C=16, COUT_PAD=cout_pad,
+        if not t.tuned:
+            launch(_bwd_kernel, (cdiv(c, t.kwargs["BLOCK_C"]), splits), args, **t.kwargs, COUT_PAD=cout_pad,
                 PRECISION=dot_precision(x.dtype), FINISH=finish)
         else:
             grid = lambda meta: (cdiv(c, meta["BLOCK_C"]), splits)  # noqa: E731
-            launch(_bwd_tuned, grid, args, COUT_PAD=cout_pad, PRECISION=dot_precision(x.dtype), FINISH=finish)
+            launch(_bwd_tuned, grid, args, **t.kwargs, COUT_PAD=cout_pad, PRECISION=dot_precision(x.dtype),
+                FINISH=finish)
     else:
         pdw.zero_()
         psum.zero_()

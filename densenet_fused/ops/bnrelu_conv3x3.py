@@ -34,6 +34,7 @@ from ._triton_common import bnrelu_tile, cuda_gemm_impl, dot_precision, merge_st
 from .bn_grad_finish import bn_grad_finish
 from .bn_scale_shift import bn_scale_shift
 from .channel_stats import channel_stats
+from .tiles import CONV3X3_DGRAD, CONV3X3_FWD, CONV3X3_WGRAD, choose
 
 _IMPLS = ("aten", "triton")
 _env_impl = os.environ.get("DENSENET_FUSED_CONV3X3", "triton")
@@ -411,11 +412,6 @@ def _bwd_finish_kernel(PDW, SPLITS, DW, PSG, PSGX, TILES, SCALE, RSTD, DGAMMA, D
         tl.store(Q + rc, tl.where(inv_count == 0.0, 0.0, scale * rstd * dgamma * inv_count), mask=c_ok)
 
 
-def _tiles(t, small, big):
-    """``small`` tiles for launches on ``t`` in the interpreter, ``big`` ones on a GPU."""
-    return small if interpreted(t) else big
-
-
 def _triton_shapes(b, scale, shift, weight, nhw, op):
     """Checks shared by the Triton launchers; returns (H, W, M, Cb, k)."""
     _check(b, scale, shift, weight, nhw, op)
@@ -442,15 +438,13 @@ def _fwd_triton(b, scale, shift, weight, nhw, out, stats, mean_out=None, var_out
         drop = _check_drop(drop_p, drop_seed, m, k, b.device, "bnrelu_conv3x3_fwd")
     else:
         (m, cb), k, h, w, drop = b.shape, weight.shape[0], nhw[1], nhw[2], drop_p > 0
-    # 4-byte inputs (fp32 with TF32): half the K step (spills on sm_80, benchmarks/results/kernel_resources.md)
-    bm, bn = _tiles(b, 32, 128), max(16, min(64, next_pow2(k)))
-    bk = _tiles(b, 16, 64 // (b.element_size() // 2))
+    t = choose(CONV3X3_FWD, b, k=k, size=b.element_size()).kwargs
+    bm = t["BLOCK_M"]
     tiles = cdiv(m, bm)
     pmean, pm2 = torch.empty((2, tiles, k), dtype=torch.float32, device=b.device).unbind(0)
-    launch(_fwd_kernel, (tiles, cdiv(k, bn)), (b, scale, shift, weight, out, out.stride(0), pmean, pm2,
-        m, h, w, cb, k, *_drop_args(drop, drop_p, drop_seed, scale)), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-        STATS=stats, PRECISION=dot_precision(b.dtype), DROP=drop, W_CL=weight_layout(weight) == torch.channels_last,
-        num_warps=4)
+    launch(_fwd_kernel, (tiles, cdiv(k, t["BLOCK_N"])), (b, scale, shift, weight, out, out.stride(0), pmean, pm2,
+        m, h, w, cb, k, *_drop_args(drop, drop_p, drop_seed, scale)), **t,
+        STATS=stats, PRECISION=dot_precision(b.dtype), DROP=drop, W_CL=weight_layout(weight) == torch.channels_last)
     if stats and mean_out is None:
         return merge_stats(pmean, pm2, m, bm)
     if stats:
@@ -475,28 +469,28 @@ def _bwd_triton(dy, b, scale, shift, weight, nhw, mean, rstd, count=0, dy_x=None
     finish = dy_x is not None
     fin = (dy_x, dy_x.stride(0), dy_mean, dy_p, dy_q) if finish else (dy, 0, scale, scale, scale)  # unused: dy
     kpad = max(16, next_pow2(k))
-    bm, bn = _tiles(b, 32, 64), _tiles(b, 16, 64)
-    tiles = cdiv(m, bm)
+    t = choose(CONV3X3_DGRAD, b, k=k).kwargs
+    tiles = cdiv(m, t["BLOCK_M"])
     g2 = torch.empty((m, cb), dtype=torch.float32, device=b.device)
     psg, psgx = torch.empty((2, tiles, cb), dtype=torch.float32, device=b.device).unbind(0)
-    launch(_dgrad_kernel, (tiles, cdiv(cb, bn)), (dy, dy.stride(0), *fin, b, scale, shift, mean, rstd, weight,
-        g2, psg, psgx, m, h, w, cb, k, *dargs), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=min(kpad, 64),
-        PRECISION=dot_precision(b.dtype), FINISH=finish, DROP=drop, W_CL=w_cl, num_warps=4)
-    # 4-byte inputs: 64-row tiles (128 rows exceed sm_80's shared memory, benchmarks/results/kernel_resources.md)
-    bmw, bc = _tiles(b, 32, 128 // (b.element_size() // 2)), _tiles(b, 16, 64)
-    splits = max(1, min(cdiv(m, bmw), _tiles(b, 3, 1024 // (9 * cdiv(cb, bc)) + 1)))
-    tiles_per_split = cdiv(cdiv(m, bmw), splits)
+    launch(_dgrad_kernel, (tiles, cdiv(cb, t["BLOCK_N"])), (dy, dy.stride(0), *fin, b, scale, shift, mean, rstd,
+        weight, g2, psg, psgx, m, h, w, cb, k, *dargs), **t,
+        PRECISION=dot_precision(b.dtype), FINISH=finish, DROP=drop, W_CL=w_cl)
+    wt = choose(CONV3X3_WGRAD, b, m=m, cb=cb, size=b.element_size())
+    splits = wt.splits
+    tiles_per_split = cdiv(cdiv(m, wt.kwargs["BLOCK_M"]), splits)
     pdw = torch.empty((splits, 9, k, cb), dtype=torch.float32, device=b.device)
-    launch(_wgrad_kernel, (9 * cdiv(cb, bc), splits), (dy, dy.stride(0), *fin, b, scale, shift, pdw, m, h, w,
-        cb, k, tiles_per_split, *dargs), BLOCK_M=bmw, BLOCK_C=bc, KPAD=kpad, PRECISION=dot_precision(b.dtype),
-        FINISH=finish, DROP=drop, num_warps=4)
+    launch(_wgrad_kernel, (9 * cdiv(cb, wt.kwargs["BLOCK_C"]), splits), (dy, dy.stride(0), *fin, b, scale, shift,
+        pdw, m, h, w, cb, k, tiles_per_split, *dargs), **wt.kwargs, KPAD=kpad, PRECISION=dot_precision(b.dtype),
+        FINISH=finish, DROP=drop)
     dweight = torch.empty((k, cb, 3, 3), dtype=torch.float32, device=b.device, memory_format=weight_layout(weight))
     vec = torch.empty((4, cb), dtype=torch.float32, device=b.device).unbind(0)  # dgamma, dbeta, p, q
-    block_w, block_c = 1024, _tiles(b, 16, 64)
+    interp = interpreted(b)  # the reduction's sizes: small under the interpreter
+    block_w, block_c = 1024, 16 if interp else 64
     w_programs = cdiv(9 * k * cb, block_w)
     launch(_bwd_finish_kernel, (w_programs + cdiv(cb, block_c),), (pdw, splits, dweight, psg, psgx,
         tiles, scale, rstd, *vec, 1.0 / count if count > 0 else 0.0, cb, k,
-        w_programs), BLOCK_W=block_w, BLOCK_T=_tiles(b, 4, 32), BLOCK_C=block_c, W_CL=w_cl)
+        w_programs), BLOCK_W=block_w, BLOCK_T=4 if interp else 32, BLOCK_C=block_c, W_CL=w_cl)
     return (g2, dweight, *vec)
 
 

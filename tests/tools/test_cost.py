@@ -220,12 +220,14 @@ def test_autotuner_configs_are_pruned_by_the_hardware():
     that exceed a GPU's shared memory, spilling register loads and tiles wider than the output never
     run; every launch keeps at least one config."""
     from densenet_fused.ops import bnrelu_conv1x1 as op1
+    from densenet_fused.ops import tiles
     from densenet_fused.ops._triton_common import SMEM_PER_BLOCK, cost_target
     fits = op1._fwd_tuned.early_config_prune.fits
+    assert fits is tiles.CONV1X1_FWD.fits and op1._fwd_tuned.configs == list(tiles.CONV1X1_FWD.candidates)
 
     def kept(args, arch):
-        return [(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages) for c in op1._FWD_CONFIGS
-                if fits(c, args, cost_target(arch))]
+        return [(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages)
+                for c in tiles.CONV1X1_FWD.candidates if fits(c, args, cost_target(arch))]
 
     bf16_64 = kept(_fwd_args(torch.bfloat16, 64), 90)
     assert (256, 64, 8, 3) not in bf16_64 and (128, 128, 8, 3) in bf16_64  # 256 columns for 128 outputs
@@ -246,12 +248,13 @@ def test_autotuner_configs_are_pruned_by_the_hardware():
                 for cout, ldw in ((48, 24), (128, 256), (256, 1000)):
                     assert kept(_fwd_args(dtype, bm, cout, ldw), arch), (dtype, bm, arch, cout)
     bwd = op1._bwd_tuned.early_config_prune.fits
+    assert bwd is tiles.CONV1X1_BWD.fits and op1._bwd_tuned.configs == list(tiles.CONV1X1_BWD.candidates)
     for finish in (False, True):
         for dtype in (torch.float32, torch.bfloat16):
             for arch in SMEM_PER_BLOCK:
                 args = dict(X=torch.empty(0, dtype=dtype), COUT_PAD=128, FINISH=finish, ldw=256)
                 bwd_kept = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_C"], c.num_warps, c.num_stages)
-                            for c in op1._BWD_CONFIGS if bwd(c, args, cost_target(arch))]
+                            for c in tiles.CONV1X1_BWD.candidates if bwd(c, args, cost_target(arch))]
                 assert bwd_kept, (dtype, arch, finish)
                 if arch < 90 and not finish:  # mma.sync: wider or taller tiles spill
                     assert bwd_kept == [(64, 32, 4, 3)]
@@ -263,7 +266,7 @@ def test_autotuner_configs_are_pruned_by_the_hardware():
                     else:
                         assert (64, 32, 8, 2) in bwd_kept
                 else:
-                    assert not set(bwd_kept) & op1._BWD_FINISH_ONLY
+                    assert not set(bwd_kept) & tiles.BWD_FINISH_ONLY
 
 
 def test_kernels_report_refuses_the_interpreter():
@@ -276,11 +279,12 @@ def test_kernels_report_refuses_the_interpreter():
 _COMPILE_EDGES = """
 import json, sys
 from densenet_fused.tools import cost
-from densenet_fused.ops import bnrelu_avgpool_conv1x1 as trans
+from densenet_fused.ops import tiles
 from flags import patched
 rows = {arch: cost.compile_rows(cost.precision_recordings(cost.record_edges), arch) for arch in (90, 80)}
 # a control: the transition's dW tile of 64 rows in full fp32 spills on sm_90a: the count sees spills
-with patched(trans, _TILES=dict(trans._TILES, dw={"ieee": (64, 64, 32, 4)})), cost._allow_tf32(False):
+with patched(tiles, TRANSITION_TILES=dict(tiles.TRANSITION_TILES, dw={"ieee": (64, 64, 32, 4)}), _chosen={}), \
+        cost._allow_tf32(False):
     rec = cost.record_edges(__import__("torch").float32)
 rec.triton_calls = [c for c in rec.triton_calls if cost._triton_name(c[0]) == "bnrelu_avgpool_conv1x1._dw_kernel"][:1]
 control = cost.compile_rows([("fp32/ieee", rec)], 90)
