@@ -37,39 +37,11 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from .bench import densenet121_block, densenet_bc_block1
+from .cases import CASES, CostCase  # noqa: F401  (cost.CASES, cost.CostCase: the cases of the report)
 
 GB = 1e9
 MB = 1e6
 
-
-@dataclass(frozen=True)
-class CostCase:
-    name: str
-    layers: int
-    c0: int
-    growth: int
-    bn_size: int
-    batch: int
-    hw: int
-    dtype: torch.dtype = torch.bfloat16  # bf16 autocast: the buffer's dtype
-
-    @property
-    def rows(self) -> int:
-        return self.batch * self.hw * self.hw
-
-
-def _from_bench(name: str, case) -> CostCase:
-    """The cost case of one of bench's block cases (its shapes derived from ``models.CONFIGS`` /
-    ``densenet_bc_config``): the configurations are written once, in modules/models.py."""
-    return CostCase(name, case.layers, case.c0, case.growth, case.bn_size, case.batch, case.hw)
-
-
-CASES: Dict[str, CostCase] = {c.name: c for c in (
-    _from_bench("densenet121_block3", densenet121_block(3, 128)),
-    _from_bench("densenet121_block1", densenet121_block(1, 128)),
-    _from_bench("densenet_bc100_k12", densenet_bc_block1(100, 12, 64)),
-)}
 
 # The tensor arguments each Triton kernel writes are declared beside it, in its op file's TRITON_WRITES
 # (what it writes "w", reads and writes "rw"; every other tensor argument is read).  A kernel without an

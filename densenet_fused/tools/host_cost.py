@@ -234,11 +234,11 @@ def _count_launches(blk, x, grad):
 
 
 def measure(case, provider: str, steps: int, warmup: int = 2) -> StepTimes:
-    """Median host time of ``steps`` training steps of the case's block (a name of cost.CASES, or a
+    """Median host time of ``steps`` training steps of the case's block (a name of cases.CASES, or a
     CostCase) by ``provider`` in this process (the fused provider needs TRITON_INTERPRET unset)."""
     import torch
 
-    from .cost import CASES
+    from .cases import CASES
     if provider not in PROVIDERS:
         raise ValueError(f"cost --host: unknown provider {provider!r}; expected one of {', '.join(PROVIDERS)}")
     blk, x, grad = _setup(CASES[case] if isinstance(case, str) else case, provider)
@@ -285,7 +285,7 @@ def compare(case_name: str, processes: int = 3, steps: int = 20, progress: bool 
 
 
 def report(case_name: str, runs: Dict[str, List[StepTimes]]) -> str:
-    from .cost import CASES
+    from .cases import CASES
     case = CASES[case_name]
     n = case.layers
     med = {p: StepTimes(*(statistics.median(getattr(r, f) for r in rs) for f in
@@ -315,7 +315,7 @@ def result_row(case_name: str, runs: Dict[str, List[StepTimes]]) -> dict:
     import torch
     import triton
 
-    from .cost import CASES
+    from .cases import CASES
     layers = CASES[case_name].layers
     row = dict(case=case_name, date=datetime.date.today().isoformat(), host=platform.processor() or platform.machine(),
                cpus=os.cpu_count(), python=platform.python_version(), torch=torch.__version__,
