@@ -9,6 +9,7 @@ import triton.language as tl
 
 from ._common import cdiv
 from .launch import INTERPRET, interpreted, launch
+from .plan import alloc
 
 
 def _fix_interpreter_scalar_index():
@@ -123,8 +124,8 @@ def merge_stats(pmean, pm2, m, tile_rows, mean=None, var=None, affine=None):
     of the BatchNorm reading all C + N channels of ``mean``/``var``."""
     tiles, n = pmean.shape
     if mean is None:
-        mean = torch.empty(n, dtype=torch.float32, device=pmean.device)
-        var = torch.empty(n, dtype=torch.float32, device=pmean.device)
+        mean = alloc(n, torch.float32, pmean.device, keep=True)  # (plan: statistics outlive the layer)
+        var = alloc(n, torch.float32, pmean.device, keep=True)
     c_off = mean.shape[0] - n
     aff, gamma, beta, eps = affine if affine is not None else (mean, mean, mean, 0.0)  # unused without AFFINE
     interp = interpreted(pmean)

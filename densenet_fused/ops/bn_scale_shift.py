@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from .launch import launch
+from .plan import alloc
 from ._common import cdiv, on_tensor_device
 
 
@@ -45,7 +46,7 @@ def triton_scale_shift(gamma, beta, mean, var, eps):
     """Triton launcher (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1)."""
     _check(gamma, beta, mean, var)
     c = mean.shape[0]
-    scale, shift, rstd = (torch.empty_like(mean) for _ in range(3))
+    scale, shift, rstd = (alloc(mean.shape, mean.dtype, mean.device, keep=True) for _ in range(3))
     if c:
         block = 1024 if c > 256 else 256
         launch(_scale_shift_kernel, (cdiv(c, block),), (gamma, beta, mean.contiguous(), var.contiguous(),

@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from .launch import launch
+from .plan import alloc
 from .options import Accumulate, FoldBN, GradFinish, lowered
 from ._common import acc_dtype, cdiv, next_pow2, on_tensor_device
 from ._triton_common import bnrelu_tile, cuda_gemm_impl, dot_precision, merge_stats, store_tile_stats
@@ -352,12 +353,12 @@ def _triton_fwd(x, scale, shift, weight, stats, bn_out=None, bn_gamma=None, bn_b
     """triton_fwd without the checks (the block's hot path: its arguments are right by construction)."""
     m, c = x.shape
     cout = weight.shape[0]
-    out = torch.empty((m, cout), dtype=x.dtype, device=x.device)
+    out = alloc((m, cout), x.dtype, x.device)  # (plan: a transient, consumed within the layer)
     t = choose(CONV1X1_FWD, x, m=m, cout=cout)
     block_m = t.kwargs["BLOCK_M"]
     tiles = cdiv(m, block_m)
     if stats:
-        pmean, pm2 = torch.empty((2, tiles, cout), dtype=torch.float32, device=x.device).unbind(0)
+        pmean, pm2 = alloc((2, tiles, cout), torch.float32, x.device).unbind(0)
     else:
         pmean = pm2 = out  # unused
     if m > 0:
@@ -395,8 +396,8 @@ def _triton_bwd(dout, x, scale, shift, weight, mean, rstd, G, P=None, Q=None, co
     cout_pad = max(16, next_pow2(cout))
     t = choose(CONV1X1_BWD, x, m=m, c=c)
     splits = t.splits
-    pdw = torch.empty((splits, cout, c), dtype=torch.float32, device=x.device)
-    psum = torch.empty((2, splits, c), dtype=torch.float32, device=x.device)
+    pdw = alloc((splits, cout, c), torch.float32, x.device)
+    psum = alloc((2, splits, c), torch.float32, x.device)
     psg, psgx = psum.unbind(0)
     if m > 0 and c > 0:
         args = (dout, dout.stride(0), x, x.stride(0), scale, shift, weight, weight.stride(0), mean, rstd,
@@ -415,8 +416,8 @@ def _triton_bwd(dout, x, scale, shift, weight, mean, rstd, G, P=None, Q=None, co
         pdw.zero_()
         psum.zero_()
     # fixed-order reductions over the splits (dweight, the sums and the block's P, Q): one launch
-    dweight = torch.empty((cout, c), dtype=torch.float32, device=x.device)
-    dbeta, dgamma = torch.empty((2, c), dtype=torch.float32, device=x.device).unbind(0)
+    dweight = alloc((cout, c), torch.float32, x.device, keep=True)
+    dbeta, dgamma = alloc((2, c), torch.float32, x.device, keep=True).unbind(0)
     if c > 0:
         update = P is not None
         block_w = 1024

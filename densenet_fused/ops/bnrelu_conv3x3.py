@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from .launch import cuda_path, interpreted, launch
+from .plan import alloc
 from .options import Dropout, FoldBN, GradFinish, StatsOut, lowered
 from ._common import acc_dtype, cdiv, next_pow2, on_tensor_device
 from ._triton_common import bnrelu_tile, cuda_gemm_impl, dot_precision, merge_stats, store_tile_stats
@@ -441,7 +442,7 @@ def _fwd_triton(b, scale, shift, weight, nhw, out, stats, mean_out=None, var_out
     t = choose(CONV3X3_FWD, b, k=k, size=b.element_size()).kwargs
     bm = t["BLOCK_M"]
     tiles = cdiv(m, bm)
-    pmean, pm2 = torch.empty((2, tiles, k), dtype=torch.float32, device=b.device).unbind(0)
+    pmean, pm2 = alloc((2, tiles, k), torch.float32, b.device).unbind(0)
     launch(_fwd_kernel, (tiles, cdiv(k, t["BLOCK_N"])), (b, scale, shift, weight, out, out.stride(0), pmean, pm2,
         m, h, w, cb, k, *_drop_args(drop, drop_p, drop_seed, scale)), **t,
         STATS=stats, PRECISION=dot_precision(b.dtype), DROP=drop, W_CL=weight_layout(weight) == torch.channels_last)
@@ -471,20 +472,20 @@ def _bwd_triton(dy, b, scale, shift, weight, nhw, mean, rstd, count=0, dy_x=None
     kpad = max(16, next_pow2(k))
     t = choose(CONV3X3_DGRAD, b, k=k).kwargs
     tiles = cdiv(m, t["BLOCK_M"])
-    g2 = torch.empty((m, cb), dtype=torch.float32, device=b.device)
-    psg, psgx = torch.empty((2, tiles, cb), dtype=torch.float32, device=b.device).unbind(0)
+    g2 = alloc((m, cb), torch.float32, b.device)
+    psg, psgx = alloc((2, tiles, cb), torch.float32, b.device).unbind(0)
     launch(_dgrad_kernel, (tiles, cdiv(cb, t["BLOCK_N"])), (dy, dy.stride(0), *fin, b, scale, shift, mean, rstd,
         weight, g2, psg, psgx, m, h, w, cb, k, *dargs), **t,
         PRECISION=dot_precision(b.dtype), FINISH=finish, DROP=drop, W_CL=w_cl)
     wt = choose(CONV3X3_WGRAD, b, m=m, cb=cb, size=b.element_size())
     splits = wt.splits
     tiles_per_split = cdiv(cdiv(m, wt.kwargs["BLOCK_M"]), splits)
-    pdw = torch.empty((splits, 9, k, cb), dtype=torch.float32, device=b.device)
+    pdw = alloc((splits, 9, k, cb), torch.float32, b.device)
     launch(_wgrad_kernel, (9 * cdiv(cb, wt.kwargs["BLOCK_C"]), splits), (dy, dy.stride(0), *fin, b, scale, shift,
         pdw, m, h, w, cb, k, tiles_per_split, *dargs), **wt.kwargs, KPAD=kpad, PRECISION=dot_precision(b.dtype),
         FINISH=finish, DROP=drop)
-    dweight = torch.empty((k, cb, 3, 3), dtype=torch.float32, device=b.device, memory_format=weight_layout(weight))
-    vec = torch.empty((4, cb), dtype=torch.float32, device=b.device).unbind(0)  # dgamma, dbeta, p, q
+    dweight = alloc((k, cb, 3, 3), torch.float32, b.device, keep=True, memory_format=weight_layout(weight))
+    vec = alloc((4, cb), torch.float32, b.device, keep=True).unbind(0)  # dgamma, dbeta, p, q
     interp = interpreted(b)  # the reduction's sizes: small under the interpreter
     block_w, block_c = 1024, 16 if interp else 64
     w_programs = cdiv(9 * k * cb, block_w)

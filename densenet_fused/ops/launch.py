@@ -33,6 +33,8 @@ from .._route import code_path_device_type, cuda_path, routing  # noqa: F401  (r
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 _observer: contextvars.ContextVar = contextvars.ContextVar("densenet_fused_launch_observer", default=None)
+# ops.plan.recording: hears every launch made, with its resolved grid and compiled entry (None interpreted)
+_plan_hook: contextvars.ContextVar = contextvars.ContextVar("densenet_fused_plan_hook", default=None)
 
 
 @contextlib.contextmanager
@@ -107,15 +109,26 @@ def launch(kernel, grid, args, **constexprs) -> None:
             return
     if INTERPRET:
         kernel[grid](*args, **constexprs)
+        hook = _plan_hook.get()
+        if hook is not None:
+            if callable(grid):
+                raise RuntimeError("plan: an interpreted launch with a grid function cannot be recorded")
+            hook(kernel, grid, args, constexprs, None)
         return
     key = (id(kernel), _signature(args, constexprs))  # id: hashing a JITFunction takes a lock
     entry = _compiled.get(key)
     if entry is None:
-        _compiled[key] = _first_launch(kernel, grid, args, constexprs)
+        entry = _compiled[key] = _first_launch(kernel, grid, args, constexprs)
+        hook = _plan_hook.get()
+        if hook is not None:
+            hook(kernel, grid(entry[2]) if callable(grid) else grid, args, constexprs, entry)
         return
     compiled, tail, config, _ = entry
     if callable(grid):
         grid = grid(config)
+    hook = _plan_hook.get()
+    if hook is not None:
+        hook(kernel, grid, args, constexprs, entry)
     drv = driver.active
     stream = drv.get_current_stream(drv.get_current_device())
     rt = knobs.runtime
