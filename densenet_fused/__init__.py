@@ -8,10 +8,10 @@ from ._loader import WITH_CUDA, TORCH_VERSION_BUILT  # noqa: F401  (loads the op
 from . import ops  # noqa: F401  (fake implementations, CUDA kernels from Python)
 from .modules import (DenseNet, FusedDenseBlock, FusedDenseLayer, FusedFeatures, FusedTransition, convert,
                       convert_sync_batchnorm, densenet121, densenet161, densenet169, densenet201, densenet264,
-                      densenet_bc, fused_head, fused_stem)
+                      densenet_bc, fused_head, fused_stem, planning)
 
 from ._version import __version__  # noqa: E402  (one source: pyproject reads it too)
 
 __all__ = ["__version__", "FusedDenseBlock", "FusedDenseLayer", "FusedTransition", "FusedFeatures", "fused_stem",
            "fused_head", "convert", "convert_sync_batchnorm", "DenseNet", "densenet121", "densenet161",
-           "densenet169", "densenet201", "densenet264", "densenet_bc"]
+           "densenet169", "densenet201", "densenet264", "densenet_bc", "planning"]

@@ -7,6 +7,7 @@ the input gradient of every channel c is ``G_c - P_c - (x_c - mean_c) * Q_c`` on
 layers reading it are done.  Saved for backward: the buffer (which is the output), the
 per-channel statistics, per-layer BN2 statistics, dropout seeds and the parameters.
 """
+import contextlib
 from dataclasses import dataclass
 from typing import List, NamedTuple, Optional, Sequence, Tuple
 
@@ -17,6 +18,8 @@ from ..ops._common import acc_dtype, autocast_off, device_guard
 from ..ops.options import Accumulate, Dropout, FoldBN, GradFinish, StatsOut
 from ..ops.bnrelu_conv3x3 import conv3x3_impl
 from ..ops.launch import mark
+from ..ops.plan import Recorder, alloc, next_layer, recording as plan_recording, root
+from .planned import PlanUse, block_plan
 from .distributed import StatsGroup
 
 PARAMS_PER_LAYER = 6  # norm1.weight, norm1.bias, conv1.weight, norm2.weight, norm2.bias, conv2.weight
@@ -128,6 +131,18 @@ def _weight_views(spec: BlockSpec, params, flats) -> Tuple[List[torch.Tensor], L
     return w1c, w2c
 
 
+class BlockSaved(NamedTuple):
+    """What block_forward saves for block_backward: ``stats`` (the batch mean, then every layer's LayerSaved;
+    a replayed plan: the mean, the plan's kept workspace and the step's dropout seeds), ``seeds`` (per
+    layer, None where it drops nothing), ``kept`` (bottlenecks, with ``keep_bottleneck``), ``weights``
+    (``CastWeights``) and ``plan`` (``planned.PlanUse``, or None: an unplanned step)."""
+    stats: List[Optional[torch.Tensor]]
+    seeds: List[Optional[torch.Tensor]]
+    kept: List[torch.Tensor]
+    weights: "CastWeights"
+    plan: Optional[PlanUse] = None
+
+
 class CastWeights(NamedTuple):
     """The block's weights as the kernels read them: ``flats`` (``_compute_weights``: () or the one cast tensor,
     saved for backward) and every layer's W1 (``w1``) and W2 (``w2``) views of it (or of the parameters): taken
@@ -171,7 +186,7 @@ def _forward_layer(sw: _Sweep, l: int, w1c, w2c, aff1: Optional[torch.Tensor]):
     bn2 = None
     if spec.training:  # B, its statistics and BN2's folded map from them, written by the same op
         cb = w1c.shape[0]
-        aff2 = torch.empty((3, cb), dtype=acc, device=sw.buf2.device)
+        aff2 = alloc((3, cb), acc, sw.buf2.device, keep=True)
         bott, m2, bv = K.bnrelu_conv1x1_fwd(sw.buf2[:, :c_l], scale1, shift1, w1c, True,
                                             fold=FoldBN(aff2, g2, b2, norm2.eps))
         if sw.sync is not None:  # the op folded local statistics: fold again from the merged ones
@@ -187,14 +202,12 @@ def _forward_layer(sw: _Sweep, l: int, w1c, w2c, aff1: Optional[torch.Tensor]):
     dropout = seed = None
     p = float(layer.drop_rate)
     if p > 0 and layer.training:  # the mask applied by the conv3x3 op, before the statistics
-        if sw.step_seeds is None:  # the step's first dropout layer draws every layer's seed
-            sw.step_seeds = _dropout_seeds(len(spec.layers), sw.buf2.device)
-        seed = sw.step_seeds[l:l + 1]
+        seed = sw.step_seeds[l:l + 1]  # (every layer's, drawn by block_forward before the sweep)
         dropout = Dropout(p, seed)
     aff1 = fold = None
     if spec.training:  # the new channels' statistics written in place, and the next layer's BN1 map
         if l + 1 < len(spec.layers) and sw.sync is None:  # the next layer's norm1: its weight, bias and eps
-            aff1 = torch.empty((3, c_l + k), dtype=acc, device=sw.buf2.device)
+            aff1 = alloc((3, c_l + k), acc, sw.buf2.device, keep=True)
             g1n, b1n = _layer_params(sw.params, l + 1)[:2]
             fold = FoldBN(aff1, g1n, b1n, spec.layers[l + 1]._modules["norm1"].eps)
         K.bnrelu_conv3x3_fwd(bott, scale2, shift2, w2c, sw.nhw, new_slice, impl=sw.impl,
@@ -219,10 +232,11 @@ def _update_running_stats(spec: BlockSpec, mean, var, bn2_stats, count: int) -> 
 
 def block_forward(spec: BlockSpec, x: Optional[torch.Tensor], params: Sequence[torch.Tensor], save: bool,
                   extra: bool = False, buf: Optional[torch.Tensor] = None):
-    """Run the block.  Returns (output, saved) where saved = (tensors, seeds, kept, weights) holds what
-    backward needs (None when ``save`` is False): tensors = [batch mean (None in eval)] + every layer's
-    LayerSaved, so backward recomputes no scale/shift; weights = the weights as the kernels read them
-    (``CastWeights``), so it casts none and takes no views.  With ``extra``, returns (output, saved, (count, mean, var)): the number of values per channel
+    """Run the block.  Returns (output, saved) where saved (``BlockSaved``) holds what backward needs (None
+    when ``save`` is False): the batch mean and every layer's LayerSaved, so backward recomputes no
+    scale/shift; the weights as the kernels read them (``CastWeights``), so it casts none and takes no views.
+    A training step on the Triton kernels is recorded once per step signature and replayed after
+    (autograd/planned.py; ``densenet_fused.planning(False)`` turns it off).  With ``extra``, returns (output, saved, (count, mean, var)): the number of values per channel
     of the batch statistics (global with ``spec.sync``; backward needs it) and the batch mean and biased
     variance of all output channels (None in eval), for the modules that read the output with a
     BatchNorm of their own.
@@ -234,7 +248,8 @@ def block_forward(spec: BlockSpec, x: Optional[torch.Tensor], params: Sequence[t
     ``buf``: the block's (N, C_total, H, W) channels-last buffer (``new_buffer``) with the input already
     written into its first C_0 channels (by a transition: transition_block.py); x is then not read (None).
     The output is the buffer itself, not a view: in-place ops on it work as on torch.cat's result."""
-    if buf is not None:
+    fed = buf is not None  # the input already written into the buffer (by a transition)
+    if fed:
         n, _, h, w = buf.shape
         c0 = spec.num_input_features
     else:
@@ -257,8 +272,9 @@ def block_forward(spec: BlockSpec, x: Optional[torch.Tensor], params: Sequence[t
                          f"{tuple(buf.shape)} {buf.dtype} strides {buf.stride()}")
     buf2 = buf.permute(0, 2, 3, 1).view(m, c_total)  # rows = pixels: the GEMM operand
     flats = _compute_weights(spec, params, dev)
-    w1cs, w2cs = _weight_views(spec, params, flats)
-    weights = CastWeights(flats, w1cs, w2cs)
+    planned = block_plan(spec, x, params, fed) if spec.training else None
+    replay = planned is not None and planned.replayable(save)
+    weights = CastWeights(flats, [], []) if replay else CastWeights(flats, *_weight_views(spec, params, flats))
     mean = var = None
     if spec.training:
         mean = torch.empty(c_total, dtype=acc, device=dev)
@@ -270,14 +286,41 @@ def block_forward(spec: BlockSpec, x: Optional[torch.Tensor], params: Sequence[t
         mean[:c0], var[:c0] = mu, v
     sw = _Sweep(spec, _ops(spec, dev), spec.conv3x3_impl or conv3x3_impl(), params, buf2, [n, h, w], mean, var, acc,
                 sync)
+    if any(float(layer.drop_rate) > 0 and layer.training for layer in spec.layers):
+        sw.step_seeds = _dropout_seeds(num_layers, dev)
+    roots = [root(t) for t in (buf, *params, *flats, mean, var, sw.step_seeds) if t is not None]  # (an outer recording's too)
+    if replay:  # the recorded sweep (the replay needs no weight views: its launches hold the pointers)
+        with device_guard(dev):
+            ws_kept, bn2_stats = planned.replay_forward(roots)
+        stats = [mean, ws_kept] + ([sw.step_seeds] if sw.step_seeds is not None else [])
+        saved = BlockSaved(stats, [], [], weights, PlanUse(planned)) if save else None
+    else:
+        rec = Recorder(roots) if planned is not None else None
+        with (plan_recording(rec) if rec is not None else contextlib.nullcontext()):
+            saved_layers, seeds, bn2_stats, kept = _sweep_layers(sw, spec, weights.w1, weights.w2, save)
+        if rec is not None:
+            planned.record_forward(rec, bn2_stats)
+        stats = [mean] + saved_layers
+        use = PlanUse(planned, rec, [*stats, *params, *flats]) if rec is not None else None
+        saved = BlockSaved(stats, seeds, kept, weights, use) if save else None
+    mark("forward", -1)
+    if spec.training:
+        _update_running_stats(spec, mean, var, bn2_stats, count)
+    return (buf, saved, (count, mean, var)) if extra else (buf, saved)
+
+
+def _sweep_layers(sw: "_Sweep", spec: BlockSpec, w1cs, w2cs, save: bool):
+    """The forward's layer loop: (every layer's LayerSaved tensors, seeds, BN2 statistics, kept bottlenecks)."""
+    num_layers = len(spec.layers)
     seeds: List[Optional[torch.Tensor]] = []  # per layer: its dropout seed (a 1-element device tensor)
     kept: List[torch.Tensor] = []
     saved_layers: List[torch.Tensor] = []
     bn2_stats: List[Tuple[torch.Tensor, torch.Tensor]] = []
     aff1: Optional[torch.Tensor] = None  # (scale1, shift1, rstd1) of the next layer, when already folded
-    with device_guard(dev):  # the direct ops hold none of their own (ops.table)
+    with device_guard(sw.buf2.device):  # the direct ops hold none of their own (ops.table)
         for l in range(num_layers):
             mark("forward", l)
+            next_layer()  # (a recorded plan: the previous layer's transients are dead)
             lsaved, bn2, bott, seed, aff1 = _forward_layer(sw, l, w1cs[l], w2cs[l], aff1)
             saved_layers += lsaved
             seeds.append(seed)
@@ -285,11 +328,7 @@ def block_forward(spec: BlockSpec, x: Optional[torch.Tensor], params: Sequence[t
                 bn2_stats.append(bn2)
             if save and spec.keep_bottleneck:
                 kept.append(bott)
-    mark("forward", -1)
-    if spec.training:
-        _update_running_stats(spec, mean, var, bn2_stats, count)
-    saved = ([mean] + saved_layers, seeds, kept, weights) if save else None
-    return (buf, saved, (count, mean, var)) if extra else (buf, saved)
+    return saved_layers, seeds, bn2_stats, kept
 
 
 @dataclass
@@ -353,10 +392,10 @@ def _cast(grad: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
 
 
 def block_backward(spec: BlockSpec, out, grad_out, params, stats, seeds, kept, weights, x_meta, needs_input_grad,
-                   count: int = 0):
+                   count: int = 0, plan: Optional[PlanUse] = None):
     """Reverse sweep; returns (dx or None, [grad per param]).  ``stats``, ``seeds``, ``kept``, ``weights``
-    (``CastWeights``): what block_forward saved; ``count``: values per channel of the batch statistics
-    (block_forward's; 0: the local N*H*W)."""
+    (``CastWeights``), ``plan``: what block_forward saved (``BlockSaved``); ``count``: values per channel of
+    the batch statistics (block_forward's; 0: the local N*H*W)."""
     n, c_total, h, w = out.shape
     m = n * h * w
     c0 = spec.num_input_features
@@ -364,26 +403,34 @@ def block_backward(spec: BlockSpec, out, grad_out, params, stats, seeds, kept, w
     dev = out.device
     sync = spec.sync if spec.training else None
     mark("backward", -1)
+    replay = plan is not None and plan.replayed is not None
+    step_seeds = (stats[2] if len(stats) > 2 else None) if replay else \
+        next((s._base for s in seeds if s is not None), None)
+    for t in (out, *params, *weights.flats, step_seeds):  # (an outer recording's roots)
+        if t is not None:
+            root(t)
     buf2 = out.permute(0, 2, 3, 1).reshape(m, c_total)  # a view: the buffer is channels-last
-    mean, saved_layers = stats[0], LayerSaved.unflatten(stats[1:])
-    w1cs, w2cs = weights.w1, weights.w2  # (CastWeights: the forward's views)
-    if not spec.training:
-        mean = torch.zeros(c_total, dtype=acc, device=dev)
-    G = torch.empty((n, h, w, c_total), dtype=acc, device=dev)
-    G.copy_(grad_out.permute(0, 2, 3, 1))
-    G = G.view(m, c_total)
-    PQ = torch.zeros((2, c_total), dtype=acc, device=dev)  # one fill
+    mean = root(stats[0] if spec.training else torch.zeros(c_total, dtype=acc, device=dev))
+    G4 = root(torch.empty((n, h, w, c_total), dtype=acc, device=dev))
+    G4.copy_(grad_out.permute(0, 2, 3, 1))
+    G = G4.view(m, c_total)
+    PQ = root(torch.zeros((2, c_total), dtype=acc, device=dev))  # one fill
     P, Q = PQ.unbind(0)
-    bw = _BackSweep(spec, _ops(spec, dev), spec.conv3x3_impl or conv3x3_impl(), params, buf2, [n, h, w], mean, G,
-                    PQ, P, Q,
-                    (count or m) if spec.training else 0, sync)
-    grads: List[Optional[torch.Tensor]] = [None] * len(params)
-    with device_guard(dev):  # the direct ops hold none of their own (ops.table)
-        for l in reversed(range(len(spec.layers))):
-            mark("backward", l)
-            grads[PARAMS_PER_LAYER * l:PARAMS_PER_LAYER * (l + 1)] = _backward_layer(
-                bw, l, saved_layers[l], seeds[l], kept[l] if kept else None, w1cs[l], w2cs[l])
-    mark("backward", -1)
+    # a planned step's roots, in the order its forward and backward registered them (forward kept workspace last)
+    roots = [t for t in (out, *params, *weights.flats, step_seeds, mean, G4, PQ) if t is not None]
+    if replay:
+        with device_guard(dev):
+            grads = plan.replay_backward(roots + [stats[1]])
+    else:
+        bw = _BackSweep(spec, _ops(spec, dev), spec.conv3x3_impl or conv3x3_impl(), params, buf2, [n, h, w], mean,
+                        G, PQ, P, Q, (count or m) if spec.training else 0, sync)
+        # the step that recorded its forward records this (a second backward, retain_graph, runs unplanned)
+        rec = plan.backward_recorder([*stats, *params, *weights.flats], roots) if plan is not None else None
+        with (plan_recording(rec) if rec is not None else contextlib.nullcontext()):
+            grads = _sweep_back(bw, stats, seeds, kept, weights)
+        if rec is not None:
+            plan.block.record_backward(rec, grads)
+    mark("backward", -1)  # (what follows is block-level work, planned step or not)
     dx = None
     if needs_input_grad:
         if sync is not None:
@@ -396,6 +443,19 @@ def block_backward(spec: BlockSpec, out, grad_out, params, stats, seeds, kept, w
             dx = bn_grad_finish(G[:, :c0], buf2[:, :c0], mean[:c0], P[:c0], Q[:c0], x_dtype, h * w)
             dx = dx.view(n, c0, h, w)
     return dx, grads
+
+
+def _sweep_back(bw: "_BackSweep", stats, seeds, kept, weights) -> List[torch.Tensor]:
+    """The backward's layer loop: every parameter's gradient."""
+    saved_layers = LayerSaved.unflatten(stats[1:])
+    grads: List[torch.Tensor] = [None] * (PARAMS_PER_LAYER * len(bw.spec.layers))
+    with device_guard(bw.buf2.device):  # the direct ops hold none of their own (ops.table)
+        for l in reversed(range(len(bw.spec.layers))):
+            mark("backward", l)
+            next_layer()
+            grads[PARAMS_PER_LAYER * l:PARAMS_PER_LAYER * (l + 1)] = _backward_layer(
+                bw, l, saved_layers[l], seeds[l], kept[l] if kept else None, weights.w1[l], weights.w2[l])
+    return grads
 
 
 _DOUBLE_BACKWARD = ("FusedDenseBlock supports first-order gradients only: a double backward (a backward through "
@@ -429,7 +489,7 @@ def save_block(ctx, spec: BlockSpec, out, saved, count: int, params, mean, var, 
     """Saves what block_backward needs on an autograd ctx (``before``: tensors of another op of the
     same node, saved first) and returns the node's outputs: out, or (out, mean, var) with
     ``spec.with_stats`` (statistics non-differentiable; None in eval)."""
-    stats, seeds, kept, weights = saved
+    stats, seeds, kept, weights, ctx.plan = saved
     ctx.spec, ctx.count, ctx.seeds = spec, count, seeds
     ctx.weight_views = (weights.w1, weights.w2)  # views of saved tensors (flats or params): not saved again
     ctx.block_sizes = (len(before), len(stats), len(kept), len(weights.flats))
@@ -477,6 +537,6 @@ class FusedDenseBlockFunction(torch.autograd.Function):
         _, out, stats, kept, weights, params = saved_block(ctx)
         with autocast_off(out.device.type):
             dx, grads = block_backward(ctx.spec, out, grad_out, params, stats, ctx.seeds, kept, weights,
-                                       ctx.x_meta, ctx.needs_input_grad[1], ctx.count)
+                                       ctx.x_meta, ctx.needs_input_grad[1], ctx.count, plan=ctx.plan)
         grads = [g if need else None for g, need in zip(grads, ctx.needs_input_grad[2:])]
         return (None, dx, *grads)

@@ -2,6 +2,7 @@
 head (transition.py, stem.py, head.py), the DenseNet ``features`` and models, ``convert`` and
 ``convert_sync_batchnorm``, and a plain-PyTorch reference layer.  Each checks its call and hands the
 tensors to one autograd node (densenet_fused.autograd); nothing here imports densenet_fused.tools."""
+from ..autograd.planned import planning  # noqa: F401  (re-exported: densenet_fused.planning)
 from .convert import convert
 from .dense import FusedDenseBlock, FusedDenseLayer
 from .features import FusedFeatures

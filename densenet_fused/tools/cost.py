@@ -262,7 +262,7 @@ def record_step(case: CostCase, arch: int = 90) -> Recording:
         with recording(_observer(rec), on_mark=rec.mark), _Recorder(rec), torch.no_grad():
             spec, params = fused_block_setup(blk, x.to(blk.denselayer1.conv1.weight.dtype))
             spec = dataclasses.replace(spec, dtype=case.dtype)  # what autocast would choose
-            out, (stats, seeds, kept, weights) = block_forward(spec, x, params, save=True)
+            out, (stats, seeds, kept, weights, _) = block_forward(spec, x, params, save=True)
             rec.mark("backward", -1)
             _, grads = block_backward(spec, out, grad, params, stats, seeds, kept, weights, (x.dtype, True), True)
             for p, g in zip(params, grads):

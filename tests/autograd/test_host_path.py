@@ -50,7 +50,7 @@ def test_a_training_step_on_the_cuda_path_never_synchronizes(monkeypatch, drop_r
             spec, params = fused_block_setup(blk, x)
             spec = dataclasses.replace(spec, dtype=torch.bfloat16)  # as under bf16 autocast: the Triton kernels
             x = x.to(torch.bfloat16)
-            out, (stats, seeds, kept, weights) = block_forward(spec, x, params, save=True)
+            out, (stats, seeds, kept, weights, _) = block_forward(spec, x, params, save=True)
             dx, grads = block_backward(spec, out, grad, params, stats, seeds, kept, weights, (x.dtype, True), True)
         monkeypatch.undo()
         assert dx.shape == x.shape and all(g is not None and g.shape == p.shape for g, p in zip(grads, params))

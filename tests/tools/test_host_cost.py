@@ -20,6 +20,32 @@ times = measure(case, "fused", steps=2, warmup=1)
 print(json.dumps(dataclasses.asdict(times)))
 """
 
+_PLANNED_NO_SYNC = """
+import json, torch, triton
+from densenet_fused import FusedDenseBlock
+from densenet_fused.autograd.planned import _plans
+from densenet_fused.ops import launch, plan
+from densenet_fused.tools.host_cost import _cuda_autocast, stand_in
+direct = []
+_orig = plan.Plan._direct
+plan.Plan._direct = lambda self: (direct.append(len(self.launches)), _orig(self))[1]
+def refuse(*args, **kwargs):
+    raise AssertionError("a host synchronization on the CUDA path")
+blk = FusedDenseBlock(3, 16, 2, 8, drop_rate=0.2).to(device="meta", memory_format=torch.channels_last).train()
+x = torch.empty((2, 16, 6, 6), device="meta").to(memory_format=torch.channels_last).requires_grad_()
+grad = torch.empty((2, 40, 6, 6), device="meta", dtype=torch.bfloat16).to(memory_format=torch.channels_last)
+with stand_in(triton.runtime.driver), launch.routing("meta"), _cuda_autocast(torch.bfloat16):
+    for owner, name in ((torch.cuda, "synchronize"), (torch.cuda.Stream, "synchronize"),
+                        (torch.cuda.Event, "synchronize"), (torch.cuda.Stream, "query"), (torch.cuda.Event, "query"),
+                        (torch.Tensor, "item"), (torch.Tensor, "tolist"), (torch.Tensor, "cpu"),
+                        (torch.Tensor, "numpy"), (torch.Tensor, "__bool__")):
+        setattr(owner, name, refuse)
+    for step in range(3):
+        torch.autograd.backward(blk(x), grad)
+plans = _plans[next(iter(blk.values()))]
+print(json.dumps({"plans": len(plans), "direct": direct}))
+"""
+
 
 def test_fused_step_runs_on_meta_tensors_under_the_stand_in_driver(tmp_path):
     """A tiny block's training step: every Triton kernel compiled for sm_90a (a stand-in driver: no GPU),
@@ -36,6 +62,13 @@ def test_fused_step_runs_on_meta_tensors_under_the_stand_in_driver(tmp_path):
     # per layer: 1x1 recompute, 3x3 dgrad + wgrad + finish, 1x1 backward + finish
     assert got["launches_backward"] == 6 * 3, got
     assert any(p.name.endswith(".cubin") for p in (tmp_path / "triton").rglob("*")), "nothing compiled"
+    # dropout on, every synchronizing call made to raise: the first step records its plan, the next two
+    # replay it straight into the compiled launchers (13 launches forward, 18 backward: as unplanned)
+    res = subprocess.run([sys.executable, "-c", _PLANNED_NO_SYNC], capture_output=True, text=True, env=env,
+                         timeout=1500)
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    assert got == {"plans": 1, "direct": [4 * 3 + 1, 6 * 3] * 2}, got
 
 
 def test_report_ends_with_the_summary_line():
