@@ -7,7 +7,8 @@
 #
 # first:  versions and nvidia-smi; build (all cores); the tests that need CUDA (benchmarks/cuda_tests.py
 #         selects them; a crash stops them, its log kept); the three block cases in bf16: fused, fused_graphed,
-#         fused_keep_b, torchvision, torchvision_me interleaved; host time per step at N=4; a profiler table of
+#         fused_keep_b, torchvision, torchvision_me interleaved; host time per step at N=4 (fused, planned and
+#         unplanned, fused_graphed, torchvision); a profiler table of
 #         DenseNet-121 block 3; the kernel benchmark; the block cases against torch.compile and
 #         torch.compile(mode="reduce-overhead") (with fused and torchvision again, as anchors of the ratios).
 # second: build (a no-op on a machine that kept the first call's); densenet121 at N=128 with the eager and
@@ -166,7 +167,7 @@ if [ "$MODE" = first ]; then
     run_step blocks 100 "$LOG" "$PY" benchmarks/gpu_run.py bench "$OUT" --tag blocks --cases "$BLOCKS" \
         --providers "$EAGER" $(dry)
     run_step host_n4 40 "$LOG" "$PY" benchmarks/gpu_run.py host "$OUT" --case densenet121_block3_n128 --batch 4 \
-        --providers fused,fused_graphed,torchvision $(dry)
+        --providers fused,fused_unplanned,fused_graphed,torchvision $(dry)
     run_step profile 40 "$LOG" "$PY" benchmarks/profile_step.py "$OUT" --case densenet121_block3_n128 \
         --providers fused,torchvision $(dry)
     run_step kernels 45 "$LOG" kernels

@@ -14,7 +14,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BLOCKS = ("headline", "results", "host-time", "train-usage")
 USAGE_WIDTH = 100  # the train synopsis is formatted at this width, whatever the terminal
-PROVIDERS = ("fused_graphed", "fused_keep_b", "fused_aten3x3",
+PROVIDERS = ("fused_graphed", "fused_keep_b", "fused_aten3x3", "fused_unplanned",
              "fused_triton3x3",  # fused_triton3x3: results before it became the default
              "torchvision", "torchvision_me", "torchvision_compile", "torchvision_graphed",
              "torchvision_compile_budget0.3", "torchvision_compile_budget0.05")

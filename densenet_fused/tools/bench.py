@@ -30,12 +30,13 @@ import torch
 from ..modules.models import CONFIGS, densenet_bc_config
 from .baseline import torchvision_densenet
 
-PROVIDERS = ("fused", "fused_graphed", "fused_keep_b", "fused_aten3x3", "torchvision", "torchvision_me",
+PROVIDERS = ("fused", "fused_graphed", "fused_keep_b", "fused_aten3x3", "fused_unplanned", "torchvision",
+             "torchvision_me",
              "torchvision_compile", "torchvision_graphed", "torchvision_compile_budget0.3",
              "torchvision_compile_budget0.05")
 # the training step replayed from CUDA graphs (see the module docstring); CUDA devices only
 GRAPHED = ("fused_graphed", "torchvision_graphed")
-_FUSED = ("fused", "fused_graphed", "fused_keep_b", "fused_aten3x3")
+_FUSED = ("fused", "fused_graphed", "fused_keep_b", "fused_aten3x3", "fused_unplanned")
 COMPILED = ("torchvision_compile", "torchvision_graphed", "torchvision_compile_budget0.3",
             "torchvision_compile_budget0.05")
 # torch.compile with min-cut recomputation under an activation memory budget
@@ -63,6 +64,20 @@ class _UnderMemoryBudget(torch.nn.Module):
     def forward(self, x):
         import torch._functorch.config as functorch_config
         with functorch_config.patch(activation_memory_budget=self.budget):
+            return self.module(x)
+
+
+class _Unplanned(torch.nn.Module):
+    """A fused module whose training forwards run unplanned (``densenet_fused.planning(False)``; their
+    backwards follow their forwards): every step through the launchers' Python, as before the step plan."""
+
+    def __init__(self, module: torch.nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, x):
+        from ..modules import planning
+        with planning(False):
             return self.module(x)
 
 
@@ -138,7 +153,9 @@ def build(case: Case, provider: str, device) -> torch.nn.Module:
             # cuDNN on a transient relu(bn2(B)) instead of the default Triton 3x3 kernels (CUDA only)
             block.conv3x3_impl = "aten" if provider == "fused_aten3x3" else ""
     m = m.to(device).to(memory_format=torch.channels_last).train()
-    if provider == "torchvision_compile":
+    if provider == "fused_unplanned":
+        m = _Unplanned(m)
+    elif provider == "torchvision_compile":
         m = torch.compile(m)
     elif provider == "torchvision_graphed":
         m = torch.compile(m, mode="reduce-overhead")
@@ -540,6 +557,8 @@ PROVIDER_NOTES = {
     "fused_graphed": "fused, its whole training step captured once as a CUDA graph (make_graphed_callables) and replayed",
     "fused_keep_b": "fused with keep_bottleneck=True: keeps each bottleneck for backward instead of recomputing it",
     "fused_aten3x3": "fused with its 3x3 convolution on cuDNN (block.conv3x3_impl='aten'), not the Triton kernels",
+    "fused_unplanned": "fused without the step plan (densenet_fused.planning(False)): every launch through the "
+                       "launchers' Python",
     "torchvision": "torchvision's _DenseBlock / DenseNet, memory_efficient=False (the default)",
     "torchvision_me": "torchvision with memory_efficient=True (checkpointing: recomputes each concatenation)",
     "torchvision_compile": "torch.compile(torchvision)",

@@ -137,3 +137,18 @@ def test_budget_searches_stop_each_provider_at_its_first_step_that_does_not_fit(
     assert [(r["search"], r["case"], r["batch"], r["status"]) for r in rows] == [
         ("batch", "densenet121_n64", 8, "ok"), ("batch", "densenet121_n64", 16, "ok"),
         ("batch", "densenet121_n64", 32, "oom")]
+
+
+def test_fused_unplanned_runs_its_steps_without_the_plan(monkeypatch):
+    """The fused_unplanned provider: the fused module's forwards under densenet_fused.planning(False) (on
+    the CPU neither provider is planned: the comparison is a GPU one), restored after each call."""
+    import densenet_fused.autograd.block as blockmod
+    from densenet_fused.autograd import planned
+    case = B.Case("tiny", "block", batch=2, hw=4, layers=2, c0=8, growth=4, bn_size=2)
+    m = B.build(case, "fused_unplanned", "cpu")
+    assert isinstance(m, B._Unplanned)
+    seen = []
+    real = blockmod.block_plan
+    monkeypatch.setattr(blockmod, "block_plan", lambda *a, **k: (seen.append(planned._enabled.get()), real(*a, **k))[1])
+    m(torch.randn(2, 8, 4, 4).to(memory_format=torch.channels_last)).sum().backward()
+    assert seen == [False] and planned._enabled.get() is True
