@@ -403,6 +403,9 @@ def block_backward(spec: BlockSpec, out, grad_out, params, stats, seeds, kept, w
     dev = out.device
     sync = spec.sync if spec.training else None
     mark("backward", -1)
+    if plan is not None and torch.compiler.is_compiling():  # (compiled autograd traces this backward)
+        plan.traced()  # no pointers to record or replay: raises after a replayed forward
+        plan = None
     replay = plan is not None and plan.replayed is not None
     step_seeds = (stats[2] if len(stats) > 2 else None) if replay else \
         next((s._base for s in seeds if s is not None), None)

@@ -68,6 +68,9 @@ class BlockPlan:
         return ws[0], [(views(a), views(b)) for a, b in self.bn2]
 
     def record_backward(self, rec: Recorder, grads) -> None:
+        if not rec.plan.launches:  # (its launches did not pass the seam: a replay would compute nothing)
+            self.refuse("its backward launched no kernel through the seam")
+            return
         self.grads = [rec.ref(g) for g in grads]
         self.bwd = rec.plan
 
@@ -91,6 +94,17 @@ class PlanUse:
         bwd.run(roots, ws)
         views = Views(roots, ws)
         return [views(r) for r in grads]
+
+    def traced(self) -> None:
+        """The backward is being traced (compiled autograd): it runs unplanned and this signature is refused
+        (a traced backward's launches never reach the seam as pointers).  After a replayed forward, which saved
+        its statistics only in its plan's workspace, the backward cannot run unplanned: that raises."""
+        self.recorder, self.stats = None, []
+        self.block.refuse("its backward is traced (compiled autograd)")
+        if self.replayed is not None:
+            raise RuntimeError("FusedDenseBlock: this step's forward replayed a recorded launch plan, and its backward "
+                               "is being traced (compiled autograd), which a plan cannot be: run the forwards of "
+                               "steps whose backward is compiled under `with densenet_fused.planning(False):`.")
 
     def backward_recorder(self, stats, roots) -> Optional[Recorder]:
         """A Recorder for the backward of a recorded forward (None: run it unplanned).  ``roots``: the

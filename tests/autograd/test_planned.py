@@ -189,3 +189,59 @@ def test_a_recording_forward_without_its_backward_keeps_nothing_alive():
         assert alive() is None
     finally:
         gc.enable()
+
+
+def _traced_backward_steps(blk, planned, monkeypatch, traced):
+    """Three steps; the backward of those in ``traced`` runs with torch.compiler.is_compiling() true, as
+    under compiled autograd (which traces the block's backward; the interpreter cannot be traced, so the
+    trace is stood in for)."""
+    outs = []
+    with substituted(triton_block_ops()), planning(planned), poisoned():
+        for i in range(3):
+            g = torch.Generator().manual_seed(i)
+            x = torch.randn(2, 5, 4, 3, generator=g).requires_grad_()
+            out = blk(x)
+            grad = torch.randn(out.shape, generator=g)
+            with monkeypatch.context() as mp:
+                if i in traced:
+                    mp.setattr(torch.compiler, "is_compiling", lambda: True)
+                grads = torch.autograd.grad(out, [x, *blk.parameters()], grad)
+            outs.append((out.detach(), grads))
+    return outs
+
+
+@INTERPRETED
+def test_a_traced_backward_refuses_the_plan_and_trains_as_unplanned(monkeypatch):
+    """A backward traced from the first step on (compiled autograd) records nothing (its launches would not
+    pass the seam as pointers): the signature is refused and every step equals an unplanned one."""
+    torch.manual_seed(0)
+    ref = FusedDenseBlock(2, 5, 2, 3).train()
+    blk = copy.deepcopy(ref)
+    want = _traced_backward_steps(ref, False, monkeypatch, traced=(0, 1, 2))
+    got = _traced_backward_steps(blk, True, monkeypatch, traced=(0, 1, 2))
+    for (o1, g1), (o2, g2) in zip(want, got):
+        assert torch.equal(o1, o2) and all(torch.equal(a, b) for a, b in zip(g1, g2))
+    bp = next(iter(_plans[next(iter(blk.values()))].values()))
+    assert "traced (compiled autograd)" in bp.refused and bp.fwd is None and bp.bwd is None
+
+
+@INTERPRETED
+def test_a_traced_backward_after_a_replayed_forward_raises_and_refuses_the_plan(monkeypatch):
+    """Step 0 records, step 1's forward replays and its backward is traced: a replayed forward kept its
+    statistics only in the plan's workspace, so that backward cannot run unplanned; it says so, and the
+    signature's later steps run unplanned."""
+    torch.manual_seed(0)
+    blk = FusedDenseBlock(2, 5, 2, 3).train()
+    with pytest.raises(RuntimeError, match=r"replayed a recorded launch plan.*planning\(False\)"):
+        _traced_backward_steps(blk, True, monkeypatch, traced=(1,))
+    bp = next(iter(_plans[next(iter(blk.values()))].values()))
+    assert "traced (compiled autograd)" in bp.refused
+
+
+def test_a_backward_recording_without_launches_refuses_the_plan():
+    """A recorded backward whose launches did not pass the seam would replay as nothing: refused instead."""
+    from densenet_fused.autograd.planned import BlockPlan
+    from densenet_fused.ops.plan import Recorder
+    bp = BlockPlan()
+    bp.record_backward(Recorder([torch.zeros(4)]), [])
+    assert bp.bwd is None and "launched no kernel" in bp.refused
